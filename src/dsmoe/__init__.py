@@ -1,0 +1,7 @@
+"""dsmoe: a reference-quality, fast implementation of the DeepSeekMoE architecture."""
+
+from dsmoe.config import ModelConfig
+from dsmoe.moe import MixtureOfExperts, MoELayer, MoEOutput
+
+__version__ = "0.1.0"
+__all__ = ["MixtureOfExperts", "ModelConfig", "MoELayer", "MoEOutput", "__version__"]

@@ -1,0 +1,1 @@
+"""Checkpoint formats: HF key mapping, HF safetensors directories, GGUF."""

@@ -1,0 +1,68 @@
+"""Load-balance losses of the DeepSeekMoE generations, as pure functions of routing results.
+
+All inputs are fp32; every loss is a scalar *before* its alpha. With f the selection
+frequency and P the mean affinity (DeepSeekMoE / DeepSeek-V2 papers):
+- expert     sum_i f_i P_i,  f_i = E/(K T) * #tokens picking i   (V1 token level)
+             or the same per sequence, averaged over the batch     (V1 ``seq_aux``, V3)
+- device     sum_d f'_d P'_d, f'_d = mean_{i in d} f_i, P'_d = sum_{i in d} P_i
+- comm       sum_d f''_d P''_d, f''_d = D/(M T) * #tokens sent to d, P''_d = sum_{i in d} P_i
+- z          mean_t logsumexp(logits_t)^2                          (router z-loss)
+The expert loss follows DeepSeek V1's MoEGate exactly, including its ``seq_aux`` branch.
+
+Shapes: B sequences, S tokens per sequence, T = B*S, E experts, K picks, Dv devices.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def expert_counts(topk_idx: torch.Tensor, n_experts: int) -> torch.Tensor:
+    """[..., K] expert ids -> [E] number of (token, expert) assignments per expert."""
+    return torch.bincount(topk_idx.reshape(-1), minlength=n_experts)
+
+
+def expert_balance_loss(probs: torch.Tensor, topk_idx: torch.Tensor, n_experts: int,
+                        seq_level: bool) -> torch.Tensor:
+    """probs: [B, S, E] affinities used for balancing; topk_idx: [B, S, K]."""
+    B, S, K = topk_idx.shape
+    if seq_level:
+        ones = torch.ones(B, S * K, device=probs.device, dtype=probs.dtype)
+        load = torch.zeros(B, n_experts, device=probs.device, dtype=probs.dtype)
+        load.scatter_add_(1, topk_idx.reshape(B, S * K), ones).div_(S * K / n_experts)  # [B, E]
+        return (load * probs.mean(dim=1)).sum(dim=1).mean()
+    f = _frequency(topk_idx, n_experts, probs.dtype)  # [E]
+    return (f * probs.reshape(-1, n_experts).mean(dim=0)).sum()
+
+
+def device_balance_loss(probs: torch.Tensor, topk_idx: torch.Tensor, n_experts: int,
+                        n_devices: int) -> torch.Tensor:
+    """Balance computation across devices holding contiguous blocks of E/Dv experts."""
+    f = _frequency(topk_idx, n_experts, probs.dtype).view(n_devices, -1).mean(dim=1)  # [Dv]
+    P = probs.reshape(-1, n_experts).mean(dim=0).view(n_devices, -1).sum(dim=1)  # [Dv]
+    return (f * P).sum()
+
+
+def comm_balance_loss(probs: torch.Tensor, topk_idx: torch.Tensor, n_experts: int,
+                      n_devices: int, max_devices: int) -> torch.Tensor:
+    """Balance what each device *receives*: tokens sent to it, not expert slots."""
+    idx = topk_idx.reshape(-1, topk_idx.shape[-1])  # [T, K]
+    T = idx.shape[0]
+    device = idx // (n_experts // n_devices)  # [T, K]
+    sent = torch.zeros(T, n_devices, device=idx.device, dtype=torch.bool)
+    sent.scatter_(1, device, True)  # [T, Dv]: token t goes to device d
+    f = sent.sum(dim=0).to(probs.dtype) * (n_devices / (max_devices * T))  # [Dv]
+    P = probs.reshape(-1, n_experts).mean(dim=0).view(n_devices, -1).sum(dim=1)  # [Dv]
+    return (f * P).sum()
+
+
+def z_loss(logits: torch.Tensor) -> torch.Tensor:
+    """Penalise large router logits (ST-MoE), which keeps the softmax well-conditioned."""
+    return torch.logsumexp(logits.reshape(-1, logits.shape[-1]), dim=-1).square().mean()
+
+
+def _frequency(topk_idx: torch.Tensor, n_experts: int, dtype: torch.dtype) -> torch.Tensor:
+    """f_i = E/(K T) * count_i: 1 for every expert under perfect balance."""
+    K = topk_idx.shape[-1]
+    T = topk_idx.numel() // K
+    return expert_counts(topk_idx, n_experts).to(dtype) * (n_experts / (K * T))

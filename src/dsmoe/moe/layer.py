@@ -1,0 +1,161 @@
+"""MoELayer: DeepSeekMoE's feed-forward block (residual not included).
+
+forward(x):
+  1. router: fp32 scores -> top-K experts per token and their gate weights
+  2. dispatch: sort assignments by expert; in training with ``drop_tokens``, drop each
+     expert's lowest-affinity assignments beyond its capacity
+  3. experts: one grouped matmul over the stacked expert weights
+  4. combine: weighted sum over each token's K outputs, plus the shared experts
+  5. balance losses (training only, as DeepSeek computes them) and expert load
+The same path runs in train and eval mode; without dropping, outputs are identical.
+
+Shapes: B batch, S sequence, T = B*S tokens, D hidden, E experts, K picks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Mapping
+
+import torch
+from torch import nn
+
+from dsmoe.checkpoint import keys
+from dsmoe.config import ModelConfig
+from dsmoe.mlp import SwiGLUMLP
+from dsmoe.moe import balance
+from dsmoe.moe.dispatch import combine, expert_capacity, plan_dispatch
+from dsmoe.moe.experts import SwiGLUExperts
+from dsmoe.moe.router import Router, RouterOutput
+
+
+@dataclass
+class MoEOutput:
+    hidden_states: torch.Tensor  # [B, S, D] (or [T, D]): shared + routed, no residual
+    aux_loss: torch.Tensor  # scalar: sum of the weighted balance losses
+    losses: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> alpha * loss
+    expert_counts: torch.Tensor | None = None  # [E] assignments per expert chosen by router
+    topk_idx: torch.Tensor | None = None  # [T, K]
+    topk_weight: torch.Tensor | None = None  # [T, K] fp32
+    router_logits: torch.Tensor | None = None  # [T, E] fp32
+    dropped_fraction: torch.Tensor | None = None  # scalar: share of assignments dropped
+
+
+LossTerm = Callable[[RouterOutput, torch.Tensor, int, int], torch.Tensor]
+
+
+def _loss_terms(cfg: ModelConfig) -> dict[str, tuple[float, LossTerm]]:
+    """The balance losses this config asks for: name -> (alpha, fn(router, probs, B, S))."""
+    E, K = cfg.n_routed_experts, cfg.num_experts_per_tok
+    terms: dict[str, tuple[float, LossTerm]] = {}
+    if cfg.aux_loss_alpha > 0:
+        terms["expert"] = (cfg.aux_loss_alpha, lambda r, p, B, S: balance.expert_balance_loss(
+            p.view(B, S, E), r.topk_idx.view(B, S, K), E, cfg.seq_aux))
+    if cfg.device_balance_alpha > 0 and cfg.n_devices > 1:
+        terms["device"] = (cfg.device_balance_alpha, lambda r, p, B, S: balance.device_balance_loss(
+            p, r.topk_idx, E, cfg.n_devices))
+    if cfg.comm_balance_alpha > 0 and cfg.n_devices > 1:
+        terms["comm"] = (cfg.comm_balance_alpha, lambda r, p, B, S: balance.comm_balance_loss(
+            p, r.topk_idx, E, cfg.n_devices, cfg.max_devices))
+    if cfg.z_loss_alpha > 0:
+        terms["z"] = (cfg.z_loss_alpha, lambda r, p, B, S: balance.z_loss(r.logits))
+    return terms
+
+
+class MoELayer(nn.Module):
+    """One DeepSeekMoE FFN block. ``experts`` / ``shared_experts`` may be swapped in (the
+    facade uses ReLU experts; quantized or expert-parallel variants replace them)."""
+
+    def __init__(self, config: ModelConfig, *, experts: nn.Module | None = None,
+                 shared_experts: nn.Module | None = None) -> None:
+        super().__init__()
+        if config.n_routed_experts is None:
+            raise ValueError("MoELayer needs n_routed_experts (the config describes a dense model)")
+        self.config = config
+        E, D, F = config.n_routed_experts, config.hidden_size, config.moe_intermediate_size
+        std = config.initializer_range
+        self.gate = Router(config)
+        self.experts = experts or SwiGLUExperts(E, D, F, config.hidden_act, std)
+        n_shared = config.n_shared_experts or 0
+        if shared_experts is None and n_shared > 0:
+            shared_experts = SwiGLUMLP(D, F * n_shared, config.hidden_act, std)
+        self.shared_experts = shared_experts
+        self.loss_terms = _loss_terms(config)
+        # Tokens per expert since the last bias update (training only); not checkpointed
+        # on purpose: it is reset by every optimizer step.
+        self.register_buffer("load_counts", torch.zeros(E, dtype=torch.float32), persistent=False)
+
+    def forward(self, x: torch.Tensor, *, check_finite: bool = False) -> MoEOutput:
+        self._check_input(x, check_finite)
+        cfg = self.config
+        shape = x.shape
+        B, S = (shape[0], shape[1]) if x.dim() == 3 else (1, shape[0])
+        tokens = x.reshape(-1, shape[-1])  # [T, D]
+        T, E = tokens.shape[0], cfg.n_routed_experts
+
+        route = self.gate(tokens)
+        capacity = None
+        if cfg.drop_tokens and self.training:
+            capacity = expert_capacity(cfg.capacity_factor, T, cfg.num_experts_per_tok, E)
+        plan = plan_dispatch(route.topk_idx, E, capacity, route.topk_score)
+        expert_out = self.experts(tokens[plan.token_idx], plan.counts)  # [A_kept, D]
+        out = combine(expert_out, plan, route.topk_weight.to(x.dtype))  # [T, D]
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(tokens)
+
+        losses: dict[str, torch.Tensor] = {}
+        if self.training and self.loss_terms:
+            probs = self._balance_probs(route.scores)
+            losses = {name: alpha * fn(route, probs, B, S)
+                      for name, (alpha, fn) in self.loss_terms.items()}
+        if self.training:
+            with torch.no_grad():
+                self.load_counts += plan.routed_counts.to(self.load_counts.dtype)
+        aux = sum(losses.values()) if losses else tokens.new_zeros((), dtype=torch.float32)
+        kept = plan.counts.sum()
+        dropped = 1.0 - kept.float() / max(plan.n_assignments, 1)
+        return MoEOutput(out.view(shape), aux, losses, plan.routed_counts, route.topk_idx,
+                         route.topk_weight, route.logits, dropped)
+
+    def _balance_probs(self, scores: torch.Tensor) -> torch.Tensor:
+        """Affinities the balance losses use: softmax scores as they are; sigmoid scores
+        normalised to sum to one per token (DeepSeek-V3's sequence-wise loss)."""
+        if self.config.scoring_func == "sigmoid":
+            return scores / (scores.sum(dim=-1, keepdim=True) + 1e-20)
+        return scores
+
+    def _check_input(self, x: torch.Tensor, check_finite: bool) -> None:
+        D = self.config.hidden_size
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"MoELayer expects a tensor, got {type(x).__name__}")
+        if x.dim() not in (2, 3) or x.shape[-1] != D:
+            raise ValueError(f"MoELayer expects [batch, seq, {D}] or [tokens, {D}], "
+                             f"got shape {tuple(x.shape)}")
+        if not x.is_floating_point():
+            raise ValueError(f"MoELayer expects a floating-point input, got {x.dtype}")
+        if check_finite and not torch.isfinite(x).all():
+            raise ValueError("MoELayer input contains NaN or inf")
+
+    # --- aux-loss-free balancing (V3) ----------------------------------------------------
+    @torch.no_grad()
+    def update_bias(self, expert_load: torch.Tensor | None = None) -> torch.Tensor:
+        """Call after each optimizer step: nudge the routing bias towards balance using the
+        load seen since the last call (or ``expert_load``, e.g. all-reduced across ranks)."""
+        load = self.load_counts if expert_load is None else expert_load
+        error = self.gate.update_bias(load, self.config.bias_update_speed)
+        self.load_counts.zero_()
+        return error
+
+    # --- HF checkpoint keys ----------------------------------------------------------------
+    def hf_state_dict(self) -> dict[str, torch.Tensor]:
+        """This layer's weights under HF DeepSeek key names (per-expert tensors)."""
+        return keys.moe_to_hf(self.state_dict())
+
+    def load_hf_state_dict(self, state_dict: Mapping[str, torch.Tensor], *,
+                           assign: bool = False) -> None:
+        """Load HF-named weights (``gate.weight``, ``experts.{e}.*``, ``shared_experts.*``,
+        V3's ``gate.e_score_correction_bias``); missing, unexpected or misshapen tensors
+        raise a ``ValueError`` naming them."""
+        native = keys.moe_from_hf(state_dict, self.config.n_routed_experts)
+        keys.check_state_dict(self, native)
+        self.load_state_dict(native, strict=True, assign=assign)
