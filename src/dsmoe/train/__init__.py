@@ -1,0 +1,1 @@
+"""Training: configs and routing recipes, the loop, checkpoints, metrics and reports."""

@@ -1,0 +1,134 @@
+"""TrainConfig and the routing recipes of the three DeepSeek generations.
+
+Design choices:
+- A run is fully described by (TrainConfig, ModelConfig); both are written into every
+  checkpoint so ``--resume`` needs nothing but the output directory.
+- ``--routing v1|v2|v3`` maps to ModelConfig overrides derived from the preset's expert
+  count (devices and groups must divide it), then ``--set key=value`` overrides win.
+- ``--dense`` keeps the *active* FFN width: (shared + top-k) x expert width in one MLP.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from dsmoe.config import ModelConfig
+
+ROUTINGS = ("v1", "v2", "v3")
+DTYPES = ("float32", "bfloat16")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    """Everything about a training run except the model's shape (which the preset gives)."""
+
+    preset: str = "tiny"
+    routing: str = "v1"
+    dense: bool = False
+    overrides: tuple[str, ...] = ()  # ModelConfig ``key=value`` strings (--set)
+    data: str | None = None  # None: the built-in corpus (Python's standard library)
+    tokenizer: str | None = None  # reuse a tokenizer.json instead of training one
+    out: str = "runs/train"
+    cache_dir: str | None = None  # tokenizer + token caches; None: $DSMOE_CACHE or ~/.cache/dsmoe
+    max_steps: int = 600
+    batch_size: int = 16
+    seq_len: int = 128
+    grad_accum: int = 1
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 30
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    log_every: int = 10
+    eval_every: int = 100
+    eval_batches: int = 8
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 2
+    seed: int = 0
+    dtype: str = "float32"  # autocast dtype for the forward pass
+    compile: bool = False
+    samples: int = 3  # text samples printed at the end
+
+    def __post_init__(self) -> None:
+        if self.routing not in ROUTINGS:
+            raise ValueError(f"--routing must be one of {ROUTINGS}, got {self.routing!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"--dtype must be one of {DTYPES}, got {self.dtype!r}")
+        for name in ("max_steps", "batch_size", "seq_len", "grad_accum", "log_every",
+                     "eval_every", "eval_batches", "checkpoint_every", "keep_checkpoints"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.lr <= 0 or not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"lr must be > 0 and min_lr_ratio in [0, 1], got {self.lr}, "
+                             f"{self.min_lr_ratio}")
+        if self.warmup_steps < 0 or self.grad_clip < 0 or self.weight_decay < 0:
+            raise ValueError("warmup_steps, grad_clip and weight_decay must be >= 0")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v
+                for k, v in dataclasses.asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown training settings: {', '.join(unknown)}")
+        data = dict(data)
+        if "overrides" in data:
+            data["overrides"] = tuple(data["overrides"])
+        return cls(**data)
+
+
+def _devices_for(n_experts: int, top_k: int) -> tuple[int, int]:
+    """Simulated devices D (a divisor of E, >= 2 experts each) and a limit M < D that
+    still leaves room for top-k experts."""
+    for devices in (8, 4, 2):
+        if n_experts % devices == 0 and n_experts // devices >= 2:
+            per_device = n_experts // devices
+            limit = max(devices // 2, math.ceil(top_k / per_device))
+            return devices, min(limit, devices)
+    return 1, 1
+
+
+def routing_overrides(routing: str, base: ModelConfig) -> dict[str, Any]:
+    """ModelConfig changes that select a DeepSeek generation's routing and balancing."""
+    E, K = base.n_routed_experts, base.num_experts_per_tok
+    if E is None:
+        return {}
+    devices, limit = _devices_for(E, K)
+    if routing == "v1":  # softmax top-K, expert- and device-level balance losses
+        return dict(scoring_func="softmax", topk_method="greedy", norm_topk_prob=False,
+                    aux_loss_alpha=0.01, seq_aux=False, n_devices=devices,
+                    device_balance_alpha=0.05 if devices > 1 else 0.0)
+    if routing == "v2":  # + device-limited routing, communication balance, token dropping
+        return dict(scoring_func="softmax", norm_topk_prob=False, seq_aux=False,
+                    topk_method="device_limited" if devices > 1 else "greedy",
+                    n_devices=devices, max_devices_per_token=limit, aux_loss_alpha=0.003,
+                    device_balance_alpha=0.05 if devices > 1 else 0.0,
+                    comm_balance_alpha=0.02 if devices > 1 else 0.0,
+                    drop_tokens=True, capacity_factor=1.0)
+    # v3: sigmoid gates, aux-loss-free bias balancing, tiny sequence-wise loss, groups
+    groups = devices if devices > 1 and E // devices >= 2 else 1
+    keep = max(1, min(groups, max(groups // 2, math.ceil(K / max(E // groups, 1)))))
+    return dict(scoring_func="sigmoid", topk_method="noaux_tc", n_group=groups,
+                topk_group=keep, norm_topk_prob=True, bias_update_speed=0.001,
+                aux_loss_alpha=0.0001, seq_aux=True)
+
+
+def build_model_config(cfg: TrainConfig, vocab_size: int) -> ModelConfig:
+    """preset -> routing recipe -> dense swap -> ``--set`` overrides -> tokenizer's vocab."""
+    base = ModelConfig.preset(cfg.preset)
+    model_cfg = base.replace(**routing_overrides(cfg.routing, base))
+    if cfg.dense and base.n_routed_experts is not None:
+        active = (base.n_shared_experts or 0) + base.num_experts_per_tok
+        model_cfg = model_cfg.replace(
+            n_routed_experts=None, intermediate_size=active * base.moe_intermediate_size)
+    if cfg.overrides:
+        model_cfg = model_cfg.override(list(cfg.overrides))
+    return model_cfg.replace(vocab_size=vocab_size)
