@@ -5,13 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-from dsmoe.io import atomic_path, atomic_write_text  # noqa: E402
-from dsmoe.train.metrics import MetricsLog  # noqa: E402
+from dsmoe.io import atomic_write_text
+from dsmoe.plots import plot_curves, plot_expert_load
+from dsmoe.train.metrics import MetricsLog
 
 if TYPE_CHECKING:
     from dsmoe.train.config import TrainConfig
@@ -19,40 +15,11 @@ if TYPE_CHECKING:
 
 
 def plot_loss(records: list[dict], path: Path, title: str) -> None:
-    steps = [r["step"] for r in records]
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot(steps, [r["train_loss"] for r in records], label="train")
+    curves = {"train": ([r["step"] for r in records], [r["train_loss"] for r in records])}
     val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
     if val:
-        ax.plot(*zip(*val), "o-", label="validation")
-    ax.set_xlabel("step")
-    ax.set_ylabel("cross-entropy (nats/token)")
-    ax.set_title(title)
-    ax.legend()
-    ax.grid(alpha=0.3)
-    _save(fig, path)
-
-
-def plot_expert_load(load: list[list[int]], path: Path, title: str) -> None:
-    """Heatmap: MoE layer x expert, share of the layer's assignments (1/E = balanced)."""
-    import numpy as np
-
-    data = np.asarray(load, dtype=float)
-    data = data / data.sum(axis=1, keepdims=True).clip(min=1)
-    fig, ax = plt.subplots(figsize=(max(4, data.shape[1] * 0.3), 1 + data.shape[0] * 0.5))
-    image = ax.imshow(data, aspect="auto", cmap="viridis")
-    ax.set_xlabel("expert")
-    ax.set_ylabel("MoE layer")
-    ax.set_title(title)
-    fig.colorbar(image, ax=ax, label="share of tokens")
-    _save(fig, path)
-
-
-def _save(fig, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
+        curves["validation"] = ([s for s, _ in val], [v for _, v in val])
+    plot_curves(curves, path, title=title, xlabel="step", ylabel="cross-entropy (nats/token)")
 
 
 def write_report(out: Path, cfg: "TrainConfig", result: "TrainResult") -> None:

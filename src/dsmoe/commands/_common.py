@@ -1,0 +1,50 @@
+"""Helpers shared by the commands that load a model: paths, dtypes, tokenizers."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", help="HF model directory or .gguf file")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+
+
+def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    parser.add_argument("--top-k", type=int, default=None)
+    parser.add_argument("--top-p", type=float, default=None)
+    parser.add_argument("--repetition-penalty", type=float, default=None)
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                        help="stop when this text appears (repeatable)")
+
+
+def load_model_and_tokenizer(args: argparse.Namespace):
+    from dsmoe.model import Transformer
+    from dsmoe.tokenizer import Tokenizer
+
+    path = Path(args.model)
+    if not path.exists():
+        raise FileNotFoundError(f"model not found: {path}")
+    model = Transformer.from_pretrained(path, dtype=DTYPES[args.dtype])
+    if path.suffix == ".gguf":
+        from dsmoe.checkpoint.gguf import load_tokenizer
+
+        tokenizer = load_tokenizer(path)
+    else:
+        tokenizer = Tokenizer.from_file(path)
+    model.eval()
+    return model, tokenizer
+
+
+def sampling_kwargs(args: argparse.Namespace) -> dict:
+    return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                top_k=args.top_k, top_p=args.top_p,
+                repetition_penalty=args.repetition_penalty, seed=args.seed)

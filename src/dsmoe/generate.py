@@ -1,0 +1,174 @@
+"""Autoregressive generation with a preallocated KV cache.
+
+Design choices:
+- One prefill call over the (left-padded) prompts, then one forward per new token that
+  reads the cache: no quadratic recomputation. Padding is masked and positions are
+  counted over real tokens only, so a batch gives the same tokens as each prompt alone.
+- Sampling is a chain of small logit transforms (repetition penalty, temperature, top-k,
+  top-p) on fp32 logits; temperature 0 is greedy argmax. A seeded ``torch.Generator``
+  makes sampling reproducible without touching the global RNG.
+- Rows that finish (EOS or a stop sequence) keep decoding in lock-step but their output
+  is replaced by padding; generation ends when every row has finished.
+
+Shapes: B batch, P prompt length (padded), N new tokens, V vocab.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Callable, Sequence
+
+import torch
+
+if TYPE_CHECKING:
+    from dsmoe.model import Transformer
+
+Streamer = Callable[[torch.Tensor], "bool | None"]  # new tokens [B] -> True to stop
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token lists -> (ids [B, P], mask [B, P]) with padding on the left."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(prompts), width, dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        ids[row, width - len(prompt):] = torch.as_tensor(list(prompt), dtype=torch.long)
+        mask[row, width - len(prompt):] = 1
+    return ids, mask
+
+
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float
+                             ) -> torch.Tensor:
+    """CTRL-style: make tokens already in the context less likely (seen: [B, V] bool)."""
+    penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(seen, penalised, logits)
+
+
+def filter_top_k(logits: torch.Tensor, k: int) -> torch.Tensor:
+    k = min(k, logits.shape[-1])
+    threshold = logits.topk(k, dim=-1).values[..., -1:]
+    return logits.masked_fill(logits < threshold, float("-inf"))
+
+
+def filter_top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """Keep the smallest set of tokens whose probability mass reaches ``p`` (nucleus)."""
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+    drop_sorted = cumulative - sorted_logits.softmax(dim=-1) >= p  # mass before this token
+    drop = drop_sorted.scatter(-1, order, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def next_tokens(logits: torch.Tensor, *, temperature: float, top_k: int | None,
+                top_p: float | None, generator: torch.Generator | None) -> torch.Tensor:
+    """[B, V] fp32 logits -> [B] token ids."""
+    if temperature <= 0:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    if top_k is not None:
+        logits = filter_top_k(logits, top_k)
+    if top_p is not None and top_p < 1.0:
+        logits = filter_top_p(logits, top_p)
+    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)
+
+
+def _validate(max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None,
+              repetition_penalty: float | None) -> None:
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be >= 1, got {top_k}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p must lie in (0, 1], got {top_p}")
+    if repetition_penalty is not None and repetition_penalty <= 0:
+        raise ValueError(f"repetition_penalty must be > 0, got {repetition_penalty}")
+
+
+@torch.inference_mode()
+def generate(model: "Transformer", input_ids: torch.Tensor | Sequence[Sequence[int]],
+             max_new_tokens: int, *, temperature: float = 0.0, top_k: int | None = None,
+             top_p: float | None = None, repetition_penalty: float | None = None,
+             stop: Sequence[Sequence[int]] | None = None, seed: int | None = None,
+             attention_mask: torch.Tensor | None = None, eos_token_id: int | None = None,
+             streamer: Streamer | None = None) -> torch.Tensor:
+    """Generate up to ``max_new_tokens`` per row; returns the new ids [B, N].
+
+    ``input_ids`` is [B, P] (left-padded, with ``attention_mask``) or a list of token lists.
+    A row stops after EOS (``eos_token_id``, default the config's) or after any ``stop``
+    token sequence; later positions of a stopped row hold the pad id.
+    """
+    _validate(max_new_tokens, temperature, top_k, top_p, repetition_penalty)
+    cfg = model.config
+    eos = cfg.eos_token_id if eos_token_id is None else eos_token_id
+    pad = cfg.pad_token_id if cfg.pad_token_id is not None else (eos if eos is not None else 0)
+    if not isinstance(input_ids, torch.Tensor):
+        input_ids, attention_mask = left_pad(input_ids, pad)
+    if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+        raise ValueError(f"input_ids must be [batch, prompt_len>0], got {tuple(input_ids.shape)}")
+    device = next(model.parameters()).device
+    input_ids = input_ids.to(device)
+    B, P = input_ids.shape
+    mask = (torch.ones_like(input_ids) if attention_mask is None
+            else attention_mask.to(device=device, dtype=torch.long))
+    if mask.shape != input_ids.shape:
+        raise ValueError(f"attention_mask {tuple(mask.shape)} must match input_ids {(B, P)}")
+    if bool((mask.sum(dim=1) == 0).any()):
+        raise ValueError("a prompt has no real tokens (attention_mask row of zeros)")
+    if int(input_ids.max()) >= cfg.vocab_size or int(input_ids.min()) < 0:
+        raise ValueError(f"token ids must lie in [0, vocab_size={cfg.vocab_size})")
+    if max_new_tokens == 0:
+        return input_ids.new_empty(B, 0)
+
+    generator = None
+    if seed is not None:
+        generator = torch.Generator(device=device).manual_seed(seed)
+    stops = [torch.as_tensor(list(s), dtype=torch.long, device=device) for s in (stop or []) if len(s)]
+    seen = None
+    if repetition_penalty is not None and repetition_penalty != 1.0:
+        seen = torch.zeros(B, cfg.vocab_size, dtype=torch.bool, device=device)
+        seen.scatter_(1, input_ids, mask.bool())
+
+    was_training = model.training
+    model.eval()
+    cache = model.new_cache(B, P + max_new_tokens, device=device)
+    positions = (mask.cumsum(dim=1) - 1).clamp_min(0)  # [B, P]
+    logits = model(input_ids, position_ids=positions, attention_mask=mask, cache=cache).logits
+    next_pos = positions[:, -1:] + 1  # [B, 1]
+    out = input_ids.new_full((B, max_new_tokens), pad)
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    try:
+        for i in range(max_new_tokens):
+            step_logits = logits[:, -1].float()  # [B, V]
+            if seen is not None:
+                step_logits = apply_repetition_penalty(step_logits, seen, repetition_penalty)
+            token = next_tokens(step_logits, temperature=temperature, top_k=top_k, top_p=top_p,
+                                generator=generator)
+            token = torch.where(done, torch.full_like(token, pad), token)
+            out[:, i] = token
+            if seen is not None:
+                seen[torch.arange(B, device=device), token] = True
+            newly_done = _finished(out[:, : i + 1], token, eos, stops) & ~done
+            stop_requested = bool(streamer(token)) if streamer is not None else False
+            done |= newly_done
+            if bool(done.all()) or stop_requested or i == max_new_tokens - 1:
+                return out[:, : i + 1]
+            mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)  # finished rows: ignored
+            logits = model(token.unsqueeze(1), position_ids=next_pos, attention_mask=mask,
+                           cache=cache).logits
+            next_pos = next_pos + 1
+    finally:
+        model.train(was_training)
+    return out
+
+
+def _finished(generated: torch.Tensor, token: torch.Tensor, eos: int | None,
+              stops: list[torch.Tensor]) -> torch.Tensor:
+    """[B] rows whose generated tokens now end with EOS or a stop sequence."""
+    done = token == eos if eos is not None else torch.zeros_like(token, dtype=torch.bool)
+    for seq in stops:
+        if generated.shape[1] >= seq.numel():
+            done |= (generated[:, -seq.numel():] == seq).all(dim=1)
+    return done
