@@ -24,7 +24,8 @@ from typing import Any, Mapping
 SCORING_FUNCS = ("softmax", "sigmoid")
 TOPK_METHODS = ("greedy", "group_limited_greedy", "device_limited", "noaux_tc")
 HIDDEN_ACTS = ("silu", "gelu", "relu")
-ROPE_SCALING_TYPES = ("linear", "dynamic")
+# "yarn": DeepSeek-V2/V3 checkpoints ship it; accepted so their configs load (kept as read).
+ROPE_SCALING_TYPES = ("linear", "dynamic", "yarn")
 
 # Keys of the real deepseek-moe-16b config.json: always written by ``to_hf``.
 _CORE_HF_KEYS = (
@@ -205,7 +206,10 @@ class ModelConfig:
             hf.setdefault("rope_theta", rope_parameters.get("rope_theta", 10000.0))
             rope_type = rope_parameters.get("rope_type", rope_parameters.get("type", "default"))
             if rope_type != "default" and "rope_scaling" not in hf:
-                hf["rope_scaling"] = {"type": rope_type, "factor": rope_parameters.get("factor", 1.0)}
+                # keep every scaling parameter (YaRN's beta_fast, mscale, ...), not just factor
+                hf["rope_scaling"] = {"type": rope_type, "factor": 1.0, **{
+                    k: v for k, v in rope_parameters.items()
+                    if k not in ("rope_type", "type", "rope_theta")}}
         if model_type == "deepseek_v3":
             hf.setdefault("scoring_func", "sigmoid")
             hf.setdefault("topk_method", "noaux_tc")

@@ -1,0 +1,65 @@
+"""Shared test helpers: small MoE configs, a seeded RNG per test, a hypothesis profile that
+is stable in CI, and an ``assert_close`` that prints max/mean differences on failure.
+
+Test files import the helpers with ``from conftest import ...`` (pytest puts ``tests/`` on
+``sys.path`` because it has no ``__init__.py``).
+
+Shapes: T tokens, D hidden, E experts, K picks, F expert width.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+from hypothesis import HealthCheck, settings
+
+from dsmoe.config import ModelConfig
+
+# derandomize: the same examples on every run, so CI never flakes on a lucky draw.
+settings.register_profile(
+    "dsmoe", deadline=None, derandomize=True, max_examples=15, print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+settings.load_profile("dsmoe")
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    """Every test starts from the same RNG state, whatever ran before it."""
+    torch.manual_seed(0)
+
+
+def moe_config(**overrides: Any) -> ModelConfig:
+    """A CPU-sized MoE config (D=32, E=8, F=16, K=2, one shared expert), softmax greedy,
+    no balance losses unless asked for: the starting point of most layer tests."""
+    base = dict(
+        vocab_size=64, hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+        n_shared_experts=1, n_routed_experts=8, num_experts_per_tok=2, first_k_dense_replace=0,
+        aux_loss_alpha=0.0, seq_aux=False, torch_dtype="float32",
+    )
+    base.update(overrides)
+    return ModelConfig(**base)
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, *, atol: float, rtol: float,
+                 what: str) -> None:
+    """``torch.testing.assert_close`` with a message giving the max and mean difference."""
+    actual_f, expected_f = actual.detach().float(), expected.detach().float()
+    diff = (actual_f - expected_f).abs() if actual_f.shape == expected_f.shape else None
+    stats = (f"max |diff| {diff.max().item():.3e}, mean |diff| {diff.mean().item():.3e}"
+             if diff is not None and diff.numel() else "shapes differ")
+    torch.testing.assert_close(actual, expected, atol=atol, rtol=rtol,
+                               msg=lambda m: f"{what}: {stats}\n{m}")
+
+
+def randomize_(module: torch.nn.Module, std: float = 0.3, seed: int = 0) -> torch.nn.Module:
+    """Give every floating parameter of ``module`` random values (``std``), in place: the
+    default init (std 0.02, zero biases) makes outputs too small for tolerances to mean much."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32) * std)
+    return module
