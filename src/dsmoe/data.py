@@ -274,24 +274,30 @@ def _read_meta(meta_path: Path, key: str) -> dict | None:
         return None
     if not isinstance(meta, dict) or meta.get("key") != key:
         return None
-    itemsize = np.dtype(meta["dtype"]).itemsize
-    for split in ("train", "val"):
-        path = meta_path.parent / f"{split}.bin"
-        if not path.is_file() or path.stat().st_size != meta[f"n_{split}"] * itemsize:
-            return None
+    try:
+        itemsize = np.dtype(meta["dtype"]).itemsize
+        for split in ("train", "val"):
+            path = meta_path.parent / f"{split}.bin"
+            if not path.is_file() or path.stat().st_size != int(meta[f"n_{split}"]) * itemsize:
+                return None
+    except (KeyError, TypeError, ValueError):  # hand-edited or foreign metadata: rebuild
+        return None
     return meta
 
 
 def _write_streams(corpus: Corpus, tokenizer: Tokenizer, entry: Path, dtype: np.dtype,
                    progress: bool) -> dict[str, int]:
     """Tokenize both splits chunk by chunk straight to disk; returns tokens per split."""
+    from rich.console import Console
     from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
                                TimeRemainingColumn)
 
     counts: dict[str, int] = {}
+    console = Console(stderr=True)  # keep stdout clean for piping
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("chars"), TimeRemainingColumn())
-    with Progress(*columns, disable=not progress, transient=True) as bar:
+    with Progress(*columns, console=console, transient=True,
+                  disable=not (progress and console.is_terminal)) as bar:
         for split, docs in (("train", corpus.train), ("val", corpus.val)):
             task = bar.add_task(f"tokenizing {split}", total=sum(map(len, docs)))
             fd, tmp = tempfile.mkstemp(dir=entry, prefix=f".{split}.", suffix=".tmp")
