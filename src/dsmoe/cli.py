@@ -13,6 +13,10 @@ import sys
 
 COMMANDS: dict[str, str] = {
     "demo": "dsmoe.commands.demo",
+    "train": "dsmoe.commands.train",
+    "generate": "dsmoe.commands.generate",
+    "chat": "dsmoe.commands.chat",
+    "analyze": "dsmoe.commands.analyze",
 }
 
 
