@@ -1,0 +1,407 @@
+"""HF checkpoint directories: ``config.json`` + safetensors with DeepSeek's exact tensor names.
+
+Layout (as ``deepseek-ai/deepseek-moe-16b-base`` ships it): ``config.json`` (model_type
+"deepseek"), ``model.safetensors`` or shards ``model-0000i-of-0000n.safetensors`` with
+``model.safetensors.index.json``, and optionally the tokenizer files. Tensor names are the
+model's module names with a ``model.`` prefix (``lm_head.weight`` has none); routed experts
+are stored per expert and stacked in memory by ``checkpoint.keys``.
+
+Loading, with peak memory close to the weights' size:
+  1. read ``config.json`` and the safetensors headers only; check every tensor's name,
+     shape and dtype against a model built on the meta device, reporting all problems
+     before any data is read
+  2. fill the model one group at a time (top-level tensors, then layer by layer):
+     ``safe_open(...).get_tensor`` returns memory-mapped tensors (no copy), cast only when
+     the dtype differs, experts of one layer stacked by ``keys.moe_from_hf``, and assigned
+     in place of the meta tensors (``load_state_dict(assign=True)``)
+  3. materialise the non-persistent buffers (RoPE frequencies, MoE load counters)
+NOTE: when the stored dtype is the requested one and the device is the CPU, the non-expert
+weights stay memory-mapped views of the file (copy-on-write), as with ``mmap=True`` loads.
+
+Saving writes every file into a temporary directory next to the target, then moves it into
+place with ``os.replace``; weights are converted and written layer by layer, shard by shard.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Mapping
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from dsmoe.checkpoint import keys
+from dsmoe.config import ModelConfig
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+_SHARD_NAME = "model-{index:05d}-of-{count:05d}.safetensors"
+_WEIGHT_FILE = re.compile(r"^model(-\d{5}-of-\d{5})?\.safetensors$")
+
+# Model dtypes a checkpoint can be loaded into; names users may spell them with.
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32, "fp32": torch.float32, "f32": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16, "f16": torch.float16, "half": torch.float16,
+}
+# Floating-point dtypes a safetensors file may store (safetensors' names).
+_FILE_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
+                "F64": torch.float64}
+
+_LAYER = re.compile(r"^layers\.(\d+)\.")
+
+
+@dataclass(frozen=True)
+class _StoredTensor:
+    file: Path
+    shape: tuple[int, ...]
+    dtype: str  # safetensors' dtype name, e.g. "BF16"
+
+
+# --- names ------------------------------------------------------------------------------
+def hf_name(native: str) -> str:
+    """``layers.0.mlp.gate.weight`` -> ``model.layers.0.mlp.gate.weight``."""
+    return native if native.startswith("lm_head.") else f"model.{native}"
+
+
+def native_name(hf: str) -> str:
+    """The inverse of ``hf_name``; names outside both patterns come back unchanged."""
+    return hf[len("model."):] if hf.startswith("model.") else hf
+
+
+def _group_of(native: str) -> str:
+    """Tensors are converted and loaded per group: one per layer, one for the rest."""
+    match = _LAYER.match(native)
+    return match.group(0) if match else ""
+
+
+def _hf_groups(state_dict: Mapping[str, torch.Tensor]) -> Iterator[dict[str, torch.Tensor]]:
+    """HF-named tensors, one dict per run of consecutive keys of the same group (so a MoE
+    layer's experts are split into per-expert tensors one layer at a time)."""
+    run: dict[str, torch.Tensor] = {}
+    current = None
+    for name, tensor in state_dict.items():
+        group = _group_of(name)
+        if run and group != current:
+            yield {hf_name(k): v for k, v in keys.moe_to_hf(run).items()}
+            run = {}
+        current = group
+        run[name] = tensor
+    if run:
+        yield {hf_name(k): v for k, v in keys.moe_to_hf(run).items()}
+
+
+def _savable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's persistent tensors; a tied ``lm_head.weight`` is left out, as HF does."""
+    state = model.state_dict()
+    if model.config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    return state
+
+
+def hf_shapes(model: nn.Module) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """HF name -> (shape, dtype) of every tensor a checkpoint of ``model`` holds, in order."""
+    meta = {k: torch.empty(v.shape, dtype=v.dtype, device="meta")
+            for k, v in _savable_state_dict(model).items()}
+    return {name: (tuple(t.shape), t.dtype) for group in _hf_groups(meta)
+            for name, t in group.items()}
+
+
+# --- loading ----------------------------------------------------------------------------
+def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    """A supported model dtype from a torch dtype or a name like "bf16"; None stays None."""
+    if dtype is None:
+        return None
+    if isinstance(dtype, str):
+        key = dtype.lower().removeprefix("torch.")
+        if key in DTYPES:
+            return DTYPES[key]
+    elif dtype in DTYPES.values():
+        return dtype
+    raise ValueError(f"unsupported dtype {dtype!r}: load as float32, bfloat16 or float16")
+
+
+def read_config(directory: str | os.PathLike) -> ModelConfig:
+    """``config.json`` of an HF DeepSeekMoE directory (model_type must be "deepseek")."""
+    path = Path(directory) / CONFIG_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: {directory} is not an HF model directory")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc})") from exc
+    model_type = data.get("model_type") if isinstance(data, dict) else None
+    if model_type != "deepseek":
+        raise ValueError(
+            f"{path}: model_type {model_type!r} is not supported; dsmoe loads DeepSeekMoE "
+            "checkpoints with model_type \"deepseek\" (V2/V3 checkpoints use MLA attention, "
+            "which dsmoe does not implement)")
+    return ModelConfig.from_hf(data)
+
+
+def weight_files(directory: str | os.PathLike) -> dict[str, Path]:
+    """Tensor name -> file, from ``model.safetensors`` or the shard index."""
+    directory = Path(directory)
+    single, index = directory / WEIGHTS_NAME, directory / INDEX_NAME
+    if single.is_file():
+        return {name: single for name in _headers(single)}
+    if not index.is_file():
+        raise FileNotFoundError(f"no {WEIGHTS_NAME} or {INDEX_NAME} in {directory}")
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise ValueError(f"{index}: not a valid shard index ({exc!r})") from exc
+    files = {name: directory / file for name, file in weight_map.items()}
+    for file in sorted(set(files.values())):
+        if not file.is_file():
+            raise FileNotFoundError(f"shard {file.name} listed in {INDEX_NAME} is missing "
+                                    f"from {directory}")
+    return files
+
+
+def _headers(file: Path) -> dict[str, _StoredTensor]:
+    """Names, shapes and dtypes of a safetensors file, without reading tensor data."""
+    try:
+        with safe_open(file, framework="pt") as handle:
+            out = {}
+            for name in handle.keys():
+                piece = handle.get_slice(name)
+                out[name] = _StoredTensor(file, tuple(piece.get_shape()), piece.get_dtype())
+            return out
+    except SafetensorError as exc:
+        raise ValueError(f"{file}: cannot read safetensors file (truncated or corrupted?): "
+                         f"{exc}") from exc
+
+
+def _stored_tensors(directory: Path) -> dict[str, _StoredTensor]:
+    files = weight_files(directory)
+    stored: dict[str, _StoredTensor] = {}
+    for file in sorted(set(files.values())):
+        for name, info in _headers(file).items():
+            if name in files and files[name] != file:
+                continue  # the index assigns it to another shard
+            stored[name] = info
+    listed_absent = [n for n in files if n not in stored]
+    if listed_absent:
+        raise ValueError(f"{INDEX_NAME} lists tensors that are not in their shard: "
+                         f"{_few(listed_absent)}")
+    return stored
+
+
+def _few(items: list[str], n: int = 5) -> str:
+    more = f" and {len(items) - n} more" if len(items) > n else ""
+    return ", ".join(items[:n]) + more
+
+
+def check_stored_tensors(expected: Mapping[str, tuple[tuple[int, ...], torch.dtype]],
+                         stored: Mapping[str, _StoredTensor], *, tied: bool) -> None:
+    """Raise one ValueError naming missing, unexpected, misshapen and non-float tensors."""
+    optional = {"lm_head.weight"} if tied else set()  # tied checkpoints may still carry it
+    missing = [n for n in expected if n not in stored]
+    unexpected = [n for n in stored if n not in expected and n not in optional]
+    mismatched = [f"{n} (expected {list(expected[n][0])}, found {list(stored[n].shape)})"
+                  for n in expected if n in stored and stored[n].shape != expected[n][0]]
+    bad_dtype = [f"{n} ({stored[n].dtype})" for n in stored if stored[n].dtype not in _FILE_DTYPES]
+    problems = [f"{label}: {_few(items)}" for label, items in (
+        ("missing tensors", missing), ("unexpected tensors", unexpected),
+        ("shape mismatch", mismatched), ("unsupported stored dtype", bad_dtype)) if items]
+    if problems:
+        raise ValueError("checkpoint does not match the config: " + "; ".join(problems))
+
+
+def load_pretrained(path: str | os.PathLike, *, dtype: torch.dtype | str | None = torch.float32,
+                    device: torch.device | str = "cpu",
+                    model_cls: type[nn.Module] | None = None) -> nn.Module:
+    """Build the model on ``meta`` and fill it from the directory's safetensors (see the
+    module docstring). ``dtype=None`` keeps the stored dtype. Returns it in eval mode."""
+    from dsmoe.model.transformer import Transformer
+
+    model_cls = model_cls or Transformer
+    directory = Path(path)
+    if not directory.exists():
+        raise FileNotFoundError(f"{directory} does not exist")
+    if not directory.is_dir():
+        raise NotADirectoryError(f"{directory} is not a directory (expected an HF model "
+                                 "directory with config.json and model.safetensors)")
+    target_dtype = resolve_dtype(dtype)
+    config = read_config(directory)
+    stored = _stored_tensors(directory)
+    with torch.device("meta"):
+        model = model_cls(config)
+    expected = hf_shapes(model)
+    check_stored_tensors(expected, stored, tied=config.tie_word_embeddings)
+    if target_dtype is None:
+        target_dtype = _FILE_DTYPES[stored["model.embed_tokens.weight"].dtype]
+
+    declared = {k: v.dtype for k, v in model.state_dict().items()}
+    params = {name for name, _ in model.named_parameters(remove_duplicate=False)}
+    groups: dict[str, list[str]] = defaultdict(list)
+    for name in expected:
+        groups[_group_of(native_name(name))].append(name)
+    with _OpenFiles() as files:
+        for names in groups.values():
+            tensors = {native_name(n): files.get(stored[n].file, n) for n in names}
+            native = keys.moe_from_hf(tensors, config.n_routed_experts)
+            del tensors
+            for name in list(native):  # cast one at a time; params to dtype, buffers kept
+                want = target_dtype if name in params else declared[name]
+                native[name] = native[name].to(device=device, dtype=want)
+            result = model.load_state_dict(native, strict=False, assign=True)
+            if result.unexpected_keys:  # names were checked above: this is a bug
+                raise RuntimeError(f"internal error: unexpected {result.unexpected_keys[:5]}")
+            del native
+    _materialize_buffers(model, device)
+    model.tie_weights()
+    model.init_buffers()
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:
+        raise RuntimeError(f"internal error: tensors left on the meta device: {left[:5]}")
+    return model.eval()
+
+
+class _OpenFiles:
+    """safe_open handles, opened on first use and closed together."""
+
+    def __init__(self) -> None:
+        self._handles: dict[Path, object] = {}
+
+    def get(self, file: Path, name: str) -> torch.Tensor:
+        try:
+            if file not in self._handles:
+                self._handles[file] = safe_open(file, framework="pt")
+            return self._handles[file].get_tensor(name)
+        except SafetensorError as exc:
+            raise ValueError(f"{file}: cannot read tensor {name} (truncated or corrupted "
+                             f"file?): {exc}") from exc
+
+    def __enter__(self) -> "_OpenFiles":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._handles.clear()
+
+
+def _materialize_buffers(model: nn.Module, device: torch.device | str) -> None:
+    """Give buffers still on ``meta`` (non-persistent ones) real storage; ``init_buffers``
+    fills them."""
+    for module in model.modules():
+        for name, buffer in list(module.named_buffers(recurse=False)):
+            if buffer.is_meta:
+                setattr(module, name, torch.zeros(buffer.shape, dtype=buffer.dtype,
+                                                  device=device))
+
+
+# --- saving -----------------------------------------------------------------------------
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def plan_shards(sizes: Mapping[str, int], max_shard_size: int) -> list[list[str]]:
+    """Split tensor names (in order) into shards of at most ``max_shard_size`` bytes; a
+    tensor larger than that gets a shard of its own."""
+    if max_shard_size < 1:
+        raise ValueError(f"max_shard_size must be a positive number of bytes, got {max_shard_size}")
+    shards: list[list[str]] = [[]]
+    used = 0
+    for name, size in sizes.items():
+        if shards[-1] and used + size > max_shard_size:
+            shards.append([])
+            used = 0
+        shards[-1].append(name)
+        used += size
+    return shards
+
+
+def save_pretrained(model: nn.Module, directory: str | os.PathLike, *,
+                    max_shard_size: int = 5 * 2**30,
+                    tokenizer_dir: str | os.PathLike | None = None) -> None:
+    """Write ``config.json``, the safetensors file(s) (+ index when sharded) and the
+    tokenizer files found in ``tokenizer_dir``; atomically (see the module docstring)."""
+    directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise NotADirectoryError(f"{directory} exists and is not a directory")
+    tokenizer_files = _tokenizer_files(tokenizer_dir)
+    shapes = hf_shapes(model)
+    sizes = {n: _numel(shape) * dtype.itemsize for n, (shape, dtype) in shapes.items()}
+    shards = plan_shards(sizes, max_shard_size)
+    names = ([WEIGHTS_NAME] if len(shards) == 1 else
+             [_SHARD_NAME.format(index=i + 1, count=len(shards)) for i in range(len(shards))])
+    dtype = model.embed_tokens.weight.dtype
+
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+    try:
+        _write_shards(model, tmp, shards, names)
+        if len(shards) > 1:
+            index = {"metadata": {"total_size": sum(sizes.values())},
+                     "weight_map": {n: names[i] for i, shard in enumerate(shards) for n in shard}}
+            index["weight_map"] = dict(sorted(index["weight_map"].items()))
+            (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+        hf_config = model.config.to_hf()
+        hf_config["torch_dtype"] = _dtype_name(dtype)
+        (tmp / CONFIG_NAME).write_text(json.dumps(hf_config, indent=2) + "\n", encoding="utf-8")
+        for source in tokenizer_files:
+            shutil.copyfile(source, tmp / source.name)
+        _move_into_place(tmp, directory, keep=set(names) | ({INDEX_NAME} if len(shards) > 1
+                                                            else set()))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for dim in shape:
+        n *= dim
+    return n
+
+
+def _write_shards(model: nn.Module, directory: Path, shards: list[list[str]],
+                  names: list[str]) -> None:
+    """Convert layer by layer and write each shard as soon as all its tensors are ready."""
+    groups = _hf_groups(_savable_state_dict(model))
+    pending: dict[str, torch.Tensor] = {}
+    for shard, file_name in zip(shards, names):
+        while any(name not in pending for name in shard):
+            group = next(groups)
+            pending.update({k: v.detach().to("cpu").contiguous() for k, v in group.items()})
+        save_file({name: pending.pop(name) for name in shard}, str(directory / file_name),
+                  metadata={"format": "pt"})
+    if pending or next(groups, None) is not None:
+        raise RuntimeError("internal error: tensors left over after writing all shards")
+
+
+def _tokenizer_files(tokenizer_dir: str | os.PathLike | None) -> list[Path]:
+    if tokenizer_dir is None:
+        return []
+    found = [Path(tokenizer_dir) / name for name in TOKENIZER_FILES
+             if (Path(tokenizer_dir) / name).is_file()]
+    if not found:
+        raise FileNotFoundError(f"no tokenizer files ({', '.join(TOKENIZER_FILES[:2])}) "
+                                f"in {tokenizer_dir}")
+    return found
+
+
+def _move_into_place(tmp: Path, directory: Path, keep: set[str]) -> None:
+    """A new directory is renamed into place in one step. Into an existing one, each file is
+    replaced atomically, weights first, then stale weight files of an earlier save (e.g.
+    shards when the new save is a single file) are removed."""
+    if not directory.exists():
+        os.replace(tmp, directory)
+        return
+    order = sorted(os.listdir(tmp), key=lambda n: (not _WEIGHT_FILE.match(n), n))
+    for name in order:
+        os.replace(tmp / name, directory / name)
+    for name in os.listdir(directory):
+        if (_WEIGHT_FILE.match(name) or name == INDEX_NAME) and name not in keep:
+            os.remove(directory / name)
