@@ -17,6 +17,8 @@ COMMANDS: dict[str, str] = {
     "generate": "dsmoe.commands.generate",
     "chat": "dsmoe.commands.chat",
     "analyze": "dsmoe.commands.analyze",
+    "info": "dsmoe.commands.info",
+    "plan": "dsmoe.commands.plan",
 }
 
 

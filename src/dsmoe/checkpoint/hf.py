@@ -63,7 +63,9 @@ _LAYER = re.compile(r"^layers\.(\d+)\.")
 
 
 @dataclass(frozen=True)
-class _StoredTensor:
+class StoredTensor:
+    """One tensor of a checkpoint, as its file header describes it."""
+
     file: Path
     shape: tuple[int, ...]
     dtype: str  # safetensors' dtype name, e.g. "BF16"
@@ -132,11 +134,17 @@ def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
     raise ValueError(f"unsupported dtype {dtype!r}: load as float32, bfloat16 or float16")
 
 
-def read_config(directory: str | os.PathLike) -> ModelConfig:
-    """``config.json`` of an HF DeepSeekMoE directory (model_type must be "deepseek")."""
-    path = Path(directory) / CONFIG_NAME
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: {directory} is not an HF model directory")
+def read_config(path: str | os.PathLike) -> ModelConfig:
+    """``config.json`` of an HF DeepSeekMoE directory, or that file itself (model_type must
+    be "deepseek")."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / CONFIG_NAME
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} not found: {path.parent} is not an HF model "
+                                    "directory")
+    elif not path.is_file():
+        raise FileNotFoundError(f"{path} not found")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -170,23 +178,24 @@ def weight_files(directory: str | os.PathLike) -> dict[str, Path]:
     return files
 
 
-def _headers(file: Path) -> dict[str, _StoredTensor]:
+def _headers(file: Path) -> dict[str, StoredTensor]:
     """Names, shapes and dtypes of a safetensors file, without reading tensor data."""
     try:
         with safe_open(file, framework="pt") as handle:
             out = {}
             for name in handle.keys():
                 piece = handle.get_slice(name)
-                out[name] = _StoredTensor(file, tuple(piece.get_shape()), piece.get_dtype())
+                out[name] = StoredTensor(file, tuple(piece.get_shape()), piece.get_dtype())
             return out
     except SafetensorError as exc:
         raise ValueError(f"{file}: cannot read safetensors file (truncated or corrupted?): "
                          f"{exc}") from exc
 
 
-def _stored_tensors(directory: Path) -> dict[str, _StoredTensor]:
+def stored_tensors(directory: str | os.PathLike) -> dict[str, StoredTensor]:
+    """Name -> (file, shape, dtype) of every tensor in the directory, from headers only."""
     files = weight_files(directory)
-    stored: dict[str, _StoredTensor] = {}
+    stored: dict[str, StoredTensor] = {}
     for file in sorted(set(files.values())):
         for name, info in _headers(file).items():
             if name in files and files[name] != file:
@@ -205,7 +214,7 @@ def _few(items: list[str], n: int = 5) -> str:
 
 
 def check_stored_tensors(expected: Mapping[str, tuple[tuple[int, ...], torch.dtype]],
-                         stored: Mapping[str, _StoredTensor], *, tied: bool) -> None:
+                         stored: Mapping[str, StoredTensor], *, tied: bool) -> None:
     """Raise one ValueError naming missing, unexpected, misshapen and non-float tensors."""
     optional = {"lm_head.weight"} if tied else set()  # tied checkpoints may still carry it
     missing = [n for n in expected if n not in stored]
@@ -236,7 +245,7 @@ def load_pretrained(path: str | os.PathLike, *, dtype: torch.dtype | str | None 
                                  "directory with config.json and model.safetensors)")
     target_dtype = resolve_dtype(dtype)
     config = read_config(directory)
-    stored = _stored_tensors(directory)
+    stored = stored_tensors(directory)
     with torch.device("meta"):
         model = model_cls(config)
     expected = hf_shapes(model)

@@ -1,0 +1,99 @@
+"""Parameter counts and weight memory of a ModelConfig, computed from shapes alone (no model
+is built), so ``dsmoe info`` and ``dsmoe plan`` can size a 145B model on a laptop.
+
+Conventions:
+- Counts are of parameters, i.e. the tensors of an HF checkpoint minus buffers (V3's
+  routing bias, 1 float per expert, is checkpointed but not a parameter). A tied
+  ``lm_head`` is counted once.
+- Active parameters per token: every weight a token's forward pass reads, which is all of
+  them except the routed experts it is not sent to: embedding and lm_head, attention,
+  norms, dense FFNs, routers, shared experts and the top-K routed experts of each MoE layer.
+  This is the convention of the DeepSeekMoE paper (16.4B total, 2.8B active for 16B).
+- Memory is weights only, at a fixed number of bits per parameter: no KV cache,
+  activations, optimizer state or quantisation scales.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from dsmoe.config import ModelConfig
+
+# Bits per parameter of the formats ``dsmoe info`` reports.
+WEIGHT_FORMATS: dict[str, int] = {"fp32": 32, "bf16": 16, "int8": 8, "int4": 4}
+
+
+@dataclass(frozen=True)
+class ParameterCount:
+    """Parameters by kind, summed over all layers."""
+
+    embedding: int  # embed_tokens [V, D]
+    lm_head: int  # [V, D]; 0 when tied to the embedding
+    attention: int  # q, k, v, o projections (+ biases)
+    norms: int  # two RMSNorms per layer + the final one
+    dense_mlp: int  # dense SwiGLU FFNs
+    routers: int  # gate [E, D] per MoE layer
+    shared_experts: int  # shared experts of every MoE layer
+    routed_experts: int  # every routed expert of every MoE layer
+    active_routed_experts: int  # top-K routed experts per MoE layer (used by one token)
+
+    @property
+    def total(self) -> int:
+        return (self.embedding + self.lm_head + self.attention + self.norms + self.dense_mlp
+                + self.routers + self.shared_experts + self.routed_experts)
+
+    @property
+    def active(self) -> int:
+        """Parameters one token uses (see the module docstring)."""
+        return self.total - self.routed_experts + self.active_routed_experts
+
+    @property
+    def non_embedding(self) -> int:
+        """Total without the embedding and lm_head matrices."""
+        return self.total - self.embedding - self.lm_head
+
+    @property
+    def active_non_embedding(self) -> int:
+        return self.active - self.embedding - self.lm_head
+
+
+def swiglu_parameters(hidden_size: int, width: int) -> int:
+    """gate, up [F, D] and down [D, F] without biases."""
+    return 3 * hidden_size * width
+
+
+def count_parameters(config: ModelConfig) -> ParameterCount:
+    """Count every parameter of ``Transformer(config)`` from the config alone."""
+    c = config
+    D, V, L, d = c.hidden_size, c.vocab_size, c.num_hidden_layers, c.head_dim
+    q_out, kv_out = c.num_attention_heads * d, c.num_key_value_heads * d
+    attention = D * q_out + 2 * D * kv_out + q_out * D
+    if c.attention_bias:
+        attention += q_out + 2 * kv_out + D
+    n_moe = len(c.moe_layer_indices)
+    E, K = c.n_routed_experts or 0, c.num_experts_per_tok or 0
+    expert = swiglu_parameters(D, c.moe_intermediate_size)
+    return ParameterCount(
+        embedding=V * D,
+        lm_head=0 if c.tie_word_embeddings else V * D,
+        attention=L * attention,
+        norms=(2 * L + 1) * D,
+        dense_mlp=(L - n_moe) * swiglu_parameters(D, c.intermediate_size),
+        routers=n_moe * E * D,
+        shared_experts=n_moe * (c.n_shared_experts or 0) * expert,
+        routed_experts=n_moe * E * expert,
+        active_routed_experts=n_moe * K * expert,
+    )
+
+
+def weight_bytes(n_parameters: int, fmt: str) -> int:
+    """Bytes of ``n_parameters`` weights stored in ``fmt`` (a key of WEIGHT_FORMATS)."""
+    if fmt not in WEIGHT_FORMATS:
+        raise ValueError(f"unknown weight format {fmt!r}; choose one of {sorted(WEIGHT_FORMATS)}")
+    return (n_parameters * WEIGHT_FORMATS[fmt] + 7) // 8
+
+
+def weight_memory(config: ModelConfig) -> dict[str, int]:
+    """Bytes of all weights in each of WEIGHT_FORMATS."""
+    total = count_parameters(config).total
+    return {fmt: weight_bytes(total, fmt) for fmt in WEIGHT_FORMATS}
