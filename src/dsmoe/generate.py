@@ -135,7 +135,8 @@ def generate(model: "Transformer", input_ids: torch.Tensor | Sequence[Sequence[i
     model.eval()
     cache = model.new_cache(B, P + max_new_tokens, device=device)
     positions = (mask.cumsum(dim=1) - 1).clamp_min(0)  # [B, P]
-    logits = model(input_ids, position_ids=positions, attention_mask=mask, cache=cache).logits
+    logits = model(input_ids, position_ids=positions, attention_mask=mask, cache=cache,
+                   logits_to_keep=1).logits
     next_pos = positions[:, -1:] + 1  # [B, 1]
     out = input_ids.new_full((B, max_new_tokens), pad)
     done = torch.zeros(B, dtype=torch.bool, device=device)
@@ -157,7 +158,7 @@ def generate(model: "Transformer", input_ids: torch.Tensor | Sequence[Sequence[i
                 return out[:, : i + 1]
             mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)  # finished rows: ignored
             logits = model(token.unsqueeze(1), position_ids=next_pos, attention_mask=mask,
-                           cache=cache).logits
+                           cache=cache, logits_to_keep=1).logits
             next_pos = next_pos + 1
     finally:
         model.train(was_training)

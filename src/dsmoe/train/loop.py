@@ -290,9 +290,9 @@ def _train_step(forward, optimizer, sampler, cfg, step, autocast, n_moe, interva
         ce = F.cross_entropy(out.logits.float().flatten(0, 1), targets.flatten())
         ((ce + out.aux_loss) / cfg.grad_accum).backward()
         loss_sum += ce.item()
-        aux_sum += float(out.aux_loss)
+        aux_sum += out.aux_loss.item()
         for name, value in out.losses.items():
-            losses[name] = losses.get(name, 0.0) + float(value) / cfg.grad_accum
+            losses[name] = losses.get(name, 0.0) + value.item() / cfg.grad_accum
         for i, routing in enumerate(out.routing or []):
             load[i] += routing.expert_counts.float()
             dropped_sum += float(routing.dropped_fraction) / max(n_moe, 1)

@@ -1,0 +1,209 @@
+"""End-to-end training: run directory, exact resume after SIGKILL, SIGINT, bad data, NaN,
+export fidelity, and that every routing variant learns."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from dsmoe.model import Transformer
+from dsmoe.train import loop
+from dsmoe.train.config import TrainConfig, build_model_config, routing_overrides
+from dsmoe.config import ModelConfig
+
+
+def _write_corpus(root: Path, n_files: int = 12) -> Path:
+    """Small, learnable 'code': templated functions with random names and numbers."""
+    rng = random.Random(0)
+    names = ["alpha", "beta", "gamma", "delta", "omega", "sigma", "kappa", "theta"]
+    root.mkdir(parents=True, exist_ok=True)
+    for i in range(n_files):
+        lines = []
+        for _ in range(60):
+            a, b = rng.sample(names, 2)
+            n = rng.randint(0, 99)
+            lines.append(f"def {a}_{n}({b}):\n    return {b} + {n}\n")
+        (root / f"mod_{i}.py").write_text("\n".join(lines))
+    return root
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    return _write_corpus(tmp_path_factory.mktemp("corpus"))
+
+
+def _cfg(corpus: Path, out: Path, cache: Path, **kw) -> TrainConfig:
+    base = dict(data=str(corpus), out=str(out), cache_dir=str(cache), max_steps=6,
+                batch_size=4, seq_len=32, log_every=2, eval_every=3, eval_batches=2,
+                checkpoint_every=3, warmup_steps=2, samples=1,
+                overrides=("hidden_size=64", "num_attention_heads=2", "num_key_value_heads=2",
+                           "moe_intermediate_size=32", "intermediate_size=128",
+                           "num_hidden_layers=2", "max_position_embeddings=64"))
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_run_directory_and_export(corpus: Path, tmp_path: Path) -> None:
+    cfg = _cfg(corpus, tmp_path / "run", tmp_path / "cache")
+    result = loop.train(cfg, quiet=True)
+    out = Path(cfg.out)
+    assert result.status == "finished" and result.step == 6
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [2, 4, 6]
+    assert "val_loss" in records[-1] and "val_loss" not in records[0]
+    for key in ("train_loss", "aux_loss", "lr", "tokens_per_s", "expert_load", "dropped_fraction"):
+        assert key in records[-1], key
+    assert len(records[-1]["expert_load"]) == 1  # one MoE layer (first layer is dense)
+    assert sum(records[-1]["expert_load"][0]) == 2 * 4 * 32 * 3  # 2 steps x tokens x top-k
+    for name in ("config.json", "model.safetensors", "tokenizer.json"):
+        assert (out / "model" / name).exists(), name
+    assert (out / "report.md").exists() and (out / "plots" / "loss.png").exists()
+    # The exported model's logits equal those of the final checkpoint's model.
+    state = torch.load(sorted((out / "checkpoints").glob("*.pt"))[-1], weights_only=False)
+    trained = Transformer(ModelConfig.from_hf(state["model_config"]))
+    trained.load_state_dict(state["model"])
+    exported = Transformer.from_pretrained(out / "model")
+    ids = torch.randint(0, trained.config.vocab_size, (2, 16))
+    trained.eval(), exported.eval()
+    torch.testing.assert_close(exported(ids).logits, trained(ids).logits, atol=0, rtol=0)
+    with pytest.raises(ValueError, match="--resume"):
+        loop.train(cfg, quiet=True)
+
+
+def _cli(*args: str, out: Path, cache: Path, corpus: Path) -> list[str]:
+    return [sys.executable, "-m", "dsmoe", "train", "--data", str(corpus), "--out", str(out),
+            "--cache-dir", str(cache), "--batch-size", "4", "--seq-len", "32",
+            "--log-every", "1", "--eval-every", "4", "--checkpoint-every", "2",
+            "--set", "hidden_size=64", "--set", "num_attention_heads=2",
+            "--set", "num_key_value_heads=2", "--set", "num_hidden_layers=2",
+            "--set", "max_position_embeddings=64", "--quiet", *args]
+
+
+def _losses(out: Path) -> list[tuple[int, float]]:
+    return [(r["step"], r["train_loss"]) for r in
+            map(json.loads, (out / "metrics.jsonl").read_text().splitlines())]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("routing", ["v2", "v3"])
+def test_sigkill_then_resume_is_bit_exact(corpus: Path, tmp_path: Path, routing: str) -> None:
+    cache = tmp_path / "cache"
+    steps = "10"
+    ref = tmp_path / "ref"
+    subprocess.run(_cli("--max-steps", steps, "--routing", routing, out=ref, cache=cache,
+                        corpus=corpus), check=True, timeout=300)
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(_cli("--max-steps", steps, "--routing", routing, out=killed,
+                                 cache=cache, corpus=corpus))
+    deadline = time.time() + 240
+    while not (killed / "checkpoints" / "step_00000004.pt").exists():
+        assert proc.poll() is None, "run ended before it could be killed"
+        assert time.time() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "model").exists()
+    subprocess.run(_cli("--max-steps", steps, "--routing", routing, "--resume", out=killed,
+                        cache=cache, corpus=corpus), check=True, timeout=300)
+    assert _losses(killed) == _losses(ref)  # bit for bit, every logged step
+    a = torch.load(sorted((ref / "checkpoints").glob("*.pt"))[-1], weights_only=False)
+    b = torch.load(sorted((killed / "checkpoints").glob("*.pt"))[-1], weights_only=False)
+    for key, value in a["model"].items():
+        assert torch.equal(value, b["model"][key]), key
+
+
+@pytest.mark.slow
+def test_sigint_saves_and_exits_cleanly(corpus: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    proc = subprocess.Popen(_cli("--max-steps", "100000", out=out, cache=tmp_path / "cache",
+                                 corpus=corpus), stdout=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while not (out / "metrics.jsonl").exists() or not (out / "metrics.jsonl").read_text():
+        assert proc.poll() is None and time.time() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    stdout, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0
+    saved = sorted((out / "checkpoints").glob("*.pt"))
+    assert saved, "SIGINT must leave a checkpoint"
+    step = torch.load(saved[-1], weights_only=False)["step"]
+    assert step >= 1 and _losses(out)[-1][0] <= step
+
+
+def test_bad_data_fails_before_training(tmp_path: Path) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ValueError):
+        loop.train(_cfg(empty, tmp_path / "run", tmp_path / "cache"), quiet=True)
+    assert not (tmp_path / "run" / "checkpoints").exists()
+    binary = tmp_path / "blob.txt"
+    binary.write_bytes(bytes(range(256)) * 10)
+    with pytest.raises(ValueError):
+        loop.train(_cfg(binary, tmp_path / "run2", tmp_path / "cache"), quiet=True)
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(corpus: Path, tmp_path: Path,
+                                                       monkeypatch) -> None:
+    real = loop.F.cross_entropy
+    calls = {"n": 0}
+
+    def poisoned(*args, **kwargs):
+        calls["n"] += 1
+        value = real(*args, **kwargs)
+        return value * float("nan") if calls["n"] == 5 else value
+
+    monkeypatch.setattr(loop.F, "cross_entropy", poisoned)
+    cfg = _cfg(corpus, tmp_path / "run", tmp_path / "cache", max_steps=8, checkpoint_every=2,
+               eval_every=100)
+    result = loop.train(cfg, quiet=True)
+    assert result.status == "diverged" and result.step == 4
+    saved = sorted((Path(cfg.out) / "checkpoints").glob("*.pt"))
+    assert [p.name for p in saved][-1] == "step_00000004.pt"
+    assert not (Path(cfg.out) / "model").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("routing,dense", [("v1", False), ("v2", False), ("v3", False),
+                                           ("v1", True)])
+def test_each_routing_variant_learns(corpus: Path, tmp_path: Path, routing: str,
+                                     dense: bool) -> None:
+    cfg = _cfg(corpus, tmp_path / "run", tmp_path / "cache", max_steps=40, log_every=5,
+               eval_every=40, checkpoint_every=40, routing=routing, dense=dense, lr=3e-3,
+               samples=0)
+    result = loop.train(cfg, quiet=True)
+    losses = [loss for _, loss in _losses(Path(cfg.out))]
+    assert losses[-1] < 0.7 * losses[0], losses
+    assert result.val_loss < result.unigram_entropy
+
+
+def test_routing_recipes_are_valid_for_every_preset() -> None:
+    for preset in ("tiny", "deepseek-moe-2b", "deepseek-moe-16b", "deepseek-moe-145b"):
+        base = ModelConfig.preset(preset)
+        for routing in ("v1", "v2", "v3"):
+            cfg = base.replace(**routing_overrides(routing, base))
+            if routing == "v2" and cfg.n_devices > 1:
+                assert cfg.topk_method == "device_limited" and cfg.max_devices < cfg.n_devices
+            if routing == "v3":
+                assert cfg.scoring_func == "sigmoid" and cfg.bias_update_speed > 0
+    dense = build_model_config(TrainConfig(dense=True), vocab_size=1000)
+    tiny = ModelConfig.preset("tiny")
+    assert dense.n_routed_experts is None and dense.vocab_size == 1000
+    assert dense.intermediate_size == (tiny.n_shared_experts + tiny.num_experts_per_tok) * \
+        tiny.moe_intermediate_size
+
+
+def test_lr_schedule_warms_up_then_decays() -> None:
+    cfg = TrainConfig(max_steps=100, warmup_steps=10, lr=1.0, min_lr_ratio=0.1)
+    lrs = [loop.lr_at(cfg, s) for s in range(100)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:]))
+    assert lrs[-1] == pytest.approx(0.1, abs=1e-3)
