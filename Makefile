@@ -3,6 +3,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 DEMO_OUT ?= runs/demo
+DEMO_STEPS ?= 300
 
 .PHONY: demo test install bench clean
 
@@ -15,8 +16,11 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 
+# The main job: train the tiny DeepSeekMoE on Python's own standard library, then look
+# at what its experts learned. Re-running continues (or re-exports) the same run.
 demo: $(STAMP)
-	$(VENV)/bin/dsmoe demo
+	$(VENV)/bin/dsmoe train --preset tiny --out $(DEMO_OUT) --resume --max-steps $(DEMO_STEPS)
+	$(VENV)/bin/dsmoe analyze $(DEMO_OUT)/model --out $(DEMO_OUT)/analysis
 
 test: $(STAMP)
 	$(PY) -m pytest -q
