@@ -69,7 +69,12 @@ def moe_to_hf(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]
 
 def check_state_dict(module: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> None:
     """Raise a ValueError naming missing, unexpected and misshapen tensors (a few of each)."""
-    expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    check_shapes({k: tuple(v.shape) for k, v in module.state_dict().items()}, state_dict)
+
+
+def check_shapes(expected: Mapping[str, tuple[int, ...]],
+                 state_dict: Mapping[str, torch.Tensor]) -> None:
+    """``check_state_dict`` against a name -> shape map (e.g. HF names of a module)."""
     problems = []
     missing = [k for k in expected if k not in state_dict]
     unexpected = [k for k in state_dict if k not in expected]

@@ -82,8 +82,9 @@ class MoELayer(nn.Module):
         self.shared_experts = shared_experts
         self.loss_terms = _loss_terms(config)
         # Tokens per expert since the last bias update (training only); not checkpointed
-        # on purpose: it is reset by every optimizer step.
-        self.register_buffer("load_counts", torch.zeros(E, dtype=torch.float32), persistent=False)
+        # on purpose: it is reset by every optimizer step. NOTE: an integer buffer, so
+        # ``.to(torch.bfloat16)`` leaves it alone (a bf16 counter rounds past 256).
+        self.register_buffer("load_counts", torch.zeros(E, dtype=torch.long), persistent=False)
 
     def forward(self, x: torch.Tensor, *, check_finite: bool = False) -> MoEOutput:
         self._check_input(x, check_finite)
@@ -104,13 +105,13 @@ class MoELayer(nn.Module):
             out = out + self.shared_experts(tokens)
 
         losses: dict[str, torch.Tensor] = {}
-        if self.training and self.loss_terms:
+        if self.training and self.loss_terms and T > 0:  # no tokens: no balance to measure
             probs = self._balance_probs(route.scores)
             losses = {name: alpha * fn(route, probs, B, S)
                       for name, (alpha, fn) in self.loss_terms.items()}
         if self.training:
             with torch.no_grad():
-                self.load_counts += plan.routed_counts.to(self.load_counts.dtype)
+                self.load_counts += plan.routed_counts
         aux = sum(losses.values()) if losses else tokens.new_zeros((), dtype=torch.float32)
         kept = plan.counts.sum()
         dropped = 1.0 - kept.float() / max(plan.n_assignments, 1)
@@ -156,6 +157,13 @@ class MoELayer(nn.Module):
         """Load HF-named weights (``gate.weight``, ``experts.{e}.*``, ``shared_experts.*``,
         V3's ``gate.e_score_correction_bias``); missing, unexpected or misshapen tensors
         raise a ``ValueError`` naming them."""
+        # Check under HF names first, so errors name the tensors the caller passed (a
+        # misshapen single expert would otherwise fail inside torch.stack).
+        expected = keys.moe_to_hf({k: v.to("meta") for k, v in self.state_dict().items()})
+        keys.check_shapes({k: tuple(v.shape) for k, v in expected.items()}, state_dict)
         native = keys.moe_from_hf(state_dict, self.config.n_routed_experts)
         keys.check_state_dict(self, native)
+        bias = "gate.e_score_correction_bias"
+        if bias in native:  # balancing state stays fp32, also with assign=True
+            native[bias] = native[bias].float()
         self.load_state_dict(native, strict=True, assign=assign)
