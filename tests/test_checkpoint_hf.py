@@ -60,6 +60,10 @@ def test_save_load_is_bit_exact_and_save_again_is_byte_identical(tmp_path: Path)
     model = _model()
     model.save_pretrained(tmp_path / "a")
     assert sorted(os.listdir(tmp_path / "a")) == ["config.json", "model.safetensors"]
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert (tmp_path / "a").stat().st_mode & 0o777 == 0o777 & ~umask, "not mkdtemp's 0700"
+    assert (tmp_path / "a" / "model.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask
     loaded = Transformer.from_pretrained(tmp_path / "a")
     assert not loaded.training, "from_pretrained returns an eval-mode model"
     _assert_same_model(model, loaded)
@@ -316,10 +320,16 @@ def test_gguf_paths_go_to_the_gguf_module(tmp_path: Path, monkeypatch: pytest.Mo
     fake.load_gguf = lambda path, *, dtype, device: calls.append((path, dtype, device)) or "model"
     monkeypatch.setitem(sys.modules, "dsmoe.checkpoint.gguf", fake)
     monkeypatch.setattr(dsmoe.checkpoint, "gguf", fake, raising=False)
-    assert Transformer.from_pretrained(tmp_path / "m.gguf", dtype=torch.bfloat16) == "model"
-    assert calls == [(tmp_path / "m.gguf", torch.bfloat16, "cpu")]
+    assert Transformer.from_pretrained(tmp_path / "m.gguf", dtype="bf16") == "model"
+    assert calls == [(tmp_path / "m.gguf", torch.bfloat16, "cpu")], "dtype names are resolved"
 
+    missing = r"GGUF support \(dsmoe\.checkpoint\.gguf\.load_gguf\) is not available"
+    incomplete = types.ModuleType("dsmoe.checkpoint.gguf")  # a package without the loader
+    monkeypatch.setitem(sys.modules, "dsmoe.checkpoint.gguf", incomplete)
+    monkeypatch.setattr(dsmoe.checkpoint, "gguf", incomplete)
+    with pytest.raises(ValueError, match=missing):
+        Transformer.from_pretrained(tmp_path / "m.gguf")
     monkeypatch.setitem(sys.modules, "dsmoe.checkpoint.gguf", None)  # "not installed"
     monkeypatch.delattr(dsmoe.checkpoint, "gguf")
-    with pytest.raises(ValueError, match=r"GGUF support \(dsmoe\.checkpoint\.gguf\) is not available"):
+    with pytest.raises(ValueError, match=missing):
         Transformer.from_pretrained(tmp_path / "m.gguf")

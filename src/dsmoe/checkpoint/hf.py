@@ -10,13 +10,13 @@ Loading, with peak memory close to the weights' size:
   1. read ``config.json`` and the safetensors headers only; check every tensor's name,
      shape and dtype against a model built on the meta device, reporting all problems
      before any data is read
-  2. fill the model one group at a time (top-level tensors, then layer by layer):
-     ``safe_open(...).get_tensor`` returns memory-mapped tensors (no copy), cast only when
-     the dtype differs, experts of one layer stacked by ``keys.moe_from_hf``, and assigned
-     in place of the meta tensors (``load_state_dict(assign=True)``)
+  2. fill the model one group at a time (top-level tensors, then layer by layer): open
+     the file(s) with ``safe_open`` (memory-mapped, ``get_tensor`` copies nothing), stack
+     the layer's experts with ``keys.moe_from_hf``, cast or copy each tensor into memory
+     of its own, assign it in place of the meta tensor (``load_state_dict(assign=True)``),
+     then drop the mapping, so the file pages read for a group leave the process with it
   3. materialise the non-persistent buffers (RoPE frequencies, MoE load counters)
-NOTE: when the stored dtype is the requested one and the device is the CPU, the non-expert
-weights stay memory-mapped views of the file (copy-on-write), as with ``mmap=True`` loads.
+Peak memory is the weights plus about one layer in flight.
 
 Saving writes every file into a temporary directory next to the target, then moves it into
 place with ``os.replace``; weights are converted and written layer by layer, shard by shard.
@@ -258,18 +258,21 @@ def load_pretrained(path: str | os.PathLike, *, dtype: torch.dtype | str | None 
     groups: dict[str, list[str]] = defaultdict(list)
     for name in expected:
         groups[_group_of(native_name(name))].append(name)
-    with _OpenFiles() as files:
-        for names in groups.values():
-            tensors = {native_name(n): files.get(stored[n].file, n) for n in names}
-            native = keys.moe_from_hf(tensors, config.n_routed_experts)
-            del tensors
-            for name in list(native):  # cast one at a time; params to dtype, buffers kept
-                want = target_dtype if name in params else declared[name]
-                native[name] = native[name].to(device=device, dtype=want)
-            result = model.load_state_dict(native, strict=False, assign=True)
-            if result.unexpected_keys:  # names were checked above: this is a bug
-                raise RuntimeError(f"internal error: unexpected {result.unexpected_keys[:5]}")
-            del native
+    for names in groups.values():
+        mapped = _read_group(names, stored)  # memory-mapped views of the file(s)
+        file_storages = {t.untyped_storage().data_ptr() for t in mapped.values()}
+        native = keys.moe_from_hf(mapped, config.n_routed_experts)
+        del mapped
+        for name in list(native):  # one tensor at a time: params to dtype, buffers kept
+            want = target_dtype if name in params else declared[name]
+            tensor = native[name].to(device=device, dtype=want)
+            if tensor.untyped_storage().data_ptr() in file_storages:
+                tensor = tensor.clone()  # own the memory, so the mapping can be released
+            native[name] = tensor
+        result = model.load_state_dict(native, strict=False, assign=True)
+        if result.unexpected_keys:  # names were checked above: this is a bug
+            raise RuntimeError(f"internal error: unexpected {result.unexpected_keys[:5]}")
+        del native
     _materialize_buffers(model, device)
     model.tie_weights()
     model.init_buffers()
@@ -279,26 +282,24 @@ def load_pretrained(path: str | os.PathLike, *, dtype: torch.dtype | str | None 
     return model.eval()
 
 
-class _OpenFiles:
-    """safe_open handles, opened on first use and closed together."""
-
-    def __init__(self) -> None:
-        self._handles: dict[Path, object] = {}
-
-    def get(self, file: Path, name: str) -> torch.Tensor:
+def _read_group(names: list[str], stored: Mapping[str, StoredTensor]
+                ) -> dict[str, torch.Tensor]:
+    """Tensors of one group under native names, as views of the memory-mapped file(s).
+    NOTE: the mapping lives as long as any view of it does; the caller copies what it keeps,
+    so the file pages this group touched leave the process when the group is done."""
+    out: dict[str, torch.Tensor] = {}
+    by_file: dict[Path, list[str]] = defaultdict(list)
+    for name in names:
+        by_file[stored[name].file].append(name)
+    for file, file_names in by_file.items():
         try:
-            if file not in self._handles:
-                self._handles[file] = safe_open(file, framework="pt")
-            return self._handles[file].get_tensor(name)
+            with safe_open(file, framework="pt") as handle:
+                for name in file_names:
+                    out[native_name(name)] = handle.get_tensor(name)
         except SafetensorError as exc:
-            raise ValueError(f"{file}: cannot read tensor {name} (truncated or corrupted "
+            raise ValueError(f"{file}: cannot read its tensors (truncated or corrupted "
                              f"file?): {exc}") from exc
-
-    def __enter__(self) -> "_OpenFiles":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._handles.clear()
+    return out
 
 
 def _materialize_buffers(model: nn.Module, device: torch.device | str) -> None:
@@ -362,6 +363,7 @@ def save_pretrained(model: nn.Module, directory: str | os.PathLike, *,
         (tmp / CONFIG_NAME).write_text(json.dumps(hf_config, indent=2) + "\n", encoding="utf-8")
         for source in tokenizer_files:
             shutil.copyfile(source, tmp / source.name)
+        _default_permissions(tmp)
         _move_into_place(tmp, directory, keep=set(names) | ({INDEX_NAME} if len(shards) > 1
                                                             else set()))
     finally:
@@ -388,6 +390,15 @@ def _write_shards(model: nn.Module, directory: Path, shards: list[list[str]],
                   metadata={"format": "pt"})
     if pending or next(groups, None) is not None:
         raise RuntimeError("internal error: tensors left over after writing all shards")
+
+
+def _default_permissions(directory: Path) -> None:
+    """Modes a plain ``mkdir``/``open`` would give (mkdtemp makes 0700, safetensors 0600)."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    os.chmod(directory, 0o777 & ~umask)
+    for path in directory.iterdir():
+        os.chmod(path, 0o666 & ~umask)
 
 
 def _tokenizer_files(tokenizer_dir: str | os.PathLike | None) -> list[Path]:

@@ -69,7 +69,9 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(D, V, bias=False)  # [V, D]
         self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta,
                                       config.max_position_embeddings, config.rope_scaling)
-        self.init_weights()
+        self.tie_weights()
+        if not self.embed_tokens.weight.is_meta:  # on meta there are no values to give
+            self.init_weights()
 
     # --- initialisation -----------------------------------------------------------------
     @torch.no_grad()
@@ -251,12 +253,19 @@ class Transformer(nn.Module):
 
 def _load_gguf(path: str | os.PathLike, dtype: torch.dtype | str | None,
                device: torch.device | str) -> Transformer:
-    """GGUF hook: ``dsmoe.checkpoint.gguf.load_gguf(path, dtype=, device=)`` does the work."""
+    """GGUF hook: ``dsmoe.checkpoint.gguf.load_gguf(path, *, dtype, device)`` does the work
+    (``dtype`` arrives as a torch dtype, or None for "as stored")."""
+    from dsmoe.checkpoint.hf import resolve_dtype
+
+    dtype = resolve_dtype(dtype)
     try:
         from dsmoe.checkpoint import gguf as gguf_checkpoint
     except ModuleNotFoundError as exc:
         if exc.name not in ("dsmoe.checkpoint.gguf",):
             raise
+        gguf_checkpoint = None
+    load = getattr(gguf_checkpoint, "load_gguf", None)
+    if load is None:
         raise ValueError(f"cannot load {os.fspath(path)!r}: GGUF support "
-                         "(dsmoe.checkpoint.gguf) is not available in this installation") from exc
-    return gguf_checkpoint.load_gguf(path, dtype=dtype, device=device)
+                         "(dsmoe.checkpoint.gguf.load_gguf) is not available in this installation")
+    return load(path, dtype=dtype, device=device)
