@@ -1,0 +1,58 @@
+"""QuantSwiGLUExperts: ``SwiGLUExperts`` with stacked int8/int4 weights, same contract.
+
+forward(x_sorted [A, D], counts [E]) -> [A, D], rows grouped by expert exactly as the MoE
+dispatch hands them over, so ``MoELayer``'s router, dispatch and combine run unchanged.
+Each expert with rows is two kernel calls on its slice of the stacks (no grouped int
+kernel exists on CPU; during decoding only the K picked experts have rows):
+  gate_up = x_e @ gate_up_proj[e].T   [n_e, 2F]  (gate rows first, then up, as in fp)
+  out_e   = (act(gate) * up) @ down_proj[e].T   [n_e, D]
+
+Shapes: A assignments sorted by expert, D hidden, F expert width, E experts.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from dsmoe.mlp import ACTIVATIONS
+from dsmoe.moe.experts import SwiGLUExperts
+from dsmoe.quant.matrix import QuantMatrix
+
+
+class QuantSwiGLUExperts(nn.Module):
+    def __init__(self, n_experts: int, hidden_size: int, expert_size: int, *, bits: int,
+                 group_size: int = 128, hidden_act: str = "silu",
+                 device: torch.device | str | None = None) -> None:
+        super().__init__()
+        self.num_experts, self.expert_size, self.hidden_act = n_experts, expert_size, hidden_act
+        E, D, F = n_experts, hidden_size, expert_size
+        self.gate_up_proj = QuantMatrix(2 * F, D, bits=bits, group_size=group_size,
+                                        stack=(E,), device=device)  # [E, 2F, D]
+        self.down_proj = QuantMatrix(D, F, bits=bits, group_size=group_size, stack=(E,),
+                                     device=device)  # [E, D, F]
+        self.act = ACTIVATIONS[hidden_act]
+
+    @classmethod
+    def from_experts(cls, experts: SwiGLUExperts, *, bits: int, group_size: int = 128,
+                     hidden_act: str = "silu") -> "QuantSwiGLUExperts":
+        """Quantise ``experts`` (on meta: an empty shell of the right shapes)."""
+        E, twoF, D = experts.gate_up_proj.shape
+        out = cls(E, D, twoF // 2, bits=bits, group_size=group_size, hidden_act=hidden_act,
+                  device=experts.gate_up_proj.device)
+        if not experts.gate_up_proj.is_meta:
+            out.gate_up_proj.set_float(experts.gate_up_proj)
+            out.down_proj.set_float(experts.down_proj)
+        return out
+
+    def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:  # [A, D]
+        out = x.new_empty(x.shape)
+        start = 0
+        for e, n in enumerate(counts.tolist()):
+            if n == 0:
+                continue
+            rows = x[start:start + n]  # [n, D]
+            gate, up = self.gate_up_proj.matmul(rows, e).chunk(2, dim=-1)  # [n, F] x2
+            out[start:start + n] = self.down_proj.matmul(self.act(gate) * up, e)
+            start += n
+        return out

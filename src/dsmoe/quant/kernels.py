@@ -1,0 +1,174 @@
+"""Weight-only int8 / int4 matrices and the CPU kernels that multiply by them.
+
+Formats (one matrix W [N, K]: N outputs, K inputs; experts add a leading E):
+  int8  symmetric, one scale per output row:   W ~ scale[n] * q[n, k],  q in [-127, 127]
+  int4  asymmetric, one (scale, zero) per group of ``g`` inputs of a row:
+        W ~ (q[n, k] - 8) * scale[n, k // g] + zero[n, k // g],  q in [0, 15]
+        (``zero`` is the group's minimum plus 8 * scale: the form torch's int4 kernel takes)
+  Scales and zeros are bf16, the precision the kernels compute with.
+
+Kernels (measured in ``benchmarks/quantized.py``; see its table):
+  int8  ``torch._weight_int8pack_mm`` for few rows (decoding: it streams int8 weights and
+        is ~2x faster than a bf16 GEMM there); for many rows (prefill) the weight is
+        converted to the activation dtype and run as a GEMM with the scale applied to the
+        output columns, because the int8 kernel does not block for large M.
+  int4  ``torch._weight_int4pack_mm_for_cpu`` on a weight repacked once by
+        ``torch._convert_weight_to_int4pack_for_cpu`` (an opaque, CPU-specific layout).
+  NOTE: both kernels are fast only with bf16 activations (with fp32 they fall back to
+  scalar code, ~10x slower), so rows are cast to bf16 for them and the result back.
+  NOTE: ``_weight_int8pack_mm`` reads activations and weights with aligned vector loads and
+  crashes (SIGSEGV) on pointers that are not 64-byte aligned, e.g. a row slice of a bf16
+  batch or a tensor memory-mapped by safetensors; ``aligned`` copies such tensors.
+
+On disk every format is canonical and layout-free (int4: two values per byte, even k in the
+low nibble). ``unpack_int4`` recovers it from torch's packed layout by probing the packing
+op with index patterns once per shape, so no assumption about that layout is hard-coded.
+
+Shapes: N out features, K in features, G = K // g groups, M rows.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+import torch.nn.functional as F
+
+INT4_GROUP_SIZES = (32, 64, 128, 256)  # what torch's int4 CPU kernel accepts
+INT4_ROW_MULTIPLE = 16  # torch's int4 packing needs N % 16 == 0
+# Rows at or below which the int8 kernel beats convert + GEMM (see the benchmark).
+INT8_KERNEL_MAX_ROWS = 16
+_KERNEL_DTYPE = torch.bfloat16
+
+
+_ALIGNMENT = 64  # bytes: AVX-512 vector loads
+
+
+def aligned(t: torch.Tensor) -> torch.Tensor:
+    """``t`` contiguous and 64-byte aligned (copied only when it is not)."""
+    if t.is_contiguous() and t.data_ptr() % _ALIGNMENT == 0:
+        return t
+    out = torch.empty(t.shape, dtype=t.dtype, device=t.device)  # the allocator aligns
+    return out.copy_(t)
+
+
+# --- int8 -------------------------------------------------------------------------------
+def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """W [..., N, K] -> (q int8 [..., N, K], scale bf16 [..., N]); symmetric per row.
+
+    The scale is rounded to bf16 *before* q is computed: the kernel multiplies by the bf16
+    scale, so q is chosen for the scale actually used, and both kernel paths agree."""
+    w = weight.detach().float()
+    scale = (w.abs().amax(dim=-1).clamp(min=1e-12) / 127.0).to(_KERNEL_DTYPE)  # [..., N]
+    q = torch.round(w / scale.float().unsqueeze(-1)).clamp_(-127, 127).to(torch.int8)
+    return q, scale
+
+
+def dequantize_int8(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32
+                    ) -> torch.Tensor:
+    return (q.float() * scale.float().unsqueeze(-1)).to(dtype)
+
+
+def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x [..., K] @ (scale * q).T -> [..., N] for q [N, K] int8 and scale [N] bf16."""
+    rows = x.reshape(-1, x.shape[-1])  # [M, K]
+    if rows.shape[0] <= INT8_KERNEL_MAX_ROWS:
+        out = torch._weight_int8pack_mm(aligned(rows.to(_KERNEL_DTYPE)), aligned(q), scale)
+        out = out.to(x.dtype)
+    else:
+        out = F.linear(rows, q.to(x.dtype)) * scale.to(x.dtype)
+    return out.reshape(*x.shape[:-1], q.shape[0])
+
+
+# --- int4 -------------------------------------------------------------------------------
+def int4_group_size(in_features: int, out_features: int, preferred: int) -> int | None:
+    """The largest kernel-supported group <= ``preferred`` dividing ``in_features``, or None
+    when the int4 kernel cannot take this shape (the caller then keeps it in int8)."""
+    if out_features % INT4_ROW_MULTIPLE:
+        return None
+    for g in sorted(INT4_GROUP_SIZES, reverse=True):
+        if g <= preferred and in_features % g == 0:
+            return g
+    return None
+
+
+def quantize_int4(weight: torch.Tensor, group_size: int
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """W [..., N, K] -> (q uint8 [..., N, K/2] two values per byte, scale bf16 [..., N, G],
+    zero bf16 [..., N, G]) with W ~ (q - 8) * scale + zero per group (min/max asymmetric).
+    As for int8, q is computed against the bf16-rounded scale and zero the kernel uses."""
+    *lead, N, K = weight.shape
+    if K % group_size or K % 2:
+        raise ValueError(f"int4: in_features={K} is not a multiple of group_size={group_size}")
+    w = weight.detach().float().reshape(*lead, N, K // group_size, group_size)
+    lo, hi = w.amin(dim=-1), w.amax(dim=-1)  # [..., N, G]
+    scale = ((hi - lo) / 15.0).clamp(min=1e-12).to(_KERNEL_DTYPE)
+    zero = (lo + 8.0 * scale.float()).to(_KERNEL_DTYPE)
+    q = torch.round((w - zero.float().unsqueeze(-1)) / scale.float().unsqueeze(-1) + 8.0)
+    q = q.clamp_(0, 15).to(torch.uint8).reshape(*lead, N, K)
+    return pack_nibbles(q), scale, zero
+
+
+def dequantize_int4(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+                    dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    values = unpack_nibbles(q).float()  # [..., N, K]
+    *lead, N, K = values.shape
+    G = scale.shape[-1]
+    grouped = values.reshape(*lead, N, G, K // G)
+    w = (grouped - 8.0) * scale.float().unsqueeze(-1) + zero.float().unsqueeze(-1)
+    return w.reshape(*lead, N, K).to(dtype)
+
+
+def pack_nibbles(q: torch.Tensor) -> torch.Tensor:
+    """uint8 values 0..15 [..., K] -> [..., K/2] bytes (even index in the low nibble)."""
+    return (q[..., 0::2] | (q[..., 1::2] << 4)).to(torch.uint8)
+
+
+def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
+    """The inverse of ``pack_nibbles``: [..., K/2] bytes -> [..., K] values 0..15."""
+    low, high = packed & 0x0F, packed >> 4
+    return torch.stack([low, high], dim=-1).reshape(*packed.shape[:-1], -1)
+
+
+def kernel_pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """Canonical nibbles [N, K/2] -> torch's CPU int4 kernel layout."""
+    return torch._convert_weight_to_int4pack_for_cpu(unpack_nibbles(q).to(torch.int32), 1)
+
+
+def kernel_unpack_int4(packed: torch.Tensor, out_features: int, in_features: int
+                       ) -> torch.Tensor:
+    """torch's CPU int4 layout -> canonical nibbles [N, K/2] (see ``_kernel_layout``)."""
+    source = _kernel_layout(out_features, in_features)  # [N*K]: packed nibble j holds W[src[j]]
+    nibbles = unpack_nibbles(packed.reshape(-1))  # [N*K] in packed order
+    flat = torch.empty_like(nibbles)
+    flat[source] = nibbles
+    return pack_nibbles(flat.reshape(out_features, in_features))
+
+
+@functools.lru_cache(maxsize=4)
+def _kernel_layout(N: int, K: int) -> torch.Tensor:
+    """For each nibble of the packed layout, the flat index n*K + k it came from.
+
+    The packing op only moves 4-bit values around, so packing the base-16 digits of every
+    element's own index reveals, digit by digit, where each element went."""
+    index = torch.arange(N * K, dtype=torch.int64).reshape(N, K)
+    source = torch.zeros(N * K, dtype=torch.int64)
+    for digit in range(max(1, math.ceil(math.log2(N * K) / 4))):
+        values = ((index >> (4 * digit)) & 0xF).to(torch.int32)
+        packed = torch._convert_weight_to_int4pack_for_cpu(values, 1)
+        source |= unpack_nibbles(packed.reshape(-1)).to(torch.int64) << (4 * digit)
+    return source
+
+
+def scales_and_zeros(scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """[..., N, G] scale and zero -> the kernel's [..., G, N, 2] bf16 tensor."""
+    return torch.stack([scale, zero], dim=-1).transpose(-3, -2).contiguous().to(_KERNEL_DTYPE)
+
+
+def int4_linear(x: torch.Tensor, packed: torch.Tensor, scale_zero: torch.Tensor,
+                group_size: int, out_features: int) -> torch.Tensor:
+    """x [..., K] @ W.T -> [..., N] with W in torch's packed int4 layout."""
+    rows = aligned(x.reshape(-1, x.shape[-1]).to(_KERNEL_DTYPE))  # [M, K]
+    out = torch._weight_int4pack_mm_for_cpu(rows, aligned(packed), group_size, scale_zero)
+    return out.to(x.dtype).reshape(*x.shape[:-1], out_features)

@@ -1,0 +1,42 @@
+"""QuantLinear: a drop-in for ``nn.Linear`` whose weight is int8 or int4 (``QuantMatrix``).
+
+Activations keep their dtype; only the weight is quantized (the kernels see bf16 rows and
+the result is cast back). The bias, when present, stays a float parameter.
+
+Shapes: M rows, K in features, N out features.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from dsmoe.quant.matrix import QuantMatrix
+
+
+class QuantLinear(QuantMatrix):
+    """y = x @ W.T (+ bias) with W [N, K] quantized; forward(x [..., K]) -> [..., N]."""
+
+    def __init__(self, in_features: int, out_features: int, *, bits: int, group_size: int = 128,
+                 bias: bool = False, device: torch.device | str | None = None,
+                 dtype: torch.dtype | None = None) -> None:
+        super().__init__(out_features, in_features, bits=bits, group_size=group_size,
+                         device=device)
+        self.bias = (nn.Parameter(torch.empty(out_features, device=device, dtype=dtype))
+                     if bias else None)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, *, bits: int, group_size: int = 128) -> "QuantLinear":
+        """Quantise ``linear`` (on meta: an empty shell of the right shapes)."""
+        weight = linear.weight
+        out = cls(linear.in_features, linear.out_features, bits=bits, group_size=group_size,
+                  bias=linear.bias is not None, device=weight.device, dtype=weight.dtype)
+        if not weight.is_meta:
+            out.set_float(weight)
+            if linear.bias is not None:
+                out.bias = nn.Parameter(linear.bias.detach().clone())
+        return out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.matmul(x)  # [..., N]
+        return out if self.bias is None else out + self.bias.to(out.dtype)

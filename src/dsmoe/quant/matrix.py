@@ -1,0 +1,144 @@
+"""QuantMatrix: a (stack of) weight matrix [..., N, K] held as int8 or int4, plus matmul.
+
+One class serves a single linear layer ([N, K]) and stacked experts ([E, N, K]): the stack
+is sliced per expert and each slice is a plain 2-D kernel call. It owns its buffers, and
+three conversions:
+  set_float(W)              quantise a float weight (replacing the buffers, e.g. on meta)
+  quantized_state()         canonical tensors for a checkpoint (layout-free; see kernels)
+  load_quantized_state(sd)  the inverse: canonical tensors -> kernel layout
+
+Buffers (persistent, so ``.to()`` moves them):
+  int8  qweight int8 [..., N, K], scale bf16 [..., N]
+  int4  qweight uint8 [..., N, K/2] in torch's packed CPU layout, scale_zero bf16 [..., G, N, 2]
+
+Shapes: N out features, K in features, G groups per row, M rows.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from dsmoe.quant import kernels
+
+BITS = (4, 8)
+
+
+class QuantMatrix(nn.Module):
+    def __init__(self, out_features: int, in_features: int, *, bits: int,
+                 group_size: int = 128, stack: tuple[int, ...] = (),
+                 device: torch.device | str | None = None) -> None:
+        super().__init__()
+        if bits not in BITS:
+            raise ValueError(f"bits must be one of {BITS}, got {bits!r}")
+        self.out_features, self.in_features, self.stack = out_features, in_features, stack
+        if bits == 4:
+            group = kernels.int4_group_size(in_features, out_features, group_size)
+            if group is None:  # the int4 kernel cannot take this shape: keep it in int8
+                bits = 8
+            else:
+                group_size = group
+        self.bits, self.group_size = bits, group_size if bits == 4 else None
+        N, K = out_features, in_features
+        if bits == 8:
+            self.register_buffer("qweight", torch.empty(*stack, N, K, dtype=torch.int8,
+                                                        device=device))
+            self.register_buffer("scale", torch.empty(*stack, N, dtype=torch.bfloat16,
+                                                      device=device))
+        else:
+            G = K // group_size
+            self.register_buffer("qweight", torch.empty(*stack, N, K // 2, dtype=torch.uint8,
+                                                        device=device))
+            self.register_buffer("scale_zero", torch.empty(*stack, G, N, 2,
+                                                           dtype=torch.bfloat16, device=device))
+
+    # --- matmul -------------------------------------------------------------------------
+    def matmul(self, x: torch.Tensor, index: int | None = None) -> torch.Tensor:
+        """x [..., K] @ W.T -> [..., N]; ``index`` picks one matrix of a stack."""
+        q = self.qweight if index is None else self.qweight[index]
+        if self.bits == 8:
+            scale = self.scale if index is None else self.scale[index]
+            return kernels.int8_linear(x, q, scale)
+        sz = self.scale_zero if index is None else self.scale_zero[index]
+        return kernels.int4_linear(x, q, sz, self.group_size, self.out_features)
+
+    # --- conversions ----------------------------------------------------------------------
+    @torch.no_grad()
+    def set_float(self, weight: torch.Tensor) -> None:
+        """Quantise ``weight [..., N, K]`` into this matrix's format and device."""
+        expected = (*self.stack, self.out_features, self.in_features)
+        if tuple(weight.shape) != expected:
+            raise ValueError(f"weight has shape {list(weight.shape)}, expected {list(expected)}")
+        device = self.qweight.device if not self.qweight.is_meta else weight.device
+        # One matrix at a time: a stack of experts never has all its float temporaries alive.
+        flat = weight.reshape(-1, self.out_features, self.in_features)
+        if self.bits == 8:
+            parts = [kernels.quantize_int8(w) for w in flat]
+            names = ("qweight", "scale")
+        else:
+            parts = [kernels.quantize_int4(w, self.group_size) for w in flat]
+            names = ("qweight", "scale", "zero")
+        state = {name: torch.stack([p[i] for p in parts]).reshape(
+            *self.stack, *parts[0][i].shape) for i, name in enumerate(names)}
+        self.load_quantized_state(state, device=device)
+
+    def canonical_shapes(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """Name -> (shape, dtype) of the tensors ``quantized_state`` returns."""
+        N, K, lead = self.out_features, self.in_features, self.stack
+        if self.bits == 8:
+            return {"qweight": ((*lead, N, K), torch.int8),
+                    "scale": ((*lead, N), torch.bfloat16)}
+        G = K // self.group_size
+        return {"qweight": ((*lead, N, K // 2), torch.uint8),
+                "scale": ((*lead, N, G), torch.bfloat16),
+                "zero": ((*lead, N, G), torch.bfloat16)}
+
+    def quantized_state(self) -> dict[str, torch.Tensor]:
+        """Canonical tensors: int8 {qweight, scale}; int4 {qweight (nibbles), scale, zero}."""
+        if self.bits == 8:
+            return {"qweight": self.qweight, "scale": self.scale}
+        N, K = self.out_features, self.in_features
+        flat_q = self.qweight.reshape(-1, *self.qweight.shape[-2:])
+        q = torch.stack([kernels.kernel_unpack_int4(p, N, K) for p in flat_q])
+        sz = self.scale_zero.transpose(-3, -2)  # [..., N, G, 2]
+        return {"qweight": q.reshape(*self.stack, N, K // 2),
+                "scale": sz[..., 0].contiguous(), "zero": sz[..., 1].contiguous()}
+
+    @torch.no_grad()
+    def load_quantized_state(self, state: dict[str, torch.Tensor], *,
+                             device: torch.device | str | None = None) -> None:
+        """Take canonical tensors (``quantized_state``'s form), checking their shapes."""
+        device = device if device is not None else self.qweight.device
+        N, K, lead = self.out_features, self.in_features, self.stack
+        _check_shapes(state, {k: shape for k, (shape, _) in self.canonical_shapes().items()})
+        if self.bits == 8:  # aligned: safetensors' memory maps are only 8-byte aligned
+            self.qweight = kernels.aligned(state["qweight"].to(device=device, dtype=torch.int8))
+            self.scale = kernels.aligned(state["scale"].to(device=device, dtype=torch.bfloat16))
+            return
+        q = state["qweight"].reshape(-1, N, K // 2)
+        packed = torch.stack([kernels.kernel_pack_int4(p.to("cpu")) for p in q])
+        self.qweight = packed.reshape(*lead, *packed.shape[1:]).to(device)
+        self.scale_zero = kernels.scales_and_zeros(state["scale"], state["zero"]).to(device)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The float weight [..., N, K] this matrix represents (for tests and debugging)."""
+        state = self.quantized_state()
+        if self.bits == 8:
+            return kernels.dequantize_int8(state["qweight"], state["scale"], dtype)
+        return kernels.dequantize_int4(state["qweight"], state["scale"], state["zero"], dtype)
+
+    def extra_repr(self) -> str:
+        group = f", group_size={self.group_size}" if self.bits == 4 else ""
+        stack = f", stack={list(self.stack)}" if self.stack else ""
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bits={self.bits}{group}{stack}")
+
+
+def _check_shapes(state: dict[str, torch.Tensor], shapes: dict[str, tuple[int, ...]]) -> None:
+    missing = [k for k in shapes if k not in state]
+    if missing:
+        raise ValueError(f"quantized tensors missing: {', '.join(missing)}")
+    wrong = [f"{k} (expected {list(v)}, got {list(state[k].shape)})"
+             for k, v in shapes.items() if tuple(state[k].shape) != v]
+    if wrong:
+        raise ValueError("quantized tensors have the wrong shape: " + "; ".join(wrong))
