@@ -24,7 +24,8 @@ torch.set_num_threads(1)
 
 # derandomize: the same examples on every run, so CI never flakes on a lucky draw.
 settings.register_profile(
-    "dsmoe", deadline=None, derandomize=True, max_examples=15, print_blob=True,
+    "dsmoe", deadline=None, derandomize=True, database=None, max_examples=15,
+    print_blob=True,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 settings.load_profile("dsmoe")

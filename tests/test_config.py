@@ -108,7 +108,8 @@ def test_deepseek_v3_transformers_dict(norm: bool) -> None:
     transformers = pytest.importorskip("transformers")
     hf = transformers.DeepseekV3Config(
         hidden_size=64, num_attention_heads=4, num_key_value_heads=4, n_routed_experts=32,
-        num_experts_per_tok=4, n_group=8, topk_group=3, routed_scaling_factor=2.5, norm_topk_prob=norm,
+        num_experts_per_tok=4, n_group=8, topk_group=3, routed_scaling_factor=2.5,
+        norm_topk_prob=norm,
     ).to_dict()
     assert "topk_method" not in hf and "scoring_func" not in hf  # V3 implies them
     with warnings.catch_warnings():

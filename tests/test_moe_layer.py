@@ -122,7 +122,8 @@ def test_bias_and_load_counts_stay_fp32_exact_under_bf16() -> None:
     layer = MoELayer(_v3_config(n_routed_experts=4, num_experts_per_tok=2, n_group=2,
                                 topk_group=1))
     with torch.no_grad():
-        layer.gate.e_score_correction_bias.copy_(torch.tensor([1e-3, 2e-4, -3e-3, 1e-4]))  # not bf16 values
+        # none of these is a bf16 value, so a cast to bf16 would show
+        layer.gate.e_score_correction_bias.copy_(torch.tensor([1e-3, 2e-4, -3e-3, 1e-4]))
     bias = layer.gate.e_score_correction_bias.clone()
     layer.to(torch.bfloat16).train()
     assert layer.gate.weight.dtype == torch.bfloat16
@@ -133,7 +134,7 @@ def test_bias_and_load_counts_stay_fp32_exact_under_bf16() -> None:
         for step in range(16):
             total += layer(torch.randn(64, 32, dtype=torch.bfloat16)).expert_counts
             assert torch.equal(layer.load_counts.double(), total.double()), \
-                f"step {step}: load counts rounded: {layer.load_counts.tolist()} vs {total.tolist()}"
+                f"step {step}: counts rounded: {layer.load_counts.tolist()} vs {total.tolist()}"
     assert int(total.max()) > 300, "setup: counts beyond bf16's exact integers"
     error = layer.update_bias()
     assert error.dtype == torch.float32
