@@ -422,3 +422,28 @@ def test_llama_cpp_logits_match_dsmoe(tmp_path: Path, tokenizer, quant: str, ato
     theirs = torch.tensor(np.array(llm.scores[: len(ids)]), dtype=torch.float32)
     ours = load_gguf(path)(torch.tensor([ids])).logits[0]
     assert_close(theirs, ours, atol=atol, rtol=0, what=f"llama.cpp vs dsmoe logits ({quant})")
+
+
+# --- the export command ---------------------------------------------------------------------
+def test_export_command_round_trips_hf_gguf_hf(tmp_path: Path, tokenizer, capsys) -> None:
+    from dsmoe.cli import main
+
+    model = make_model()
+    model.save_pretrained(tmp_path / "hf")
+    tokenizer.save(tmp_path / "hf")
+    out = tmp_path / "m.gguf"
+    assert main(["export", str(tmp_path / "hf"), "--format", "gguf", "--out", str(out),
+                 "--quant", "f32"]) == 0
+    ids = torch.randint(0, 320, (2, 8))
+    assert torch.equal(load_gguf(out)(ids).logits, model(ids).logits)
+    assert load_tokenizer(out).encode(SAMPLES[1]) == tokenizer.encode(SAMPLES[1])
+    assert main(["export", str(out), "--format", "hf", "--out", str(tmp_path / "back")]) == 0
+    back = Transformer.from_pretrained(tmp_path / "back")
+    assert torch.equal(back(ids).logits, model(ids).logits)
+    assert Tokenizer.from_file(tmp_path / "back").encode(SAMPLES[2]) == \
+        tokenizer.encode(SAMPLES[2])
+    capsys.readouterr()
+    assert main(["export", str(tmp_path / "hf"), "--format", "gguf", "--out",
+                 str(tmp_path / "x.bin")]) == 2
+    assert capsys.readouterr().err.strip() == \
+        f"error: --out {tmp_path / 'x.bin'}: a GGUF file name must end in .gguf"

@@ -291,3 +291,25 @@ def test_quantize_while_loading_equals_quantizing_after(tmp_path: Path, trained:
     ids = torch.randint(0, V, (2, 10))
     with torch.no_grad():
         assert torch.equal(streamed(ids).logits, after(ids).logits)
+
+
+def test_quantize_command(tmp_path: Path, trained: Transformer, capsys) -> None:
+    from dsmoe.cli import main
+    from dsmoe.tokenizer import Tokenizer
+
+    trained.save_pretrained(tmp_path / "hf")
+    Tokenizer.train_bpe(["some text to train on\n"] * 5, vocab_size=270).save(tmp_path / "hf")
+    assert main(["quantize", str(tmp_path / "hf"), "--bits", "4", "--group-size", "32",
+                 "--out", str(tmp_path / "q4"), "--dtype", "float32"]) == 0
+    assert "int4" in capsys.readouterr().out
+    assert (tmp_path / "q4" / "tokenizer.json").is_file()
+    loaded = load_quantized(tmp_path / "q4")
+    expected = quantize_model(copy.deepcopy(trained), 4, 32)
+    ids = torch.randint(0, V, (2, 10))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, expected(ids).logits)
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "x").write_text("x")
+    assert main(["quantize", str(tmp_path / "hf"), "--bits", "8", "--out",
+                 str(tmp_path / "busy")]) == 2
+    assert "not empty and is not a dsmoe quantized checkpoint" in capsys.readouterr().err

@@ -19,6 +19,8 @@ COMMANDS: dict[str, str] = {
     "analyze": "dsmoe.commands.analyze",
     "info": "dsmoe.commands.info",
     "plan": "dsmoe.commands.plan",
+    "export": "dsmoe.commands.export",
+    "quantize": "dsmoe.commands.quantize",
 }
 
 

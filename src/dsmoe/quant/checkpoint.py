@@ -29,7 +29,7 @@ import tempfile
 import warnings
 from collections import defaultdict
 from pathlib import Path
-from typing import Iterator, Mapping
+from typing import Callable, Iterator, Mapping
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -243,14 +243,15 @@ def load_quantized(directory: str | os.PathLike, *, dtype: torch.dtype | str | N
 
 
 def load_model(path: str | os.PathLike, *, dtype: torch.dtype | str | None = torch.float32,
-               device: torch.device | str = "cpu", quant: str | int | QuantConfig | None = None
-               ) -> nn.Module:
+               device: torch.device | str = "cpu", quant: str | int | QuantConfig | None = None,
+               progress: Callable[[int, int], None] | None = None) -> nn.Module:
     """Load any model path dsmoe knows, optionally quantizing while loading.
 
     - a quantized checkpoint directory: loaded as is (``quant`` must be None or match)
     - ``quant`` None: ``Transformer.from_pretrained`` (HF directory or .gguf)
     - ``quant`` "int8"/"int4" (or 8/4, or a QuantConfig): an HF directory or GGUF is read
       one layer at a time and quantized on the fly; the float weights never coexist.
+    ``progress(done, total)`` is called after each layer when quantizing while loading.
     """
     qc = _quant_config(quant)
     path = Path(path)
@@ -275,19 +276,25 @@ def load_model(path: str | os.PathLike, *, dtype: torch.dtype | str | None = tor
     with torch.device("meta"):
         model = Transformer(config)
     quantize_model(model, qc.bits, qc.group_size, lm_head_bits=qc.lm_head_bits)
-    for group in groups:
+    total = config.num_hidden_layers + 1  # the layers plus embedding / norm / lm_head
+    for done, group in enumerate(groups, start=1):
         load_float_tensors(model, group, dtype=target, device=device)
+        del group
+        if progress is not None:
+            progress(done, total)
     return materialize(model, device)
 
 
 def quantize_checkpoint(source: str | os.PathLike, out: str | os.PathLike, *,
                         bits: int = 8, group_size: int = 128, lm_head_bits: int = 8,
                         dtype: torch.dtype | str = torch.bfloat16,
-                        tokenizer_dir: str | os.PathLike | None = None) -> nn.Module:
+                        tokenizer_dir: str | os.PathLike | None = None,
+                        progress: Callable[[int, int], None] | None = None) -> nn.Module:
     """Quantize a float checkpoint (HF directory or GGUF) into a quantized checkpoint
     directory, layer by layer; returns the quantized model."""
     qc = QuantConfig(bits=bits, group_size=group_size, lm_head_bits=lm_head_bits)
-    model = load_model(source, dtype=dtype, quant=qc)
+    _check_target(Path(out))  # fail before the (long) quantization, not after
+    model = load_model(source, dtype=dtype, quant=qc, progress=progress)
     save_quantized(model, out, tokenizer_dir=tokenizer_dir)
     return model
 

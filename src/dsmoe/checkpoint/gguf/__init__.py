@@ -16,7 +16,8 @@ from dsmoe.checkpoint.gguf.loader import load_gguf, load_gguf_model, load_tokeni
 from dsmoe.checkpoint.gguf.metadata import llama_cpp_problems
 from dsmoe.checkpoint.gguf.reader import GGUFFile, read_gguf
 from dsmoe.checkpoint.gguf.vocab import TokenizerData
-from dsmoe.checkpoint.gguf.writer import QUANT_TYPES, write_gguf, write_model_gguf
+from dsmoe.checkpoint.gguf.writer import (QUANT_TYPES, HFDirectoryState, write_gguf,
+                                         write_model_gguf)
 
-__all__ = ["GGUFFile", "QUANT_TYPES", "TokenizerData", "llama_cpp_problems", "load_gguf",
+__all__ = ["GGUFFile", "HFDirectoryState", "QUANT_TYPES", "TokenizerData", "llama_cpp_problems", "load_gguf",
            "load_gguf_model", "load_tokenizer", "read_gguf", "write_gguf", "write_model_gguf"]

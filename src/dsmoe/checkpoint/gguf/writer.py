@@ -20,7 +20,7 @@ import re
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Iterator, Mapping
+from typing import Callable, Iterator, Mapping
 
 import gguf
 import numpy as np
@@ -74,9 +74,11 @@ def encode(tensor: torch.Tensor, qtype: gguf.GGMLQuantizationType) -> np.ndarray
 def write_gguf(path: str | os.PathLike, config: ModelConfig,
                hf_state_dict: Mapping[str, torch.Tensor],
                tokenizer: Tokenizer | TokenizerData | None = None, *, quant: str = "f16",
-               name: str = "dsmoe") -> None:
+               name: str = "dsmoe", progress: Callable[[int, int], None] | None = None) -> None:
     """Write ``hf_state_dict`` (HF DeepSeek names, per-expert tensors) as a llama.cpp
-    "deepseek" GGUF with tensors of type ``quant`` (f32, f16, bf16, q8_0, q4_0)."""
+    "deepseek" GGUF with tensors of type ``quant`` (f32, f16, bf16, q8_0, q4_0).
+    ``hf_state_dict`` may be lazy (``HFDirectoryState``): each tensor is read when written.
+    ``progress(done, total)`` is called after each GGUF tensor."""
     if quant not in QUANT_TYPES:
         raise ValueError(f"unknown GGUF quant type {quant!r}; choose one of "
                          f"{', '.join(QUANT_TYPES)}")
@@ -107,8 +109,10 @@ def write_gguf(path: str | os.PathLike, config: ModelConfig,
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
-        for spec, qtype in zip(specs, types):
+        for done, (spec, qtype) in enumerate(zip(specs, types), start=1):
             writer.write_tensor_data(encode(_gguf_tensor(spec, hf_state_dict), qtype))
+            if progress is not None:
+                progress(done, len(specs))
         writer.close()
         os.replace(tmp, path)
     except BaseException:
@@ -119,11 +123,37 @@ def write_gguf(path: str | os.PathLike, config: ModelConfig,
 
 def write_model_gguf(model: nn.Module, path: str | os.PathLike,
                      tokenizer: Tokenizer | TokenizerData | None = None, *,
-                     quant: str = "f16", name: str = "dsmoe") -> None:
+                     quant: str = "f16", name: str = "dsmoe",
+                     progress: Callable[[int, int], None] | None = None) -> None:
     """``write_gguf`` for a dsmoe ``Transformer``: its stacked experts are read as views,
     never split into per-expert copies."""
     write_gguf(path, model.config, ModelAsHF(model.state_dict()), tokenizer, quant=quant,
-               name=name)
+               name=name, progress=progress)
+
+
+class HFDirectoryState(Mapping[str, torch.Tensor]):
+    """The tensors of an HF safetensors directory, read one at a time on access, so a GGUF
+    can be written from a checkpoint larger than memory."""
+
+    def __init__(self, directory: str | os.PathLike) -> None:
+        from dsmoe.checkpoint.hf import weight_files
+
+        self._files = weight_files(directory)
+        self._handles: dict[Path, object] = {}
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        file = self._files[name]
+        if file not in self._handles:
+            self._handles[file] = safe_open(file, framework="pt")
+        return self._handles[file].get_tensor(name)  # type: ignore[attr-defined]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._files)
+
+    def __len__(self) -> int:
+        return len(self._files)
 
 
 class ModelAsHF(Mapping[str, torch.Tensor]):
