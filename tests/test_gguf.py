@@ -405,23 +405,27 @@ def test_write_errors(tmp_path: Path) -> None:
 # --- llama.cpp itself -------------------------------------------------------------------------
 @pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None,
                     reason="llama-cpp-python is not installed")
-@pytest.mark.parametrize("quant, atol", [("f32", 2e-3), ("q8_0", 5e-2)])
+@pytest.mark.parametrize("quant, atol", [("f32", 3e-3), ("q8_0", 8e-2)])
 def test_llama_cpp_logits_match_dsmoe(tmp_path: Path, tokenizer, quant: str, atol: float) -> None:
-    """llama.cpp runs the exported file; its last-position logits equal dsmoe's on the same
-    GGUF (f32: float reassociation only; q8_0: llama.cpp also quantises activations to 8 bits
-    in its Q8_0 matmuls)."""
+    """llama.cpp runs the exported file and tokenizes like dsmoe; its logits at every position
+    equal dsmoe's on the same GGUF (logits span about +-3). Measured max |diff|: f32 1.0e-3
+    (llama.cpp keeps its KV cache in f16), q8_0 4.4e-2 (llama.cpp's Q8_0 matmuls also
+    quantize the activations to 8 bits)."""
     import llama_cpp
 
     model = make_model(gguf_config(vocab_size=384), std=0.1)
     path = tmp_path / f"m-{quant}.gguf"
     write_model_gguf(model, path, tokenizer, quant=quant)
-    ids = tokenizer.encode("def add(a, b):\n    return")
     llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, logits_all=True, verbose=False,
                           n_threads=1)
+    for text in SAMPLES[:4]:
+        assert llm.tokenize(text.encode(), add_bos=True) == tokenizer.encode(text), text
+    ids = tokenizer.encode("def add(a, b):\n    return")
     llm.eval(ids)
     theirs = torch.tensor(np.array(llm.scores[: len(ids)]), dtype=torch.float32)
     ours = load_gguf(path)(torch.tensor([ids])).logits[0]
     assert_close(theirs, ours, atol=atol, rtol=0, what=f"llama.cpp vs dsmoe logits ({quant})")
+    assert torch.equal(theirs.argmax(-1), ours.argmax(-1))
 
 
 # --- the export command ---------------------------------------------------------------------

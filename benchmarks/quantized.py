@@ -1,0 +1,383 @@
+"""Quantized CPU inference: kernel choice, then load time, peak memory, prefill and decode
+speed of fp32 / bf16 / int8 / int4 models (and llama.cpp on the same weights, if present).
+
+Sections (each prints a markdown table):
+  kernels  one matmul with a deepseek-moe-16b expert's weights ([2816, 2048] gate_up and
+           [2048, 1408] down) at several row counts M: dense fp32 and bf16 GEMMs, torch's
+           int8 kernel (``_weight_int8pack_mm``), int8 converted to bf16 then a GEMM, and
+           torch's int4 kernel (``_weight_int4pack_mm_for_cpu``, groups of 32 and 128).
+           Decoding sends 1 row through attention and each picked expert; prefill of P
+           tokens sends P rows through attention and ~P*K/E rows through each expert.
+  model    a random model of --preset (default deepseek-moe-2b, ~2.0B parameters) saved
+           once in bf16 with a tokenizer; int8 and int4 checkpoints are made from it by
+           ``dsmoe.quant.quantize_checkpoint`` (layer by layer). Each format then runs in a
+           fresh subprocess: load time, peak RSS (VmHWM), prefill tokens/s (batch 1,
+           --prompt tokens, one forward) and decode tokens/s (batch 1, KV cache, --decode
+           greedy steps after the prompt).
+  llama    with llama-cpp-python importable: the bf16 checkpoint exported to GGUF Q8_0 (and
+           Q4_0) by ``dsmoe export``'s code path and timed the same way in llama.cpp.
+  16b      with --big: a random deepseek-moe-16b-shaped int8 checkpoint written directly to
+           disk in quantized form (its fp32 form, 65 GB, never exists), loaded and decoded
+           like the others, then deleted.
+
+Timings on a shared machine vary: the load average is printed with every table.
+
+    python benchmarks/quantized.py [--preset deepseek-moe-2b] [--formats fp32 bf16 int8 int4]
+        [--prompt 128] [--decode 32] [--threads N] [--big] [--skip-model] [--json FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+GIB = 2**30
+
+
+def _status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _load_average() -> str:
+    return ", ".join(f"{x:.1f}" for x in os.getloadavg())
+
+
+def _best(fn, repeat: int) -> float:
+    """Fastest of ``repeat`` runs, in seconds (the least disturbed by other processes)."""
+    fn()
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+# --- kernels -------------------------------------------------------------------------------
+def bench_kernels(rows: list[int], repeat: int) -> list[dict]:
+    import torch
+    import torch.nn.functional as F
+
+    from dsmoe.quant import kernels
+
+    results = []
+    for name, (N, K) in (("expert gate_up", (2816, 2048)), ("expert down", (2048, 1408))):
+        w = torch.randn(N, K) * 0.02
+        wb = w.bfloat16()
+        q8, s8 = kernels.quantize_int8(w)
+        int4 = {}
+        for g in (32, 128):
+            q4, sc, zr = kernels.quantize_int4(w, g)
+            int4[g] = (kernels.kernel_pack_int4(q4), kernels.scales_and_zeros(sc, zr))
+        for m in rows:
+            x = torch.randn(m, K)
+            xb = x.bfloat16()
+            row = {"matrix": name, "rows": m}
+            row["fp32 GEMM"] = _best(lambda: F.linear(x, w), repeat)
+            row["bf16 GEMM"] = _best(lambda: F.linear(xb, wb), repeat)
+            row["int8 kernel"] = _best(lambda: torch._weight_int8pack_mm(xb, q8, s8), repeat)
+            row["int8->bf16 GEMM"] = _best(
+                lambda: F.linear(xb, q8.to(torch.bfloat16)) * s8, repeat)
+            for g, (packed, sz) in int4.items():
+                row[f"int4 g{g} kernel"] = _best(
+                    lambda: torch._weight_int4pack_mm_for_cpu(xb, packed, g, sz), repeat)
+            results.append(row)
+    return results
+
+
+def print_kernels(results: list[dict]) -> None:
+    columns = [k for k in results[0] if k not in ("matrix", "rows")]
+    print(f"\n### Kernels: ms per matmul (best of runs; load average {_load_average()})\n")
+    print("| matrix | rows | " + " | ".join(columns) + " |")
+    print("|---|---:|" + "---:|" * len(columns))
+    for r in results:
+        base = r["bf16 GEMM"]
+        cells = [f"{r[c] * 1e3:.2f} ({base / r[c]:.1f}x)" for c in columns]
+        print(f"| {r['matrix']} | {r['rows']} | " + " | ".join(cells) + " |")
+    print("\n(x = speed relative to the bf16 GEMM on the same rows)")
+
+
+# --- model setup -----------------------------------------------------------------------------
+def _tokenizer(vocab_size: int):
+    from dsmoe.tokenizer import Tokenizer
+
+    text = [Path(__file__).read_text()] * 2
+    return Tokenizer.train_bpe(text, vocab_size=min(vocab_size, 1000))
+
+
+def make_checkpoints(preset: str, root: Path, formats: list[str], llama: bool) -> dict:
+    """bf16 HF checkpoint (+ tokenizer), the quantized ones, and GGUFs for llama.cpp."""
+    import torch
+
+    from dsmoe import ModelConfig
+    from dsmoe.model import Transformer
+    from dsmoe.quant import quantize_checkpoint
+
+    info: dict = {}
+    config = ModelConfig.preset(preset).replace(torch_dtype="bfloat16", bos_token_id=None,
+                                                eos_token_id=None)
+    with torch.device("meta"):
+        model = Transformer(config).to(torch.bfloat16)
+    model.to_empty(device="cpu")
+    torch.manual_seed(0)
+    model.init_weights()
+    info["parameters"] = model.num_parameters()
+    info["active_parameters"] = model.num_parameters(active=True)
+    hf_dir = root / "bf16"
+    model.save_pretrained(hf_dir)
+    del model
+    tok = _tokenizer(config.vocab_size)
+    tok.save(hf_dir)
+    for fmt, bits in (("int8", 8), ("int4", 4)):
+        if fmt in formats:
+            start = time.perf_counter()
+            quantize_checkpoint(hf_dir, root / fmt, bits=bits, group_size=128,
+                                dtype=torch.bfloat16, tokenizer_dir=hf_dir)
+            info[f"quantize_{fmt}_s"] = time.perf_counter() - start
+    if llama:
+        from dsmoe.checkpoint import gguf, hf
+        from dsmoe.tokenizer import Tokenizer
+
+        for quant in ("q8_0", "q4_0"):
+            start = time.perf_counter()
+            gguf.write_gguf(root / f"{quant}.gguf", hf.read_config(hf_dir),
+                            gguf.HFDirectoryState(hf_dir), Tokenizer.from_file(hf_dir),
+                            quant=quant)
+            info[f"export_{quant}_s"] = time.perf_counter() - start
+    return info
+
+
+# --- workers (fresh subprocesses) -------------------------------------------------------------
+def worker_dsmoe(path: str, fmt: str, prompt: int, decode: int, threads: int) -> dict:
+    import torch
+
+    torch.set_num_threads(threads)
+    from dsmoe.model import Transformer
+    from dsmoe.quant import load_quantized
+
+    baseline = _status_kib("VmRSS") * 1024
+    start = time.perf_counter()
+    if fmt in ("int8", "int4"):
+        model = load_quantized(path)
+    else:
+        model = Transformer.from_pretrained(path, dtype=torch.float32 if fmt == "fp32"
+                                            else torch.bfloat16)
+    load_s = time.perf_counter() - start
+    load_peak = _status_kib("VmHWM") * 1024
+    return {**_time_dsmoe(model, prompt, decode), "load_s": load_s,
+            "load_peak_gib": (load_peak - baseline) / GIB,
+            "peak_gib": _status_kib("VmHWM") * 1024 / GIB, "baseline_gib": baseline / GIB}
+
+
+def _time_dsmoe(model, prompt: int, decode: int) -> dict:
+    import torch
+
+    V = model.config.vocab_size
+    ids = torch.randint(0, V, (1, prompt), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        model(ids[:, :8])  # warm-up
+        start = time.perf_counter()
+        model(ids, logits_to_keep=1)
+        prefill_s = time.perf_counter() - start
+        cache = model.new_cache(1, prompt + decode + 1)
+        token = model(ids, cache=cache, logits_to_keep=1).logits[:, -1].argmax(-1, keepdim=True)
+        start = time.perf_counter()
+        for _ in range(decode):
+            logits = model(token, cache=cache, logits_to_keep=1).logits
+            token = logits[:, -1].argmax(-1, keepdim=True)
+        decode_s = time.perf_counter() - start
+    return {"prefill_tok_s": prompt / prefill_s, "decode_tok_s": decode / decode_s}
+
+
+def worker_llama(path: str, prompt: int, decode: int, threads: int) -> dict:
+    import llama_cpp
+    import numpy as np
+
+    baseline = _status_kib("VmRSS") * 1024
+    start = time.perf_counter()
+    llm = llama_cpp.Llama(model_path=path, n_ctx=prompt + decode + 16, n_batch=prompt,
+                          n_threads=threads, n_threads_batch=threads, verbose=False)
+    load_s = time.perf_counter() - start
+    load_peak = _status_kib("VmHWM") * 1024
+    vocab = llm.n_vocab()
+    ids = np.random.default_rng(0).integers(0, vocab, prompt).tolist()
+    llm.eval(ids[:8])  # warm-up
+    llm.reset()
+    start = time.perf_counter()
+    llm.eval(ids)
+    prefill_s = time.perf_counter() - start
+    token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+    start = time.perf_counter()
+    for _ in range(decode):
+        llm.eval([token])
+        token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+    decode_s = time.perf_counter() - start
+    return {"prefill_tok_s": prompt / prefill_s, "decode_tok_s": decode / decode_s,
+            "load_s": load_s, "load_peak_gib": (load_peak - baseline) / GIB,
+            "peak_gib": _status_kib("VmHWM") * 1024 / GIB, "baseline_gib": baseline / GIB}
+
+
+def _run_worker(args: list[str]) -> dict:
+    out = subprocess.run([sys.executable, __file__, "--worker", *args], capture_output=True,
+                         text=True)
+    if out.returncode != 0:
+        return {"error": (out.stderr.strip().splitlines() or ["?"])[-1]}
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def print_runs(title: str, runs: dict[str, dict], weights_gib: dict[str, float]) -> None:
+    print(f"\n### {title} (load average {_load_average()})\n")
+    print("| format | weights GiB | load s | peak RSS GiB | prefill tok/s | decode tok/s |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for fmt, r in runs.items():
+        if "error" in r:
+            print(f"| {fmt} | | error: {r['error']} | | | |")
+            continue
+        print(f"| {fmt} | {weights_gib.get(fmt, float('nan')):.2f} | {r['load_s']:.1f} | "
+              f"{r['peak_gib']:.2f} | {r['prefill_tok_s']:.1f} | {r['decode_tok_s']:.2f} |")
+
+
+def _dir_gib(path: Path) -> float:
+    files = [path] if path.is_file() else list(path.glob("*.safetensors"))
+    return sum(f.stat().st_size for f in files) / GIB
+
+
+# --- the 16B shape ---------------------------------------------------------------------------
+def write_random_quantized(preset: str, directory: Path, bits: int = 8) -> float:
+    """A random quantized checkpoint of ``preset`` written tensor by tensor (never in float):
+    int weights uniform, scales so weights have std ~0.02, float parts as DeepSeek inits."""
+    import torch
+
+    from dsmoe import ModelConfig
+    from dsmoe.model import Transformer
+    from dsmoe.quant import (QuantConfig, QuantizedCheckpointWriter, checkpoint_layout,
+                             quantize_model)
+
+    config = ModelConfig.preset(preset)
+    with torch.device("meta"):
+        model = Transformer(config)
+    quantize_model(model, bits)
+    layout = checkpoint_layout(model, dtype=torch.bfloat16)
+    gen = torch.Generator().manual_seed(0)
+    start = time.perf_counter()
+    with QuantizedCheckpointWriter(directory, config, QuantConfig(bits=bits),
+                                   float_dtype=torch.bfloat16) as writer:
+        for name, (shape, dtype) in layout.items():
+            if dtype == torch.int8:
+                value = torch.randint(-127, 128, shape, dtype=torch.int8, generator=gen)
+            elif dtype == torch.uint8:
+                value = torch.randint(0, 256, shape, dtype=torch.uint8, generator=gen)
+            elif name.endswith(".scale"):
+                value = torch.full(shape, 0.02 * 3**0.5 / 127, dtype=dtype)
+            elif name.endswith(".zero"):
+                value = torch.zeros(shape, dtype=dtype)
+            elif "norm" in name:
+                value = torch.ones(shape, dtype=dtype)
+            else:
+                value = (torch.randn(shape, generator=gen) * 0.02).to(dtype)
+            writer.add(name, value)
+            del value
+    return time.perf_counter() - start
+
+
+# --- main --------------------------------------------------------------------------------------
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="deepseek-moe-2b")
+    parser.add_argument("--formats", nargs="+", default=["fp32", "bf16", "int8", "int4"])
+    parser.add_argument("--prompt", type=int, default=128)
+    parser.add_argument("--decode", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--kernel-rows", type=int, nargs="+", default=[1, 4, 16, 32, 64, 256])
+    parser.add_argument("--repeat", type=int, default=10)
+    parser.add_argument("--big", action="store_true", help="also the 16B-shaped int8 run")
+    parser.add_argument("--big-prompt", type=int, default=32)
+    parser.add_argument("--big-decode", type=int, default=8)
+    parser.add_argument("--skip-kernels", action="store_true")
+    parser.add_argument("--skip-model", action="store_true")
+    parser.add_argument("--no-llama", action="store_true", help="skip llama.cpp even if present")
+    parser.add_argument("--workdir", default=None, help="where checkpoints go (default: /tmp)")
+    parser.add_argument("--json", default=None, help="also write all results here")
+    parser.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.worker:
+        kind, path, fmt, prompt, decode, threads = args.worker
+        if kind == "llama":
+            result = worker_llama(path, int(prompt), int(decode), int(threads))
+        else:
+            result = worker_dsmoe(path, fmt, int(prompt), int(decode), int(threads))
+        print(json.dumps(result))
+        return
+
+    import importlib.util
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    results: dict = {"threads": args.threads, "torch": torch.__version__}
+    print(f"threads {args.threads}, torch {torch.__version__}, "
+          f"cpu capability {torch.backends.cpu.get_cpu_capability()}")
+    if not args.skip_kernels:
+        results["kernels"] = bench_kernels(args.kernel_rows, args.repeat)
+        print_kernels(results["kernels"])
+
+    llama = importlib.util.find_spec("llama_cpp") is not None and not args.no_llama
+    root = Path(tempfile.mkdtemp(prefix="dsmoe-quant-bench-", dir=args.workdir))
+    try:
+        if not args.skip_model:
+            info = make_checkpoints(args.preset, root, args.formats, llama)
+            results["setup"] = info
+            print(f"\n{args.preset}: {info['parameters'] / 1e9:.2f}B parameters "
+                  f"({info['active_parameters'] / 1e9:.2f}B active); setup {json.dumps(info)}")
+            runs, sizes = {}, {}
+            for fmt in args.formats:
+                path = root / ("bf16" if fmt in ("fp32", "bf16") else fmt)
+                sizes[fmt] = _dir_gib(path) * (2 if fmt == "fp32" else 1)
+                runs[fmt] = _run_worker(["dsmoe", str(path), fmt, str(args.prompt),
+                                         str(args.decode), str(args.threads)])
+            if llama:
+                for quant in ("q8_0", "q4_0"):
+                    path = root / f"{quant}.gguf"
+                    sizes[f"llama.cpp {quant}"] = _dir_gib(path)
+                    runs[f"llama.cpp {quant}"] = _run_worker(
+                        ["llama", str(path), quant, str(args.prompt), str(args.decode),
+                         str(args.threads)])
+            results["model"] = {"runs": runs, "weights_gib": sizes}
+            print_runs(f"{args.preset}, prompt {args.prompt}, decode {args.decode}, batch 1",
+                       runs, sizes)
+            if llama and "int8" in runs and "decode_tok_s" in runs.get("llama.cpp q8_0", {}):
+                ratio = runs["int8"]["decode_tok_s"] / runs["llama.cpp q8_0"]["decode_tok_s"]
+                print(f"\ndsmoe int8 decode / llama.cpp Q8_0 decode: {ratio:.2f}x")
+            for sub in ("bf16", "int8", "int4"):
+                shutil.rmtree(root / sub, ignore_errors=True)
+        if args.big:
+            big = root / "int8-16b"
+            write_s = write_random_quantized("deepseek-moe-16b", big)
+            size = _dir_gib(big)
+            print(f"\nwrote a random deepseek-moe-16b int8 checkpoint: {size:.2f} GiB in "
+                  f"{write_s:.0f} s")
+            run = _run_worker(["dsmoe", str(big), "int8", str(args.big_prompt),
+                               str(args.big_decode), str(args.threads)])
+            results["16b"] = {"run": run, "weights_gib": size, "write_s": write_s}
+            print_runs(f"deepseek-moe-16b shape, int8, prompt {args.big_prompt}, decode "
+                       f"{args.big_decode}, batch 1", {"int8": run}, {"int8": size})
+            shutil.rmtree(big, ignore_errors=True)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
