@@ -229,6 +229,18 @@ class Transformer(nn.Module):
             inactive += (E - K) * per_expert
         return total - inactive
 
+    # --- generation ---------------------------------------------------------------------
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 32, *,
+                 temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+                 repetition_penalty: float | None = None, stop=None, seed: int | None = None,
+                 **kwargs) -> torch.Tensor:
+        """New token ids [B, N] after ``input_ids`` (see ``dsmoe.generate.generate``)."""
+        from dsmoe.generate import generate
+
+        return generate(self, input_ids, max_new_tokens, temperature=temperature, top_k=top_k,
+                        top_p=top_p, repetition_penalty=repetition_penalty, stop=stop, seed=seed,
+                        **kwargs)
+
     # --- checkpoints ----------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, *, dtype: torch.dtype | str | None =
