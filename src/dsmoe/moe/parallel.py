@@ -295,8 +295,11 @@ class ExpertParallelMoELayer(MoELayer):
                              f"must be the EP ranks (use dsmoe.distributed.ep_model_config)")
         El = E // N
         start = topology.ep_rank * El
-        super().__init__(cfg, experts=slice_experts(layer.experts, start, start + El),
-                         shared_experts=layer.shared_experts)
+        local = slice_experts(layer.experts, start, start + El)
+        # NOTE: on meta, the base class's throw-away router and counters take neither
+        # memory nor random numbers (the global RNG stays where single-process runs have it).
+        with torch.device("meta"):
+            super().__init__(cfg, experts=local, shared_experts=layer.shared_experts)
         self.gate = layer.gate  # replicated: the same parameters and bias buffer
         self.load_counts = layer.load_counts
         self.train(layer.training)
@@ -311,6 +314,7 @@ class ExpertParallelMoELayer(MoELayer):
         return cls(layer, topology)
 
     def forward(self, x: torch.Tensor, *, check_finite: bool = False) -> MoEOutput:
+        """As ``MoELayer.forward`` (a collective: every rank of the EP group must call it)."""
         self._check_input(x, check_finite)
         cfg = self.config
         shape = x.shape
@@ -358,3 +362,14 @@ class ExpertParallelMoELayer(MoELayer):
             raise NotImplementedError(f"balance loss(es) {sorted(unknown)} have no "
                                       "expert-parallel form in dsmoe.moe.parallel yet")
         return {name: alpha * terms[name]() for name, (alpha, _) in self.loss_terms.items()}
+
+    # --- HF checkpoint keys: only whole layers have them ---------------------------------
+    def hf_state_dict(self) -> dict[str, torch.Tensor]:
+        stop = self.expert_offset + self.experts.num_experts
+        raise NotImplementedError(f"an expert-parallel layer holds experts "
+                                  f"[{self.expert_offset}, {stop}) only; gather the model "
+                                  "first (dsmoe.distributed.gather_model)")
+
+    def load_hf_state_dict(self, state_dict, *, assign: bool = False) -> None:  # noqa: ANN001
+        raise NotImplementedError("load HF weights into the single-process model, then call "
+                                  "dsmoe.distributed.parallelize")
