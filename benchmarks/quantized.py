@@ -174,9 +174,11 @@ def worker_dsmoe(path: str, fmt: str, prompt: int, decode: int, threads: int) ->
                                             else torch.bfloat16)
     load_s = time.perf_counter() - start
     load_peak = _status_kib("VmHWM") * 1024
-    return {**_time_dsmoe(model, prompt, decode), "load_s": load_s,
-            "load_peak_gib": (load_peak - baseline) / GIB,
-            "peak_gib": _status_kib("VmHWM") * 1024 / GIB, "baseline_gib": baseline / GIB}
+    timings = _time_dsmoe(model, prompt, decode)
+    return {**timings, "load_s": load_s, "load_peak_gib": (load_peak - baseline) / GIB,
+            "peak_gib": _status_kib("VmHWM") * 1024 / GIB, "baseline_gib": baseline / GIB,
+            "anon_gib": _status_kib("RssAnon") * 1024 / GIB,
+            "file_gib": _status_kib("RssFile") * 1024 / GIB}
 
 
 def _time_dsmoe(model, prompt: int, decode: int) -> dict:
@@ -224,27 +226,36 @@ def worker_llama(path: str, prompt: int, decode: int, threads: int) -> dict:
     decode_s = time.perf_counter() - start
     return {"prefill_tok_s": prompt / prefill_s, "decode_tok_s": decode / decode_s,
             "load_s": load_s, "load_peak_gib": (load_peak - baseline) / GIB,
-            "peak_gib": _status_kib("VmHWM") * 1024 / GIB, "baseline_gib": baseline / GIB}
+            "peak_gib": _status_kib("VmHWM") * 1024 / GIB, "baseline_gib": baseline / GIB,
+            "anon_gib": _status_kib("RssAnon") * 1024 / GIB,
+            "file_gib": _status_kib("RssFile") * 1024 / GIB}
 
 
 def _run_worker(args: list[str]) -> dict:
     out = subprocess.run([sys.executable, __file__, "--worker", *args], capture_output=True,
                          text=True)
     if out.returncode != 0:
-        return {"error": (out.stderr.strip().splitlines() or ["?"])[-1]}
+        reason = (out.stderr.strip().splitlines() or [f"exit code {out.returncode}"])[-1]
+        if out.returncode == -9:
+            reason = "killed (SIGKILL: out of memory?)"
+        return {"error": reason}
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def print_runs(title: str, runs: dict[str, dict], weights_gib: dict[str, float]) -> None:
     print(f"\n### {title} (load average {_load_average()})\n")
-    print("| format | weights GiB | load s | peak RSS GiB | prefill tok/s | decode tok/s |")
-    print("|---|---:|---:|---:|---:|---:|")
+    print("| format | weights GiB | load s | peak RSS GiB | RSS anon + file GiB | "
+          "prefill tok/s | decode tok/s |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
     for fmt, r in runs.items():
         if "error" in r:
-            print(f"| {fmt} | | error: {r['error']} | | | |")
+            print(f"| {fmt} | | error: {r['error']} | | | | |")
             continue
         print(f"| {fmt} | {weights_gib.get(fmt, float('nan')):.2f} | {r['load_s']:.1f} | "
-              f"{r['peak_gib']:.2f} | {r['prefill_tok_s']:.1f} | {r['decode_tok_s']:.2f} |")
+              f"{r['peak_gib']:.2f} | {r['anon_gib']:.2f} + {r['file_gib']:.2f} | "
+              f"{r['prefill_tok_s']:.1f} | {r['decode_tok_s']:.2f} |")
+    print("\n(peak RSS = VmHWM; file = pages of memory-mapped weights, evictable, "
+          "anon = copies in process memory)")
 
 
 def _dir_gib(path: Path) -> float:

@@ -5,8 +5,6 @@ as llama.cpp's converter does), the tokenizer from metadata, and the error messa
 from __future__ import annotations
 
 import importlib.util
-import json
-import warnings
 from pathlib import Path
 
 import gguf

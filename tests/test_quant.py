@@ -251,6 +251,14 @@ def test_quantized_checkpoint_round_trip(tmp_path: Path, trained: Transformer, b
     stored = {n: s for n, s in checkpoint_layout(loaded).items()}
     assert stored["layers.1.mlp.experts.gate_up_proj.qweight"][0] == \
         ((8, 64, 64) if bits == 8 else (8, 64, 32))
+    if bits == 8 and Path("/proc/self/maps").is_file():
+        # int8 weights are used in place from the file's memory map (64-byte aligned), not
+        # copied into anonymous memory
+        weight = loaded.layers[1].mlp.experts.gate_up_proj.qweight
+        maps = [line.split() for line in Path("/proc/self/maps").read_text().splitlines()
+                if line.endswith("model.safetensors")]
+        spans = [tuple(int(x, 16) for x in m[0].split("-")) for m in maps]
+        assert any(lo <= weight.data_ptr() < hi for lo, hi in spans), "int8 weight was copied"
 
 
 def test_quantized_checkpoint_errors(tmp_path: Path, trained: Transformer) -> None:

@@ -10,11 +10,15 @@ A quantized checkpoint is an HF-style directory:
   tokenizer files    when given
 Experts stay stacked on disk, so loading is an assignment, never a restack.
 
-Memory: loading builds the model on ``meta`` and assigns tensors as safetensors hands them
-over, one at a time (int4 is repacked matrix by matrix), so the peak is about the quantized
-size; no float copy of the weights ever exists. ``load_model(path, quant=...)`` quantizes
-a float HF directory or GGUF layer by layer the same way (peak: quantized model + one
-float layer). Writing goes to a temporary directory moved into place.
+Memory: loading builds the model on ``meta`` and assigns the tensors safetensors hands
+over, which are views of a private memory map of the file. The writer lays every tensor out
+on a 64-byte boundary (``save_aligned``), the alignment torch's int8 kernel needs, so int8
+weights are used in place: they are file-backed pages (loaded on first use, evictable under
+memory pressure, like llama.cpp's mmap), not a copy in anonymous memory. int4 weights are
+repacked into torch's kernel layout matrix by matrix. No float copy of the weights ever
+exists. ``load_model(path, quant=...)`` quantizes a float HF directory or GGUF layer by
+layer the same way (peak: quantized model + one float layer). Writing goes to a temporary
+directory moved into place.
 
 Shapes: E experts, F expert width, D hidden.
 """
@@ -25,6 +29,7 @@ import json
 import os
 import re
 import shutil
+import struct
 import tempfile
 import warnings
 from collections import defaultdict
@@ -33,7 +38,6 @@ from typing import Callable, Iterator, Mapping
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from torch import nn
 
 from dsmoe.checkpoint import hf, keys
@@ -116,8 +120,8 @@ class QuantizedCheckpointWriter:
 
     def _flush(self) -> None:
         index = len(self._shards)
-        save_file(self._pending, str(self._tmp / f"shard-{index:05d}.safetensors"),
-                  metadata={"format": "pt", "dsmoe": "quantized"})
+        save_aligned(self._pending, self._tmp / f"shard-{index:05d}.safetensors",
+                     metadata={"format": "pt", "dsmoe": "quantized"})
         self._shards.append(list(self._pending))
         self._pending, self._pending_bytes = {}, 0
 
@@ -157,6 +161,40 @@ class QuantizedCheckpointWriter:
         if exc_type is None:
             self.close()
         self.abort()
+
+
+_ALIGNMENT = 64
+_ST_DTYPES = {torch.int8: "I8", torch.uint8: "U8", torch.bfloat16: "BF16", torch.float16: "F16",
+              torch.float32: "F32", torch.int32: "I32", torch.int64: "I64"}
+
+
+def save_aligned(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike, *,
+                 metadata: Mapping[str, str] | None = None) -> None:
+    """A safetensors file whose tensors all start on a 64-byte boundary of the file.
+
+    The format forbids gaps between tensors, so alignment comes from the header padding
+    (spaces, which the format allows) and the order: tensors whose size is a multiple of
+    64 bytes first (every weight and scale of real models), any others after them."""
+    order = sorted(tensors, key=lambda n: (tensors[n].numel() * tensors[n].element_size())
+                   % _ALIGNMENT != 0)
+    header: dict[str, object] = {"__metadata__": dict(metadata or {})}
+    offset = 0
+    for name in order:
+        t = tensors[name]
+        if t.dtype not in _ST_DTYPES:
+            raise ValueError(f"{name}: dtype {t.dtype} cannot be stored")
+        size = t.numel() * t.element_size()
+        header[name] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape),
+                        "data_offsets": [offset, offset + size]}
+        offset += size
+    text = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    text += b" " * (-(8 + len(text)) % _ALIGNMENT)
+    with open(path, "wb") as fh:
+        fh.write(struct.pack("<Q", len(text)))
+        fh.write(text)
+        for name in order:
+            data = tensors[name].detach().to("cpu").contiguous()
+            fh.write(memoryview(data.view(torch.uint8).reshape(-1).numpy()))
 
 
 def save_quantized(model: nn.Module, directory: str | os.PathLike, *,
