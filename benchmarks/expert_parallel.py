@@ -29,12 +29,9 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
-import tempfile
 import time
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -59,8 +56,7 @@ def model_config(routing: str, nproc: int) -> ModelConfig:
     return ddist.ep_model_config(base.replace(n_devices=nproc, **ROUTINGS[routing]), nproc)
 
 
-def _worker(out_dir: str, cfg: ModelConfig, batch: int, seq: int, steps: int,
-            warmup: int) -> None:
+def _worker(cfg: ModelConfig, batch: int, seq: int, steps: int, warmup: int) -> dict:
     rank, world = ddist.init_distributed()
     try:
         torch.manual_seed(0)
@@ -97,20 +93,16 @@ def _worker(out_dir: str, cfg: ModelConfig, batch: int, seq: int, steps: int,
             dist.all_reduce(summary[:2])
             summary[:2] /= world
             dist.all_reduce(summary[2:], op=dist.ReduceOp.MAX)
-        if rank == 0:
-            result = {"step_s": statistics.median(times), "payload": float(summary[0]),
-                      "metadata": float(summary[1]), "max_ranks_per_token": int(summary[2])}
-            (Path(out_dir) / "result.json").write_text(json.dumps(result))
+        return {"step_s": statistics.median(times), "payload": float(summary[0]),
+                "metadata": float(summary[1]), "max_ranks_per_token": int(summary[2])}
     finally:
         ddist.teardown()
 
 
 def run_case(nproc: int, routing: str, args: argparse.Namespace) -> dict:
     cfg = model_config(routing, nproc)
-    with tempfile.TemporaryDirectory() as tmp:
-        ddist.launch(_worker, nproc, tmp, cfg, args.batch, args.seq, args.steps, args.warmup,
-                     threads=args.threads)
-        result = json.loads((Path(tmp) / "result.json").read_text())
+    result = ddist.launch(_worker, nproc, cfg, args.batch, args.seq, args.steps, args.warmup,
+                          threads=args.threads)[0]
     tokens = args.batch * args.seq
     predicted = plan.a2a_bytes_per_layer(cfg, tokens // nproc, nproc, bytes_per_elem=4)
     n_moe = len(cfg.moe_layer_indices)

@@ -13,8 +13,7 @@ Shapes: B batch, S sequence, D hidden, E experts, K picks.
 from __future__ import annotations
 
 import math
-from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import pytest
 import torch
@@ -30,11 +29,9 @@ from dsmoe.moe.parallel import ExpertParallelMoELayer
 ATOL, RTOL = 1e-6, 1e-5
 
 
-def _run(worker, nproc: int, tmp_path: Path, *args: Any) -> list[dict]:
-    """Run ``worker(out_dir, *args)`` on ``nproc`` ranks; each saves ``rank{r}.pt``."""
-    tmp_path.mkdir(parents=True, exist_ok=True)
-    ddist.launch(worker, nproc, str(tmp_path), *args, threads=1)
-    return [torch.load(tmp_path / f"rank{r}.pt") for r in range(nproc)]
+def _run(worker: Callable[..., dict], nproc: int, *args: Any) -> list[dict]:
+    """``worker(*args)`` on ``nproc`` gloo ranks (one thread each); their results by rank."""
+    return ddist.launch(worker, nproc, *args, threads=1)
 
 
 # --- the EP layer against the single-process layer -----------------------------------------------
@@ -52,8 +49,8 @@ def _remote_ranks(topk_idx: torch.Tensor, per_rank: int, ep: int, rank: int) -> 
     return owners.sum(dim=1)
 
 
-def _layer_worker(out_dir: str, cfg: ModelConfig, state: dict, x: torch.Tensor,
-                  probe: torch.Tensor, ep: int, update_bias: bool) -> None:
+def _layer_worker(cfg: ModelConfig, state: dict, x: torch.Tensor,
+                  probe: torch.Tensor, ep: int, update_bias: bool) -> dict:
     rank, world = ddist.init_distributed()
     try:
         layer = MoELayer(cfg)
@@ -80,7 +77,7 @@ def _layer_worker(out_dir: str, cfg: ModelConfig, state: dict, x: torch.Tensor,
             ddist.all_reduce_expert_load(ep_layer)
             ep_layer.update_bias()
             result["bias"] = ep_layer.gate.e_score_correction_bias.clone()
-        torch.save(result, Path(out_dir) / f"rank{rank}.pt")
+        return result
     finally:
         ddist.teardown()
 
@@ -100,12 +97,12 @@ def _reference(cfg: ModelConfig, B: int = 4, S: int = 8, seed: int = 0):
     return layer, state, x, probe, out
 
 
-def _check_layer_parity(tmp_path: Path, cfg: ModelConfig, ep: int, world: int | None = None,
+def _check_layer_parity(cfg: ModelConfig, ep: int, world: int | None = None,
                         update_bias: bool = False) -> list[dict]:
     """EP layer on ``world`` ranks (default ``ep``) vs the single-process layer."""
     world = world or ep
     layer, state, x, probe, ref = _reference(cfg)
-    ranks = _run(_layer_worker, world, tmp_path, cfg, state, x.detach(), probe, ep, update_bias)
+    ranks = _run(_layer_worker, world, cfg, state, x.detach(), probe, ep, update_bias)
     out = torch.cat([r["out"] for r in ranks])
     assert_close(out, ref.hidden_states.detach(), atol=ATOL, rtol=RTOL, what="outputs")
     x_grad = torch.cat([r["x_grad"] for r in ranks]) / world
@@ -135,19 +132,19 @@ def _check_layer_parity(tmp_path: Path, cfg: ModelConfig, ep: int, world: int | 
 
 
 @pytest.mark.parametrize("world, ep", [(2, 2), (4, 4), (4, 2)])
-def test_v1_greedy_matches_single_process(tmp_path: Path, world: int, ep: int) -> None:
+def test_v1_greedy_matches_single_process(world: int, ep: int) -> None:
     """(4, 2): two replicas of each expert block, whose gradients are summed across them."""
     cfg = moe_config(aux_loss_alpha=0.01, seq_aux=False, n_devices=ep,
                      device_balance_alpha=0.05, z_loss_alpha=0.001)
-    _check_layer_parity(tmp_path, cfg, ep, world)
+    _check_layer_parity(cfg, ep, world)
 
 
-def test_v2_device_limited_sends_each_token_to_at_most_m_ranks(tmp_path: Path) -> None:
+def test_v2_device_limited_sends_each_token_to_at_most_m_ranks() -> None:
     ep, M = 4, 2
     cfg = moe_config(num_experts_per_tok=3, topk_method="device_limited", n_devices=ep,
                      max_devices_per_token=M, aux_loss_alpha=0.003,
                      device_balance_alpha=0.05, comm_balance_alpha=0.02)
-    ranks = _check_layer_parity(tmp_path, cfg, ep)
+    ranks = _check_layer_parity(cfg, ep)
     reach = torch.cat([r["ranks_per_token"] for r in ranks])
     assert int(reach.max()) <= M, f"a token was sent to {int(reach.max())} > M={M} ranks"
     # The limit must bind: unrestricted routing of the same tokens reaches more ranks.
@@ -161,27 +158,27 @@ def test_v2_device_limited_sends_each_token_to_at_most_m_ranks(tmp_path: Path) -
         assert r["bytes"]["dispatch"] == int(r["remote_ranks"].sum()) * D * 4
 
 
-def test_v2_capacity_dropping_across_ranks(tmp_path: Path) -> None:
+def test_v2_capacity_dropping_across_ranks() -> None:
     ep = 2
     cfg = moe_config(num_experts_per_tok=2, topk_method="device_limited", n_devices=ep,
                      max_devices_per_token=1, drop_tokens=True, capacity_factor=1.0,
                      aux_loss_alpha=0.003, comm_balance_alpha=0.02)
     layer, _, x, _, ref = _reference(cfg)
     assert float(ref.dropped_fraction) > 0, "the case must actually drop tokens"
-    ranks = _check_layer_parity(tmp_path, cfg, ep)
+    ranks = _check_layer_parity(cfg, ep)
     assert all(r["dropped"] == pytest.approx(float(ref.dropped_fraction)) for r in ranks)
 
 
-def test_v3_bias_routing_and_bias_update(tmp_path: Path) -> None:
+def test_v3_bias_routing_and_bias_update() -> None:
     ep = 2
     cfg = moe_config(scoring_func="sigmoid", topk_method="noaux_tc", n_group=4, topk_group=2,
                      norm_topk_prob=True, routed_scaling_factor=2.5, aux_loss_alpha=0.001,
                      seq_aux=True, bias_update_speed=0.01)
-    _check_layer_parity(tmp_path, cfg, ep, update_bias=True)
+    _check_layer_parity(cfg, ep, update_bias=True)
 
 
 # --- communication volume against dsmoe.plan -----------------------------------------------------
-def _bytes_worker(out_dir: str, cfg: ModelConfig, x: torch.Tensor, ep: int) -> None:
+def _bytes_worker(cfg: ModelConfig, x: torch.Tensor, ep: int) -> dict:
     rank, world = ddist.init_distributed()
     try:
         torch.manual_seed(0)
@@ -193,20 +190,19 @@ def _bytes_worker(out_dir: str, cfg: ModelConfig, x: torch.Tensor, ep: int) -> N
         out = model[0](ddist.data_shard(x, rank, world).clone().requires_grad_(True))
         out.hidden_states.sum().backward()
         remote = _remote_ranks(out.topk_idx, cfg.n_routed_experts // ep, ep, rank)
-        torch.save({"bytes": ddist.comm_bytes(model), "reach": model[0].last_ranks_per_token,
-                    "remote": remote},
-                   Path(out_dir) / f"rank{rank}.pt")
+        return {"bytes": ddist.comm_bytes(model), "reach": model[0].last_ranks_per_token,
+                "remote": remote}
     finally:
         ddist.teardown()
 
 
 @pytest.mark.parametrize("M", [None, 1])
-def test_measured_bytes_match_plan(tmp_path: Path, M: int | None) -> None:
+def test_measured_bytes_match_plan(M: int | None) -> None:
     ep, tokens = 4, 4096
     cfg = moe_config(n_routed_experts=16, num_experts_per_tok=4, n_devices=ep,
                      topk_method="device_limited" if M else "greedy", max_devices_per_token=M)
     x = torch.randn(tokens // 64, 64, cfg.hidden_size, generator=torch.Generator().manual_seed(3))
-    ranks = _run(_bytes_worker, ep, tmp_path, cfg, x, ep)
+    ranks = _run(_bytes_worker, ep, cfg, x, ep)
     predicted = plan.a2a_bytes_per_layer(cfg, tokens // ep, ep, bytes_per_elem=4,
                                          training=True)
     D = cfg.hidden_size
@@ -262,26 +258,22 @@ def _optimizer(model: torch.nn.Module) -> torch.optim.Optimizer:
     return torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1, foreach=False)
 
 
-def _train_worker(out_dir: str, cfg: ModelConfig, ep: int, batches: list[torch.Tensor],
-                  resume: dict | None) -> None:
+def _train_worker(cfg: ModelConfig, ep: int, batches: list[torch.Tensor],
+                  resume: dict) -> dict:
     rank, world = ddist.init_distributed()
     try:
         torch.manual_seed(rank)  # parallelize must make differently-seeded ranks agree
         model = Transformer(cfg)
-        if resume is not None:
-            model.load_state_dict(resume["model"])
+        model.load_state_dict(resume["model"])  # full state: load before parallelize
         model = ddist.parallelize(model, ep)
-        optimizer = _optimizer(model)
-        if resume is not None and resume["optimizer"] is not None:
+        optimizer = _optimizer(model)  # after parallelize: it must see the local experts
+        if resume["optimizer"] is not None:
             optimizer.load_state_dict(ddist.shard_optimizer_state(model, optimizer,
                                                                   resume["optimizer"]))
         losses = _train_steps(model, optimizer, batches, rank, world)
         state = {"model": ddist.full_state_dict(model),
                  "optimizer": ddist.full_optimizer_state(model, optimizer)}
-        if rank == 0:
-            torch.save({"losses": losses, **state}, Path(out_dir) / "rank0.pt")
-        else:
-            torch.save({}, Path(out_dir) / f"rank{rank}.pt")
+        return {"losses": losses, **state} if rank == 0 else {}
     finally:
         ddist.teardown()
 
@@ -294,8 +286,7 @@ def _single_run(cfg: ModelConfig, batches: list[torch.Tensor]) -> tuple[list[flo
     return losses, {"init": init, "final": model.state_dict()}
 
 
-def test_training_steps_match_single_process_and_resume_with_another_world_size(
-        tmp_path: Path) -> None:
+def test_training_steps_match_single_process_and_resume_with_another_world_size() -> None:
     """6 AdamW steps on the same global batches: 2 on 2 ranks (EP 2), resumed from the
     gathered checkpoint for 2 on 4 ranks (EP 4), then 2 on 4 ranks as EP 2 x 2 replicas.
     Losses and final weights equal one process's to 2e-5 (fp32; Adam turns summation-order
@@ -306,8 +297,7 @@ def test_training_steps_match_single_process_and_resume_with_another_world_size(
     state = {"model": single["init"], "optimizer": None}
     losses: list[float] = []
     for phase, (world, ep) in enumerate([(2, 2), (4, 4), (4, 2)]):
-        state = _run(_train_worker, world, tmp_path / str(phase), cfg, ep,
-                     batches[2 * phase:2 * phase + 2], state)[0]
+        state = _run(_train_worker, world, cfg, ep, batches[2 * phase:2 * phase + 2], state)[0]
         losses += state.pop("losses")
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(single_losses), atol=2e-5,
                                rtol=0, msg=lambda m: f"losses {losses} vs {single_losses}\n{m}")
@@ -328,6 +318,29 @@ def test_training_steps_match_single_process_and_resume_with_another_world_size(
 def test_bad_setups_raise_clear_errors(kwargs: dict, world: int, ep: int, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         ddist.check_parallel_setup(moe_config(**kwargs), world, ep)
+
+
+def _setup_worker(cfg: ModelConfig, ep: int) -> dict:
+    ddist.init_distributed()
+    try:
+        ddist.parallelize(Transformer(cfg), ep)
+        return {}
+    finally:
+        ddist.teardown()
+
+
+@pytest.mark.parametrize("kwargs, ep, message", [
+    ({}, 3, "world size 2 is not divisible by --ep 3"),
+    (dict(n_routed_experts=7, n_devices=1), 2, "n_routed_experts=7 is not divisible by --ep 2"),
+    (dict(topk_method="device_limited", n_devices=4, max_devices_per_token=2), 2,
+     "n_devices=4 devices but --ep is 2"),
+])
+def test_bad_setups_fail_on_every_rank_without_hanging(kwargs: dict, ep: int,
+                                                         message: str) -> None:
+    """parallelize validates before its first collective, so a bad set-up raises (and the
+    launcher reports it) instead of leaving ranks waiting for each other."""
+    with pytest.raises(Exception, match=message):
+        _run(_setup_worker, 2, moe_config(**kwargs), ep)
 
 
 def test_ep_model_config_uses_ranks_as_devices() -> None:

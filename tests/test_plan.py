@@ -7,6 +7,7 @@ enumeration, its FLOPs against the DeepSeekMoE paper, and the command's errors.
 from __future__ import annotations
 
 import itertools
+from pathlib import Path
 
 import pytest
 import torch
@@ -125,3 +126,13 @@ def test_plan_command_errors(argv: list[str], message: str,
     assert main(["plan", "--preset", "deepseek-moe-16b", *argv]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err, err
+
+
+def test_plan_command_reads_an_hf_config(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    path = tmp_path / "config.json"
+    path.write_text(ModelConfig.preset("deepseek-moe-16b").to_json_string())
+    assert main(["plan", "--config", str(path), "--devices", "8"]) == 0
+    from_file = capsys.readouterr().out
+    assert main(["plan", "--preset", "deepseek-moe-16b", "--devices", "8"]) == 0
+    from_preset = capsys.readouterr().out
+    assert from_file.splitlines()[1:] == from_preset.splitlines()[1:]  # all but the title

@@ -34,8 +34,10 @@ import copy
 import multiprocessing
 import os
 import socket
+import tempfile
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 import torch
@@ -105,6 +107,23 @@ def barrier() -> None:
         dist.barrier()
 
 
+def any_rank(flag: bool) -> bool:
+    """True on every rank if it is true on any (e.g. a Ctrl-C seen by some ranks only:
+    all must stop at the same step, or the others wait forever in a collective)."""
+    if not is_distributed():
+        return bool(flag)
+    t = torch.tensor([1 if flag else 0], device=device())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def all_reduce_sum_(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum ``tensor`` over all ranks in place (e.g. expert loads for logging); returns it."""
+    if is_distributed():
+        dist.all_reduce(tensor)
+    return tensor
+
+
 def reduce_mean(value: float | torch.Tensor) -> float:
     """The mean of a scalar over all ranks (for logging; a no-op in one process)."""
     value = float(value.detach()) if isinstance(value, torch.Tensor) else float(value)
@@ -123,19 +142,24 @@ def _free_port() -> int:
 
 
 def _child(local_rank: int, fn: Callable[..., Any], nproc: int, port: int,
-           threads: int, args: tuple) -> None:
+           threads: int, results: str, args: tuple) -> None:
     os.environ.update(RANK=str(local_rank), LOCAL_RANK=str(local_rank),
                       WORLD_SIZE=str(nproc), LOCAL_WORLD_SIZE=str(nproc),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(threads)
-    fn(*args)
+    result = fn(*args)
+    # A file, not a queue: a large result in a pipe nobody reads until join would block.
+    torch.save(result, Path(results) / f"rank{local_rank}.pt")
 
 
-def launch(fn: Callable[..., Any], nproc: int, *args: Any, threads: int | None = None) -> None:
-    """Run ``fn(*args)`` in ``nproc`` local processes with torchrun's env vars set; ``fn``
-    (a module-level function) calls ``init_distributed()`` itself, exactly as under
-    torchrun. Raises ``torch.multiprocessing.ProcessRaisedException`` with the child's
-    traceback if any process fails (the others are then stopped)."""
+def launch(fn: Callable[..., Any], nproc: int, *args: Any, threads: int | None = None
+           ) -> list[Any]:
+    """Run ``fn(*args)`` in ``nproc`` local processes with torchrun's env vars set and
+    return each rank's return value (in rank order). ``fn`` (a module-level function)
+    calls ``init_distributed()`` itself, exactly as under torchrun. If any process fails,
+    the others are stopped and ``torch.multiprocessing.ProcessRaisedException`` carries
+    the child's traceback. ``threads``: intra-op threads per process (default: the cores
+    shared out)."""
     import torch.multiprocessing as mp
 
     if isinstance(nproc, bool) or not isinstance(nproc, int) or nproc < 1:
@@ -147,8 +171,11 @@ def launch(fn: Callable[..., Any], nproc: int, *args: Any, threads: int | None =
     # torch._dynamo: the first optimizer built in a process imports it (seconds).
     context.set_forkserver_preload(["torch", "torch._dynamo", "torch.distributed",
                                     "dsmoe.distributed"])
-    mp.start_processes(_child, args=(fn, nproc, _free_port(), threads, args), nprocs=nproc,
-                       start_method="forkserver", join=True)
+    with tempfile.TemporaryDirectory(prefix="dsmoe-launch-") as results:
+        mp.start_processes(_child, args=(fn, nproc, _free_port(), threads, results, args),
+                           nprocs=nproc, start_method="forkserver", join=True)
+        return [torch.load(Path(results) / f"rank{r}.pt", weights_only=False)
+                for r in range(nproc)]
 
 
 # --- topology --------------------------------------------------------------------------------
