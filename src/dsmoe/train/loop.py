@@ -28,7 +28,8 @@ import torch
 import torch.nn.functional as F
 
 from dsmoe.config import ModelConfig
-from dsmoe.data import BatchSampler, Corpus, load_corpus, tokenize_corpus, unigram_entropy
+from dsmoe.data import (BatchSampler, Corpus, TokenStreams, load_corpus, tokenize_corpus,
+                        unigram_entropy)
 from dsmoe.io import atomic_write_text
 from dsmoe.model import Transformer
 from dsmoe.tokenizer import Tokenizer
@@ -174,7 +175,7 @@ class _SigintFlag:
             signal.signal(signal.SIGINT, self.previous)
 
 
-def prepare(cfg: TrainConfig, out: Path):
+def prepare(cfg: TrainConfig, out: Path) -> tuple[Corpus, Tokenizer, TokenStreams]:
     """Load text, get a tokenizer, tokenize (cached). Fails fast on bad data."""
     base = ModelConfig.preset(cfg.preset)
     corpus = load_corpus(cfg.data)
@@ -278,8 +279,12 @@ def train(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False) -> Tra
     return result
 
 
-def _train_step(forward, optimizer, sampler, cfg, step, autocast, n_moe, interval):
-    """One optimizer step over ``grad_accum`` micro-batches; returns scalar stats."""
+def _train_step(forward: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                sampler: BatchSampler, cfg: TrainConfig, step: int,
+                autocast: contextlib.AbstractContextManager, n_moe: int, interval: _Interval
+                ) -> tuple[float, float, dict[str, float], float, torch.Tensor]:
+    """One optimizer step over ``grad_accum`` micro-batches (skipped when the loss is not
+    finite); returns (loss, aux loss, named losses, dropped fraction, load [L, E])."""
     loss_sum = aux_sum = dropped_sum = 0.0
     losses: dict[str, float] = {}
     load = torch.zeros_like(interval.state["load"])
