@@ -177,6 +177,54 @@ def test_v3_bias_routing_and_bias_update() -> None:
     _check_layer_parity(cfg, ep, update_bias=True)
 
 
+def _uneven_worker(cfg: ModelConfig, state: dict, inputs: list[torch.Tensor]) -> dict:
+    rank, world = ddist.init_distributed()
+    try:
+        layer = MoELayer(cfg)
+        layer.load_state_dict(state)
+        ep_layer = ExpertParallelMoELayer.from_layer(layer.train(), ddist.Topology.create(world))
+        x = inputs[rank].clone().requires_grad_(True)
+        out = ep_layer(x)
+        out.hidden_states.sum().backward()
+        ddist.sync_gradients(ep_layer)
+        return {"out": out.hidden_states.detach(), "x_grad": x.grad,
+                "grads": {n: p.grad.clone() for n, p in ep_layer.named_parameters()},
+                "offset": ep_layer.expert_offset, "bytes": ddist.comm_bytes(ep_layer)}
+    finally:
+        ddist.teardown()
+
+
+@pytest.mark.parametrize("case", ["one rank has no tokens", "every token to rank 0"])
+def test_empty_exchanges(case: str) -> None:
+    """Ranks that send, receive or hold nothing still take part in every exchange."""
+    cfg, ep = moe_config(), 2
+    layer = randomize_(MoELayer(cfg), std=0.3).train()
+    x = torch.randn(12, cfg.hidden_size)
+    if case == "one rank has no tokens":
+        inputs = [x, x[:0]]
+    else:  # feature 0 is large; only experts 0-3 (rank 0's) respond to it
+        x[:, 0] = 20.0
+        with torch.no_grad():
+            layer.gate.weight[:, 0] = torch.tensor([1.0] * 4 + [-1.0] * 4)
+        inputs = [x[:6], x[6:]]
+    state = {k: v.clone() for k, v in layer.state_dict().items()}
+    ranks = _run(_uneven_worker, ep, cfg, state, inputs)
+    x_ref = x.clone().requires_grad_(True)
+    layer(x_ref).hidden_states.sum().backward()
+    assert_close(torch.cat([r["out"] for r in ranks]), layer(x).hidden_states.detach(),
+                 atol=ATOL, rtol=RTOL, what="outputs")
+    # each rank minimises the sum of its outputs: input gradients equal the reference's;
+    # parameter gradients are averaged over ranks by sync_gradients
+    assert_close(torch.cat([r["x_grad"] for r in ranks]), x_ref.grad, atol=ATOL, rtol=RTOL,
+                 what="input gradients")
+    for r in ranks:
+        expected = layer.experts.gate_up_proj.grad[r["offset"]:r["offset"] + 4] / ep
+        assert_close(r["grads"]["experts.gate_up_proj"], expected, atol=ATOL, rtol=RTOL,
+                     what="expert gradients")
+    if case == "every token to rank 0":
+        assert ranks[0]["bytes"]["dispatch"] == 0 and ranks[1]["bytes"]["combine"] == 0
+
+
 # --- communication volume against dsmoe.plan -----------------------------------------------------
 def _bytes_worker(cfg: ModelConfig, x: torch.Tensor, ep: int) -> dict:
     rank, world = ddist.init_distributed()

@@ -30,15 +30,19 @@ Design choices:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import multiprocessing
 import os
+import signal
 import socket
+import sys
 import tempfile
+import threading
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 import torch.distributed as dist
@@ -107,6 +111,17 @@ def barrier() -> None:
         dist.barrier()
 
 
+@contextlib.contextmanager
+def main_process_first() -> Iterator[None]:
+    """Rank 0 runs the block first (e.g. trains and caches the tokenizer), then the others
+    (which find the caches). A collective; a no-op in one process."""
+    if not is_main_process():
+        barrier()
+    yield
+    if is_main_process():
+        barrier()
+
+
 def any_rank(flag: bool) -> bool:
     """True on every rank if it is true on any (e.g. a Ctrl-C seen by some ranks only:
     all must stop at the same step, or the others wait forever in a collective)."""
@@ -171,11 +186,36 @@ def launch(fn: Callable[..., Any], nproc: int, *args: Any, threads: int | None =
     # torch._dynamo: the first optimizer built in a process imports it (seconds).
     context.set_forkserver_preload(["torch", "torch._dynamo", "torch.distributed",
                                     "dsmoe.distributed"])
-    with tempfile.TemporaryDirectory(prefix="dsmoe-launch-") as results:
+    with tempfile.TemporaryDirectory(prefix="dsmoe-launch-") as results, _patient_sigint():
         mp.start_processes(_child, args=(fn, nproc, _free_port(), threads, results, args),
                            nprocs=nproc, start_method="forkserver", join=True)
         return [torch.load(Path(results) / f"rank{r}.pt", weights_only=False)
                 for r in range(nproc)]
+
+
+@contextlib.contextmanager
+def _patient_sigint() -> Iterator[None]:
+    """Ctrl-C reaches the children too (same process group); they stop at a step boundary
+    and save. So the launcher waits for them on the first Ctrl-C, and gives up only on a
+    second one."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    presses = 0
+
+    def handle(signum: int, frame: object) -> None:
+        nonlocal presses
+        presses += 1
+        if presses > 1:
+            raise KeyboardInterrupt
+        print("interrupt: waiting for the ranks to finish their step (Ctrl-C again to "
+              "abort)", file=sys.stderr, flush=True)
+
+    previous = signal.signal(signal.SIGINT, handle)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 # --- topology --------------------------------------------------------------------------------

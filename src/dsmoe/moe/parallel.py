@@ -40,6 +40,7 @@ El = E/N local experts, P (token, rank) pairs this rank sends, R rows it receive
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
@@ -114,7 +115,7 @@ def _exchange(x: torch.Tensor, out_splits: list[int], in_splits: list[int],
     dist.all_to_all_single(out, x, out_splits, in_splits, group=group)
     if counter is not None:
         me = dist.get_rank(group)
-        row_bytes = x[0].numel() * x.element_size() if x.dim() > 1 else x.element_size()
+        row_bytes = math.prod(x.shape[1:]) * x.element_size()  # x may have no rows
         counter.add(kind, (sum(in_splits) - in_splits[me]) * row_bytes)
     return out
 
