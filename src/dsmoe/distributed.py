@@ -1,15 +1,21 @@
 """Data and expert parallel training on torch.distributed (gloo on CPU, NCCL on GPU).
 
 Everything distributed lives here and in ``dsmoe.moe.parallel``; the model code stays
-single-device. A training loop uses it in five places:
+single-device. A training loop uses it like this (every call is made on every rank):
 
     rank, world = init_distributed()                   # torchrun or launch() env vars
     model_cfg = ep_model_config(model_cfg, ep)         # the EP ranks are the "devices"
-    model = parallelize(Transformer(model_cfg), ep)    # swap in EP MoE layers, sync weights
+    model = Transformer(model_cfg); model.load_state_dict(full_state)      # if resuming
+    model = parallelize(model, ep)                     # swap in EP MoE layers, sync weights
+    optimizer = AdamW(model.parameters(), ...)         # after parallelize: local experts
+    optimizer.load_state_dict(shard_optimizer_state(model, optimizer, full_optim_state))
     inputs, targets = data_shard(sampler.batch(step), rank, world)   # rows of the global batch
     ...loss.backward()...
     sync_gradients(model); clip_grad_norm_(model, 1.0); optimizer.step()
     all_reduce_expert_load(model); model.update_router_biases()      # V3 bias, global load
+    log(reduce_mean(loss)); comm_bytes(model, reset=True)             # logging
+    full_state_dict(model), full_optimizer_state(model, optimizer)    # checkpoint (rank 0 saves)
+    gather_model(model)                                # a single-process copy for export
 
 Design choices:
 - Ranks form an ``ep_size x replicas`` grid: EP groups are contiguous ranks (one node's

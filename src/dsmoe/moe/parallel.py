@@ -40,6 +40,7 @@ El = E/N local experts, P (token, rank) pairs this rank sends, R rows it receive
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
@@ -175,7 +176,7 @@ class ExpertParallelDispatch(nn.Module):
         if self.ep_size == 1:
             return self._local(tokens, route, experts, capacity_factor)
         T, K = route.topk_idx.shape
-        D, N, El, me = tokens.shape[-1], self.ep_size, self.local_experts, self.ep_rank
+        D, N, El = tokens.shape[-1], self.ep_size, self.local_experts
         topk_idx = route.topk_idx  # [T, K]
         dest = topk_idx // El  # [T, K] owning rank of each pick
         sent = torch.zeros(T, N, dtype=torch.bool, device=tokens.device)
@@ -303,6 +304,13 @@ class ExpertParallelMoELayer(MoELayer):
             super().__init__(cfg, experts=local, shared_experts=layer.shared_experts)
         self.gate = layer.gate  # replicated: the same parameters and bias buffer
         self.load_counts = layer.load_counts
+        originals = dict(itertools.chain(layer.named_parameters(), layer.named_buffers()))
+        left_on_meta = [name for name, t in itertools.chain(self.named_parameters(),
+                                                            self.named_buffers())
+                        if t.is_meta and not originals.get(name, t).is_meta]
+        if left_on_meta:  # MoELayer grew state this class does not take over yet
+            raise RuntimeError(f"ExpertParallelMoELayer did not take over {left_on_meta} "
+                               "from the layer it replaces; update dsmoe.moe.parallel")
         self.train(layer.training)
         self.expert_offset = start
         self.data_group = topology.data_group  # every rank: the batch balance losses see
