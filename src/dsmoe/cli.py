@@ -21,6 +21,8 @@ COMMANDS: dict[str, str] = {
     "plan": "dsmoe.commands.plan",
     "export": "dsmoe.commands.export",
     "quantize": "dsmoe.commands.quantize",
+    "finetune": "dsmoe.commands.finetune",
+    "merge": "dsmoe.commands.merge",
 }
 
 

@@ -13,6 +13,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", help="HF model directory or .gguf file")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    parser.add_argument("--adapter", default=None, metavar="DIR",
+                        help="apply this LoRA adapter (dsmoe finetune's) without merging")
 
 
 def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
@@ -40,6 +42,10 @@ def load_model_and_tokenizer(args: argparse.Namespace):
         tokenizer = load_tokenizer(path)
     else:
         tokenizer = Tokenizer.from_file(path)
+    if getattr(args, "adapter", None):
+        from dsmoe.finetune.adapter import load_adapter
+
+        load_adapter(model, args.adapter)
     model.eval()
     return model, tokenizer
 

@@ -1,0 +1,380 @@
+"""The supervised finetuning loop: base model -> adapters (or not) -> AdamW steps -> output.
+
+Design choices:
+- The pretraining loop's pieces are reused as they are: ``lr_at`` (warmup + cosine),
+  ``build_optimizer`` (AdamW over the parameters that require grad), the checkpoint
+  module (atomic files, RNG state), ``MetricsLog``, ``ProgressDisplay``, the running
+  interval sums and the SIGINT flag. So the progress bar, ``metrics.jsonl``, checkpoints
+  and exact resume behave as in ``dsmoe train``.
+- The loss is the mean cross-entropy over the assistant tokens of an optimizer step (all
+  micro-batches together: every target token weighs the same) plus the MoE balance
+  losses; prompt and padding positions are ignored.
+- LoRA checkpoints hold only the trainable tensors; the frozen base is reloaded from
+  MODEL on resume, and its fingerprint (and the data's) must match the checkpoint's.
+- Routing statistics: before the first step and after the last, the validation rows (or
+  up to 256 training rows without a validation split) run in eval mode and the expert
+  load of every MoE layer over their real tokens is logged; the "after" record adds the
+  load shift per layer, the total variation distance 0.5 * sum_e |p_after - p_before|
+  between the two load distributions (the share of routed assignments that moved).
+- V3 routers keep their balancing bias frozen unless the routers are trained (``--full``
+  without ``--freeze-router``), so a LoRA base stays bit-identical.
+
+Shapes: B batch, S row length, L MoE layers, E routed experts, K picks.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from dsmoe.finetune import sft_data
+from dsmoe.finetune.adapter import save_adapter, weights_fingerprint
+from dsmoe.finetune.config import FinetuneConfig
+from dsmoe.finetune.lora import apply_lora, lora_modules, make_quant_trainable
+from dsmoe.io import atomic_write_text
+from dsmoe.model import Transformer
+from dsmoe.tokenizer import Tokenizer
+from dsmoe.train import checkpoint as ckpt
+from dsmoe.train.loop import _Interval, _SigintFlag, build_optimizer, lr_at
+from dsmoe.train.metrics import MetricsLog, ProgressDisplay
+
+ROUTING_SAMPLE_ROWS = 256
+
+
+@dataclass
+class FinetuneResult:
+    out: Path
+    step: int
+    status: str  # "finished" | "interrupted" | "diverged"
+    train_loss: float | None = None
+    val_loss: float | None = None
+    probe_loss_before: float | None = None  # assistant-token loss of the probe rows
+    load_shift: float | None = None  # mean over MoE layers (see module docstring)
+    tokens_per_s: float | None = None
+    output: Path | None = None  # the adapter directory (LoRA) or the HF model (full)
+    model: Transformer | None = field(default=None, repr=False)  # the finetuned model
+
+
+# --- model ------------------------------------------------------------------------------
+def load_base(cfg: FinetuneConfig) -> tuple[Transformer, Tokenizer]:
+    """The base model (quantized while loading with ``quant``) and its tokenizer."""
+    path = Path(cfg.model)
+    if not path.exists():
+        raise FileNotFoundError(f"model not found: {path}")
+    dtype = getattr(torch, cfg.dtype)
+    if cfg.quant is not None:
+        from dsmoe.quant import load_model
+
+        model = load_model(path, dtype=dtype, quant=cfg.quant)
+    else:
+        model = Transformer.from_pretrained(path, dtype=dtype)
+    if cfg.tokenizer is not None:
+        tokenizer = Tokenizer.from_file(cfg.tokenizer)
+    elif path.suffix == ".gguf":
+        from dsmoe.checkpoint.gguf import load_tokenizer
+
+        tokenizer = load_tokenizer(path)
+    else:
+        if not (path / "tokenizer.json").is_file():
+            raise FileNotFoundError(f"{path} has no tokenizer.json; pass --tokenizer")
+        tokenizer = Tokenizer.from_file(path)
+    if tokenizer.eos_id is None:
+        raise ValueError("the tokenizer has no EOS token, which ends every assistant turn")
+    return model, tokenizer
+
+
+def prepare_model(model: Transformer, cfg: FinetuneConfig) -> str:
+    """Set what trains: adapters on a frozen base, or (``--full``) every weight but the
+    frozen parts. Returns a one-line description."""
+    if cfg.full:
+        model.requires_grad_(True)
+        for layer in model.moe_layers():
+            if cfg.freeze_router:
+                layer.gate.requires_grad_(False)
+            if cfg.freeze_experts:
+                layer.experts.requires_grad_(False)
+        frozen = [n for n, flag in (("routers", cfg.freeze_router),
+                                    ("routed experts", cfg.freeze_experts)) if flag]
+        what = "full finetuning" + (f" (frozen: {', '.join(frozen)})" if frozen else "")
+    else:
+        settings = cfg.lora_settings()
+        wrapped = apply_lora(model, settings)
+        if cfg.quant is not None:
+            make_quant_trainable(model)
+        what = (f"LoRA r={settings.r} alpha={settings.alpha:g} dropout={settings.dropout:g} "
+                f"on {','.join(settings.targets)} ({len(wrapped)} modules"
+                f"{', base ' + cfg.quant if cfg.quant else ''})")
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return f"{what}: {trainable / 1e6:.3f}M trainable of {total / 1e6:.2f}M parameters"
+
+
+def trainable_state(model: Transformer) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def load_trainable_state(model: Transformer, state: dict[str, torch.Tensor]) -> None:
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    if set(params) != set(state):
+        missing, extra = sorted(set(params) - set(state)), sorted(set(state) - set(params))
+        raise ValueError(f"checkpoint does not match the run's trainable tensors: missing "
+                         f"{missing[:3]}, unexpected {extra[:3]}")
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(state[name])
+
+
+# --- measuring ----------------------------------------------------------------------------
+def _real_load(routing: list, real: torch.Tensor, n_experts: int) -> torch.Tensor:
+    """[L, E] assignments per expert over the real (non-padding) tokens."""
+    mask = real.reshape(-1)  # [B*S]
+    rows = [torch.bincount(r.topk_idx[mask].reshape(-1), minlength=n_experts).float()
+            for r in routing]
+    return torch.stack(rows) if rows else torch.zeros(0, max(n_experts, 1))
+
+
+@torch.no_grad()
+def evaluate(model: Transformer, examples: list[sft_data.Example], batch_size: int,
+             pad_id: int) -> tuple[float, torch.Tensor]:
+    """(mean assistant-token cross-entropy, [L, E] expert load over real tokens), eval mode."""
+    was_training = model.training
+    model.eval()
+    E = model.config.n_routed_experts or 0
+    total, count = 0.0, 0
+    load = torch.zeros(len(model.moe_layers()), max(E, 1))
+    for batch in sft_data.eval_batches(examples, batch_size, pad_id):
+        out = model(batch.input_ids, return_routing=True)
+        total += F.cross_entropy(out.logits.float().flatten(0, 1), batch.labels.flatten(),
+                                 ignore_index=sft_data.IGNORE_INDEX, reduction="sum").item()
+        count += batch.n_targets
+        load += _real_load(out.routing or [], batch.real, E)
+    model.train(was_training)
+    return total / max(count, 1), load
+
+
+def load_shift(before: torch.Tensor, after: torch.Tensor) -> list[float]:
+    """Per layer: total variation distance between the two load distributions [L, E]."""
+    p = before / before.sum(dim=1, keepdim=True).clamp_min(1e-9)
+    q = after / after.sum(dim=1, keepdim=True).clamp_min(1e-9)
+    return (0.5 * (p - q).abs().sum(dim=1)).tolist()
+
+
+def routing_record(step: int, phase: str, probe: str, loss: float, load: torch.Tensor,
+                   before: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A metrics.jsonl line: expert load on the probe rows ("val" or "train") and their
+    assistant-token loss; with ``before`` (the first record) also the load shift."""
+    per_layer = (load.max(dim=1).values / load.mean(dim=1).clamp_min(1e-9)).tolist() \
+        if load.numel() and load.sum() > 0 else []
+    record: dict[str, Any] = {"step": step, "event": "routing", "phase": phase,
+                              "probe": probe, "probe_loss": loss,
+                              "expert_load": load.long().tolist(),
+                              "load_max_mean_per_layer": per_layer}
+    if before is not None:
+        shift = load_shift(torch.tensor(before["expert_load"], dtype=torch.float32), load) \
+            if before["expert_load"] else []
+        record.update(probe_loss_before=before["probe_loss"], load_shift_per_layer=shift,
+                      load_shift=sum(shift) / len(shift) if shift else 0.0)
+    return record
+
+
+def _drop_after_records(log: MetricsLog) -> None:
+    """A continued run writes its own "after" record when it finishes."""
+    records = log.read()
+    kept = [r for r in records if not (r.get("event") == "routing" and r.get("phase") == "after")]
+    if len(kept) != len(records):
+        atomic_write_text(log.path, "".join(json.dumps(r) + "\n" for r in kept))
+
+
+# --- the loop ---------------------------------------------------------------------------
+def finetune(cfg: FinetuneConfig, *, resume: bool = False, quiet: bool = False
+             ) -> FinetuneResult:
+    """Run (or continue) a finetuning run in ``cfg.out``; see the module docstring."""
+    out = Path(cfg.out)
+    if ckpt.list_checkpoints(out) and not resume:
+        raise ValueError(f"{out} already holds checkpoints; pass --resume to continue it "
+                         "or choose another --out")
+    state = ckpt.load_latest(out) if resume else None
+    if state is not None:  # the run's settings win, except paths and how long to run
+        saved = state["finetune_config"]
+        cfg = FinetuneConfig.from_dict({
+            **saved, "model": cfg.model, "data": cfg.data, "val_data": cfg.val_data,
+            "tokenizer": cfg.tokenizer, "out": cfg.out,
+            "max_steps": cfg.max_steps or saved["max_steps"]})
+
+    torch.manual_seed(cfg.seed)
+    model, tokenizer = load_base(cfg)
+    base_fingerprint = weights_fingerprint(model)
+    data = sft_data.load_sft_data(cfg.data, tokenizer, min(cfg.max_seq_len + 1,
+                                                            model.config.max_position_embeddings),
+                                  val_fraction=cfg.val_fraction, val_path=cfg.val_data)
+    pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eos_id
+    batches = sft_data.SFTBatches(data.train, cfg.batch_size, cfg.seed, pad_id,
+                                  packing=cfg.packing, max_len=cfg.max_seq_len + 1)
+    cfg = cfg.resolve(batches.batches_per_epoch)
+    if state is not None:
+        _check_resumable(state, base_fingerprint, data.fingerprint())
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "finetune_config.json", json.dumps(cfg.to_dict(), indent=2) + "\n")
+    tokenizer.save(out / "tokenizer")
+
+    description = prepare_model(model, cfg)
+    optimizer = build_optimizer(model, cfg)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(cfg, s) / cfg.lr)
+    n_moe, E = len(model.moe_layers()), model.config.n_routed_experts or 0
+    interval = _Interval(n_moe, E)
+    step = 0
+    if state is not None:
+        load_trainable_state(model, state["trainable"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        ckpt.set_rng_state(state["rng"])
+        interval.state = state["interval"]
+        step = state["step"]
+    log = MetricsLog(out / "metrics.jsonl")
+    log.truncate_after(step)
+    _drop_after_records(log)
+    probe = data.val or data.train[:ROUTING_SAMPLE_ROWS]
+    probe_name = "val" if data.val else "train"
+
+    def save(at_step: int) -> None:
+        payload = {"step": at_step, "trainable": trainable_state(model),
+                   "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                   "rng": ckpt.rng_state(), "interval": interval.state,
+                   "finetune_config": cfg.to_dict(), "model_config": model.config.to_hf(),
+                   "base_fingerprint": base_fingerprint, "data_fingerprint": data.fingerprint()}
+        ckpt.save_checkpoint(out, at_step, payload, cfg.keep_checkpoints)
+
+    result = FinetuneResult(out=out, step=step, status="finished")
+    with _SigintFlag() as sigint, ProgressDisplay(cfg.max_steps, step, quiet) as display:
+        display.print(f"finetune: {description}")
+        display.print(f"data: {len(data.train)} train / {len(data.val)} val examples"
+                      f"{f', {data.truncated} truncated' if data.truncated else ''}"
+                      f"{f', {data.dropped} dropped (no assistant tokens)' if data.dropped else ''}"
+                      f"; {cfg.max_steps} steps of {cfg.batch_size} x {cfg.grad_accum} rows")
+        if step == 0:
+            val_loss, load = evaluate(model, probe, cfg.eval_batch_size, pad_id)
+            log.write(routing_record(0, "before", probe_name, val_loss, load))
+        model.train()
+        while step < cfg.max_steps:
+            started = time.perf_counter()
+            loss, aux, losses, dropped, load, tokens = _train_step(
+                model, optimizer, batches, cfg, step, n_moe, E)
+            if not math.isfinite(loss) or not math.isfinite(aux):
+                display.print(f"loss became {loss} at step {step + 1}; stopping. The last good "
+                              f"checkpoint is kept in {ckpt.checkpoint_dir(out)}")
+                result.status = "diverged"
+                break
+            scheduler.step()
+            _after_step(model, cfg)
+            step += 1
+            interval.add(loss, aux, losses, dropped, load, tokens, time.perf_counter() - started)
+            record = None
+            if step % cfg.log_every == 0 or step == cfg.max_steps:
+                record = {"step": step, "lr": optimizer.param_groups[0]["lr"],
+                          **interval.summary()}
+                if step % cfg.eval_every == 0 or step == cfg.max_steps:
+                    if data.val:
+                        record["val_loss"] = evaluate(model, data.val, cfg.eval_batch_size,
+                                                      pad_id)[0]
+                        result.val_loss = record["val_loss"]
+                result.train_loss, result.tokens_per_s = (record["train_loss"],
+                                                          record["tokens_per_s"])
+                log.write(record)
+                interval = _Interval(n_moe, E)
+            if step % cfg.checkpoint_every == 0 or step == cfg.max_steps or sigint.raised:
+                save(step)
+            display.update(step, record)
+            if sigint.raised:
+                display.print(f"interrupted at step {step}; checkpoint saved. Continue with: "
+                              f"dsmoe finetune {cfg.model} --data {cfg.data} --out {out} --resume")
+                result.status = "interrupted"
+                break
+    result.step, result.model = step, model
+    if result.status == "finished":
+        _finish(model, cfg, out, log, (probe_name, probe), pad_id, result, quiet)
+    return result
+
+
+def _check_resumable(state: dict[str, Any], base_fingerprint: str, data_fingerprint: str
+                     ) -> None:
+    if state.get("base_fingerprint") != base_fingerprint:
+        raise ValueError("--resume: MODEL is not the base model this run started from "
+                         "(its weights differ)")
+    if state.get("data_fingerprint") != data_fingerprint:
+        raise ValueError("--resume: the finetuning data changed since this run started, so it "
+                         "cannot be continued exactly; start a new run (another --out)")
+
+
+def _train_step(model: Transformer, optimizer: torch.optim.Optimizer,
+                batches: sft_data.SFTBatches, cfg: FinetuneConfig, step: int, n_moe: int,
+                n_experts: int):
+    """One optimizer step over ``grad_accum`` micro-batches; returns scalar stats, the
+    [L, E] load over real tokens and the number of real tokens."""
+    micro = [batches.batch(step * cfg.grad_accum + m) for m in range(cfg.grad_accum)]
+    n_targets = sum(b.n_targets for b in micro)
+    ce_sum = aux_sum = dropped_sum = 0.0
+    losses: dict[str, float] = {}
+    load = torch.zeros(n_moe, max(n_experts, 1))
+    for batch in micro:
+        out = model(batch.input_ids, position_ids=batch.position_ids, return_routing=True)
+        ce = F.cross_entropy(out.logits.float().flatten(0, 1), batch.labels.flatten(),
+                             ignore_index=sft_data.IGNORE_INDEX, reduction="sum")
+        (ce / n_targets + out.aux_loss / cfg.grad_accum).backward()
+        ce_sum += ce.item()
+        aux_sum += out.aux_loss.item()
+        for name, value in out.losses.items():
+            losses[name] = losses.get(name, 0.0) + value.item() / cfg.grad_accum
+        routing = out.routing or []
+        load += _real_load(routing, batch.real, n_experts)
+        dropped_sum += sum(float(r.dropped_fraction) for r in routing) / max(n_moe, 1)
+    loss, aux = ce_sum / n_targets, aux_sum / cfg.grad_accum
+    if math.isfinite(loss) and math.isfinite(aux):
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    tokens = sum(b.n_tokens for b in micro)
+    return loss, aux, losses, dropped_sum / cfg.grad_accum, load, tokens
+
+
+def _after_step(model: Transformer, cfg: FinetuneConfig) -> None:
+    """V3 bias balancing only when the routers train; otherwise just drop the counts."""
+    if cfg.full and not cfg.freeze_router:
+        model.update_router_biases()
+    else:
+        for layer in model.moe_layers():
+            layer.load_counts.zero_()
+
+
+def _finish(model: Transformer, cfg: FinetuneConfig, out: Path, log: MetricsLog,
+            probe: tuple[str, list[sft_data.Example]], pad_id: int,
+            result: FinetuneResult, quiet: bool) -> None:
+    """Routing statistics after finetuning, then the adapter or the finetuned model."""
+    before = next((r for r in log.read() if r.get("event") == "routing"
+                   and r.get("phase") == "before"), None)
+    loss, load = evaluate(model, probe[1], cfg.eval_batch_size, pad_id)
+    record = routing_record(result.step, "after", probe[0], loss, load, before)
+    log.write(record)
+    result.probe_loss_before = record.get("probe_loss_before")
+    result.load_shift = record.get("load_shift")
+    model.eval()
+    if lora_modules(model):
+        result.output = save_adapter(model, out / "adapter", base_model=cfg.model)
+    else:
+        result.output = out / "model"
+        model.save_pretrained(result.output, tokenizer_dir=out / "tokenizer")
+    if not quiet:
+        shift = (f", expert load shift {result.load_shift:.3f} (total variation, mean over "
+                 "MoE layers)" if record["load_shift_per_layer"] else "")
+        before_loss = f" (before: {result.probe_loss_before:.3f})" if before else ""
+        train = f"train loss {result.train_loss:.3f}, " if result.train_loss is not None else ""
+        print(f"final: {train}{probe[0]} assistant-token loss {loss:.3f}{before_loss}{shift}")
+        print(f"{'adapter' if lora_modules(model) else 'model'} written to {result.output}")
