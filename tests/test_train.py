@@ -207,3 +207,24 @@ def test_lr_schedule_warms_up_then_decays() -> None:
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
     assert all(a >= b for a, b in zip(lrs[9:], lrs[10:]))
     assert lrs[-1] == pytest.approx(0.1, abs=1e-3)
+
+
+@pytest.mark.slow
+def test_nproc_expert_parallel_run_matches_one_process(corpus: Path, tmp_path: Path) -> None:
+    """`dsmoe train --nproc 2 --ep 2`: same global batch, same losses as one process."""
+    cache = tmp_path / "cache"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    single, parallel = tmp_path / "single", tmp_path / "ep2"
+    common = ("--max-steps", "4", "--routing", "v3", "--set", "n_group=2", "--set", "topk_group=1")
+    subprocess.run(_cli(*common, out=single, cache=cache, corpus=corpus), check=True,
+                   timeout=300, env=env)
+    subprocess.run(_cli(*common, "--nproc", "2", "--ep", "2", out=parallel, cache=cache,
+                        corpus=corpus), check=True, timeout=300, env=env)
+    a, b = _losses(single), _losses(parallel)
+    assert [s for s, _ in a] == [s for s, _ in b]
+    for (_, x), (_, y) in zip(a, b):
+        assert y == pytest.approx(x, rel=1e-5, abs=1e-6)
+    exported = Transformer.from_pretrained(parallel / "model")
+    reference = Transformer.from_pretrained(single / "model")
+    for (name, p), (_, q) in zip(exported.state_dict().items(), reference.state_dict().items()):
+        torch.testing.assert_close(p, q, atol=1e-5, rtol=1e-4, msg=name)

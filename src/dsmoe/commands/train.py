@@ -8,6 +8,7 @@ plots/. Ctrl-C saves a checkpoint; --resume continues a run exactly where it sto
 from __future__ import annotations
 
 import argparse
+import os
 
 from dsmoe.train.config import DTYPES, ROUTINGS, TrainConfig
 
@@ -42,11 +43,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint-every", type=int, default=_DEFAULTS.checkpoint_every)
     parser.add_argument("--cache-dir", default=None, help="tokenizer/token cache directory")
     parser.add_argument("--quiet", action="store_true", help="no progress output")
+    parser.add_argument("--nproc", type=int, default=1,
+                        help="spawn N local processes (as torchrun --nproc-per-node N would)")
+    parser.add_argument("--ep", type=int, default=None,
+                        help="expert-parallel group size (default: every rank)")
 
 
 def run(args: argparse.Namespace) -> int:
-    from dsmoe.train.loop import train
-
     cfg = TrainConfig(
         preset=args.preset, routing=args.routing, dense=args.dense,
         overrides=tuple(args.overrides), data=args.data, tokenizer=args.tokenizer,
@@ -55,7 +58,25 @@ def run(args: argparse.Namespace) -> int:
         lr=args.lr, warmup_steps=args.warmup_steps, dtype=args.dtype, compile=args.compile,
         seed=args.seed, log_every=args.log_every, eval_every=args.eval_every,
         checkpoint_every=args.checkpoint_every)
-    result = train(cfg, resume=args.resume, quiet=args.quiet)
+    if args.nproc > 1 and "WORLD_SIZE" not in os.environ:  # not already under torchrun
+        from dsmoe.distributed import launch
+
+        result = launch(_train_process, args.nproc, cfg, args.resume, args.quiet, args.ep)[0]
+    else:
+        result = _train_process(cfg, args.resume, args.quiet, args.ep)
     if result.status == "diverged":
         return 3
     return 0
+
+
+def _train_process(cfg: "TrainConfig", resume: bool, quiet: bool, ep: int | None):
+    """One rank's run (or the only one): join the process group torchrun or --nproc
+    described, train, leave."""
+    from dsmoe import distributed as ddist
+    from dsmoe.train.loop import train
+
+    ddist.init_distributed()
+    try:
+        return train(cfg, resume=resume, quiet=quiet, ep=ep)
+    finally:
+        ddist.teardown()

@@ -85,10 +85,10 @@ class TrainConfig:
         return cls(**data)
 
 
-def _devices_for(n_experts: int, top_k: int) -> tuple[int, int]:
-    """Simulated devices D (a divisor of E, >= 2 experts each) and a limit M < D that
-    still leaves room for top-k experts."""
-    for devices in (8, 4, 2):
+def _devices_for(n_experts: int, top_k: int, devices: int | None = None) -> tuple[int, int]:
+    """Devices D (the EP ranks when given, else simulated: a divisor of E, >= 2 experts
+    each) and a limit M < D that still leaves room for top-k experts."""
+    for devices in ((devices,) if devices else (8, 4, 2)):
         if n_experts % devices == 0 and n_experts // devices >= 2:
             per_device = n_experts // devices
             limit = max(devices // 2, math.ceil(top_k / per_device))
@@ -96,12 +96,14 @@ def _devices_for(n_experts: int, top_k: int) -> tuple[int, int]:
     return 1, 1
 
 
-def routing_overrides(routing: str, base: ModelConfig) -> dict[str, Any]:
-    """ModelConfig changes that select a DeepSeek generation's routing and balancing."""
+def routing_overrides(routing: str, base: ModelConfig, devices: int | None = None
+                      ) -> dict[str, Any]:
+    """ModelConfig changes that select a DeepSeek generation's routing and balancing;
+    ``devices``: the EP size when the devices are real ranks."""
     E, K = base.n_routed_experts, base.num_experts_per_tok
     if E is None:
         return {}
-    devices, limit = _devices_for(E, K)
+    devices, limit = _devices_for(E, K, devices)
     if routing == "v1":  # softmax top-K, expert- and device-level balance losses
         return dict(scoring_func="softmax", topk_method="greedy", norm_topk_prob=False,
                     aux_loss_alpha=0.01, seq_aux=False, n_devices=devices,
@@ -121,10 +123,11 @@ def routing_overrides(routing: str, base: ModelConfig) -> dict[str, Any]:
                 aux_loss_alpha=0.0001, seq_aux=True)
 
 
-def build_model_config(cfg: TrainConfig, vocab_size: int) -> ModelConfig:
+def build_model_config(cfg: TrainConfig, vocab_size: int, devices: int | None = None
+                       ) -> ModelConfig:
     """preset -> routing recipe -> dense swap -> ``--set`` overrides -> tokenizer's vocab."""
     base = ModelConfig.preset(cfg.preset)
-    model_cfg = base.replace(**routing_overrides(cfg.routing, base))
+    model_cfg = base.replace(**routing_overrides(cfg.routing, base, devices))
     if cfg.dense and base.n_routed_experts is not None:
         active = (base.n_shared_experts or 0) + base.num_experts_per_tok
         model_cfg = model_cfg.replace(

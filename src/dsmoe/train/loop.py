@@ -27,6 +27,7 @@ from typing import Any, Iterator
 import torch
 import torch.nn.functional as F
 
+from dsmoe import distributed as ddist
 from dsmoe.config import ModelConfig
 from dsmoe.data import (BatchSampler, Corpus, TokenStreams, load_corpus, tokenize_corpus,
                         unigram_entropy)
@@ -144,13 +145,14 @@ def evaluate(model: Transformer, batches: Iterator[tuple[torch.Tensor, torch.Ten
     model.eval()
     total, count = 0.0, 0
     for inputs, targets in batches:
+        inputs, targets = ddist.data_shard((inputs, targets))
         with autocast:
             logits = model(inputs).logits
         total += F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(),
                                  reduction="sum").item()
         count += targets.numel()
     model.train(was_training)
-    return total / max(count, 1)
+    return ddist.reduce_mean(total / max(count, 1))
 
 
 class _SigintFlag:
@@ -184,8 +186,15 @@ def prepare(cfg: TrainConfig, out: Path) -> tuple[Corpus, Tokenizer, TokenStream
     return corpus, tokenizer, streams
 
 
-def train(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False) -> TrainResult:
-    """Run (or continue) a training run in ``cfg.out``; see the module docstring."""
+def train(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False,
+          ep: int | None = None) -> TrainResult:
+    """Run (or continue) a training run in ``cfg.out``; see the module docstring. Under
+    torchrun / ``--nproc`` every rank calls this after ``ddist.init_distributed()``;
+    ``ep``: expert-parallel group size (default: every rank; 1 for ``--dense``)."""
+    if ep is None:
+        ep = 1 if cfg.dense else ddist.get_world_size()
+    main = ddist.is_main_process()
+    quiet = quiet or not main
     out = Path(cfg.out)
     existing = ckpt.list_checkpoints(out)
     if existing and not resume:
@@ -194,14 +203,22 @@ def train(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False) -> Tra
     state = ckpt.load_latest(out) if resume else None
     if state is not None:  # the run's own settings win, except how long to run
         cfg = TrainConfig.from_dict({**state["train_config"], "max_steps": cfg.max_steps})
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "train_config.json", json.dumps(cfg.to_dict(), indent=2) + "\n")
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / "train_config.json", json.dumps(cfg.to_dict(), indent=2) + "\n")
 
     torch.manual_seed(cfg.seed)
-    corpus, tokenizer, streams = prepare(cfg, out)
+    with ddist.main_process_first():
+        corpus, tokenizer, streams = prepare(cfg, out)
     model_cfg = (ModelConfig.from_hf(state["model_config"]) if state is not None
-                 else build_model_config(cfg, tokenizer.vocab_size))
+                 else build_model_config(cfg, tokenizer.vocab_size,
+                                         devices=ep if ep > 1 else None))
+    model_cfg = ddist.ep_model_config(model_cfg, ep)
     model = Transformer(model_cfg)
+    n_params, n_active = model.num_parameters(), model.num_parameters(active=True)
+    if state is not None:
+        model.load_state_dict(state["model"])
+    model = ddist.parallelize(model, ep)
     optimizer = build_optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(cfg, s) / cfg.lr)
     sampler = BatchSampler(streams.train, cfg.batch_size, cfg.seq_len, cfg.seed)
@@ -210,14 +227,15 @@ def train(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False) -> Tra
     interval = _Interval(n_moe, model_cfg.n_routed_experts or 0)
     step = 0
     if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+        optimizer.load_state_dict(ddist.shard_optimizer_state(model, optimizer,
+                                                              state["optimizer"]))
         scheduler.load_state_dict(state["scheduler"])
         ckpt.set_rng_state(state["rng"])
         interval.state = state["interval"]
         step = state["step"]
     log = MetricsLog(out / "metrics.jsonl")
-    log.truncate_after(step)
+    if main:
+        log.truncate_after(step)
     entropy = unigram_entropy(streams.val, tokenizer.vocab_size)
 
     forward = torch.compile(model) if cfg.compile else model
@@ -225,18 +243,21 @@ def train(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False) -> Tra
                 else contextlib.nullcontext())
 
     def save(at_step: int) -> None:
-        payload = {"step": at_step, "model": model.state_dict(),
-                   "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+        payload = {"step": at_step, "model": ddist.full_state_dict(model),
+                   "optimizer": ddist.full_optimizer_state(model, optimizer),
+                   "scheduler": scheduler.state_dict(),
                    "rng": ckpt.rng_state(), "interval": interval.state,
                    "train_config": cfg.to_dict(), "model_config": model_cfg.to_hf()}
-        ckpt.save_checkpoint(out, at_step, payload, cfg.keep_checkpoints)
+        if main:
+            ckpt.save_checkpoint(out, at_step, payload, cfg.keep_checkpoints)
+        ddist.barrier()
 
     result = TrainResult(out=out, step=step, status="finished", unigram_entropy=entropy)
     model.train()
     with _SigintFlag() as sigint, ProgressDisplay(cfg.max_steps, step, quiet) as display:
         display.print(f"model: {model_cfg.num_hidden_layers} layers, "
-                      f"{model.num_parameters() / 1e6:.2f}M params "
-                      f"({model.num_parameters(active=True) / 1e6:.2f}M active), routing "
+                      f"{n_params / 1e6:.2f}M params "
+                      f"({n_active / 1e6:.2f}M active), routing "
                       f"{'dense' if cfg.dense else cfg.routing}; data: {corpus.source}, "
                       f"{len(streams.train):,} train tokens")
         while step < cfg.max_steps:
@@ -249,6 +270,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False) -> Tra
                 result.status = "diverged"
                 break
             scheduler.step()
+            ddist.all_reduce_expert_load(model)
             model.update_router_biases()
             step += 1
             interval.add(loss, aux, losses, dropped, load, cfg.batch_size * cfg.seq_len *
@@ -263,19 +285,24 @@ def train(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False) -> Tra
                     result.val_loss = record["val_loss"]
                 result.train_loss, result.tokens_per_s = (record["train_loss"],
                                                           record["tokens_per_s"])
-                log.write(record)
+                if main:
+                    log.write(record)
                 interval = _Interval(n_moe, model_cfg.n_routed_experts or 0)
-            if step % cfg.checkpoint_every == 0 or step == cfg.max_steps or sigint.raised:
+            stop = ddist.any_rank(sigint.raised)
+            if step % cfg.checkpoint_every == 0 or step == cfg.max_steps or stop:
                 save(step)
             display.update(step, record)
-            if sigint.raised:
+            if stop:
                 display.print(f"interrupted at step {step}; checkpoint saved. "
                               f"Continue with: dsmoe train --out {out} --resume")
                 result.status = "interrupted"
                 break
     result.step = step
     if result.status == "finished":
-        _finish(model, tokenizer, cfg, out, result, quiet)
+        single = ddist.gather_model(model) if ddist.is_distributed() else model
+        if main:
+            _finish(single, tokenizer, cfg, out, result, quiet)
+        ddist.barrier()
     return result
 
 
@@ -289,7 +316,7 @@ def _train_step(forward: torch.nn.Module, optimizer: torch.optim.Optimizer,
     losses: dict[str, float] = {}
     load = torch.zeros_like(interval.state["load"])
     for micro in range(cfg.grad_accum):
-        inputs, targets = sampler.batch(step * cfg.grad_accum + micro)
+        inputs, targets = ddist.data_shard(sampler.batch(step * cfg.grad_accum + micro))
         with autocast:
             out = forward(inputs, return_routing=True)
         ce = F.cross_entropy(out.logits.float().flatten(0, 1), targets.flatten())
@@ -301,11 +328,15 @@ def _train_step(forward: torch.nn.Module, optimizer: torch.optim.Optimizer,
         for i, routing in enumerate(out.routing or []):
             load[i] += routing.expert_counts.float()
             dropped_sum += float(routing.dropped_fraction) / max(n_moe, 1)
-    loss, aux = loss_sum / cfg.grad_accum, aux_sum / cfg.grad_accum
+    loss = ddist.reduce_mean(loss_sum / cfg.grad_accum)  # NaN anywhere -> NaN everywhere
+    aux = ddist.reduce_mean(aux_sum / cfg.grad_accum)
+    ddist.all_reduce_sum_(load)  # logged load: the global batch's
+    losses = {name: ddist.reduce_mean(value) for name, value in losses.items()}
+    dropped_sum = ddist.reduce_mean(dropped_sum)
     if math.isfinite(loss) and math.isfinite(aux):
-        params = [p for group in optimizer.param_groups for p in group["params"]]
+        ddist.sync_gradients(forward)
         if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            ddist.clip_grad_norm_(forward, cfg.grad_clip)
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return loss, aux, losses, dropped_sum / cfg.grad_accum, load
