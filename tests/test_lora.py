@@ -61,12 +61,16 @@ def test_expert_lora_grouped_equals_per_expert_loop() -> None:
     out = experts(x, counts)
 
     s = experts.gate_proj.scaling
+
+    def delta(pair, e: int) -> torch.Tensor:  # s * B_e A_e [out, in]
+        return s * pair.lora_B[e] @ pair.lora_A[e]
+
     pieces, start = [], 0
     for e, n in enumerate(counts.tolist()):  # the oracle: a plain loop of dense matrices
         rows = x[start:start + n]
-        gate_w = base.gate_up_proj[e, :F_] + s * experts.gate_proj.lora_B[e] @ experts.gate_proj.lora_A[e]
-        up_w = base.gate_up_proj[e, F_:] + s * experts.up_proj.lora_B[e] @ experts.up_proj.lora_A[e]
-        down_w = base.down_proj[e] + s * experts.down_proj.lora_B[e] @ experts.down_proj.lora_A[e]
+        gate_w = base.gate_up_proj[e, :F_] + delta(experts.gate_proj, e)
+        up_w = base.gate_up_proj[e, F_:] + delta(experts.up_proj, e)
+        down_w = base.down_proj[e] + delta(experts.down_proj, e)
         pieces.append(F.linear(F.silu(F.linear(rows, gate_w)) * F.linear(rows, up_w), down_w))
         start += n
     expected = torch.cat(pieces)
@@ -182,7 +186,8 @@ def test_adapter_for_another_base_is_refused(tmp_path) -> None:
     save_adapter(model, tmp_path, base_model="tiny-a")
     other = Transformer(moe_config(first_k_dense_replace=1, num_hidden_layers=3, vocab_size=96,
                                    hidden_size=64))
-    with pytest.raises(ValueError, match=r"another base model \(tiny-a\): hidden_size 32 there, 64 here"):
+    with pytest.raises(ValueError,
+                       match=r"another base model \(tiny-a\): hidden_size 32 there, 64 here"):
         load_adapter(other, tmp_path)
     same_shape = _model()  # same architecture, other weights: applied with a warning
     with pytest.warns(UserWarning, match="different base weights"):
