@@ -53,14 +53,15 @@ def _load_average() -> str:
 
 
 def _best(fn, repeat: int) -> float:
-    """Fastest of ``repeat`` runs, in seconds (the least disturbed by other processes)."""
+    """Lower quartile of ``repeat`` runs, in seconds: robust to other processes stealing
+    the CPU in some runs, without the luck of a single fastest run."""
     fn()
     times = []
     for _ in range(repeat):
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
-    return min(times)
+    return sorted(times)[len(times) // 4]
 
 
 # --- kernels -------------------------------------------------------------------------------
@@ -97,7 +98,8 @@ def bench_kernels(rows: list[int], repeat: int) -> list[dict]:
 
 def print_kernels(results: list[dict]) -> None:
     columns = [k for k in results[0] if k not in ("matrix", "rows")]
-    print(f"\n### Kernels: ms per matmul (best of runs; load average {_load_average()})\n")
+    print(f"\n### Kernels: ms per matmul (lower quartile of runs; load average "
+          f"{_load_average()})\n")
     print("| matrix | rows | " + " | ".join(columns) + " |")
     print("|---|---:|" + "---:|" * len(columns))
     for r in results:
@@ -134,12 +136,12 @@ def make_checkpoints(preset: str, root: Path, formats: list[str], llama: bool) -
     info["parameters"] = model.num_parameters()
     info["active_parameters"] = model.num_parameters(active=True)
     hf_dir = root / "bf16"
-    model.save_pretrained(hf_dir)
+    if not (hf_dir / "config.json").is_file():  # --workdir: reuse what an earlier run made
+        model.save_pretrained(hf_dir)
+        _tokenizer(config.vocab_size).save(hf_dir)
     del model
-    tok = _tokenizer(config.vocab_size)
-    tok.save(hf_dir)
     for fmt, bits in (("int8", 8), ("int4", 4)):
-        if fmt in formats:
+        if fmt in formats and not (root / fmt / "config.json").is_file():
             start = time.perf_counter()
             quantize_checkpoint(hf_dir, root / fmt, bits=bits, group_size=128,
                                 dtype=torch.bfloat16, tokenizer_dir=hf_dir)
@@ -149,6 +151,8 @@ def make_checkpoints(preset: str, root: Path, formats: list[str], llama: bool) -
         from dsmoe.tokenizer import Tokenizer
 
         for quant in ("q8_0", "q4_0"):
+            if (root / f"{quant}.gguf").is_file():
+                continue
             start = time.perf_counter()
             gguf.write_gguf(root / f"{quant}.gguf", hf.read_config(hf_dir),
                             gguf.HFDirectoryState(hf_dir), Tokenizer.from_file(hf_dir),
@@ -158,7 +162,8 @@ def make_checkpoints(preset: str, root: Path, formats: list[str], llama: bool) -
 
 
 # --- workers (fresh subprocesses) -------------------------------------------------------------
-def worker_dsmoe(path: str, fmt: str, prompt: int, decode: int, threads: int) -> dict:
+def worker_dsmoe(path: str, fmt: str, prompt: int, decode: int, threads: int,
+                 rounds: int) -> dict:
     import torch
 
     torch.set_num_threads(threads)
@@ -174,34 +179,45 @@ def worker_dsmoe(path: str, fmt: str, prompt: int, decode: int, threads: int) ->
                                             else torch.bfloat16)
     load_s = time.perf_counter() - start
     load_peak = _status_kib("VmHWM") * 1024
-    timings = _time_dsmoe(model, prompt, decode)
+    timings = _time_dsmoe(model, prompt, decode, rounds)
     return {**timings, "load_s": load_s, "load_peak_gib": (load_peak - baseline) / GIB,
             "peak_gib": _status_kib("VmHWM") * 1024 / GIB, "baseline_gib": baseline / GIB,
             "anon_gib": _status_kib("RssAnon") * 1024 / GIB,
             "file_gib": _status_kib("RssFile") * 1024 / GIB}
 
 
-def _time_dsmoe(model, prompt: int, decode: int) -> dict:
+def _time_dsmoe(model, prompt: int, decode: int, rounds: int) -> dict:
+    """Best and median of ``rounds`` prefill / decode measurements (best: the least
+    disturbed by other processes on a shared machine)."""
     import torch
 
     V = model.config.vocab_size
     ids = torch.randint(0, V, (1, prompt), generator=torch.Generator().manual_seed(0))
+    prefill, decoding = [], []
     with torch.inference_mode():
         model(ids[:, :8])  # warm-up
-        start = time.perf_counter()
-        model(ids, logits_to_keep=1)
-        prefill_s = time.perf_counter() - start
-        cache = model.new_cache(1, prompt + decode + 1)
-        token = model(ids, cache=cache, logits_to_keep=1).logits[:, -1].argmax(-1, keepdim=True)
-        start = time.perf_counter()
-        for _ in range(decode):
-            logits = model(token, cache=cache, logits_to_keep=1).logits
+        for _ in range(rounds):
+            start = time.perf_counter()
+            model(ids, logits_to_keep=1)
+            prefill.append(prompt / (time.perf_counter() - start))
+            cache = model.new_cache(1, prompt + decode + 1)
+            logits = model(ids, cache=cache, logits_to_keep=1).logits
             token = logits[:, -1].argmax(-1, keepdim=True)
-        decode_s = time.perf_counter() - start
-    return {"prefill_tok_s": prompt / prefill_s, "decode_tok_s": decode / decode_s}
+            start = time.perf_counter()
+            for _ in range(decode):
+                logits = model(token, cache=cache, logits_to_keep=1).logits
+                token = logits[:, -1].argmax(-1, keepdim=True)
+            decoding.append(decode / (time.perf_counter() - start))
+    return _rates(prefill, decoding)
 
 
-def worker_llama(path: str, prompt: int, decode: int, threads: int) -> dict:
+def _rates(prefill: list[float], decoding: list[float]) -> dict:
+    return {"prefill_tok_s": max(prefill), "decode_tok_s": max(decoding),
+            "prefill_tok_s_median": sorted(prefill)[len(prefill) // 2],
+            "decode_tok_s_median": sorted(decoding)[len(decoding) // 2]}
+
+
+def worker_llama(path: str, prompt: int, decode: int, threads: int, rounds: int) -> dict:
     import llama_cpp
     import numpy as np
 
@@ -214,18 +230,23 @@ def worker_llama(path: str, prompt: int, decode: int, threads: int) -> dict:
     vocab = llm.n_vocab()
     ids = np.random.default_rng(0).integers(0, vocab, prompt).tolist()
     llm.eval(ids[:8])  # warm-up
-    llm.reset()
-    start = time.perf_counter()
-    llm.eval(ids)
-    prefill_s = time.perf_counter() - start
-    token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
-    start = time.perf_counter()
-    for _ in range(decode):
-        llm.eval([token])
-        token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
-    decode_s = time.perf_counter() - start
-    return {"prefill_tok_s": prompt / prefill_s, "decode_tok_s": decode / decode_s,
-            "load_s": load_s, "load_peak_gib": (load_peak - baseline) / GIB,
+
+    def last_logits() -> np.ndarray:  # without logits_all only the last row is computed
+        return np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(vocab,))
+
+    prefill, decoding = [], []
+    for _ in range(rounds):
+        llm.reset()
+        start = time.perf_counter()
+        llm.eval(ids)
+        prefill.append(prompt / (time.perf_counter() - start))
+        token = int(np.argmax(last_logits()))
+        start = time.perf_counter()
+        for _ in range(decode):
+            llm.eval([token])
+            token = int(np.argmax(last_logits()))
+        decoding.append(decode / (time.perf_counter() - start))
+    return {**_rates(prefill, decoding), "load_s": load_s, "load_peak_gib": (load_peak - baseline) / GIB,
             "peak_gib": _status_kib("VmHWM") * 1024 / GIB, "baseline_gib": baseline / GIB,
             "anon_gib": _status_kib("RssAnon") * 1024 / GIB,
             "file_gib": _status_kib("RssFile") * 1024 / GIB}
@@ -245,7 +266,7 @@ def _run_worker(args: list[str]) -> dict:
 def print_runs(title: str, runs: dict[str, dict], weights_gib: dict[str, float]) -> None:
     print(f"\n### {title} (load average {_load_average()})\n")
     print("| format | weights GiB | load s | peak RSS GiB | RSS anon + file GiB | "
-          "prefill tok/s | decode tok/s |")
+          "prefill tok/s | decode tok/s (median) |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for fmt, r in runs.items():
         if "error" in r:
@@ -253,9 +274,10 @@ def print_runs(title: str, runs: dict[str, dict], weights_gib: dict[str, float])
             continue
         print(f"| {fmt} | {weights_gib.get(fmt, float('nan')):.2f} | {r['load_s']:.1f} | "
               f"{r['peak_gib']:.2f} | {r['anon_gib']:.2f} + {r['file_gib']:.2f} | "
-              f"{r['prefill_tok_s']:.1f} | {r['decode_tok_s']:.2f} |")
-    print("\n(peak RSS = VmHWM; file = pages of memory-mapped weights, evictable, "
-          "anon = copies in process memory)")
+              f"{r['prefill_tok_s']:.1f} | {r['decode_tok_s']:.2f} "
+              f"({r['decode_tok_s_median']:.2f}) |")
+    print("\n(tok/s: best of the rounds, median in brackets; peak RSS = VmHWM; file = pages "
+          "of memory-mapped weights, evictable; anon = copies in process memory)")
 
 
 def _dir_gib(path: Path) -> float:
@@ -309,25 +331,30 @@ def main() -> None:
     parser.add_argument("--prompt", type=int, default=128)
     parser.add_argument("--decode", type=int, default=32)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    parser.add_argument("--kernel-rows", type=int, nargs="+", default=[1, 4, 16, 32, 64, 256])
-    parser.add_argument("--repeat", type=int, default=10)
+    parser.add_argument("--kernel-rows", type=int, nargs="+", default=[1, 4, 12, 16, 64, 256])
+    parser.add_argument("--repeat", type=int, default=20, help="kernel timing runs")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="prefill/decode measurements per model (best and median)")
     parser.add_argument("--big", action="store_true", help="also the 16B-shaped int8 run")
     parser.add_argument("--big-prompt", type=int, default=32)
     parser.add_argument("--big-decode", type=int, default=8)
     parser.add_argument("--skip-kernels", action="store_true")
     parser.add_argument("--skip-model", action="store_true")
     parser.add_argument("--no-llama", action="store_true", help="skip llama.cpp even if present")
-    parser.add_argument("--workdir", default=None, help="where checkpoints go (default: /tmp)")
+    parser.add_argument("--workdir", default=None,
+                        help="keep the checkpoints here and reuse them in later runs "
+                             "(default: a temporary directory, deleted)")
     parser.add_argument("--json", default=None, help="also write all results here")
     parser.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     if args.worker:
-        kind, path, fmt, prompt, decode, threads = args.worker
+        kind, path, fmt, prompt, decode, threads, rounds = args.worker
         if kind == "llama":
-            result = worker_llama(path, int(prompt), int(decode), int(threads))
+            result = worker_llama(path, int(prompt), int(decode), int(threads), int(rounds))
         else:
-            result = worker_dsmoe(path, fmt, int(prompt), int(decode), int(threads))
+            result = worker_dsmoe(path, fmt, int(prompt), int(decode), int(threads),
+                                  int(rounds))
         print(json.dumps(result))
         return
 
@@ -344,7 +371,9 @@ def main() -> None:
         print_kernels(results["kernels"])
 
     llama = importlib.util.find_spec("llama_cpp") is not None and not args.no_llama
-    root = Path(tempfile.mkdtemp(prefix="dsmoe-quant-bench-", dir=args.workdir))
+    keep = args.workdir is not None
+    root = Path(args.workdir) if keep else Path(tempfile.mkdtemp(prefix="dsmoe-quant-bench-"))
+    root.mkdir(parents=True, exist_ok=True)
     try:
         if not args.skip_model:
             info = make_checkpoints(args.preset, root, args.formats, llama)
@@ -356,22 +385,23 @@ def main() -> None:
                 path = root / ("bf16" if fmt in ("fp32", "bf16") else fmt)
                 sizes[fmt] = _dir_gib(path) * (2 if fmt == "fp32" else 1)
                 runs[fmt] = _run_worker(["dsmoe", str(path), fmt, str(args.prompt),
-                                         str(args.decode), str(args.threads)])
+                                         str(args.decode), str(args.threads), str(args.rounds)])
             if llama:
                 for quant in ("q8_0", "q4_0"):
                     path = root / f"{quant}.gguf"
                     sizes[f"llama.cpp {quant}"] = _dir_gib(path)
                     runs[f"llama.cpp {quant}"] = _run_worker(
                         ["llama", str(path), quant, str(args.prompt), str(args.decode),
-                         str(args.threads)])
+                         str(args.threads), str(args.rounds)])
             results["model"] = {"runs": runs, "weights_gib": sizes}
             print_runs(f"{args.preset}, prompt {args.prompt}, decode {args.decode}, batch 1",
                        runs, sizes)
             if llama and "int8" in runs and "decode_tok_s" in runs.get("llama.cpp q8_0", {}):
                 ratio = runs["int8"]["decode_tok_s"] / runs["llama.cpp q8_0"]["decode_tok_s"]
                 print(f"\ndsmoe int8 decode / llama.cpp Q8_0 decode: {ratio:.2f}x")
-            for sub in ("bf16", "int8", "int4"):
-                shutil.rmtree(root / sub, ignore_errors=True)
+            if not keep:
+                for sub in ("bf16", "int8", "int4"):
+                    shutil.rmtree(root / sub, ignore_errors=True)
         if args.big:
             big = root / "int8-16b"
             write_s = write_random_quantized("deepseek-moe-16b", big)
@@ -379,13 +409,14 @@ def main() -> None:
             print(f"\nwrote a random deepseek-moe-16b int8 checkpoint: {size:.2f} GiB in "
                   f"{write_s:.0f} s")
             run = _run_worker(["dsmoe", str(big), "int8", str(args.big_prompt),
-                               str(args.big_decode), str(args.threads)])
+                               str(args.big_decode), str(args.threads), str(args.rounds)])
             results["16b"] = {"run": run, "weights_gib": size, "write_s": write_s}
             print_runs(f"deepseek-moe-16b shape, int8, prompt {args.big_prompt}, decode "
                        f"{args.big_decode}, batch 1", {"int8": run}, {"int8": size})
             shutil.rmtree(big, ignore_errors=True)
     finally:
-        shutil.rmtree(root, ignore_errors=True)
+        if not keep:
+            shutil.rmtree(root, ignore_errors=True)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
 

@@ -210,9 +210,8 @@ def save_quantized(model: nn.Module, directory: str | os.PathLike, *,
     with QuantizedCheckpointWriter(directory, model.config, qc, float_dtype=float_dtype,
                                    max_shard_size=max_shard_size,
                                    tokenizer_dir=tokenizer_dir) as writer:
-        for name in checkpoint_layout(model):
-            owner, _, leaf = name.rpartition(".")
-            if name in state and owner not in matrices:
+        for name in checkpoint_layout(model):  # float tensors first, in model order
+            if name in state and name.rpartition(".")[0] not in matrices:
                 writer.add(name, state[name])
         # quantized matrices one module at a time (int4 is unpacked per module)
         for owner, matrix in matrices.items():
@@ -296,7 +295,7 @@ def load_model(path: str | os.PathLike, *, dtype: torch.dtype | str | None = tor
     if not path.exists():
         raise FileNotFoundError(f"model not found: {path}")
     if path.is_dir() and is_quantized_checkpoint(path):
-        model = load_quantized(path, dtype=None if dtype is None else dtype, device=device)
+        model = load_quantized(path, dtype=dtype, device=device)
         if qc is not None and (qc.bits, qc.group_size) != (model.quant_config.bits,
                                                            model.quant_config.group_size):
             raise ValueError(f"{path} is already quantized ({model.quant_config.bits}-bit); "

@@ -8,12 +8,16 @@ Formats (one matrix W [N, K]: N outputs, K inputs; experts add a leading E):
   Scales and zeros are bf16, the precision the kernels compute with.
 
 Kernels (measured in ``benchmarks/quantized.py``; see its table):
-  int8  ``torch._weight_int8pack_mm`` for few rows (decoding: it streams int8 weights and
-        is ~2x faster than a bf16 GEMM there); for many rows (prefill) the weight is
-        converted to the activation dtype and run as a GEMM with the scale applied to the
-        output columns, because the int8 kernel does not block for large M.
+  int8  ``torch._weight_int8pack_mm`` for few rows (decoding: it reads int8 weights and is
+        1.7x faster than a bf16 GEMM, 3x faster than fp32, at one row); for more rows
+        (prefill) the weight is converted to the activation dtype and run as a GEMM with
+        the scale applied to the output columns: the int8 kernel computes row by row and
+        falls behind a GEMM past ~12 rows.
   int4  ``torch._weight_int4pack_mm_for_cpu`` on a weight repacked once by
-        ``torch._convert_weight_to_int4pack_for_cpu`` (an opaque, CPU-specific layout).
+        ``torch._convert_weight_to_int4pack_for_cpu`` (an opaque, CPU-specific layout), for
+        any number of rows: as fast as int8 when decoding, ~3x slower than a bf16 GEMM at
+        64 rows (the packed layout cannot be converted back cheaply, and keeping a second,
+        plain copy would cost the memory int4 is for).
   NOTE: both kernels are fast only with bf16 activations (with fp32 they fall back to
   scalar code, ~10x slower), so rows are cast to bf16 for them and the result back.
   NOTE: ``_weight_int8pack_mm`` reads activations and weights with aligned vector loads and
@@ -37,8 +41,10 @@ import torch.nn.functional as F
 
 INT4_GROUP_SIZES = (32, 64, 128, 256)  # what torch's int4 CPU kernel accepts
 INT4_ROW_MULTIPLE = 16  # torch's int4 packing needs N % 16 == 0
-# Rows at or below which the int8 kernel beats convert + GEMM (see the benchmark).
-INT8_KERNEL_MAX_ROWS = 16
+# Rows at or below which the int8 kernel beats convert + GEMM: its cost grows ~linearly
+# with the rows past 4 (a GEMV per row), the conversion is a fixed ~1.2 ms for a 2816 x 2048
+# expert; they cross between 12 and 16 rows (benchmarks/quantized.py, kernels table).
+INT8_KERNEL_MAX_ROWS = 12
 _KERNEL_DTYPE = torch.bfloat16
 
 

@@ -153,8 +153,6 @@ def read_config(get: Getter, tensor_names: set[str], source: str) -> ModelConfig
             for key, value in values.items():  # llama.cpp's keys win: llama.cpp runs them
                 if not _same_float32(hf.get(key), value):
                     hf[key] = value
-            if values.get("rope_scaling") is None and hf.get("rope_scaling"):
-                hf["rope_scaling"] = json.loads(stored)["rope_scaling"]
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 config = ModelConfig.from_hf(hf)
