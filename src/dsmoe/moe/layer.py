@@ -99,7 +99,10 @@ class MoELayer(nn.Module):
         if cfg.drop_tokens and self.training:
             capacity = expert_capacity(cfg.capacity_factor, T, cfg.num_experts_per_tok, E)
         plan = plan_dispatch(route.topk_idx, E, capacity, route.topk_score)
-        expert_out = self.experts(tokens[plan.token_idx], plan.counts)  # [A_kept, D]
+        # index_select, not tokens[idx]: the same rows, but CPU advanced indexing opens a
+        # thread pool region even for the K rows of one decode token.
+        routed_in = tokens.index_select(0, plan.token_idx)  # [A_kept, D]
+        expert_out = self.experts(routed_in, plan.counts)  # [A_kept, D]
         out = combine(expert_out, plan, route.topk_weight.to(x.dtype))  # [T, D]
         if self.shared_experts is not None:
             out = out + self.shared_experts(tokens)
