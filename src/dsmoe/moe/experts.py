@@ -29,14 +29,15 @@ def _grouped_mm_works(device_type: str, dtype: torch.dtype) -> bool:
     """Probe ``torch._grouped_mm`` once per (device, dtype): forward and backward."""
     if not hasattr(torch, "_grouped_mm"):
         return False
-    try:
-        x = torch.randn(16, 16, device=device_type, dtype=dtype, requires_grad=True)
-        w = torch.randn(2, 16, 16, device=device_type, dtype=dtype, requires_grad=True)
-        offs = torch.tensor([8, 16], device=device_type, dtype=torch.int32)
-        out = torch._grouped_mm(x, w.transpose(-2, -1), offs=offs)
-        out.backward(torch.ones_like(out))
-        ref = x[:8] @ w[0].T
-        return bool(torch.allclose(out[:8], ref, atol=1e-2, rtol=1e-2))
+    try:  # NOTE: cached, so independent of the caller's grad mode (e.g. inference_mode)
+        with torch.inference_mode(False), torch.enable_grad():
+            x = torch.randn(16, 16, device=device_type, dtype=dtype, requires_grad=True)
+            w = torch.randn(2, 16, 16, device=device_type, dtype=dtype, requires_grad=True)
+            offs = torch.tensor([8, 16], device=device_type, dtype=torch.int32)
+            out = torch._grouped_mm(x, w.transpose(-2, -1), offs=offs)
+            out.backward(torch.ones_like(out))
+            ref = x[:8] @ w[0].T
+            return bool(torch.allclose(out[:8], ref, atol=1e-2, rtol=1e-2))
     except (RuntimeError, NotImplementedError, TypeError):
         return False
 
