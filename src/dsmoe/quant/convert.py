@@ -87,7 +87,6 @@ def quantize_model(model: nn.Module, bits: int = 8, group_size: int = 128, *,
             else:
                 continue
             setattr(module, child_name, new)
-            del child
     model.quant_config = qc
     return model
 
