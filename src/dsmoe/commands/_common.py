@@ -15,6 +15,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     parser.add_argument("--adapter", default=None, metavar="DIR",
                         help="apply this LoRA adapter (dsmoe finetune's) without merging")
+    parser.add_argument("--quant", choices=("int8", "int4"), default=None,
+                        help="quantize the weights while loading (no full-precision copy)")
 
 
 def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
@@ -29,13 +31,13 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def load_model_and_tokenizer(args: argparse.Namespace):
-    from dsmoe.model import Transformer
+    from dsmoe.quant.checkpoint import load_model
     from dsmoe.tokenizer import Tokenizer
 
     path = Path(args.model)
     if not path.exists():
         raise FileNotFoundError(f"model not found: {path}")
-    model = Transformer.from_pretrained(path, dtype=DTYPES[args.dtype])
+    model = load_model(path, dtype=DTYPES[args.dtype], quant=getattr(args, "quant", None))
     if path.suffix == ".gguf":
         from dsmoe.checkpoint.gguf import load_tokenizer
 

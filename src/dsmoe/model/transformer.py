@@ -271,9 +271,14 @@ class Transformer(nn.Module):
                         torch.float32, device: torch.device | str = "cpu") -> "Transformer":
         """Load an HF directory (``config.json`` + ``model.safetensors`` or a sharded
         ``model.safetensors.index.json``) or a ``.gguf`` file. Returns the model in eval
-        mode. ``dtype=None`` keeps the stored dtype."""
+        mode. ``dtype=None`` keeps the stored dtype. A directory written by ``dsmoe quantize``
+        loads as the quantized model (int8/int4 weights, ``dtype`` for the float parts)."""
         if os.fspath(path).lower().endswith(".gguf"):
             return _load_gguf(path, dtype, device)
+        from dsmoe.quant.checkpoint import is_quantized_checkpoint, load_quantized
+
+        if is_quantized_checkpoint(path):
+            return load_quantized(path, dtype=dtype, device=device)
         from dsmoe.checkpoint.hf import load_pretrained
 
         return load_pretrained(path, dtype=dtype, device=device, model_cls=cls)
@@ -281,6 +286,9 @@ class Transformer(nn.Module):
     def save_pretrained(self, directory: str | os.PathLike, *, max_shard_size: int = 5 * 2**30,
                         tokenizer_dir: str | os.PathLike | None = None) -> None:
         """Write an HF directory with DeepSeek's exact tensor names (see ``checkpoint.hf``)."""
+        if any(type(m).__module__.startswith("dsmoe.quant") for m in self.modules()):
+            raise ValueError("this model is quantized: save it with dsmoe.quant.save_quantized "
+                             "(or `dsmoe quantize`), not as an HF checkpoint")
         from dsmoe.checkpoint.hf import save_pretrained
 
         save_pretrained(self, directory, max_shard_size=max_shard_size,
