@@ -3,7 +3,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 DEMO_OUT ?= runs/demo
-DEMO_STEPS ?= 300
+DEMO_STEPS ?= 250
 
 .PHONY: demo test install bench clean
 
