@@ -1,8 +1,15 @@
 """Token dispatch: sort (token, expert) assignments by expert, drop over capacity, combine.
 
-One path serves training and inference. The combine gathers each assignment's output
-back to its (token, slot) position and reduces over the K slots, instead of a scatter-add:
-a fixed-order reduction, so results are deterministic on every device.
+One path serves training and inference:
+- ``plan_dispatch`` sorts the flat assignments by expert (stable, so token order within an
+  expert), and with a capacity keeps each expert's highest-priority assignments.
+- ``dispatch_tokens`` gathers each sorted assignment's token row.
+- ``combine`` is a weighted sum over each token's K slots, computed as one
+  ``embedding_bag``: bag t holds the rows of token t's kept slots in slot order, weighted by
+  their gate weights. It reads the experts' output rows where they are (no ``[T*K, D]``
+  per-slot copy) and sums each token's slots in a fixed order, so results are
+  deterministic on every device (a scatter-add with atomics would not be) and do not depend
+  on where the rows sit in memory (see ``_Combine``).
 
 Shapes: T tokens, K picks per token, A = T*K assignments (A_kept after dropping), E, D.
 """
@@ -13,6 +20,8 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 
 @dataclass
@@ -22,7 +31,7 @@ class DispatchPlan:
     counts: torch.Tensor  # [E] rows per expert after dropping
     routed_counts: torch.Tensor  # [E] assignments per expert chosen by the router
     n_assignments: int  # A
-    dropped: bool  # whether any assignment was dropped
+    dropped: bool  # whether any assignment may be missing from ``order``
 
 
 def expert_capacity(capacity_factor: float, n_tokens: int, top_k: int, n_experts: int) -> int:
@@ -35,7 +44,7 @@ def plan_dispatch(topk_idx: torch.Tensor, n_experts: int, capacity: int | None =
     """Group assignments by expert (stable: token order within an expert).
 
     With ``capacity``, each expert keeps its ``capacity`` highest-``priority`` assignments
-    (the affinity scores, [T, K]) and the rest are dropped.
+    (the affinity scores, [T, K]; ties: the earlier assignment) and the rest are dropped.
     """
     T, K = topk_idx.shape
     flat = topk_idx.reshape(-1)  # [A]
@@ -53,14 +62,123 @@ def plan_dispatch(topk_idx: torch.Tensor, n_experts: int, capacity: int | None =
     return DispatchPlan(order, order // K, routed.clamp(max=capacity), routed, T * K, True)
 
 
-def combine(expert_out: torch.Tensor, plan: DispatchPlan, topk_weight: torch.Tensor
-            ) -> torch.Tensor:
-    """sum_k weight[t, k] * out(t, k): expert_out [A_kept, D] sorted rows -> [T, D]."""
+def dispatch_tokens(tokens: torch.Tensor, plan: DispatchPlan, rows: torch.Tensor | None = None,
+                    n_rows: int | None = None) -> torch.Tensor:
+    """The token row of every kept assignment, sorted by expert: [T, D] -> [A_kept, D].
+
+    With ``rows`` ([A_kept]: the row of each sorted assignment in an experts' work buffer
+    of ``n_rows`` rows, see ``GroupedGEMM``) the tokens land there directly and the other
+    rows are zero -> [n_rows, D]. Either way one row gather; its backward sums each token's
+    row gradients deterministically."""
+    if rows is None:
+        return tokens.index_select(0, plan.token_idx)
+    T = tokens.shape[0]
+    source = _row_tokens(plan, rows, n_rows, T)  # [P]; T = padding
+    padded = torch.cat([tokens, tokens.new_zeros(1, tokens.shape[1])])  # [T + 1, D]
+    return F.embedding(source, padded, padding_idx=T)  # [P, D]
+
+
+def _row_tokens(plan: DispatchPlan, rows: torch.Tensor, n_rows: int | None, T: int
+                ) -> torch.Tensor:
+    """Token of every work row; ``T`` for a padding row."""
+    source = torch.full((n_rows,), T, dtype=plan.token_idx.dtype, device=rows.device)
+    return source.index_copy_(0, rows, plan.token_idx)  # [P]
+
+
+def _row_dot(a: torch.Tensor, b: torch.Tensor, block: int = 1024) -> torch.Tensor:
+    """Row-wise dot products ``[N, D] x [N, D] -> [N]``, accumulated in at least fp32 (as a
+    GEMM would), a block of rows at a time: the temporaries stay small enough for the
+    allocator to reuse them instead of mapping (and page-faulting) fresh memory."""
+    out = a.new_empty(a.shape[0])  # [N]
+    wide = a.dtype if a.dtype in (torch.float32, torch.float64) else torch.float32
+    for i in range(0, a.shape[0], block):
+        out[i:i + block] = (a[i:i + block].to(wide) * b[i:i + block].to(wide)).sum(dim=-1)
+    return out
+
+
+class _Combine(torch.autograd.Function):
+    """out[t] = sum of weight * row over bag t, as one ``embedding_bag``: rows in the
+    experts' order (sorted or work buffer), bags in (t, k) slot order.
+
+    NOTE: the backward is written out. ``embedding_bag``'s own gradient for
+    ``per_sample_weights`` is one BLAS dot product per slot, whose rounding depends on the
+    rows' memory alignment (measured: offsets of 1-3 floats change it), so the same numbers
+    at another address would give other gate gradients. Here the gate gradient is a
+    row-wise multiply and sum, and the row gradient ``weight * grad[token]`` is exact.
+    A padding row (token ``T``) has weight 0 and gets a zero gradient.
+    """
+
+    @staticmethod
+    def run(expert_out: torch.Tensor, row_weight: torch.Tensor, slot_rows: torch.Tensor,
+            offsets: torch.Tensor) -> torch.Tensor:
+        """The forward math, without autograd."""
+        return F.embedding_bag(slot_rows, expert_out, offsets, mode="sum",
+                               per_sample_weights=row_weight.index_select(0, slot_rows))
+
+    @staticmethod
+    def forward(ctx, expert_out: torch.Tensor, row_weight: torch.Tensor,  # noqa: ANN001
+                slot_rows: torch.Tensor, offsets: torch.Tensor, row_token: torch.Tensor,
+                padded: bool) -> torch.Tensor:
+        ctx.save_for_backward(expert_out, row_weight, row_token)
+        ctx.padded = padded
+        return _Combine.run(expert_out, row_weight, slot_rows, offsets)  # [T, D]
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # noqa: ANN001, ANN205
+        expert_out, row_weight, row_token = ctx.saved_tensors
+        if ctx.padded:  # padding rows read a zero row: no NaN * 0 leaks into them
+            grad = torch.cat([grad, grad.new_zeros(1, grad.shape[1])])  # [T + 1, D]
+        grad_rows = grad.index_select(0, row_token)  # [R, D] upstream grad of each row
+        grad_weight = _row_dot(grad_rows, expert_out) if ctx.needs_input_grad[1] else None
+        grad_out = grad_rows.mul_(row_weight.unsqueeze(-1)) if ctx.needs_input_grad[0] else None
+        return grad_out, grad_weight, None, None, None, None
+
+
+def combine(expert_out: torch.Tensor, plan: DispatchPlan, topk_weight: torch.Tensor,
+            rows: torch.Tensor | None = None) -> torch.Tensor:
+    """sum_k weight[t, k] * out(t, k) over kept slots: expert_out [A_kept, D] -> [T, D].
+
+    With ``rows`` (as in ``dispatch_tokens``), ``expert_out`` is the experts' work buffer
+    [P, D] and sorted row j is its row ``rows[j]``; other rows are ignored. A token whose
+    slots were all dropped gets zeros."""
     T, K = topk_weight.shape
-    D = expert_out.shape[-1]
-    if plan.dropped:
-        per_slot = expert_out.new_zeros(plan.n_assignments, D)
+    order = plan.order  # [A_kept] slot of each sorted row
+    row_weight = topk_weight.reshape(-1).to(expert_out.dtype).index_select(0, order)  # [A_kept]
+    if not plan.dropped:  # every slot kept: bag t is slots t*K .. t*K+K-1
+        slot_rows = torch.empty_like(order)  # [A] sorted row of each slot
+        slot_rows[order] = torch.arange(order.numel(), device=order.device)
+        offsets = torch.arange(0, T * K, K, device=order.device)  # [T]
     else:
-        per_slot = expert_out.new_empty(plan.n_assignments, D)
-    per_slot = per_slot.index_copy(0, plan.order, expert_out)  # [A, D] in (t, k) order
-    return torch.bmm(topk_weight.unsqueeze(1), per_slot.view(T, K, D)).squeeze(1)  # [T, D]
+        slots, slot_rows = torch.sort(order)  # kept slots in (t, k) order, their rows
+        per_token = torch.bincount(torch.div(slots, K, rounding_mode="floor"), minlength=T)
+        offsets = torch.cumsum(per_token, 0) - per_token  # [T] first slot of each bag
+    if not (torch.is_grad_enabled() and (expert_out.requires_grad or row_weight.requires_grad)):
+        if rows is not None:  # inference: skip the autograd Function's bookkeeping
+            row_weight = row_weight.new_zeros(expert_out.shape[0]).index_copy_(0, rows, row_weight)
+            slot_rows = rows.index_select(0, slot_rows)
+        return _Combine.run(expert_out, row_weight, slot_rows, offsets)
+    if rows is None:
+        return _Combine.apply(expert_out, row_weight, slot_rows, offsets, plan.token_idx, False)
+    P = expert_out.shape[0]
+    work_weight = row_weight.new_zeros(P).index_copy(0, rows, row_weight)  # [P]
+    return _Combine.apply(expert_out, work_weight, rows[slot_rows], offsets,
+                          _row_tokens(plan, rows, P, T), True)
+
+
+def run_experts(experts: nn.Module, tokens: torch.Tensor, plan: DispatchPlan,
+                topk_weight: torch.Tensor) -> torch.Tensor:
+    """dispatch -> experts -> combine: the routed output [T, D].
+
+    Experts that lay rows out in a work buffer of their own (``gemm_plan(counts, n_rows)``
+    returning a ``GroupedGEMM``, and ``forward(x, counts, gemm=...)`` on its rows, as
+    ``SwiGLUExperts`` and ``ReLUExperts`` do) get the tokens gathered straight into that
+    buffer and are combined from it: two ``[A, D]`` copies (and their gradients) fewer than
+    going through sorted rows. Any other module is called as
+    ``experts(sorted rows [A_kept, D], counts [E]) -> [A_kept, D]``.
+    """
+    if not hasattr(experts, "gemm_plan"):
+        expert_out = experts(dispatch_tokens(tokens, plan), plan.counts)  # [A_kept, D]
+        return combine(expert_out, plan, topk_weight)
+    gemm = experts.gemm_plan(plan.counts, plan.order.numel())
+    work = dispatch_tokens(tokens, plan, gemm.index, gemm.rows)  # [P, D]
+    return combine(experts(work, plan.counts, gemm=gemm), plan, topk_weight, gemm.index)
