@@ -24,7 +24,7 @@ from dsmoe.checkpoint import keys
 from dsmoe.config import ModelConfig
 from dsmoe.mlp import SwiGLUMLP
 from dsmoe.moe import balance
-from dsmoe.moe.dispatch import combine, expert_capacity, plan_dispatch
+from dsmoe.moe.dispatch import expert_capacity, plan_dispatch, run_experts
 from dsmoe.moe.experts import SwiGLUExperts
 from dsmoe.moe.router import Router, RouterOutput
 
@@ -99,11 +99,9 @@ class MoELayer(nn.Module):
         if cfg.drop_tokens and self.training:
             capacity = expert_capacity(cfg.capacity_factor, T, cfg.num_experts_per_tok, E)
         plan = plan_dispatch(route.topk_idx, E, capacity, route.topk_score)
-        # index_select, not tokens[idx]: the same rows, but CPU advanced indexing opens a
-        # thread pool region even for the K rows of one decode token.
-        routed_in = tokens.index_select(0, plan.token_idx)  # [A_kept, D]
-        expert_out = self.experts(routed_in, plan.counts)  # [A_kept, D]
-        out = combine(expert_out, plan, route.topk_weight.to(x.dtype))  # [T, D]
+        # gather -> experts -> combine; the gather is an index_select, not tokens[idx]:
+        # CPU advanced indexing opens a thread pool region even for one decode token's rows.
+        out = run_experts(self.experts, tokens, plan, route.topk_weight.to(x.dtype))  # [T, D]
         if self.shared_experts is not None:
             out = out + self.shared_experts(tokens)
 
