@@ -85,15 +85,18 @@ def _row_tokens(plan: DispatchPlan, rows: torch.Tensor, n_rows: int | None, T: i
     return source.index_copy_(0, rows, plan.token_idx)  # [P]
 
 
-def _row_dot(a: torch.Tensor, b: torch.Tensor, block: int = 1024) -> torch.Tensor:
+def _row_dot(a: torch.Tensor, b: torch.Tensor, block: int = 512) -> torch.Tensor:
     """Row-wise dot products ``[N, D] x [N, D] -> [N]``, accumulated in at least fp32 (as a
-    GEMM would), a block of rows at a time: the temporaries stay small enough for the
-    allocator to reuse them instead of mapping (and page-faulting) fresh memory."""
-    out = a.new_empty(a.shape[0])  # [N]
+    GEMM would). Block by block through one reused ``[block, D]`` buffer: no freshly
+    allocated (page-faulting) ``[N, D]`` product."""
     wide = a.dtype if a.dtype in (torch.float32, torch.float64) else torch.float32
+    out = torch.empty(a.shape[0], dtype=wide, device=a.device)  # [N]
+    buffer = torch.empty(min(block, a.shape[0]), a.shape[1], dtype=wide, device=a.device)
     for i in range(0, a.shape[0], block):
-        out[i:i + block] = (a[i:i + block].to(wide) * b[i:i + block].to(wide)).sum(dim=-1)
-    return out
+        rows = buffer[:min(block, a.shape[0] - i)]
+        rows.copy_(a[i:i + block]).mul_(b[i:i + block])
+        torch.sum(rows, dim=-1, out=out[i:i + block])
+    return out.to(a.dtype)
 
 
 class _Combine(torch.autograd.Function):
