@@ -7,7 +7,7 @@ lookup excluded) + 6 x L x S x D for attention scores and values (causal: half o
 The dense equivalent replaces every MoE FFN by one SwiGLU MLP of the active width
 ((shared + top-k) x expert width): the same FLOPs per token without routing.
 
-    python benchmarks/train.py [--steps 5] [--markdown]
+    python benchmarks/train.py [--steps 5] [--threads N]
 """
 
 from __future__ import annotations
@@ -79,9 +79,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--models", nargs="*", default=list(MODELS))
-    parser.add_argument("--markdown", action="store_true")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+                        help="intra-op threads (1 is steadier on a shared machine)")
     args = parser.parse_args()
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(args.threads)
     peak = matmul_peak()
     rows = []
     for name in args.models:
