@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from dsmoe.finetune.lora import DEFAULT_TARGETS, LoRASettings, parse_targets
+from dsmoe.train.config import settings_from_dict, settings_to_dict
 
 QUANTS = ("int8", "int4")
 DTYPES = ("float32", "bfloat16")
@@ -105,16 +106,8 @@ class FinetuneConfig:
                                    lr=self.lr if self.lr is not None else DEFAULT_LR[self.method])
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: list(v) if isinstance(v, tuple) else v
-                for k, v in dataclasses.asdict(self).items()}
+        return settings_to_dict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "FinetuneConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown finetuning settings: {', '.join(unknown)}")
-        data = dict(data)
-        if "targets" in data:
-            data["targets"] = tuple(data["targets"])
-        return cls(**data)
+        return settings_from_dict(cls, data, "finetuning")

@@ -70,19 +70,26 @@ class TrainConfig:
             raise ValueError("warmup_steps, grad_clip and weight_decay must be >= 0")
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: list(v) if isinstance(v, tuple) else v
-                for k, v in dataclasses.asdict(self).items()}
+        return settings_to_dict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown training settings: {', '.join(unknown)}")
-        data = dict(data)
-        if "overrides" in data:
-            data["overrides"] = tuple(data["overrides"])
-        return cls(**data)
+        return settings_from_dict(cls, data, "training")
+
+
+def settings_to_dict(settings: Any) -> dict[str, Any]:
+    """A settings dataclass as JSON-ready values (tuples become lists)."""
+    return {k: list(v) if isinstance(v, tuple) else v
+            for k, v in dataclasses.asdict(settings).items()}
+
+
+def settings_from_dict(cls: type, data: dict[str, Any], what: str) -> Any:
+    """The inverse of ``settings_to_dict``; unknown names raise a ``ValueError``."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"unknown {what} settings: {', '.join(unknown)}")
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
 
 
 def _devices_for(n_experts: int, top_k: int, devices: int | None = None) -> tuple[int, int]:
