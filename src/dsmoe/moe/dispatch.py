@@ -10,6 +10,9 @@ One path serves training and inference:
   per-slot copy) and sums each token's slots in a fixed order, so results are
   deterministic on every device (a scatter-add with atomics would not be) and do not depend
   on where the rows sit in memory (see ``_Combine``).
+- ``run_experts`` chains the three. The gather and the combine can address an experts' own
+  work buffer (``experts.GroupedGEMM``: the sorted rows plus zero padding on CPU), so no
+  rows are copied between the sorted order and that buffer.
 
 Shapes: T tokens, K picks per token, A = T*K assignments (A_kept after dropping), E, D.
 """
