@@ -287,3 +287,19 @@ def test_grouped_mm_probe_does_not_depend_on_grad_mode() -> None:
     finally:
         grouped_mm_supported.cache_clear()
     assert under_inference == with_grad == hasattr(torch, "_grouped_mm")
+
+
+def test_second_backward_with_retained_graph() -> None:
+    """The fused SwiGLU frees its activations during backward; a retained graph recomputes
+    them, so a second backward gives the same gradients."""
+    counts = torch.tensor([3, 0, 4])
+    experts = SwiGLUExperts(3, 8, 4, init_std=0.5)
+    x = torch.randn(7, 8, requires_grad=True)
+    out = experts(x, counts).pow(2).sum()
+    out.backward(retain_graph=True)
+    first = (x.grad.clone(), experts.gate_up_proj.grad.clone(), experts.down_proj.grad.clone())
+    x.grad = None
+    experts.zero_grad()
+    out.backward()
+    for a, b in zip(first, (x.grad, experts.gate_up_proj.grad, experts.down_proj.grad)):
+        assert torch.equal(a, b)

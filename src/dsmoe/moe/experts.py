@@ -264,16 +264,23 @@ class _SwiGLUExpertsFn(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,  # noqa: ANN001
                 gemm: "GroupedGEMM") -> torch.Tensor:
         out, gu, hidden = _SwiGLUExpertsFn.run(x, gate_up, down, gemm)
-        ctx.save_for_backward(x, gate_up, down, gu, hidden)
-        ctx.gemm = gemm
+        ctx.save_for_backward(x, gate_up, down)
+        # NOTE: intermediates as attributes, not saved tensors, so that backward can free
+        # them before it allocates the largest tensor, the [E, 2F, D] gradient.
+        ctx.gemm, ctx.gu, ctx.hidden = gemm, gu, hidden
         return out
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # noqa: ANN001, ANN205
-        x, gate_up, down, gu, hidden = ctx.saved_tensors
+        x, gate_up, down = ctx.saved_tensors
         gemm: GroupedGEMM = ctx.gemm
+        gu, hidden = ctx.gu, ctx.hidden
+        if gu is None:  # a second backward (retain_graph=True): recompute them
+            _, gu, hidden = _SwiGLUExpertsFn.run(x, gate_up, down, gemm)
+        ctx.gu = ctx.hidden = None
         grad = grad.contiguous()  # [P, D]
         grad_down = gemm.mm_weight(grad, hidden, down) if ctx.needs_input_grad[2] else None
+        del hidden
         grad_hidden = gemm.mm(grad, down)  # [P, F]
         gate, up = gu.chunk(2, dim=-1)
         grad_gu = torch.empty_like(gu)  # [P, 2F]
@@ -282,6 +289,7 @@ class _SwiGLUExpertsFn(torch.autograd.Function):
         grad_up.mul_(grad_hidden)  # d/d up = grad_hidden * silu(gate)
         grad_hidden.mul_(up)  # d/d silu(gate)
         torch.ops.aten.silu_backward.grad_input(grad_hidden, gate, grad_input=grad_gate)
+        del grad_hidden, gu, gate, up
         grad_gate_up = gemm.mm_weight(grad_gu, x, gate_up) if ctx.needs_input_grad[1] else None
         grad_x = gemm.mm(grad_gu, gate_up) if ctx.needs_input_grad[0] else None  # [P, D]
         return grad_x, grad_gate_up, grad_down, None
