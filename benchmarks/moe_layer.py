@@ -209,8 +209,9 @@ def build_cases(cfg: ModelConfig, tokens: int, dtype: torch.dtype, passes: list[
     D, F_, K, S_ = (cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts_per_tok,
                     cfg.n_shared_experts or 0)
     moe = MoELayer(cfg).to(dtype)
-    v1 = V1MoE(cfg).to(dtype)
-    v1.load_state_dict(moe.hf_state_dict(), strict=True)
+    with torch.device("meta"):  # no storage: the weights below are assigned, not copied
+        v1 = V1MoE(cfg)
+    v1.load_state_dict(moe.hf_state_dict(), strict=True, assign=True)
     dense = SwiGLUMLP(D, (K + S_) * F_, cfg.hidden_act, cfg.initializer_range).to(dtype)
     x = torch.randn(1, tokens, D, dtype=dtype)  # [B, S, D] one sequence (seq_aux over it)
     grad = torch.randn(1, tokens, D, dtype=dtype) / tokens  # upstream gradient [B, S, D]
@@ -309,17 +310,20 @@ class Timing:
 def time_cases(cases: list[Case], repeats: int) -> dict[str, Timing]:
     """Round-robin: a warm-up round (profiled for peak memory, not timed), then
     ``repeats`` timed rounds."""
+    def reset_all() -> None:  # one model's weight gradients alive at a time
+        for other in cases:
+            other.reset()
+        gc.collect()
+
     peaks = {}
     for case in cases:
-        case.reset()
-        gc.collect()
+        reset_all()
         peaks[case.name] = profiled_peak_bytes(case.step)
     threads = torch.get_num_threads()
     result = {c.name: Timing([], [], peaks[c.name]) for c in cases}
     for _ in range(repeats):
         for case in cases:
-            case.reset()
-            gc.collect()
+            reset_all()
             cpu, start = _cpu_seconds(), time.perf_counter()
             case.step()
             result[case.name].wall.append(time.perf_counter() - start)
@@ -353,35 +357,44 @@ class Row:
     peak_mib: float
 
 
-def run(cfg: ModelConfig, tokens_list: list[int], dtypes: list[str], passes: list[str],
-        repeats: int, log: Callable[[str], None]) -> list[Row]:
+def run_config(cfg: ModelConfig, tokens: int, dtype_name: str, passes: list[str],
+               repeats: int, log: Callable[[str], None]) -> list[Row]:
+    """All passes at one (dtype, tokens); the models die with this call's locals."""
     D, F_, K, S_ = (cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts_per_tok,
                     cfg.n_shared_experts or 0)
+    cases, info = build_cases(cfg, tokens, DTYPES[dtype_name], passes)
+    log(f"# {dtype_name}, {tokens} tokens: busiest expert {info['max_load']:.2f}x mean")
+    rows: list[Row] = []
+    for pass_, pass_cases in cases.items():
+        t0, load0 = time.perf_counter(), os.getloadavg()[0]
+        timings = time_cases(pass_cases, repeats)
+        tol = 1e-4 if dtype_name == "float32" else 5e-2
+        dev = check_agreement(pass_cases, DTYPES[dtype_name])
+        for case in pass_cases:  # weight gradients of this pass: gone before the next
+            case.reset()
+        status = "ok" if dev <= tol else "MISMATCH"
+        log(f"#   {pass_}: {time.perf_counter() - t0:.0f}s, load average "
+            f"{load0:.1f} -> {os.getloadavg()[0]:.1f}; MoE paths agree to {dev:.1e} "
+            f"relative ({status}, tolerance {tol:.0e})")
+        wall = {n: statistics.median(t.wall) for n, t in timings.items()}
+        cpu = {n: statistics.median(t.cpu) for n, t in timings.items()}
+        flops = 2 * 3 * D * F_ * (K + S_) * tokens * (3 if pass_ == FWD_BWD else 1)
+        v1 = wall.get("v1-train")
+        for name, timing in timings.items():
+            rows.append(Row(dtype_name, tokens, pass_, name, wall[name] * 1e3,
+                            wall[name] / wall["dense-equiv"],
+                            v1 / wall[name] if v1 is not None else None,
+                            cpu[name] / cpu["dense-equiv"],
+                            flops / wall[name] / 1e9, timing.peak_bytes / 2**20))
+    return rows
+
+
+def run(cfg: ModelConfig, tokens_list: list[int], dtypes: list[str], passes: list[str],
+        repeats: int, log: Callable[[str], None]) -> list[Row]:
     rows: list[Row] = []
     for dtype_name in dtypes:
         for tokens in tokens_list:
-            cases, info = build_cases(cfg, tokens, DTYPES[dtype_name], passes)
-            log(f"# {dtype_name}, {tokens} tokens: busiest expert {info['max_load']:.2f}x mean")
-            for pass_, pass_cases in cases.items():
-                t0, load0 = time.perf_counter(), os.getloadavg()[0]
-                timings = time_cases(pass_cases, repeats)
-                tol = 1e-4 if dtype_name == "float32" else 5e-2
-                dev = check_agreement(pass_cases, DTYPES[dtype_name])
-                status = "ok" if dev <= tol else "MISMATCH"
-                log(f"#   {pass_}: {time.perf_counter() - t0:.0f}s, load average "
-                    f"{load0:.1f} -> {os.getloadavg()[0]:.1f}; MoE paths agree to {dev:.1e} "
-                    f"relative ({status}, tolerance {tol:.0e})")
-                wall = {n: statistics.median(t.wall) for n, t in timings.items()}
-                cpu = {n: statistics.median(t.cpu) for n, t in timings.items()}
-                flops = 2 * 3 * D * F_ * (K + S_) * tokens * (3 if pass_ == FWD_BWD else 1)
-                v1 = wall.get("v1-train")
-                for name, timing in timings.items():
-                    rows.append(Row(dtype_name, tokens, pass_, name, wall[name] * 1e3,
-                                    wall[name] / wall["dense-equiv"],
-                                    v1 / wall[name] if v1 is not None else None,
-                                    cpu[name] / cpu["dense-equiv"],
-                                    flops / wall[name] / 1e9, timing.peak_bytes / 2**20))
-            del cases
+            rows += run_config(cfg, tokens, dtype_name, passes, repeats, log)
             gc.collect()
     return rows
 
