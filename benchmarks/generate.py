@@ -40,7 +40,7 @@ Reading the numbers (2-core AMD EPYC VM, torch 2.13 with MKL; see the README tab
   contention-free picture.
 
 Usage:
-  python benchmarks/generate.py                  # deepseek-moe-2b shape, ~8 min on 2 cores
+  python benchmarks/generate.py                  # deepseek-moe-2b shape, 5-20 min on 2 cores
   python benchmarks/generate.py --quick          # tiny preset, seconds
   python benchmarks/generate.py --layers 4 --batch 1 --dtype bfloat16 --new-tokens 16
 
@@ -346,7 +346,7 @@ def main(argv: list[str] | None = None) -> int:
                         default=["float32", "bfloat16"])
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--prompt-len", type=int, default=32)
-    parser.add_argument("--new-tokens", type=int, default=16)
+    parser.add_argument("--new-tokens", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3, help="timed runs after warm-up")
     parser.add_argument("--hf-experts", default="eager", choices=["eager", "grouped_mm"],
                         help="transformers' experts implementation")
