@@ -1,9 +1,12 @@
 """Show a model's layers, experts, parameter counts and weight memory.
 
 MODEL is an HF model directory (config.json, plus its safetensors if present), a
-config.json file, or a preset name (tiny, deepseek-moe-2b, deepseek-moe-16b,
-deepseek-moe-145b). Nothing is loaded: counts come from the config's shapes, and for a
-directory the stored tensors are read from the safetensors headers only.
+config.json file, a llama.cpp "deepseek" GGUF file, or a preset name (tiny,
+deepseek-moe-2b, deepseek-moe-16b, deepseek-moe-145b). No weights are loaded: counts come
+from the config's shapes; the stored tensors (names, shapes, types) are read from the
+safetensors headers of a directory or from the GGUF's metadata and tensor table (the
+tensor data is never read, so a quantized GGUF costs no more than a directory). A GGUF's
+config is its llama.cpp metadata, read as ``dsmoe.checkpoint.gguf`` reads it for loading.
 
 Active parameters per token are the weights one token's forward pass reads: everything
 except the routed experts it is not sent to (embedding and lm_head included, as in the
@@ -14,38 +17,64 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dsmoe.config import ModelConfig
 from dsmoe.params import WEIGHT_FORMATS, ParameterCount, count_parameters, weight_bytes
 from dsmoe.presets import PRESETS
+
+if TYPE_CHECKING:
+    from dsmoe.checkpoint.gguf import GGUFFile
 
 ACTIVE_CONVENTION = ("active: every weight except the routed experts a token is not sent to; "
                      "embedding and lm_head included")
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", help="HF directory, config.json file or preset name")
+    parser.add_argument("model",
+                        help="HF directory, config.json file, .gguf file or preset name")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead")
 
 
-def _resolve(model: str) -> tuple[ModelConfig, str, Path | None]:
-    """(config, description of the source, HF directory or None)."""
+def _is_gguf(path: Path) -> bool:
+    """By suffix, or by the magic bytes for a GGUF saved under another name."""
+    if path.suffix.lower() == ".gguf":
+        return True
+    with open(path, "rb") as fh:
+        return fh.read(4) == b"GGUF"
+
+
+def _resolve(model: str) -> tuple[ModelConfig, str, Path | GGUFFile | None]:
+    """(config, description of the source, HF directory / parsed GGUF / None)."""
     from dsmoe.checkpoint import hf
 
     path = Path(model)
     if path.is_dir():
         return hf.read_config(path), f"HF directory {path}", path
     if path.is_file():
+        if _is_gguf(path):
+            from dsmoe.checkpoint.gguf import GGUFFile
+
+            gguf_file = GGUFFile(path)  # validates magic, header, tensor extents
+            return gguf_file.config(), f"GGUF file {path}", gguf_file
         if path.suffix != ".json":
-            raise ValueError(f"{path}: dsmoe info reads HF directories, config.json files and "
-                             "presets (for a .gguf file, export or load it first)")
+            raise ValueError(f"{path}: dsmoe info reads HF directories, config.json files, "
+                             ".gguf files and presets")
         return hf.read_config(path), f"config file {path}", None
     if model in PRESETS:
         return ModelConfig.preset(model), f"preset {model}", None
-    raise ValueError(f"{model!r} is neither an HF directory, a config.json file nor a preset "
-                     f"(presets: {', '.join(sorted(PRESETS))})")
+    raise ValueError(f"{model!r} is neither an HF directory, a config.json file, a .gguf file "
+                     f"nor a preset (presets: {', '.join(sorted(PRESETS))})")
+
+
+def _type_counts(types: list[str]) -> dict[str, int]:
+    """Tensors per stored type, most common first (ties by name)."""
+    counts: dict[str, int] = {}
+    for t in types:
+        counts[t] = counts.get(t, 0) + 1
+    return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
 
 
 def _checkpoint(directory: Path, counts: ParameterCount) -> dict[str, Any] | None:
@@ -57,16 +86,40 @@ def _checkpoint(directory: Path, counts: ParameterCount) -> dict[str, Any] | Non
     except FileNotFoundError:
         return None
     files = sorted({t.file for t in stored.values()})
-    numel = 0
-    for t in stored.values():
-        n = 1
-        for dim in t.shape:
-            n *= dim
-        numel += n
-    return {"files": len(files), "bytes": sum(f.stat().st_size for f in files),
+    numel = sum(math.prod(t.shape) for t in stored.values())
+    problem = (None if numel == counts.total else
+               f"{numel} stored parameters, the config implies {counts.total}")
+    return {"format": "safetensors", "files": len(files),
+            "bytes": sum(f.stat().st_size for f in files),
             "tensors": len(stored), "parameters": numel,
             "dtypes": sorted({t.dtype for t in stored.values()}),
-            "matches_config": numel == counts.total}
+            "tensor_types": _type_counts([t.dtype for t in stored.values()]),
+            "file_type": None, "matches_config": problem is None, "problem": problem}
+
+
+def _gguf_checkpoint(f: GGUFFile, config: ModelConfig) -> dict[str, Any]:
+    """What a GGUF stores, from its tensor table (no tensor data is read). The tensors are
+    checked name by name and shape by shape against the metadata's config, the check
+    ``load_gguf`` makes; a mismatch is reported, not raised, as for a directory."""
+    import gguf
+
+    types = [gguf.GGMLQuantizationType(int(t.tensor_type)).name for t in f.tensors.values()]
+    file_type = f.get("general.file_type", None)
+    if file_type is not None:
+        try:
+            file_type = gguf.LlamaFileType(int(file_type)).name
+        except ValueError:
+            file_type = f"unknown ({file_type})"
+    try:
+        f.check_tensors(config)
+        problem = None
+    except ValueError as exc:
+        problem = str(exc).removeprefix(f"{f.path}: ")
+    return {"format": "gguf", "files": 1, "bytes": f.path.stat().st_size,
+            "tensors": len(types),
+            "parameters": sum(int(t.n_elements) for t in f.tensors.values()),
+            "dtypes": sorted(set(types)), "tensor_types": _type_counts(types),
+            "file_type": file_type, "matches_config": problem is None, "problem": problem}
 
 
 def describe(config: ModelConfig) -> dict[str, Any]:
@@ -106,6 +159,14 @@ def _gib(n: int) -> str:
     return f"{n / 2**30:.2f} GiB"
 
 
+def _size(n: int) -> str:
+    """A file size in the largest binary unit that keeps it >= 1."""
+    for shift, unit in ((30, "GiB"), (20, "MiB"), (10, "KiB")):
+        if n >= 1 << shift:
+            return f"{n / (1 << shift):.2f} {unit}"
+    return f"{n} B"
+
+
 def _text(source: str, info: dict[str, Any]) -> str:
     p, kinds = info["parameters"], info["parameters"]["by_kind"]
     lines = [
@@ -136,18 +197,24 @@ def _text(source: str, info: dict[str, Any]) -> str:
     if ckpt is None:
         lines.append("checkpoint   none (config.json only)")
     elif ckpt:
-        check = "matches the config" if ckpt["matches_config"] else "DOES NOT match the config"
-        lines.append(f"checkpoint   {ckpt['files']} file(s), {_gib(ckpt['bytes'])}, "
-                     f"{ckpt['tensors']} tensors ({'/'.join(ckpt['dtypes'])}), "
-                     f"{_count(ckpt['parameters'])} parameters: {check}")
+        check = ("matches the config" if ckpt["matches_config"]
+                 else f"DOES NOT match the config: {ckpt['problem']}")
+        types = ", ".join(f"{t}: {n} tensor{'s' if n != 1 else ''}" if i == 0 else f"{t}: {n}"
+                          for i, (t, n) in enumerate(ckpt["tensor_types"].items()))
+        where = (f"GGUF, file type {ckpt['file_type']}" if ckpt["format"] == "gguf"
+                 else f"{ckpt['files']} safetensors file(s)")
+        lines.append(f"checkpoint   {where}, {_size(ckpt['bytes'])}, {ckpt['tensors']} tensors "
+                     f"({types}), {_count(ckpt['parameters'])} parameters: {check}")
     return "\n".join(lines)
 
 
 def run(args: argparse.Namespace) -> int:
-    config, source, directory = _resolve(args.model)
+    config, source, stored = _resolve(args.model)
     info = describe(config)
-    if directory is not None:
-        info["checkpoint"] = _checkpoint(directory, count_parameters(config))
+    if isinstance(stored, Path):
+        info["checkpoint"] = _checkpoint(stored, count_parameters(config))
+    elif stored is not None:
+        info["checkpoint"] = _gguf_checkpoint(stored, config)
     if args.json:
         print(json.dumps({"source": source, **info}, indent=2))
     else:
