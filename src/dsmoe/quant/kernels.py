@@ -8,11 +8,14 @@ Formats (one matrix W [N, K]: N outputs, K inputs; experts add a leading E):
   Scales and zeros are bf16, the precision the kernels compute with.
 
 Kernels (measured in ``benchmarks/quantized.py``; see its table):
-  int8  ``torch._weight_int8pack_mm`` for few rows (decoding: it reads int8 weights and is
-        1.7x faster than a bf16 GEMM, 3x faster than fp32, at one row); for more rows
-        (prefill) the weight is converted to the activation dtype and run as a GEMM with
-        the scale applied to the output columns: the int8 kernel computes row by row and
-        falls behind a GEMM past ~12 rows.
+  int8  for few rows (decoding) dsmoe's native kernel (``native.py``, csrc/int8_rows.c:
+        activations as per-row 16-bit fixed point, integer dot products), ~2x faster than
+        ``torch._weight_int8pack_mm``, the fallback when it cannot be built. Neither has
+        a backward (``finetune.qlora`` supplies one); a ctypes call would silently cut the
+        graph, so rows that need a gradient go to torch's kernel, whose autograd error is
+        loud. For more rows (prefill) the weight is converted to
+        the activation dtype and run as a GEMM with the scale applied to the output
+        columns: the row kernels fall behind a GEMM past ~12 rows.
   int4  ``torch._weight_int4pack_mm_for_cpu`` on a weight repacked once by
         ``torch._convert_weight_to_int4pack_for_cpu`` (an opaque, CPU-specific layout), for
         any number of rows: as fast as int8 when decoding, ~3x slower than a bf16 GEMM at
@@ -38,6 +41,8 @@ import math
 
 import torch
 import torch.nn.functional as F
+
+from dsmoe.quant import native
 
 INT4_GROUP_SIZES = (32, 64, 128, 256)  # what torch's int4 CPU kernel accepts
 INT4_ROW_MULTIPLE = 16  # torch's int4 packing needs N % 16 == 0
@@ -80,7 +85,11 @@ def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.
     """x [..., K] @ (scale * q).T -> [..., N] for q [N, K] int8 and scale [N] bf16."""
     rows = x.reshape(-1, x.shape[-1])  # [M, K]
     if rows.shape[0] <= INT8_KERNEL_MAX_ROWS:
-        out = torch._weight_int8pack_mm(aligned(rows.to(_KERNEL_DTYPE)), aligned(q), scale)
+        out = None
+        if not (torch.is_grad_enabled() and rows.requires_grad):  # the native one has no grad
+            out = native.int8_rows_matmul(rows, q, scale)
+        if out is None:
+            out = torch._weight_int8pack_mm(aligned(rows.to(_KERNEL_DTYPE)), aligned(q), scale)
         out = out.to(x.dtype)
     else:
         out = F.linear(rows, q.to(x.dtype)) * scale.to(x.dtype)

@@ -1,0 +1,145 @@
+"""The native int8 decode kernel (csrc/int8_rows.c): built on first use, called via ctypes.
+
+Why native code: decoding multiplies each int8 weight matrix by one activation row (or a
+few), which should run at the speed weights stream from memory. torch's CPU int8 kernels
+do not get there on one core (see the kernel's header and benchmarks/quantized.py); the
+kernel here does ~2x better. It needs no torch headers, so building it is one C compiler
+call of well under a second, cached per source, compiler and CPU.
+
+When it cannot be used (no C compiler, a non-x86 CPU without a fast path still works, but
+a failed build does not), ``int8_rows_matmul`` returns None and callers fall back to
+torch's kernel; a warning says why, once. ``DSMOE_NATIVE_KERNELS=0`` turns it off.
+
+Shapes: M rows, K in features, N out features.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import warnings
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+SOURCE = "int8_rows.c"
+ISA_NAMES = {2: "avx512", 1: "avx2", 0: "portable C"}
+_ENV_SWITCH = "DSMOE_NATIVE_KERNELS"
+
+
+def enabled() -> bool:
+    return os.environ.get(_ENV_SWITCH, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def cache_dir() -> Path:
+    """Where built kernels live: $DSMOE_CACHE, else $XDG_CACHE_HOME/dsmoe, else ~/.cache/dsmoe."""
+    if os.environ.get("DSMOE_CACHE"):
+        return Path(os.environ["DSMOE_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "dsmoe"
+
+
+def _cpu_signature() -> str:
+    """Model name and flags: a cache shared between different machines must not mix builds."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.processor()
+    keep = [ln for ln in lines if ln.startswith(("model name", "flags", "Features"))]
+    return "\n".join(dict.fromkeys(keep))
+
+
+def _build(source: bytes, target: Path) -> None:
+    """Compile ``source`` into the shared library ``target`` (atomically: temp + rename)."""
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        raise RuntimeError("no C compiler found (set CC)")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        src = Path(tmp) / SOURCE
+        src.write_bytes(source)
+        out = Path(tmp) / target.name
+        base = [compiler, "-O3", "-shared", "-fPIC", str(src), "-o", str(out)]
+        errors = []
+        for extra in (["-fopenmp"], []):  # OpenMP only splits rows between threads
+            result = subprocess.run(base + extra + ["-lm"], capture_output=True, text=True)
+            if result.returncode == 0:
+                os.replace(out, target)
+                return
+            errors.append(result.stderr.strip()[-2000:])
+        raise RuntimeError(f"{compiler} failed:\n" + "\n".join(errors))
+
+
+@functools.lru_cache(maxsize=1)
+def library() -> ctypes.CDLL | None:
+    """The loaded kernel library, building it if needed; None when unavailable."""
+    if not enabled():
+        return None
+    try:
+        source = resources.files("dsmoe.quant").joinpath("csrc", SOURCE).read_bytes()
+        key = hashlib.sha256(source + _cpu_signature().encode() +
+                             (os.environ.get("CC") or "").encode()).hexdigest()[:16]
+        path = cache_dir() / f"int8_rows-{platform.machine()}-{key}.so"
+        if not path.exists():
+            _build(source, path)
+        lib = ctypes.CDLL(str(path))
+    except (OSError, RuntimeError) as exc:
+        warnings.warn(f"dsmoe: the native int8 decode kernel is unavailable, using torch's "
+                      f"(slower) instead: {exc}", RuntimeWarning, stacklevel=2)
+        return None
+    lib.dsmoe_int8_rows_matmul.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [
+        ctypes.c_int]
+    lib.dsmoe_int8_rows_matmul.restype = ctypes.c_int
+    lib.dsmoe_int8_rows_isa.restype = ctypes.c_int
+    lib.dsmoe_int8_rows_limit_isa.argtypes = [ctypes.c_int]
+    lib.dsmoe_int8_rows_limit_isa.restype = ctypes.c_int
+    return lib
+
+
+def isa() -> str | None:
+    """The instruction set the kernel runs on this CPU, or None when it is unavailable."""
+    lib = library()
+    return None if lib is None else ISA_NAMES[lib.dsmoe_int8_rows_isa()]
+
+
+def limit_isa(name: str) -> str:
+    """Run the kernel's ``name`` code path or the best one below it (for tests and
+    benchmarks); returns the path now in use. Raises when the kernel is unavailable."""
+    lib = library()
+    if lib is None:
+        raise RuntimeError("the native int8 kernel is unavailable")
+    levels = {v: k for k, v in ISA_NAMES.items()}
+    if name not in levels:
+        raise ValueError(f"isa must be one of {sorted(levels)}, got {name!r}")
+    return ISA_NAMES[lib.dsmoe_int8_rows_limit_isa(levels[name])]
+
+
+def int8_rows_matmul(rows: torch.Tensor, q: torch.Tensor, scale: torch.Tensor
+                     ) -> torch.Tensor | None:
+    """rows [M, K] @ (scale * q).T -> fp32 [M, N] for q int8 [N, K], scale bf16 [N];
+    None when the kernel is unavailable or cannot take these tensors (non-finite rows)."""
+    lib = library()
+    if lib is None or rows.device.type != "cpu" or q.device.type != "cpu":
+        return None
+    if q.dtype != torch.int8 or scale.dtype != torch.bfloat16 or rows.dim() != 2:
+        return None
+    x = rows.detach().to(torch.float32).contiguous()
+    q, scale = q.contiguous(), scale.contiguous()
+    M, K = x.shape
+    N = q.shape[0]
+    if q.shape[1] != K or scale.shape != (N,):
+        raise ValueError(f"int8 matmul: rows {list(x.shape)}, weight {list(q.shape)}, "
+                         f"scale {list(scale.shape)} do not fit together")
+    out = torch.empty(M, N, dtype=torch.float32)
+    status = lib.dsmoe_int8_rows_matmul(x.data_ptr(), q.data_ptr(), scale.data_ptr(),
+                                        out.data_ptr(), M, N, K, torch.get_num_threads())
+    if status == -2:
+        raise MemoryError("int8 matmul: out of memory for the activation buffer")
+    return out if status == 0 else None

@@ -1,0 +1,169 @@
+"""The native int8 decode kernel (dsmoe.quant.native, csrc/int8_rows.c).
+
+Its one approximation is writing each activation row as 16-bit fixed point, so every output
+must lie within sum_k |W[n, k]| * max|x[m]| / 65534 of the exact fp32 product (plus fp32
+rounding); everything else (tails, threads, fallbacks) must not change a thing.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from dsmoe.quant import kernels, native
+
+needs_native = pytest.mark.skipif(native.library() is None,
+                                  reason="no C compiler: the kernel cannot be built here")
+
+
+def _exact(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return F.linear(x.double(), q.double()) * scale.double()  # [M, N]
+
+
+def _bound(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """The fixed-point rounding bound per output, plus fp32 accumulation slack."""
+    step = x.double().abs().amax(dim=-1, keepdim=True) / 65534  # [M, 1]
+    weight_l1 = (q.double().abs() * scale.double().abs().unsqueeze(-1)).sum(-1)  # [N]
+    exact = _exact(x, q, scale).abs()
+    return step * weight_l1 + 1e-6 * (exact + 1e-6) * x.shape[-1] ** 0.5
+
+
+@pytest.fixture(params=["avx512", "avx2", "portable C"])
+def isa(request):
+    """Each code path this CPU can run (a path it cannot run is skipped)."""
+    if native.library() is None:
+        pytest.skip("no C compiler: the kernel cannot be built here")
+    best = native.isa()
+    try:
+        if native.limit_isa(request.param) != request.param:
+            pytest.skip(f"this CPU cannot run the {request.param} path")
+        yield request.param
+    finally:
+        native.limit_isa(best)
+
+
+@settings(max_examples=30, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])  # isa is constant
+@given(M=st.integers(1, 12), N=st.integers(1, 70), K=st.integers(1, 300),
+       seed=st.integers(0, 2**16), spread=st.sampled_from([1.0, 1e-3, 1e3]))
+def test_native_rows_are_within_the_fixed_point_bound(isa, M, N, K, seed, spread):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(M, K, generator=g) * spread
+    q, scale = kernels.quantize_int8(torch.randn(N, K, generator=g))
+    out = native.int8_rows_matmul(x, q, scale)
+    assert out is not None and out.shape == (M, N) and out.dtype == torch.float32
+    err = (out.double() - _exact(x, q, scale)).abs()
+    bound = _bound(x, q, scale)
+    assert (err <= bound).all(), f"max excess {(err - bound).max().item():.3g}"
+
+
+@needs_native
+def test_native_is_more_accurate_than_torchs_bf16_activation_kernel():
+    torch.manual_seed(0)
+    x = torch.randn(4, 2048)
+    q, scale = kernels.quantize_int8(torch.randn(1408, 2048) * 0.02)
+    exact = _exact(x, q, scale)
+    ours = (native.int8_rows_matmul(x, q, scale).double() - exact).abs().mean()
+    torch_kernel = torch._weight_int8pack_mm(x.bfloat16(), q, scale).double()
+    theirs = (torch_kernel - exact).abs().mean()
+    assert ours < theirs / 4, (ours.item(), theirs.item())
+
+
+def test_long_rows_of_extreme_values_do_not_overflow_the_int32_sums(isa):
+    K = 3 * 4096 + 17  # several int32 chunks and a tail
+    x = torch.full((2, K), 7.5)
+    x[1, ::2] = -7.5
+    q = torch.full((5, K), 127, dtype=torch.int8)
+    q[3] = -127
+    scale = torch.full((5,), 0.01, dtype=torch.bfloat16)
+    out = native.int8_rows_matmul(x, q, scale).double()
+    torch.testing.assert_close(out, _exact(x, q, scale), rtol=1e-6, atol=1e-3)
+
+
+@needs_native
+def test_zero_rows_give_zero_and_threads_give_identical_results():
+    torch.manual_seed(1)
+    x = torch.randn(3, 512)
+    x[1] = 0.0
+    q, scale = kernels.quantize_int8(torch.randn(1000, 512))
+    threads = torch.get_num_threads()
+    one = native.int8_rows_matmul(x, q, scale)
+    try:
+        torch.set_num_threads(2)
+        two = native.int8_rows_matmul(x, q, scale)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, two)
+    assert torch.equal(one[1], torch.zeros(1000))
+
+
+@needs_native
+def test_non_finite_rows_fall_back_to_torch_with_torchs_result():
+    q, scale = kernels.quantize_int8(torch.randn(32, 64))
+    x = torch.randn(2, 64)
+    x[0, 3] = float("inf")
+    assert native.int8_rows_matmul(x, q, scale) is None
+    out = kernels.int8_linear(x, q, scale)
+    expected = torch._weight_int8pack_mm(x.bfloat16(), q, scale).float()
+    torch.testing.assert_close(out, expected, equal_nan=True)
+
+
+@needs_native
+def test_int8_linear_decodes_with_the_native_kernel_and_prefills_without(monkeypatch):
+    calls = []
+    real = native.int8_rows_matmul
+
+    def counting(rows, q, scale):
+        calls.append(rows.shape[0])
+        return real(rows, q, scale)
+
+    monkeypatch.setattr(native, "int8_rows_matmul", counting)
+    q, scale = kernels.quantize_int8(torch.randn(48, 64))
+    for M in (1, kernels.INT8_KERNEL_MAX_ROWS, kernels.INT8_KERNEL_MAX_ROWS + 1):
+        x = torch.randn(2, M, 64).reshape(-1, 64)[:M]  # a non-contiguous-origin view
+        out = kernels.int8_linear(x, q, scale)
+        torch.testing.assert_close(out.double(), _exact(x, q, scale), atol=2e-3, rtol=1e-3)
+    assert calls == [1, kernels.INT8_KERNEL_MAX_ROWS]
+    x = torch.randn(1, 64, requires_grad=True)  # a ctypes call would cut the graph
+    kernels.int8_linear(x, q, scale)
+    assert calls == [1, kernels.INT8_KERNEL_MAX_ROWS]
+
+
+def test_switched_off_or_unbuildable_kernel_falls_back(monkeypatch, tmp_path):
+    q, scale = kernels.quantize_int8(torch.randn(16, 32))
+    x = torch.randn(1, 32)
+    expected = torch._weight_int8pack_mm(x.bfloat16(), q, scale).float()
+    try:
+        monkeypatch.setenv("DSMOE_NATIVE_KERNELS", "0")
+        native.library.cache_clear()
+        assert native.isa() is None and native.int8_rows_matmul(x, q, scale) is None
+        torch.testing.assert_close(kernels.int8_linear(x, q, scale), expected)
+
+        monkeypatch.setenv("DSMOE_NATIVE_KERNELS", "1")
+        monkeypatch.setenv("DSMOE_CACHE", str(tmp_path / "cache"))
+        monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+        native.library.cache_clear()
+        with pytest.warns(RuntimeWarning, match="native int8 decode kernel is unavailable"):
+            assert native.library() is None
+        torch.testing.assert_close(kernels.int8_linear(x, q, scale), expected)
+    finally:
+        native.library.cache_clear()
+
+
+@needs_native
+def test_the_kernel_builds_into_an_empty_cache(monkeypatch, tmp_path):
+    monkeypatch.setenv("DSMOE_CACHE", str(tmp_path))
+    native.library.cache_clear()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert native.isa() in native.ISA_NAMES.values()
+        built = list(tmp_path.glob("int8_rows-*.so"))
+        assert len(built) == 1 and not list(tmp_path.glob("tmp*"))  # no temp dir left
+    finally:
+        native.library.cache_clear()
