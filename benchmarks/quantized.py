@@ -69,7 +69,7 @@ def bench_kernels(rows: list[int], repeat: int) -> list[dict]:
     import torch
     import torch.nn.functional as F
 
-    from dsmoe.quant import kernels
+    from dsmoe.quant import kernels, native
 
     results = []
     for name, (N, K) in (("expert gate_up", (2816, 2048)), ("expert down", (2048, 1408))):
@@ -87,6 +87,9 @@ def bench_kernels(rows: list[int], repeat: int) -> list[dict]:
             row["fp32 GEMM"] = _best(lambda: F.linear(x, w), repeat)
             row["bf16 GEMM"] = _best(lambda: F.linear(xb, wb), repeat)
             row["int8 kernel"] = _best(lambda: torch._weight_int8pack_mm(xb, q8, s8), repeat)
+            if m <= kernels.INT8_KERNEL_MAX_ROWS and native.library() is not None:
+                row["int8 dsmoe native"] = _best(lambda: native.int8_rows_matmul(x, q8, s8),
+                                                 repeat)
             row["int8->bf16 GEMM"] = _best(
                 lambda: F.linear(xb, q8.to(torch.bfloat16)) * s8, repeat)
             for g, (packed, sz) in int4.items():
@@ -97,14 +100,14 @@ def bench_kernels(rows: list[int], repeat: int) -> list[dict]:
 
 
 def print_kernels(results: list[dict]) -> None:
-    columns = [k for k in results[0] if k not in ("matrix", "rows")]
+    columns = list(dict.fromkeys(k for r in results for k in r if k not in ("matrix", "rows")))
     print(f"\n### Kernels: ms per matmul (lower quartile of runs; load average "
           f"{_load_average()})\n")
     print("| matrix | rows | " + " | ".join(columns) + " |")
     print("|---|---:|" + "---:|" * len(columns))
     for r in results:
         base = r["bf16 GEMM"]
-        cells = [f"{r[c] * 1e3:.2f} ({base / r[c]:.1f}x)" for c in columns]
+        cells = [f"{r[c] * 1e3:.2f} ({base / r[c]:.1f}x)" if c in r else "-" for c in columns]
         print(f"| {r['matrix']} | {r['rows']} | " + " | ".join(cells) + " |")
     print("\n(x = speed relative to the bf16 GEMM on the same rows)")
 
