@@ -1,4 +1,4 @@
-"""The native int8 decode kernel (dsmoe.quant.native, csrc/int8_rows.c).
+"""The native int8 decode kernel (dsmoe.native, csrc/rows_matmul.c).
 
 Its one approximation is writing each activation row as 16-bit fixed point, so every output
 must lie within sum_k |W[n, k]| * max|x[m]| / 65534 of the exact fp32 product (plus fp32
@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dsmoe.quant import kernels, native
+from dsmoe import native
+from dsmoe.quant import kernels
 
 needs_native = pytest.mark.skipif(native.library() is None,
                                   reason="no C compiler: the kernel cannot be built here")
@@ -148,7 +149,7 @@ def test_switched_off_or_unbuildable_kernel_falls_back(monkeypatch, tmp_path):
         monkeypatch.setenv("DSMOE_CACHE", str(tmp_path / "cache"))
         monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
         native.library.cache_clear()
-        with pytest.warns(RuntimeWarning, match="native int8 decode kernel is unavailable"):
+        with pytest.warns(RuntimeWarning, match="native decode kernels are unavailable"):
             assert native.library() is None
         torch.testing.assert_close(kernels.int8_linear(x, q, scale), expected)
     finally:
@@ -163,7 +164,7 @@ def test_the_kernel_builds_into_an_empty_cache(monkeypatch, tmp_path):
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             assert native.isa() in native.ISA_NAMES.values()
-        built = list(tmp_path.glob("int8_rows-*.so"))
+        built = list(tmp_path.glob("rows_matmul-*.so"))
         assert len(built) == 1 and not list(tmp_path.glob("tmp*"))  # no temp dir left
     finally:
         native.library.cache_clear()

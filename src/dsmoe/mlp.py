@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dsmoe.linear import Linear
+
 ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "relu": F.relu}
 
 
@@ -19,9 +21,9 @@ class SwiGLUMLP(nn.Module):
     def __init__(self, hidden_size: int, intermediate_size: int, hidden_act: str = "silu",
                  init_std: float = 0.02) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)  # [F, D]
-        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)  # [F, D]
-        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)  # [D, F]
+        self.gate_proj = Linear(hidden_size, intermediate_size, bias=False)  # [F, D]
+        self.up_proj = Linear(hidden_size, intermediate_size, bias=False)  # [F, D]
+        self.down_proj = Linear(intermediate_size, hidden_size, bias=False)  # [D, F]
         self.act = ACTIVATIONS[hidden_act]
         self.init_std = init_std
         self.reset_parameters()

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsmoe.config import ModelConfig
+from dsmoe.linear import Linear
 from dsmoe.model.cache import KVCache
 from dsmoe.model.mask import AttentionMask
 from dsmoe.model.rope import apply_rotary
@@ -32,10 +33,10 @@ class Attention(nn.Module):
         self.num_heads, self.num_kv_heads = config.num_attention_heads, config.num_key_value_heads
         self.head_dim = config.head_dim
         D, d, bias = config.hidden_size, config.head_dim, config.attention_bias
-        self.q_proj = nn.Linear(D, self.num_heads * d, bias=bias)  # [H*d, D]
-        self.k_proj = nn.Linear(D, self.num_kv_heads * d, bias=bias)  # [Hkv*d, D]
-        self.v_proj = nn.Linear(D, self.num_kv_heads * d, bias=bias)  # [Hkv*d, D]
-        self.o_proj = nn.Linear(self.num_heads * d, D, bias=bias)  # [D, H*d]
+        self.q_proj = Linear(D, self.num_heads * d, bias=bias)  # [H*d, D]
+        self.k_proj = Linear(D, self.num_kv_heads * d, bias=bias)  # [Hkv*d, D]
+        self.v_proj = Linear(D, self.num_kv_heads * d, bias=bias)  # [Hkv*d, D]
+        self.o_proj = Linear(self.num_heads * d, D, bias=bias)  # [D, H*d]
         self.dropout = config.attention_dropout
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,

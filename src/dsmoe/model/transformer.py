@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from dsmoe.config import ModelConfig
+from dsmoe.linear import Linear
 from dsmoe.model.block import Block
 from dsmoe.model.cache import KVCache
 from dsmoe.model.mask import build_attention_mask
@@ -66,7 +67,7 @@ class Transformer(nn.Module):
         self.embed_tokens = nn.Embedding(V, D, padding_idx=pad)  # [V, D]
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(D, config.rms_norm_eps)
-        self.lm_head = nn.Linear(D, V, bias=False)  # [V, D]
+        self.lm_head = Linear(D, V, bias=False)  # [V, D]
         self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta,
                                       config.max_position_embeddings, config.rope_scaling)
         self.tie_weights()

@@ -47,6 +47,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dsmoe import native
+from dsmoe.linear import DECODE_MAX_ROWS
 from dsmoe.mlp import ACTIVATIONS
 
 KERNELS = ("batched", "grouped_mm", "loop")
@@ -96,6 +98,38 @@ def _loop_mm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Te
         if n:
             torch.mm(x[start:start + n], w[e], out=out[start:start + n])
             start += n
+    return out
+
+
+# A forward whose experts have at most this many rows each is a decode step (batch <= 8:
+# a token picks an expert once); it runs expert by expert, the native kernels taking the
+# experts with at most DECODE_MAX_ROWS rows.
+DECODE_STEP_MAX_ROWS = 8
+
+
+def _decode_mm(x: torch.Tensor, w: torch.Tensor, blocks: list[tuple[int, int, int]]
+               ) -> torch.Tensor | None:
+    """Work rows ``x [P, k]`` times ``w[e] [k, n]`` per ``(expert, first row, rows)`` block,
+    by dsmoe's native kernels where a block has at most ``DECODE_MAX_ROWS`` rows and by
+    ``torch.mm`` otherwise; rows outside every block (padding) get zeros. None when the
+    native kernels cannot serve this product at all (autograd, dtypes, an input-major
+    ``w``: ``w[e].T`` must be contiguous; see ``dsmoe.linear``)."""
+    if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad):
+        return None
+    if (x.device.type != "cpu" or x.dtype != w.dtype
+            or x.dtype not in native.FLOAT_WEIGHT_DTYPES or not w.mT.is_contiguous()
+            or native.library() is None):
+        return None
+    out = x.new_zeros(x.shape[0], w.shape[-1])  # [P, n]
+    weights = w.mT  # [E, n, k], each expert contiguous
+    for e, start, n in blocks:
+        if n > DECODE_MAX_ROWS:
+            torch.mm(x[start:start + n], w[e], out=out[start:start + n])
+            continue
+        rows = native.float_rows_matmul(x[start:start + n], weights[e])  # fp32 [n, out]
+        if rows is None:
+            return None
+        out[start:start + n] = rows
     return out
 
 
@@ -359,9 +393,29 @@ class GroupedGEMM:
 
     # kernels on the work buffer (no autograd; called by _ExpertLinear)
     def mm(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        if self.kernel != "grouped_mm":
+            blocks = self._decode_blocks()
+            out = None if blocks is None else _decode_mm(x, w, blocks)
+            if out is not None:
+                return out
         if self.kernel == "batched":
             return _batched_mm(x, w, self.chunks)
         return (_grouped_mm if self.kernel == "grouped_mm" else _loop_mm)(x, w, self.counts)
+
+    def _decode_blocks(self) -> list[tuple[int, int, int]] | None:
+        """(expert, first work row, rows) of every expert with rows, if this is a decode
+        step (at most ``DECODE_STEP_MAX_ROWS`` rows per expert); else None."""
+        counts = self.counts.tolist()
+        if not counts or max(counts) > DECODE_STEP_MAX_ROWS:
+            return None
+        if self.index is not None:  # batched with padding: expert e's rows open its block
+            return [(e, start + (e - first) * width, counts[e])
+                    for first, end, width, start in self.chunks
+                    for e in range(first, end) if counts[e]]
+        starts = [0]
+        for n in counts[:-1]:
+            starts.append(starts[-1] + n)
+        return [(e, starts[e], n) for e, n in enumerate(counts) if n]
 
     def mm_weight(self, a: torch.Tensor, b: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         """Per-expert ``a_e.T @ b_e`` -> [E, n, k], laid out as the weight ``like``:

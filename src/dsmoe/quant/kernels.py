@@ -8,7 +8,7 @@ Formats (one matrix W [N, K]: N outputs, K inputs; experts add a leading E):
   Scales and zeros are bf16, the precision the kernels compute with.
 
 Kernels (measured in ``benchmarks/quantized.py``; see its table):
-  int8  for few rows (decoding) dsmoe's native kernel (``native.py``, csrc/int8_rows.c:
+  int8  for few rows (decoding) dsmoe's native kernel (``dsmoe.native``, csrc/rows_matmul.c:
         activations as per-row 16-bit fixed point, integer dot products), ~2x faster than
         ``torch._weight_int8pack_mm``, the fallback when it cannot be built. Neither has
         a backward (``finetune.qlora`` supplies one); a ctypes call would silently cut the
@@ -42,7 +42,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from dsmoe.quant import native
+from dsmoe import native
 
 INT4_GROUP_SIZES = (32, 64, 128, 256)  # what torch's int4 CPU kernel accepts
 INT4_ROW_MULTIPLE = 16  # torch's int4 packing needs N % 16 == 0

@@ -1,14 +1,15 @@
-"""The native int8 decode kernel (csrc/int8_rows.c): built on first use, called via ctypes.
+"""dsmoe's native decode kernels (csrc/rows_matmul.c): built on first use, called via ctypes.
 
-Why native code: decoding multiplies each int8 weight matrix by one activation row (or a
-few), which should run at the speed weights stream from memory. torch's CPU int8 kernels
-do not get there on one core (see the kernel's header and benchmarks/quantized.py); the
-kernel here does ~2x better. It needs no torch headers, so building it is one C compiler
-call of well under a second, cached per source, compiler and CPU.
+Why native code: decoding multiplies each weight matrix by one activation row per sequence
+(or a few), which should run at the speed weights stream from memory. On one CPU core
+torch's kernels do not get there for int8 and bf16 weights (see the C file's header,
+benchmarks/quantized.py and benchmarks/generate.py); these do ~2x better. They need no
+torch headers, so building them is one C compiler call of under a second, cached per
+source, compiler and CPU.
 
-When it cannot be used (no C compiler, a non-x86 CPU without a fast path still works, but
-a failed build does not), ``int8_rows_matmul`` returns None and callers fall back to
-torch's kernel; a warning says why, once. ``DSMOE_NATIVE_KERNELS=0`` turns it off.
+When they cannot be used (no C compiler or a failed build; a CPU without AVX2 still gets
+portable loops), the functions here return None and callers take torch's kernels; a
+warning says why, once. ``DSMOE_NATIVE_KERNELS=0`` turns them off.
 
 Shapes: M rows, K in features, N out features.
 """
@@ -29,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-SOURCE = "int8_rows.c"
+SOURCE = "rows_matmul.c"
 ISA_NAMES = {2: "avx512", 1: "avx2", 0: "portable C"}
 _ENV_SWITCH = "DSMOE_NATIVE_KERNELS"
 
@@ -83,42 +84,46 @@ def library() -> ctypes.CDLL | None:
     if not enabled():
         return None
     try:
-        source = resources.files("dsmoe.quant").joinpath("csrc", SOURCE).read_bytes()
+        source = resources.files("dsmoe").joinpath("csrc", SOURCE).read_bytes()
         key = hashlib.sha256(source + _cpu_signature().encode() +
                              (os.environ.get("CC") or "").encode()).hexdigest()[:16]
-        path = cache_dir() / f"int8_rows-{platform.machine()}-{key}.so"
+        path = cache_dir() / f"rows_matmul-{platform.machine()}-{key}.so"
         if not path.exists():
             _build(source, path)
         lib = ctypes.CDLL(str(path))
     except (OSError, RuntimeError) as exc:
-        warnings.warn(f"dsmoe: the native int8 decode kernel is unavailable, using torch's "
+        warnings.warn(f"dsmoe: the native decode kernels are unavailable, using torch's "
                       f"(slower) instead: {exc}", RuntimeWarning, stacklevel=2)
         return None
     lib.dsmoe_int8_rows_matmul.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [
         ctypes.c_int]
     lib.dsmoe_int8_rows_matmul.restype = ctypes.c_int
-    lib.dsmoe_int8_rows_isa.restype = ctypes.c_int
-    lib.dsmoe_int8_rows_limit_isa.argtypes = [ctypes.c_int]
-    lib.dsmoe_int8_rows_limit_isa.restype = ctypes.c_int
+    lib.dsmoe_float_rows_matmul.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,
+                                            ctypes.c_void_p] + [ctypes.c_int64] * 3 + [
+        ctypes.c_int]
+    lib.dsmoe_float_rows_matmul.restype = ctypes.c_int
+    lib.dsmoe_rows_isa.restype = ctypes.c_int
+    lib.dsmoe_rows_limit_isa.argtypes = [ctypes.c_int]
+    lib.dsmoe_rows_limit_isa.restype = ctypes.c_int
     return lib
 
 
 def isa() -> str | None:
-    """The instruction set the kernel runs on this CPU, or None when it is unavailable."""
+    """The instruction set the kernels run on this CPU, or None when they are unavailable."""
     lib = library()
-    return None if lib is None else ISA_NAMES[lib.dsmoe_int8_rows_isa()]
+    return None if lib is None else ISA_NAMES[lib.dsmoe_rows_isa()]
 
 
 def limit_isa(name: str) -> str:
-    """Run the kernel's ``name`` code path or the best one below it (for tests and
-    benchmarks); returns the path now in use. Raises when the kernel is unavailable."""
+    """Run the kernels' ``name`` code path or the best one below it (for tests and
+    benchmarks); returns the path now in use. Raises when the kernels are unavailable."""
     lib = library()
     if lib is None:
-        raise RuntimeError("the native int8 kernel is unavailable")
+        raise RuntimeError("the native decode kernels are unavailable")
     levels = {v: k for k, v in ISA_NAMES.items()}
     if name not in levels:
         raise ValueError(f"isa must be one of {sorted(levels)}, got {name!r}")
-    return ISA_NAMES[lib.dsmoe_int8_rows_limit_isa(levels[name])]
+    return ISA_NAMES[lib.dsmoe_rows_limit_isa(levels[name])]
 
 
 def int8_rows_matmul(rows: torch.Tensor, q: torch.Tensor, scale: torch.Tensor
@@ -143,3 +148,29 @@ def int8_rows_matmul(rows: torch.Tensor, q: torch.Tensor, scale: torch.Tensor
     if status == -2:
         raise MemoryError("int8 matmul: out of memory for the activation buffer")
     return out if status == 0 else None
+
+
+FLOAT_WEIGHT_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def float_rows_matmul(rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
+    """rows [M, K] @ weight.T -> fp32 [M, N] for weight fp32 or bf16 [N, K] (rows cast to
+    fp32: exact products, fp32 sums); None when the kernels are unavailable or ``weight``
+    is not a contiguous CPU matrix of those dtypes (e.g. ``set_matmul_layout``'s
+    input-major layout, which torch's kernels serve better anyway)."""
+    lib = library()
+    if (lib is None or weight.dtype not in FLOAT_WEIGHT_DTYPES or weight.dim() != 2
+            or not weight.is_contiguous() or weight.device.type != "cpu"
+            or rows.device.type != "cpu" or rows.dim() != 2):
+        return None
+    x = rows.detach().to(torch.float32).contiguous()
+    M, K = x.shape
+    N = weight.shape[0]
+    if weight.shape[1] != K:
+        raise ValueError(f"matmul: rows {list(x.shape)} and weight {list(weight.shape)} do "
+                         "not fit together")
+    out = torch.empty(M, N, dtype=torch.float32)
+    lib.dsmoe_float_rows_matmul(x.data_ptr(), weight.data_ptr(),
+                                int(weight.dtype == torch.bfloat16), out.data_ptr(), M, N, K,
+                                torch.get_num_threads())
+    return out

@@ -1,0 +1,345 @@
+/* A weight matrix times a few activation rows, for decoding on CPU.
+ *
+ *   int8:  out[m, n] = scale[n] * sum_k x[m, k] * q[n, k]
+ *          x fp32 [M, K], q int8 [N, K], scale bf16 [N], out fp32 [M, N] (all row-major)
+ *   float: out[m, n] = sum_k x[m, k] * w[n, k]
+ *          x fp32 [M, K], w fp32 or bf16 [N, K], out fp32 [M, N]
+ *
+ * Why kernels of our own: a decode step multiplies every weight by one row per sequence, so
+ * it should be bound by how fast the weights stream from memory. On one core of the
+ * machine in benchmarks/ torch's CPU kernels do not get there for int8 and bf16 weights:
+ * _weight_int8pack_mm and a float multiply-add loop spend ~3 vector instructions per 16
+ * int8 weights (sign-extend, convert, FMA) and reach ~8-10 GB/s; bf16 GEMV ~10 GB/s.
+ *
+ * int8: each activation row is first written as 16-bit fixed point with one scale per row
+ * (x ~ sx[m] * xi[m, k], |xi| <= 32767) and the dot products run in integers: sign-extend
+ * 32 weights to int16 and multiply-add pairs into int32 (vpmaddwd), 2 instructions per 32
+ * weights. Precision: the activation rounding error is at most max|x[m]| / 65534 per
+ * element, no worse than the bf16 activations torch's int8 kernels use for every element
+ * within 128x of the row's largest, and the integer sums are exact.
+ * Overflow: a product is at most 32767 * 127 < 2^22 and an int32 lane adds two of them per
+ * 64 weights (avx512; per 32 with avx2), so a lane stays below 2^31 for CHUNK weights; lanes
+ * are summed in int64 and chunks in float.
+ *
+ * float: fp32 FMAs with four independent accumulators per row (bf16 weights widened by a
+ * shift); exact fp32 products, summation order aside.
+ *
+ * Every kernel streams one weight row at a time and keeps it in L1 across the M activation
+ * rows. Built at run time by dsmoe/native.py (cc -O3 -shared, no torch headers); the ISA
+ * is picked once from __builtin_cpu_supports, so one binary runs on any x86-64, and other
+ * CPUs get the portable loops. With -fopenmp, `threads` > 1 splits the output rows.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#define CHUNK 4096 /* weights per int32 accumulation (see Overflow above) */
+#define XMAX 32767.f
+
+static inline float bf16_to_float(uint16_t v) {
+    uint32_t u = (uint32_t)v << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+typedef int64_t (*dot_fn)(const int16_t *x, const int8_t *w, int64_t K);
+
+/* Exact integer dot product of K int16 x int8 values (|sum| < 2^31 within a CHUNK). */
+static int64_t dot_generic(const int16_t *x, const int8_t *w, int64_t K) {
+    int64_t acc = 0;
+    for (int64_t k = 0; k < K; k++) acc += (int32_t)x[k] * (int32_t)w[k];
+    return acc;
+}
+
+#if defined(__x86_64__)
+__attribute__((target("avx512f,avx512bw")))
+static int64_t dot_avx512(const int16_t *x, const int8_t *w, int64_t K) {
+    __m512i a0 = _mm512_setzero_si512(), a1 = _mm512_setzero_si512();
+    int64_t k = 0;
+    for (; k + 64 <= K; k += 64) {
+        __m512i w0 = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(w + k)));
+        __m512i w1 = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(w + k + 32)));
+        a0 = _mm512_add_epi32(a0, _mm512_madd_epi16(w0, _mm512_loadu_si512(x + k)));
+        a1 = _mm512_add_epi32(a1, _mm512_madd_epi16(w1, _mm512_loadu_si512(x + k + 32)));
+    }
+    /* Lanes are < 2^31 by CHUNK; their sum need not be, so it is taken in int64. */
+    __m512i wide = _mm512_add_epi64(
+        _mm512_add_epi64(_mm512_cvtepi32_epi64(_mm512_castsi512_si256(a0)),
+                         _mm512_cvtepi32_epi64(_mm512_extracti64x4_epi64(a0, 1))),
+        _mm512_add_epi64(_mm512_cvtepi32_epi64(_mm512_castsi512_si256(a1)),
+                         _mm512_cvtepi32_epi64(_mm512_extracti64x4_epi64(a1, 1))));
+    return _mm512_reduce_add_epi64(wide) + dot_generic(x + k, w + k, K - k);
+}
+
+__attribute__((target("avx2")))
+static int64_t dot_avx2(const int16_t *x, const int8_t *w, int64_t K) {
+    __m256i a0 = _mm256_setzero_si256(), a1 = _mm256_setzero_si256();
+    int64_t k = 0;
+    for (; k + 32 <= K; k += 32) {
+        __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(w + k)));
+        __m256i w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(w + k + 16)));
+        a0 = _mm256_add_epi32(a0, _mm256_madd_epi16(w0, _mm256_loadu_si256((const __m256i *)(x + k))));
+        a1 = _mm256_add_epi32(a1, _mm256_madd_epi16(w1, _mm256_loadu_si256((const __m256i *)(x + k + 16))));
+    }
+    /* Lanes are < 2^31 by CHUNK; their sum need not be, so it is taken in int64. */
+    __m256i wide = _mm256_add_epi64(
+        _mm256_add_epi64(_mm256_cvtepi32_epi64(_mm256_castsi256_si128(a0)),
+                         _mm256_cvtepi32_epi64(_mm256_extracti128_si256(a0, 1))),
+        _mm256_add_epi64(_mm256_cvtepi32_epi64(_mm256_castsi256_si128(a1)),
+                         _mm256_cvtepi32_epi64(_mm256_extracti128_si256(a1, 1))));
+    __m128i h = _mm_add_epi64(_mm256_castsi256_si128(wide), _mm256_extracti128_si256(wide, 1));
+    return _mm_cvtsi128_si64(h) + _mm_extract_epi64(h, 1) + dot_generic(x + k, w + k, K - k);
+}
+#endif
+
+/* --- float weights: dot(x fp32, w fp32 or bf16) ------------------------------------ */
+typedef float (*fdot_fn)(const float *x, const void *w, int64_t K);
+
+static float fdot_generic_f32(const float *x, const void *w, int64_t K) {
+    const float *v = w;
+    float acc = 0.f;
+    for (int64_t k = 0; k < K; k++) acc += x[k] * v[k];
+    return acc;
+}
+
+static float fdot_generic_bf16(const float *x, const void *w, int64_t K) {
+    const uint16_t *v = w;
+    float acc = 0.f;
+    for (int64_t k = 0; k < K; k++) acc += x[k] * bf16_to_float(v[k]);
+    return acc;
+}
+
+#if defined(__x86_64__)
+__attribute__((target("avx512f")))
+static float fdot_avx512_f32(const float *x, const void *w, int64_t K) {
+    const float *v = w;
+    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+    __m512 a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
+    int64_t k = 0;
+    for (; k + 64 <= K; k += 64) {
+        a0 = _mm512_fmadd_ps(_mm512_loadu_ps(x + k), _mm512_loadu_ps(v + k), a0);
+        a1 = _mm512_fmadd_ps(_mm512_loadu_ps(x + k + 16), _mm512_loadu_ps(v + k + 16), a1);
+        a2 = _mm512_fmadd_ps(_mm512_loadu_ps(x + k + 32), _mm512_loadu_ps(v + k + 32), a2);
+        a3 = _mm512_fmadd_ps(_mm512_loadu_ps(x + k + 48), _mm512_loadu_ps(v + k + 48), a3);
+    }
+    float acc = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+    return acc + fdot_generic_f32(x + k, v + k, K - k);
+}
+
+__attribute__((target("avx512f")))
+static inline __m512 bf16x16_avx512(const uint16_t *p) {
+    __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+}
+
+__attribute__((target("avx512f")))
+static float fdot_avx512_bf16(const float *x, const void *w, int64_t K) {
+    const uint16_t *v = w;
+    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+    __m512 a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
+    int64_t k = 0;
+    for (; k + 64 <= K; k += 64) {
+        a0 = _mm512_fmadd_ps(_mm512_loadu_ps(x + k), bf16x16_avx512(v + k), a0);
+        a1 = _mm512_fmadd_ps(_mm512_loadu_ps(x + k + 16), bf16x16_avx512(v + k + 16), a1);
+        a2 = _mm512_fmadd_ps(_mm512_loadu_ps(x + k + 32), bf16x16_avx512(v + k + 32), a2);
+        a3 = _mm512_fmadd_ps(_mm512_loadu_ps(x + k + 48), bf16x16_avx512(v + k + 48), a3);
+    }
+    float acc = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+    return acc + fdot_generic_bf16(x + k, v + k, K - k);
+}
+
+__attribute__((target("avx2,fma")))
+static inline float hsum256(__m256 a) {
+    __m128 h = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    return _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
+}
+
+__attribute__((target("avx2,fma")))
+static float fdot_avx2_f32(const float *x, const void *w, int64_t K) {
+    const float *v = w;
+    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+    __m256 a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
+    int64_t k = 0;
+    for (; k + 32 <= K; k += 32) {
+        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k), _mm256_loadu_ps(v + k), a0);
+        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k + 8), _mm256_loadu_ps(v + k + 8), a1);
+        a2 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k + 16), _mm256_loadu_ps(v + k + 16), a2);
+        a3 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k + 24), _mm256_loadu_ps(v + k + 24), a3);
+    }
+    float acc = hsum256(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+    return acc + fdot_generic_f32(x + k, v + k, K - k);
+}
+
+__attribute__((target("avx2,fma")))
+static inline __m256 bf16x8_avx2(const uint16_t *p) {
+    __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
+}
+
+__attribute__((target("avx2,fma")))
+static float fdot_avx2_bf16(const float *x, const void *w, int64_t K) {
+    const uint16_t *v = w;
+    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+    __m256 a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
+    int64_t k = 0;
+    for (; k + 32 <= K; k += 32) {
+        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k), bf16x8_avx2(v + k), a0);
+        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k + 8), bf16x8_avx2(v + k + 8), a1);
+        a2 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k + 16), bf16x8_avx2(v + k + 16), a2);
+        a3 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k + 24), bf16x8_avx2(v + k + 24), a3);
+    }
+    float acc = hsum256(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+    return acc + fdot_generic_bf16(x + k, v + k, K - k);
+}
+#endif
+
+/* The kernels of one code path. */
+typedef struct {
+    dot_fn int8;
+    fdot_fn f32, bf16;
+} kernels_t;
+
+static const kernels_t PORTABLE = {dot_generic, fdot_generic_f32, fdot_generic_bf16};
+#if defined(__x86_64__)
+static const kernels_t AVX2 = {dot_avx2, fdot_avx2_f32, fdot_avx2_bf16};
+static const kernels_t AVX512 = {dot_avx512, fdot_avx512_f32, fdot_avx512_bf16};
+#endif
+
+/* The fastest path this CPU supports, at most `limit` (2 avx512, 1 avx2, 0 portable). */
+static int pick(int limit) {
+#if defined(__x86_64__)
+    __builtin_cpu_init();
+    if (limit >= 2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw"))
+        return 2;
+    if (limit >= 1 && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return 1;
+#endif
+    (void)limit;
+    return 0;
+}
+
+static int chosen_isa = -1;
+
+static const kernels_t *chosen(void) {
+    if (chosen_isa < 0) chosen_isa = pick(2);
+#if defined(__x86_64__)
+    if (chosen_isa == 2) return &AVX512;
+    if (chosen_isa == 1) return &AVX2;
+#endif
+    return &PORTABLE;
+}
+
+/* Which code path runs: 2 avx512, 1 avx2, 0 portable (reported by native.py). */
+int dsmoe_rows_isa(void) {
+    chosen();
+    return chosen_isa;
+}
+
+/* Restrict the code path to at most `limit` (tests run every path the CPU has); returns
+ * the path now in use. Not thread-safe: call it before any matmul. */
+int dsmoe_rows_limit_isa(int limit) {
+    chosen_isa = pick(limit);
+    return chosen_isa;
+}
+
+/* x as 16-bit fixed point, one scale per row. Returns 0, or -1 when x holds inf/nan. */
+static int to_fixed(const float *x, int16_t *xi, float *sx, int64_t M, int64_t K) {
+    for (int64_t m = 0; m < M; m++) {
+        const float *xm = x + m * K;
+        float amax = 0.f;
+        for (int64_t k = 0; k < K; k++) amax = fmaxf(amax, fabsf(xm[k]));
+        if (!isfinite(amax)) return -1;
+        float inv = amax > 0.f ? XMAX / amax : 0.f;
+        sx[m] = amax / XMAX;
+        for (int64_t k = 0; k < K; k++) xi[m * K + k] = (int16_t)lrintf(xm[k] * inv);
+    }
+    return 0;
+}
+
+static void int8_rows(dot_fn dot, const int16_t *xi, const float *sx, const int8_t *q,
+                 const uint16_t *scale, float *out, int64_t M, int64_t N, int64_t K,
+                 int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; n++) {
+        const int8_t *r = q + n * K;
+        float s = bf16_to_float(scale[n]);
+        for (int64_t m = 0; m < M; m++) {  /* the row r stays in L1 across m */
+            float acc = 0.f;
+            for (int64_t k = 0; k < K; k += CHUNK) {
+                int64_t len = K - k < CHUNK ? K - k : CHUNK;
+                acc += (float)dot(xi + m * K + k, r + k, len);
+            }
+            out[m * N + n] = acc * sx[m] * s;
+        }
+    }
+}
+
+/* Returns 0 on success, -1 when x is not finite (the caller then takes another path),
+ * -2 when out of memory. */
+int dsmoe_int8_rows_matmul(const float *x, const int8_t *q, const uint16_t *scale, float *out,
+                           int64_t M, int64_t N, int64_t K, int threads) {
+    dot_fn dot = chosen()->int8;
+    int16_t *xi = malloc((size_t)(M * K) * sizeof *xi + 64);
+    float *sx = malloc((size_t)M * sizeof *sx);
+    if (!xi || !sx) {
+        free(xi);
+        free(sx);
+        return -2;
+    }
+    if (to_fixed(x, xi, sx, M, K)) {
+        free(xi);
+        free(sx);
+        return -1;
+    }
+#ifdef _OPENMP
+    if (threads > 1 && N >= 64 * threads) {
+#pragma omp parallel num_threads(threads)
+        {
+            int t = omp_get_thread_num(), T = omp_get_num_threads();
+            int8_rows(dot, xi, sx, q, scale, out, M, N, K, N * t / T, N * (t + 1) / T);
+        }
+    } else
+#else
+    (void)threads;
+#endif
+        int8_rows(dot, xi, sx, q, scale, out, M, N, K, 0, N);
+    free(xi);
+    free(sx);
+    return 0;
+}
+
+static void float_rows(fdot_fn dot, const float *x, const char *w, int64_t w_size, float *out,
+                       int64_t M, int64_t N, int64_t K, int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; n++) {
+        const char *r = w + n * K * w_size;
+        for (int64_t m = 0; m < M; m++) out[m * N + n] = dot(x + m * K, r, K);
+    }
+}
+
+/* w_bf16: 0 when w is fp32, 1 when it is bf16. Returns 0. */
+int dsmoe_float_rows_matmul(const float *x, const void *w, int w_bf16, float *out, int64_t M,
+                            int64_t N, int64_t K, int threads) {
+    fdot_fn dot = w_bf16 ? chosen()->bf16 : chosen()->f32;
+    int64_t w_size = w_bf16 ? 2 : 4;
+#ifdef _OPENMP
+    if (threads > 1 && N >= 64 * threads) {
+#pragma omp parallel num_threads(threads)
+        {
+            int t = omp_get_thread_num(), T = omp_get_num_threads();
+            float_rows(dot, x, w, w_size, out, M, N, K, N * t / T, N * (t + 1) / T);
+        }
+        return 0;
+    }
+#else
+    (void)threads;
+#endif
+    float_rows(dot, x, w, w_size, out, M, N, K, 0, N);
+    return 0;
+}

@@ -1,0 +1,56 @@
+"""Linear: ``nn.Linear`` whose decode-sized products run dsmoe's native kernels.
+
+A decode step multiplies each weight matrix by one row per sequence: the time goes into
+streaming the weights from memory, and on CPU torch's bf16 matrix-vector product reads
+them at about half the speed the native kernel does (``dsmoe.native``; measured in
+benchmarks/generate.py). ``decode_linear`` takes such products, when they are
+gradient-free, on CPU, with at most ``DECODE_MAX_ROWS`` rows and an output-major fp32 or
+bf16 weight; everything else (training, prefill, GPUs, ``set_matmul_layout``'s
+input-major weights) goes to ``F.linear`` unchanged.
+
+Numerics: fp32 products summed in fp32 (bf16 weights and activations are widened
+exactly), rounded once to the activation dtype: for fp32 the same result as ``F.linear``
+up to summation order, for bf16 at least as accurate.
+
+Shapes: M rows, K in features, N out features.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dsmoe import native
+
+# Rows up to which the native kernels beat torch's on weights that stream from memory
+# (one core, expert- and lm_head-sized matrices not in cache: at 1-2 rows ~2x for bf16 and
+# 1.4-2x for fp32; at 4 rows about even, at 8 torch's blocked GEMMs are 1.3-2x faster).
+DECODE_MAX_ROWS = 2
+
+
+def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+                  ) -> torch.Tensor | None:
+    """``x [..., K] @ weight.T (+ bias)`` by the native kernel, or None when this product is
+    not a decode step it serves (see the module docstring)."""
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+        return None  # a ctypes call would cut the autograd graph
+    if x.dtype != weight.dtype or x.dtype not in native.FLOAT_WEIGHT_DTYPES:
+        return None
+    rows = x.reshape(-1, x.shape[-1])  # [M, K]
+    if rows.shape[0] > DECODE_MAX_ROWS or rows.shape[0] == 0:
+        return None
+    out = native.float_rows_matmul(rows, weight)  # fp32 [M, N]
+    if out is None:
+        return None
+    if bias is not None:
+        out += bias
+    return out.to(x.dtype).reshape(*x.shape[:-1], weight.shape[0])
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` (same parameters, names and checkpoints) with native decode steps."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = decode_linear(x, self.weight, self.bias)
+        return F.linear(x, self.weight, self.bias) if out is None else out

@@ -1,0 +1,146 @@
+"""Native decode kernels for float weights (dsmoe.native.float_rows_matmul) and where the
+model uses them (dsmoe.linear.Linear, the experts' decode step).
+
+They may only change summation order: fp32 results equal F.linear to fp32 rounding
+(atol 1e-5 on O(1) outputs), bf16 results are the exact product rounded once to bf16; and
+training, prefill and input-major weights must never reach them.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from dsmoe import native
+from dsmoe.config import ModelConfig
+from dsmoe.linear import DECODE_MAX_ROWS, Linear, decode_linear
+from dsmoe.model import Transformer
+from dsmoe.moe.experts import DECODE_STEP_MAX_ROWS, SwiGLUExperts
+
+needs_native = pytest.mark.skipif(native.library() is None,
+                                  reason="no C compiler: the kernels cannot be built here")
+
+
+@pytest.fixture(params=["avx512", "avx2", "portable C"])
+def isa(request):
+    if native.library() is None:
+        pytest.skip("no C compiler: the kernels cannot be built here")
+    best = native.isa()
+    try:
+        if native.limit_isa(request.param) != request.param:
+            pytest.skip(f"this CPU cannot run the {request.param} path")
+        yield request.param
+    finally:
+        native.limit_isa(best)
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    """Row counts of every native float matmul made while the test runs."""
+    seen: list[int] = []
+    real = native.float_rows_matmul
+
+    def counting(rows, weight):
+        out = real(rows, weight)
+        if out is not None:
+            seen.append(rows.shape[0])
+        return out
+
+    monkeypatch.setattr(native, "float_rows_matmul", counting)
+    return seen
+
+
+@settings(max_examples=25, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])  # isa is constant
+@given(M=st.integers(1, 6), N=st.integers(1, 40), K=st.integers(1, 200),
+       bf16=st.booleans(), seed=st.integers(0, 2**16))
+def test_float_rows_match_the_exact_product(isa, M, N, K, bf16, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(M, K, generator=g)
+    w = torch.randn(N, K, generator=g).to(torch.bfloat16 if bf16 else torch.float32)
+    out = native.float_rows_matmul(x, w)
+    exact = x.double() @ w.double().T
+    # fp32 sums of K products: error below K * eps32 * sum |x w| (a loose classical bound)
+    bound = K * 2.0**-23 * (x.double().abs() @ w.double().abs().T) + 1e-30
+    assert out.dtype == torch.float32 and ((out.double() - exact).abs() <= bound).all()
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, DECODE_MAX_ROWS])
+def test_linear_decode_steps_equal_f_linear(calls, dtype, rows):
+    torch.manual_seed(0)
+    layer = Linear(96, 80, bias=True).to(dtype)
+    x = torch.randn(rows, 1, 96).to(dtype)
+    with torch.no_grad():
+        out = layer(x)
+        reference = (x.double() @ layer.weight.double().T + layer.bias.double())
+    assert calls == [rows] and out.shape == (rows, 1, 80) and out.dtype == dtype
+    if dtype == torch.float32:
+        torch.testing.assert_close(out, F.linear(x, layer.weight, layer.bias), atol=1e-5,
+                                   rtol=1e-5)
+    else:  # the exact value rounded once to bf16 (F.linear's bf16 may round more)
+        torch.testing.assert_close(out, reference.to(torch.bfloat16), atol=0, rtol=0)
+
+
+@needs_native
+def test_training_prefill_and_input_major_weights_use_torch(calls):
+    layer = Linear(64, 48)
+    x = torch.randn(2, 64, requires_grad=True)
+    layer(x).sum().backward()  # training: gradients must flow
+    assert calls == [] and x.grad is not None and layer.weight.grad is not None
+    with torch.no_grad():
+        layer(torch.randn(DECODE_MAX_ROWS + 1, 64))  # prefill-sized
+        transposed = layer.weight.detach().T.contiguous().T  # input-major storage
+        assert decode_linear(torch.randn(1, 64), transposed) is None
+        assert decode_linear(torch.randn(1, 64).double(), layer.weight.double()) is None
+    assert calls == []
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_expert_decode_steps_equal_the_torch_loop(calls, dtype):
+    torch.manual_seed(0)
+    experts = SwiGLUExperts(8, 64, 32, init_std=0.1).to(dtype)
+    counts = torch.tensor([1, 0, 2, 0, 0, DECODE_MAX_ROWS, DECODE_STEP_MAX_ROWS, 1])
+    x = torch.randn(int(counts.sum()), 64).to(dtype)
+    with torch.no_grad():
+        out = experts(x, counts)
+        few = counts[(counts > 0) & (counts <= DECODE_MAX_ROWS)].tolist()
+        assert sorted(calls) == sorted(few * 2)  # gate_up and down of each small expert
+        reference = []
+        for e, rows in enumerate(torch.split(x.double(), counts.tolist())):
+            gate, up = (rows @ experts.gate_up_proj[e].double().T).chunk(2, dim=-1)
+            reference.append((F.silu(gate) * up) @ experts.down_proj[e].double().T)
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(out.double(), torch.cat(reference), **tol)
+
+    calls.clear()
+    busy = torch.tensor([DECODE_STEP_MAX_ROWS + 1, 0, 0, 0, 0, 0, 0, 1])  # not a decode step
+    with torch.no_grad():
+        experts(torch.randn(int(busy.sum()), 64).to(dtype), busy)
+    assert calls == []
+
+
+@needs_native
+def test_greedy_decoding_is_unchanged_by_the_native_kernels(monkeypatch):
+    config = ModelConfig.preset("tiny").replace(num_hidden_layers=2, vocab_size=300)
+    torch.manual_seed(0)
+    model = Transformer(config).eval()
+    prompt = torch.randint(0, 300, (1, 7))
+    with torch.no_grad():
+        fast = model.generate(prompt, max_new_tokens=12)
+        cache = model.new_cache(1, 8)
+        step_logits = model(prompt, cache=cache).logits[:, -1]
+        step_logits = model(fast[:, :1], cache=cache).logits[:, -1]
+    monkeypatch.setattr(native, "float_rows_matmul", lambda rows, weight: None)
+    with torch.no_grad():
+        slow = model.generate(prompt, max_new_tokens=12)
+        cache = model.new_cache(1, 8)
+        model(prompt, cache=cache)
+        slow_logits = model(fast[:, :1], cache=cache).logits[:, -1]
+    assert torch.equal(fast, slow)
+    torch.testing.assert_close(step_logits, slow_logits, atol=1e-5, rtol=1e-5)
