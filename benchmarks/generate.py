@@ -28,15 +28,20 @@ tie, where a rounding difference between the two attention kernels could legitim
 another expert; bf16 mismatches are reported, fp32 mismatches abort the run.
 
 Reading the numbers (2-core AMD EPYC VM, torch 2.13 with MKL; see the README table):
-- A decode step streams every active weight once (~1.6 GB per token at batch 1 in fp32), so
-  both libraries spend ~90% of it in the same BLAS matrix-vector kernels, which read
-  memory at about a third of the bandwidth a plain ``sum`` reaches. Run alone on one thread
-  they are within ~10% of each other; the input-major layout makes those fp32 kernels
-  ~1.2-1.35x faster (bf16 kernels are compute-bound and prefer the default layout).
+- A decode step streams every active weight once (~2 GB per token at batch 1 in fp32), so
+  its speed is how fast the weights come from memory. transformers multiplies with torch's
+  BLAS kernels, which read fp32 weights at ~13-14 GB/s and bf16 at ~10 GB/s on one core;
+  dsmoe sends products of at most ``dsmoe.linear.DECODE_MAX_ROWS`` rows to its native
+  kernels (``dsmoe.native``), which read both at ~20 GB/s, about what one core can draw.
+  That is the whole gap at batch 1: ~1.5x in fp32, ~2x in bf16; fp32 cannot reach 2x at
+  batch 1 against a baseline that already streams at two thirds of the memory's speed.
+- At batch 8 the attention projections and ``lm_head`` see 8 rows and stay on torch's
+  GEMMs in both libraries; the experts, 1-2 rows each, go native in dsmoe.
+- ``dsmoe input-major`` (``set_matmul_layout``) feeds torch's fp32 kernels a layout they
+  stream faster (~1.3x); with the native kernels the default layout is faster still.
 - With other jobs on the machine and two threads, every OpenMP parallel region can wait
-  milliseconds for a descheduled worker. transformers' eager expert loop issues several
-  such ops per routed expert (``index``, ``index_add_``); dsmoe a few per layer. That, not
-  arithmetic, is what the large ratios under load measure; ``--threads 1`` shows the
+  milliseconds for a descheduled worker; transformers' eager expert loop issues several
+  such ops per routed expert. ``--threads 1`` (the README's table) shows the
   contention-free picture.
 
 Usage:

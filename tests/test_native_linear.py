@@ -55,7 +55,7 @@ def calls(monkeypatch):
 
 @settings(max_examples=25, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])  # isa is constant
-@given(M=st.integers(1, 6), N=st.integers(1, 40), K=st.integers(1, 200),
+@given(M=st.integers(1, 9), N=st.integers(1, 40), K=st.integers(1, 200),
        bf16=st.booleans(), seed=st.integers(0, 2**16))
 def test_float_rows_match_the_exact_product(isa, M, N, K, bf16, seed):
     g = torch.Generator().manual_seed(seed)
@@ -70,7 +70,7 @@ def test_float_rows_match_the_exact_product(isa, M, N, K, bf16, seed):
 
 @needs_native
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("rows", [1, DECODE_MAX_ROWS])
+@pytest.mark.parametrize("rows", [1, 2, 3, DECODE_MAX_ROWS])
 def test_linear_decode_steps_equal_f_linear(calls, dtype, rows):
     torch.manual_seed(0)
     layer = Linear(96, 80, bias=True).to(dtype)

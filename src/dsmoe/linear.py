@@ -25,8 +25,9 @@ from dsmoe import native
 
 # Rows up to which the native kernels beat torch's on weights that stream from memory
 # (one core, expert- and lm_head-sized matrices not in cache: at 1-2 rows ~2x for bf16 and
-# 1.4-2x for fp32; at 4 rows about even, at 8 torch's blocked GEMMs are 1.3-2x faster).
-DECODE_MAX_ROWS = 2
+# 1.4-2x for fp32, at 4 rows 1.05-1.35x and 1.3-2x; at 8 torch's blocked GEMMs are ~1.3-2x
+# faster, the kernels' activation rows no longer fitting in L1 beside the weight row).
+DECODE_MAX_ROWS = 4
 
 
 def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None

@@ -117,6 +117,16 @@ static float fdot_generic_bf16(const float *x, const void *w, int64_t K) {
     return acc;
 }
 
+typedef void (*fdot4_fn)(const float *x, const void *w, int64_t K, float *out);
+
+static void fdot4_generic_f32(const float *x, const void *w, int64_t K, float *out) {
+    for (int i = 0; i < 4; i++) out[i] = fdot_generic_f32(x + i * K, w, K);
+}
+
+static void fdot4_generic_bf16(const float *x, const void *w, int64_t K, float *out) {
+    for (int i = 0; i < 4; i++) out[i] = fdot_generic_bf16(x + i * K, w, K);
+}
+
 #if defined(__x86_64__)
 __attribute__((target("avx512f")))
 static float fdot_avx512_f32(const float *x, const void *w, int64_t K) {
@@ -200,18 +210,60 @@ static float fdot_avx2_bf16(const float *x, const void *w, int64_t K) {
     float acc = hsum256(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
     return acc + fdot_generic_bf16(x + k, v + k, K - k);
 }
+
+/* Four activation rows (x, x + K, x + 2K, x + 3K) against one weight row: each weight
+ * vector is loaded (and widened) once for four FMAs, so a decode step of a few sequences
+ * costs little more memory traffic than one. */
+#define FDOT4(NAME, TARGET, VEC, ZERO, LOADX, LOADW, FMA, HSUM, STEP, TAIL)                  \
+    __attribute__((target(TARGET)))                                                           \
+    static void NAME(const float *x, const void *w, int64_t K, float *out) {                  \
+        const float *x0 = x, *x1 = x + K, *x2 = x + 2 * K, *x3 = x + 3 * K;                   \
+        VEC a0 = ZERO(), a1 = ZERO(), a2 = ZERO(), a3 = ZERO();                               \
+        int64_t k = 0;                                                                        \
+        for (; k + STEP <= K; k += STEP) {                                                    \
+            VEC v = LOADW(w, k);                                                              \
+            a0 = FMA(LOADX(x0 + k), v, a0);                                                   \
+            a1 = FMA(LOADX(x1 + k), v, a1);                                                   \
+            a2 = FMA(LOADX(x2 + k), v, a2);                                                   \
+            a3 = FMA(LOADX(x3 + k), v, a3);                                                   \
+        }                                                                                     \
+        out[0] = HSUM(a0) + TAIL(x0 + k, w, k, K);                                            \
+        out[1] = HSUM(a1) + TAIL(x1 + k, w, k, K);                                            \
+        out[2] = HSUM(a2) + TAIL(x2 + k, w, k, K);                                            \
+        out[3] = HSUM(a3) + TAIL(x3 + k, w, k, K);                                            \
+    }
+
+#define W_F32_512(w, k) _mm512_loadu_ps((const float *)(w) + (k))
+#define W_BF16_512(w, k) bf16x16_avx512((const uint16_t *)(w) + (k))
+#define W_F32_256(w, k) _mm256_loadu_ps((const float *)(w) + (k))
+#define W_BF16_256(w, k) bf16x8_avx2((const uint16_t *)(w) + (k))
+#define TAIL_F32(xk, w, k, K) fdot_generic_f32(xk, (const float *)(w) + (k), (K) - (k))
+#define TAIL_BF16(xk, w, k, K) fdot_generic_bf16(xk, (const uint16_t *)(w) + (k), (K) - (k))
+
+FDOT4(fdot4_avx512_f32, "avx512f", __m512, _mm512_setzero_ps, _mm512_loadu_ps, W_F32_512,
+      _mm512_fmadd_ps, _mm512_reduce_add_ps, 16, TAIL_F32)
+FDOT4(fdot4_avx512_bf16, "avx512f", __m512, _mm512_setzero_ps, _mm512_loadu_ps, W_BF16_512,
+      _mm512_fmadd_ps, _mm512_reduce_add_ps, 16, TAIL_BF16)
+FDOT4(fdot4_avx2_f32, "avx2,fma", __m256, _mm256_setzero_ps, _mm256_loadu_ps, W_F32_256,
+      _mm256_fmadd_ps, hsum256, 8, TAIL_F32)
+FDOT4(fdot4_avx2_bf16, "avx2,fma", __m256, _mm256_setzero_ps, _mm256_loadu_ps, W_BF16_256,
+      _mm256_fmadd_ps, hsum256, 8, TAIL_BF16)
 #endif
 
 /* The kernels of one code path. */
 typedef struct {
     dot_fn int8;
     fdot_fn f32, bf16;
+    fdot4_fn f32x4, bf16x4;
 } kernels_t;
 
-static const kernels_t PORTABLE = {dot_generic, fdot_generic_f32, fdot_generic_bf16};
+static const kernels_t PORTABLE = {dot_generic, fdot_generic_f32, fdot_generic_bf16,
+                                   fdot4_generic_f32, fdot4_generic_bf16};
 #if defined(__x86_64__)
-static const kernels_t AVX2 = {dot_avx2, fdot_avx2_f32, fdot_avx2_bf16};
-static const kernels_t AVX512 = {dot_avx512, fdot_avx512_f32, fdot_avx512_bf16};
+static const kernels_t AVX2 = {dot_avx2, fdot_avx2_f32, fdot_avx2_bf16, fdot4_avx2_f32,
+                               fdot4_avx2_bf16};
+static const kernels_t AVX512 = {dot_avx512, fdot_avx512_f32, fdot_avx512_bf16,
+                                 fdot4_avx512_f32, fdot4_avx512_bf16};
 #endif
 
 /* The fastest path this CPU supports, at most `limit` (2 avx512, 1 avx2, 0 portable). */
@@ -315,31 +367,40 @@ int dsmoe_int8_rows_matmul(const float *x, const int8_t *q, const uint16_t *scal
     return 0;
 }
 
-static void float_rows(fdot_fn dot, const float *x, const char *w, int64_t w_size, float *out,
-                       int64_t M, int64_t N, int64_t K, int64_t n0, int64_t n1) {
+static void float_rows(fdot_fn dot, fdot4_fn dot4, const float *x, const char *w,
+                       int64_t w_size, float *out, int64_t M, int64_t N, int64_t K, int64_t n0,
+                       int64_t n1) {
+    float four[4];
     for (int64_t n = n0; n < n1; n++) {
         const char *r = w + n * K * w_size;
-        for (int64_t m = 0; m < M; m++) out[m * N + n] = dot(x + m * K, r, K);
+        int64_t m = 0;
+        for (; M >= 3 && m + 4 <= M; m += 4) {  /* 1-2 rows: one row has more accumulators */
+            dot4(x + m * K, r, K, four);
+            for (int i = 0; i < 4; i++) out[(m + i) * N + n] = four[i];
+        }
+        for (; m < M; m++) out[m * N + n] = dot(x + m * K, r, K);
     }
 }
 
 /* w_bf16: 0 when w is fp32, 1 when it is bf16. Returns 0. */
 int dsmoe_float_rows_matmul(const float *x, const void *w, int w_bf16, float *out, int64_t M,
                             int64_t N, int64_t K, int threads) {
-    fdot_fn dot = w_bf16 ? chosen()->bf16 : chosen()->f32;
+    const kernels_t *kern = chosen();
+    fdot_fn dot = w_bf16 ? kern->bf16 : kern->f32;
+    fdot4_fn dot4 = w_bf16 ? kern->bf16x4 : kern->f32x4;
     int64_t w_size = w_bf16 ? 2 : 4;
 #ifdef _OPENMP
     if (threads > 1 && N >= 64 * threads) {
 #pragma omp parallel num_threads(threads)
         {
             int t = omp_get_thread_num(), T = omp_get_num_threads();
-            float_rows(dot, x, w, w_size, out, M, N, K, N * t / T, N * (t + 1) / T);
+            float_rows(dot, dot4, x, w, w_size, out, M, N, K, N * t / T, N * (t + 1) / T);
         }
         return 0;
     }
 #else
     (void)threads;
 #endif
-    float_rows(dot, x, w, w_size, out, M, N, K, 0, N);
+    float_rows(dot, dot4, x, w, w_size, out, M, N, K, 0, N);
     return 0;
 }
