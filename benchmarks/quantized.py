@@ -70,7 +70,7 @@ def bench_kernels(rows: list[int], repeat: int) -> list[dict]:
     import torch.nn.functional as F
 
     from dsmoe import native
-from dsmoe.quant import kernels
+    from dsmoe.quant import kernels
 
     results = []
     for name, (N, K) in (("expert gate_up", (2816, 2048)), ("expert down", (2048, 1408))):

@@ -37,6 +37,23 @@ def _seed() -> None:
     torch.manual_seed(0)
 
 
+@pytest.fixture(params=["avx512", "avx2", "portable C"])
+def native_isa(request):
+    """Each code path of dsmoe's native kernels this CPU can run, in turn (the others are
+    skipped, as is everything when the kernels cannot be built here)."""
+    from dsmoe import native
+
+    if native.library() is None:
+        pytest.skip("no C compiler: the native kernels cannot be built here")
+    best = native.isa()
+    try:
+        if native.limit_isa(request.param) != request.param:
+            pytest.skip(f"this CPU cannot run the {request.param} path")
+        yield request.param
+    finally:
+        native.limit_isa(best)
+
+
 def moe_config(**overrides: Any) -> ModelConfig:
     """A CPU-sized MoE config (D=32, E=8, F=16, K=2, one shared expert), softmax greedy,
     no balance losses unless asked for: the starting point of most layer tests."""

@@ -24,19 +24,6 @@ needs_native = pytest.mark.skipif(native.library() is None,
                                   reason="no C compiler: the kernels cannot be built here")
 
 
-@pytest.fixture(params=["avx512", "avx2", "portable C"])
-def isa(request):
-    if native.library() is None:
-        pytest.skip("no C compiler: the kernels cannot be built here")
-    best = native.isa()
-    try:
-        if native.limit_isa(request.param) != request.param:
-            pytest.skip(f"this CPU cannot run the {request.param} path")
-        yield request.param
-    finally:
-        native.limit_isa(best)
-
-
 @pytest.fixture
 def calls(monkeypatch):
     """Row counts of every native float matmul made while the test runs."""
@@ -54,10 +41,10 @@ def calls(monkeypatch):
 
 
 @settings(max_examples=25, deadline=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture])  # isa is constant
+          suppress_health_check=[HealthCheck.function_scoped_fixture])  # the path is constant
 @given(M=st.integers(1, 9), N=st.integers(1, 40), K=st.integers(1, 200),
        bf16=st.booleans(), seed=st.integers(0, 2**16))
-def test_float_rows_match_the_exact_product(isa, M, N, K, bf16, seed):
+def test_float_rows_match_the_exact_product(native_isa, M, N, K, bf16, seed):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(M, K, generator=g)
     w = torch.randn(N, K, generator=g).to(torch.bfloat16 if bf16 else torch.float32)

@@ -34,25 +34,12 @@ def _bound(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tenso
     return step * weight_l1 + 1e-6 * (exact + 1e-6) * x.shape[-1] ** 0.5
 
 
-@pytest.fixture(params=["avx512", "avx2", "portable C"])
-def isa(request):
-    """Each code path this CPU can run (a path it cannot run is skipped)."""
-    if native.library() is None:
-        pytest.skip("no C compiler: the kernel cannot be built here")
-    best = native.isa()
-    try:
-        if native.limit_isa(request.param) != request.param:
-            pytest.skip(f"this CPU cannot run the {request.param} path")
-        yield request.param
-    finally:
-        native.limit_isa(best)
-
-
 @settings(max_examples=30, deadline=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture])  # isa is constant
+          suppress_health_check=[HealthCheck.function_scoped_fixture])  # the path is constant
 @given(M=st.integers(1, 12), N=st.integers(1, 70), K=st.integers(1, 300),
        seed=st.integers(0, 2**16), spread=st.sampled_from([1.0, 1e-3, 1e3]))
-def test_native_rows_are_within_the_fixed_point_bound(isa, M, N, K, seed, spread):
+def test_native_rows_are_within_the_fixed_point_bound(native_isa, M, N, K, seed,
+                                                       spread):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(M, K, generator=g) * spread
     q, scale = kernels.quantize_int8(torch.randn(N, K, generator=g))
@@ -75,7 +62,7 @@ def test_native_is_more_accurate_than_torchs_bf16_activation_kernel():
     assert ours < theirs / 4, (ours.item(), theirs.item())
 
 
-def test_long_rows_of_extreme_values_do_not_overflow_the_int32_sums(isa):
+def test_long_rows_of_extreme_values_do_not_overflow_the_int32_sums(native_isa):
     K = 3 * 4096 + 17  # several int32 chunks and a tail
     x = torch.full((2, K), 7.5)
     x[1, ::2] = -7.5

@@ -129,64 +129,9 @@ static void fdot4_generic_bf16(const float *x, const void *w, int64_t K, float *
 
 #if defined(__x86_64__)
 __attribute__((target("avx512f")))
-static float fdot_avx512_f32(const float *x, const void *w, int64_t K) {
-    const float *v = w;
-    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
-    __m512 a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
-    int64_t k = 0;
-    for (; k + 64 <= K; k += 64) {
-        a0 = _mm512_fmadd_ps(_mm512_loadu_ps(x + k), _mm512_loadu_ps(v + k), a0);
-        a1 = _mm512_fmadd_ps(_mm512_loadu_ps(x + k + 16), _mm512_loadu_ps(v + k + 16), a1);
-        a2 = _mm512_fmadd_ps(_mm512_loadu_ps(x + k + 32), _mm512_loadu_ps(v + k + 32), a2);
-        a3 = _mm512_fmadd_ps(_mm512_loadu_ps(x + k + 48), _mm512_loadu_ps(v + k + 48), a3);
-    }
-    float acc = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
-    return acc + fdot_generic_f32(x + k, v + k, K - k);
-}
-
-__attribute__((target("avx512f")))
 static inline __m512 bf16x16_avx512(const uint16_t *p) {
     __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p));
     return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
-}
-
-__attribute__((target("avx512f")))
-static float fdot_avx512_bf16(const float *x, const void *w, int64_t K) {
-    const uint16_t *v = w;
-    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
-    __m512 a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
-    int64_t k = 0;
-    for (; k + 64 <= K; k += 64) {
-        a0 = _mm512_fmadd_ps(_mm512_loadu_ps(x + k), bf16x16_avx512(v + k), a0);
-        a1 = _mm512_fmadd_ps(_mm512_loadu_ps(x + k + 16), bf16x16_avx512(v + k + 16), a1);
-        a2 = _mm512_fmadd_ps(_mm512_loadu_ps(x + k + 32), bf16x16_avx512(v + k + 32), a2);
-        a3 = _mm512_fmadd_ps(_mm512_loadu_ps(x + k + 48), bf16x16_avx512(v + k + 48), a3);
-    }
-    float acc = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
-    return acc + fdot_generic_bf16(x + k, v + k, K - k);
-}
-
-__attribute__((target("avx2,fma")))
-static inline float hsum256(__m256 a) {
-    __m128 h = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-    return _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
-}
-
-__attribute__((target("avx2,fma")))
-static float fdot_avx2_f32(const float *x, const void *w, int64_t K) {
-    const float *v = w;
-    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
-    __m256 a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
-    int64_t k = 0;
-    for (; k + 32 <= K; k += 32) {
-        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k), _mm256_loadu_ps(v + k), a0);
-        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k + 8), _mm256_loadu_ps(v + k + 8), a1);
-        a2 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k + 16), _mm256_loadu_ps(v + k + 16), a2);
-        a3 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k + 24), _mm256_loadu_ps(v + k + 24), a3);
-    }
-    float acc = hsum256(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
-    return acc + fdot_generic_f32(x + k, v + k, K - k);
 }
 
 __attribute__((target("avx2,fma")))
@@ -196,20 +141,44 @@ static inline __m256 bf16x8_avx2(const uint16_t *p) {
 }
 
 __attribute__((target("avx2,fma")))
-static float fdot_avx2_bf16(const float *x, const void *w, int64_t K) {
-    const uint16_t *v = w;
-    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
-    __m256 a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
-    int64_t k = 0;
-    for (; k + 32 <= K; k += 32) {
-        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k), bf16x8_avx2(v + k), a0);
-        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k + 8), bf16x8_avx2(v + k + 8), a1);
-        a2 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k + 16), bf16x8_avx2(v + k + 16), a2);
-        a3 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k + 24), bf16x8_avx2(v + k + 24), a3);
-    }
-    float acc = hsum256(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
-    return acc + fdot_generic_bf16(x + k, v + k, K - k);
+static inline float hsum256(__m256 a) {
+    __m128 h = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    return _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
 }
+
+/* Weight vectors at w[k...] (fp32 loaded, bf16 widened by a shift) and the scalar tails. */
+#define W_F32_512(w, k) _mm512_loadu_ps((const float *)(w) + (k))
+#define W_BF16_512(w, k) bf16x16_avx512((const uint16_t *)(w) + (k))
+#define W_F32_256(w, k) _mm256_loadu_ps((const float *)(w) + (k))
+#define W_BF16_256(w, k) bf16x8_avx2((const uint16_t *)(w) + (k))
+#define TAIL_F32(xk, w, k, K) fdot_generic_f32(xk, (const float *)(w) + (k), (K) - (k))
+#define TAIL_BF16(xk, w, k, K) fdot_generic_bf16(xk, (const uint16_t *)(w) + (k), (K) - (k))
+
+/* One activation row against one weight row, with four accumulators over consecutive
+ * vectors so that the FMAs' latency overlaps. */
+#define FDOT1(NAME, TARGET, VEC, ZERO, LOADX, LOADW, FMA, ADD, HSUM, STEP, TAIL)              \
+    __attribute__((target(TARGET)))                                                           \
+    static float NAME(const float *x, const void *w, int64_t K) {                             \
+        VEC a0 = ZERO(), a1 = ZERO(), a2 = ZERO(), a3 = ZERO();                               \
+        int64_t k = 0;                                                                        \
+        for (; k + 4 * STEP <= K; k += 4 * STEP) {                                            \
+            a0 = FMA(LOADX(x + k), LOADW(w, k), a0);                                          \
+            a1 = FMA(LOADX(x + k + STEP), LOADW(w, k + STEP), a1);                            \
+            a2 = FMA(LOADX(x + k + 2 * STEP), LOADW(w, k + 2 * STEP), a2);                    \
+            a3 = FMA(LOADX(x + k + 3 * STEP), LOADW(w, k + 3 * STEP), a3);                    \
+        }                                                                                     \
+        return HSUM(ADD(ADD(a0, a1), ADD(a2, a3))) + TAIL(x + k, w, k, K);                    \
+    }
+
+FDOT1(fdot_avx512_f32, "avx512f", __m512, _mm512_setzero_ps, _mm512_loadu_ps, W_F32_512,
+      _mm512_fmadd_ps, _mm512_add_ps, _mm512_reduce_add_ps, 16, TAIL_F32)
+FDOT1(fdot_avx512_bf16, "avx512f", __m512, _mm512_setzero_ps, _mm512_loadu_ps, W_BF16_512,
+      _mm512_fmadd_ps, _mm512_add_ps, _mm512_reduce_add_ps, 16, TAIL_BF16)
+FDOT1(fdot_avx2_f32, "avx2,fma", __m256, _mm256_setzero_ps, _mm256_loadu_ps, W_F32_256,
+      _mm256_fmadd_ps, _mm256_add_ps, hsum256, 8, TAIL_F32)
+FDOT1(fdot_avx2_bf16, "avx2,fma", __m256, _mm256_setzero_ps, _mm256_loadu_ps, W_BF16_256,
+      _mm256_fmadd_ps, _mm256_add_ps, hsum256, 8, TAIL_BF16)
 
 /* Four activation rows (x, x + K, x + 2K, x + 3K) against one weight row: each weight
  * vector is loaded (and widened) once for four FMAs, so a decode step of a few sequences
@@ -232,13 +201,6 @@ static float fdot_avx2_bf16(const float *x, const void *w, int64_t K) {
         out[2] = HSUM(a2) + TAIL(x2 + k, w, k, K);                                            \
         out[3] = HSUM(a3) + TAIL(x3 + k, w, k, K);                                            \
     }
-
-#define W_F32_512(w, k) _mm512_loadu_ps((const float *)(w) + (k))
-#define W_BF16_512(w, k) bf16x16_avx512((const uint16_t *)(w) + (k))
-#define W_F32_256(w, k) _mm256_loadu_ps((const float *)(w) + (k))
-#define W_BF16_256(w, k) bf16x8_avx2((const uint16_t *)(w) + (k))
-#define TAIL_F32(xk, w, k, K) fdot_generic_f32(xk, (const float *)(w) + (k), (K) - (k))
-#define TAIL_BF16(xk, w, k, K) fdot_generic_bf16(xk, (const uint16_t *)(w) + (k), (K) - (k))
 
 FDOT4(fdot4_avx512_f32, "avx512f", __m512, _mm512_setzero_ps, _mm512_loadu_ps, W_F32_512,
       _mm512_fmadd_ps, _mm512_reduce_add_ps, 16, TAIL_F32)
