@@ -67,6 +67,9 @@ class GGUFFile:
                 raise ValueError(f"{self.path}: unknown GGML tensor type ({exc}); the file may "
                                  "come from a newer llama.cpp than the installed gguf package"
                                  ) from exc
+            if "cannot reshape" in str(exc):  # gguf maps each tensor: the data ends early
+                raise ValueError(f"{self.path}: truncated GGUF file: the tensor data ends "
+                                 f"early (the file has {size} bytes)") from exc
             raise ValueError(f"{self.path}: cannot parse GGUF (truncated or corrupt?): {exc}"
                              ) from exc
         except (IndexError, OverflowError, UnicodeDecodeError, KeyError, TypeError) as exc:
