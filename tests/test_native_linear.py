@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from dsmoe import native
 from dsmoe.config import ModelConfig
-from dsmoe.linear import DECODE_MAX_ROWS, Linear, decode_linear
+from dsmoe.linear import DECODE_MAX_ROWS, Linear, decode_linear, fp32_linear
 from dsmoe.model import Transformer
 from dsmoe.moe.experts import DECODE_STEP_MAX_ROWS, SwiGLUExperts
 
@@ -131,3 +131,16 @@ def test_greedy_decoding_is_unchanged_by_the_native_kernels(monkeypatch):
         slow_logits = model(fast[:, :1], cache=cache).logits[:, -1]
     assert torch.equal(fast, slow)
     torch.testing.assert_close(step_logits, slow_logits, atol=1e-5, rtol=1e-5)
+
+
+@needs_native
+@pytest.mark.parametrize("rows", [1, DECODE_MAX_ROWS, DECODE_MAX_ROWS + 1])
+def test_fp32_linear_equals_casting_both_operands(calls, rows):
+    """The router's logits: fp32 math on a bf16 weight, with or without the kernel."""
+    torch.manual_seed(0)
+    weight = torch.randn(63, 200).to(torch.bfloat16)
+    x = torch.randn(rows, 200).to(torch.bfloat16)
+    out = fp32_linear(x, weight)
+    assert out.dtype == torch.float32
+    assert calls == ([rows] if rows <= DECODE_MAX_ROWS else [])
+    torch.testing.assert_close(out, F.linear(x.float(), weight.float()), atol=1e-5, rtol=1e-5)

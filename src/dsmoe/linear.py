@@ -49,6 +49,19 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     return out.to(x.dtype).reshape(*x.shape[:-1], weight.shape[0])
 
 
+def fp32_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``x @ weight.T`` computed in fp32 whatever the dtypes (the router's logits): the
+    native kernel widens a bf16 weight exactly as ``weight.float()`` would, without the
+    per-call copy of the weight that casting costs in a decode step."""
+    if not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
+        rows = x.reshape(-1, x.shape[-1])  # [M, K]
+        if 0 < rows.shape[0] <= DECODE_MAX_ROWS:
+            out = native.float_rows_matmul(rows, weight)  # fp32 [M, N]
+            if out is not None:
+                return out.reshape(*x.shape[:-1], weight.shape[0])
+    return F.linear(x.float(), weight.float())
+
+
 class Linear(nn.Linear):
     """``nn.Linear`` (same parameters, names and checkpoints) with native decode steps."""
 

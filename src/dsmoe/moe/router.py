@@ -19,10 +19,10 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from dsmoe.config import ModelConfig
+from dsmoe.linear import fp32_linear
 
 
 @dataclass
@@ -119,7 +119,7 @@ class Router(nn.Module):
         return result
 
     def forward(self, x: torch.Tensor) -> RouterOutput:  # x: [T, D]
-        logits = F.linear(x.float(), self.weight.float())  # [T, E]
+        logits = fp32_linear(x, self.weight)  # [T, E], fp32
         scores = self.score(logits)  # [T, E]
         choice = scores if self.e_score_correction_bias is None else (
             scores + self.e_score_correction_bias)
