@@ -26,17 +26,17 @@ needs_native = pytest.mark.skipif(native.library() is None,
 
 @pytest.fixture
 def calls(monkeypatch):
-    """Row counts of every native float matmul made while the test runs."""
+    """Row counts of every block of every native float matmul made while the test runs."""
     seen: list[int] = []
-    real = native.float_rows_matmul
+    real = native.float_blocks_matmul
 
-    def counting(rows, weight):
-        out = real(rows, weight)
+    def counting(x, weight, blocks):
+        out = real(x, weight, blocks)
         if out is not None:
-            seen.append(rows.shape[0])
+            seen.extend(rows for _, _, rows in blocks)
         return out
 
-    monkeypatch.setattr(native, "float_rows_matmul", counting)
+    monkeypatch.setattr(native, "float_blocks_matmul", counting)
     return seen
 
 
@@ -123,7 +123,7 @@ def test_greedy_decoding_is_unchanged_by_the_native_kernels(monkeypatch):
         cache = model.new_cache(1, 8)
         step_logits = model(prompt, cache=cache).logits[:, -1]
         step_logits = model(fast[:, :1], cache=cache).logits[:, -1]
-    monkeypatch.setattr(native, "float_rows_matmul", lambda rows, weight: None)
+    monkeypatch.setattr(native, "float_blocks_matmul", lambda x, weight, blocks: None)
     with torch.no_grad():
         slow = model.generate(prompt, max_new_tokens=12)
         cache = model.new_cache(1, 8)
@@ -144,3 +144,19 @@ def test_fp32_linear_equals_casting_both_operands(calls, rows):
     assert out.dtype == torch.float32
     assert calls == ([rows] if rows <= DECODE_MAX_ROWS else [])
     torch.testing.assert_close(out, F.linear(x.float(), weight.float()), atol=1e-5, rtol=1e-5)
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_float_blocks_equal_one_call_per_matrix(dtype):
+    torch.manual_seed(4)
+    weight = torch.randn(3, 24, 80).to(dtype)
+    x = torch.randn(7, 80)
+    blocks = [(1, 0, 2), (0, 4, 3)]  # rows 2 and 3 belong to no block
+    out = native.float_blocks_matmul(x, weight, blocks)
+    for e, first, rows in blocks:
+        assert torch.equal(out[first:first + rows],
+                           native.float_rows_matmul(x[first:first + rows], weight[e]))
+    assert not out[2:4].any()
+    with pytest.raises(ValueError, match="do not fit"):
+        native.float_blocks_matmul(x, weight, [(0, 6, 2)])

@@ -155,3 +155,40 @@ def test_the_kernel_builds_into_an_empty_cache(monkeypatch, tmp_path):
         assert len(built) == 1 and not list(tmp_path.glob("tmp*"))  # no temp dir left
     finally:
         native.library.cache_clear()
+
+
+@needs_native
+def test_blocks_equal_one_call_per_matrix_and_leave_other_rows_zero():
+    torch.manual_seed(3)
+    q, scale = kernels.quantize_int8(torch.randn(4, 40, 96))  # a stack of 4 experts
+    x = torch.randn(9, 96)
+    blocks = [(2, 0, 3), (0, 3, 1), (3, 6, 2)]  # rows 4, 5 and 8 belong to no block
+    out = native.int8_blocks_matmul(x, q, scale, blocks)
+    for e, first, rows in blocks:
+        alone = native.int8_rows_matmul(x[first:first + rows], q[e], scale[e])
+        assert torch.equal(out[first:first + rows], alone)
+    assert not out[[4, 5, 8]].any()
+    with pytest.raises(ValueError, match="do not fit"):
+        native.int8_blocks_matmul(x, q, scale, [(4, 0, 1)])
+    with pytest.raises(ValueError, match="do not fit"):
+        native.int8_blocks_matmul(x, q, scale, [(0, 8, 2)])
+
+
+@needs_native
+def test_quantized_experts_decode_in_one_call_per_matrix(monkeypatch):
+    from dsmoe.moe.experts import SwiGLUExperts
+    from dsmoe.quant.experts import QuantSwiGLUExperts
+
+    experts = QuantSwiGLUExperts.from_experts(SwiGLUExperts(6, 64, 32, init_std=0.1), bits=8)
+    counts = torch.tensor([1, 0, 2, 0, 1, 3])
+    x = torch.randn(int(counts.sum()), 64)
+    calls = []
+    real = native.int8_blocks_matmul
+    monkeypatch.setattr(native, "int8_blocks_matmul",
+                        lambda *a: calls.append(len(a[3])) or real(*a))
+    with torch.no_grad():
+        fast = experts(x, counts)
+        assert calls == [4, 4]  # gate_up and down, four experts each
+        monkeypatch.setattr(native, "int8_blocks_matmul", lambda *a: None)
+        loop = experts(x, counts)  # the per-expert loop of torch's kernel
+    torch.testing.assert_close(fast, loop, atol=2e-2, rtol=2e-2)  # bf16 activations there

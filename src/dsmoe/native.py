@@ -95,13 +95,13 @@ def library() -> ctypes.CDLL | None:
         warnings.warn(f"dsmoe: the native decode kernels are unavailable, using torch's "
                       f"(slower) instead: {exc}", RuntimeWarning, stacklevel=2)
         return None
-    lib.dsmoe_int8_rows_matmul.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [
-        ctypes.c_int]
-    lib.dsmoe_int8_rows_matmul.restype = ctypes.c_int
-    lib.dsmoe_float_rows_matmul.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,
-                                            ctypes.c_void_p] + [ctypes.c_int64] * 3 + [
-        ctypes.c_int]
-    lib.dsmoe_float_rows_matmul.restype = ctypes.c_int
+    ptr, i64 = ctypes.c_void_p, ctypes.c_int64
+    lib.dsmoe_int8_blocks_matmul.argtypes = [ptr, ptr, ptr, ptr, i64, ptr, i64, i64, i64,
+                                             ctypes.c_int]
+    lib.dsmoe_int8_blocks_matmul.restype = ctypes.c_int
+    lib.dsmoe_float_blocks_matmul.argtypes = [ptr, ptr, ctypes.c_int, ptr, ptr, i64, i64, i64,
+                                              ctypes.c_int]
+    lib.dsmoe_float_blocks_matmul.restype = ctypes.c_int
     lib.dsmoe_rows_isa.restype = ctypes.c_int
     lib.dsmoe_rows_limit_isa.argtypes = [ctypes.c_int]
     lib.dsmoe_rows_limit_isa.restype = ctypes.c_int
@@ -126,25 +126,56 @@ def limit_isa(name: str) -> str:
     return ISA_NAMES[lib.dsmoe_rows_limit_isa(levels[name])]
 
 
+Block = tuple[int, int, int]  # (matrix of the stack, first row, rows)
+
+
+def _block_table(blocks: list[Block], n_matrices: int, n_rows: int) -> torch.Tensor:
+    table = torch.tensor(blocks, dtype=torch.int64).reshape(-1, 3)  # [nb, 3]
+    if len(blocks) and (table[:, 0].min() < 0 or table[:, 0].max() >= n_matrices
+                        or table[:, 1].min() < 0 or table[:, 2].min() < 0
+                        or (table[:, 1] + table[:, 2]).max() > n_rows):
+        raise ValueError(f"blocks {blocks} do not fit {n_matrices} matrices and {n_rows} rows")
+    return table
+
+
+def _result(blocks: list[Block], P: int, N: int) -> torch.Tensor:
+    """The fp32 [P, N] output: zeros unless one block covers every row."""
+    if len(blocks) == 1 and blocks[0][1] == 0 and blocks[0][2] == P:
+        return torch.empty(P, N, dtype=torch.float32)
+    return torch.zeros(P, N, dtype=torch.float32)
+
+
 def int8_rows_matmul(rows: torch.Tensor, q: torch.Tensor, scale: torch.Tensor
                      ) -> torch.Tensor | None:
     """rows [M, K] @ (scale * q).T -> fp32 [M, N] for q int8 [N, K], scale bf16 [N];
     None when the kernel is unavailable or cannot take these tensors (non-finite rows)."""
+    if q.dim() != 2 or rows.dim() != 2:
+        return None
+    return int8_blocks_matmul(rows, q.unsqueeze(0), scale.unsqueeze(0), [(0, 0, rows.shape[0])])
+
+
+def int8_blocks_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
+                       blocks: list[Block]) -> torch.Tensor | None:
+    """Rows [first, first + rows) of x [P, K] times matrix e of the stack (scale[e] * q[e]).T,
+    for each block (e, first, rows), into the same rows of an fp32 [P, N] result (rows in
+    no block are zero): every routed expert of a decode step in one call. q int8 [E, N, K],
+    scale bf16 [E, N]. None when the kernel is unavailable or x is not finite."""
     lib = library()
-    if lib is None or rows.device.type != "cpu" or q.device.type != "cpu":
+    if lib is None or x.device.type != "cpu" or q.device.type != "cpu" or x.dim() != 2:
         return None
-    if q.dtype != torch.int8 or scale.dtype != torch.bfloat16 or rows.dim() != 2:
+    if q.dtype != torch.int8 or scale.dtype != torch.bfloat16 or q.dim() != 3:
         return None
-    x = rows.detach().to(torch.float32).contiguous()
-    q, scale = q.contiguous(), scale.contiguous()
-    M, K = x.shape
-    N = q.shape[0]
-    if q.shape[1] != K or scale.shape != (N,):
+    E, N, K = q.shape
+    if x.shape[1] != K or scale.shape != (E, N):
         raise ValueError(f"int8 matmul: rows {list(x.shape)}, weight {list(q.shape)}, "
                          f"scale {list(scale.shape)} do not fit together")
-    out = torch.empty(M, N, dtype=torch.float32)
-    status = lib.dsmoe_int8_rows_matmul(x.data_ptr(), q.data_ptr(), scale.data_ptr(),
-                                        out.data_ptr(), M, N, K, torch.get_num_threads())
+    xf = x.detach().to(torch.float32).contiguous()
+    q, scale = q.contiguous(), scale.contiguous()
+    table = _block_table(blocks, E, xf.shape[0])
+    out = _result(blocks, xf.shape[0], N)
+    status = lib.dsmoe_int8_blocks_matmul(xf.data_ptr(), q.data_ptr(), scale.data_ptr(),
+                                          out.data_ptr(), xf.shape[0], table.data_ptr(),
+                                          len(blocks), N, K, torch.get_num_threads())
     if status == -2:
         raise MemoryError("int8 matmul: out of memory for the activation buffer")
     return out if status == 0 else None
@@ -158,19 +189,29 @@ def float_rows_matmul(rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor 
     fp32: exact products, fp32 sums); None when the kernels are unavailable or ``weight``
     is not a contiguous CPU matrix of those dtypes (e.g. ``set_matmul_layout``'s
     input-major layout, which torch's kernels serve better anyway)."""
-    lib = library()
-    if (lib is None or weight.dtype not in FLOAT_WEIGHT_DTYPES or weight.dim() != 2
-            or not weight.is_contiguous() or weight.device.type != "cpu"
-            or rows.device.type != "cpu" or rows.dim() != 2):
+    if weight.dim() != 2 or rows.dim() != 2:
         return None
-    x = rows.detach().to(torch.float32).contiguous()
-    M, K = x.shape
-    N = weight.shape[0]
-    if weight.shape[1] != K:
+    return float_blocks_matmul(rows, weight.unsqueeze(0), [(0, 0, rows.shape[0])])
+
+
+def float_blocks_matmul(x: torch.Tensor, weight: torch.Tensor, blocks: list[Block]
+                        ) -> torch.Tensor | None:
+    """``int8_blocks_matmul`` for a stack of fp32 or bf16 matrices ``weight [E, N, K]``
+    (each contiguous): fp32 [P, N], zeros outside the blocks; None when the kernels are
+    unavailable or cannot take these tensors."""
+    lib = library()
+    if (lib is None or weight.dtype not in FLOAT_WEIGHT_DTYPES or weight.dim() != 3
+            or not weight.is_contiguous() or weight.device.type != "cpu"
+            or x.device.type != "cpu" or x.dim() != 2):
+        return None
+    E, N, K = weight.shape
+    if x.shape[1] != K:
         raise ValueError(f"matmul: rows {list(x.shape)} and weight {list(weight.shape)} do "
                          "not fit together")
-    out = torch.empty(M, N, dtype=torch.float32)
-    lib.dsmoe_float_rows_matmul(x.data_ptr(), weight.data_ptr(),
-                                int(weight.dtype == torch.bfloat16), out.data_ptr(), M, N, K,
-                                torch.get_num_threads())
+    xf = x.detach().to(torch.float32).contiguous()
+    table = _block_table(blocks, E, xf.shape[0])
+    out = _result(blocks, xf.shape[0], N)
+    lib.dsmoe_float_blocks_matmul(xf.data_ptr(), weight.data_ptr(),
+                                  int(weight.dtype == torch.bfloat16), out.data_ptr(),
+                                  table.data_ptr(), len(blocks), N, K, torch.get_num_threads())
     return out

@@ -295,35 +295,69 @@ static void int8_rows(dot_fn dot, const int16_t *xi, const float *sx, const int8
     }
 }
 
-/* Returns 0 on success, -1 when x is not finite (the caller then takes another path),
- * -2 when out of memory. */
-int dsmoe_int8_rows_matmul(const float *x, const int8_t *q, const uint16_t *scale, float *out,
-                           int64_t M, int64_t N, int64_t K, int threads) {
+/* Blocks: a stack of E matrices [E, N, K] serves P activation rows in blocks, one
+ * (expert, first row, rows) triple per block: rows [first, first + rows) of x go through
+ * matrix `expert` into the same rows of out [P, N]. A single matrix is one block (0, 0, M);
+ * a decode step of the routed experts is one block per expert with rows, in one call.
+ * Threads split every block's N outputs, so each streams its share of each matrix. */
+#ifdef _OPENMP
+/* Which outputs [n0, n1) thread t of T computes. */
+static void thread_slice(int64_t N, int t, int T, int64_t *n0, int64_t *n1) {
+    *n0 = N * t / T;
+    *n1 = N * (t + 1) / T;
+}
+#endif
+
+static int use_threads(int threads, int64_t N) {
+#ifdef _OPENMP
+    return threads > 1 && N >= 64 * threads;
+#else
+    (void)threads;
+    (void)N;
+    return 0;
+#endif
+}
+
+static void int8_blocks(dot_fn dot, const int16_t *xi, const float *sx, const int8_t *q,
+                        const uint16_t *scale, float *out, const int64_t *blocks, int64_t nb,
+                        int64_t N, int64_t K, int64_t n0, int64_t n1) {
+    for (int64_t b = 0; b < nb; b++) {
+        int64_t e = blocks[3 * b], first = blocks[3 * b + 1], rows = blocks[3 * b + 2];
+        int8_rows(dot, xi + first * K, sx + first, q + e * N * K, scale + e * N,
+                  out + first * N, rows, N, K, n0, n1);
+    }
+}
+
+/* int8: q [E, N, K], scale [E, N]. Returns 0 on success, -1 when x is not finite (the
+ * caller then takes another path), -2 when out of memory. */
+int dsmoe_int8_blocks_matmul(const float *x, const int8_t *q, const uint16_t *scale,
+                             float *out, int64_t P, const int64_t *blocks, int64_t nb,
+                             int64_t N, int64_t K, int threads) {
     dot_fn dot = chosen()->int8;
-    int16_t *xi = malloc((size_t)(M * K) * sizeof *xi + 64);
-    float *sx = malloc((size_t)M * sizeof *sx);
+    int16_t *xi = malloc((size_t)(P * K) * sizeof *xi + 64);
+    float *sx = malloc((size_t)(P > 0 ? P : 1) * sizeof *sx);
     if (!xi || !sx) {
         free(xi);
         free(sx);
         return -2;
     }
-    if (to_fixed(x, xi, sx, M, K)) {
+    if (to_fixed(x, xi, sx, P, K)) {
         free(xi);
         free(sx);
         return -1;
     }
+    if (use_threads(threads, N)) {
 #ifdef _OPENMP
-    if (threads > 1 && N >= 64 * threads) {
 #pragma omp parallel num_threads(threads)
         {
-            int t = omp_get_thread_num(), T = omp_get_num_threads();
-            int8_rows(dot, xi, sx, q, scale, out, M, N, K, N * t / T, N * (t + 1) / T);
+            int64_t n0, n1;
+            thread_slice(N, omp_get_thread_num(), omp_get_num_threads(), &n0, &n1);
+            int8_blocks(dot, xi, sx, q, scale, out, blocks, nb, N, K, n0, n1);
         }
-    } else
-#else
-    (void)threads;
 #endif
-        int8_rows(dot, xi, sx, q, scale, out, M, N, K, 0, N);
+    } else {
+        int8_blocks(dot, xi, sx, q, scale, out, blocks, nb, N, K, 0, N);
+    }
     free(xi);
     free(sx);
     return 0;
@@ -344,25 +378,35 @@ static void float_rows(fdot_fn dot, fdot4_fn dot4, const float *x, const char *w
     }
 }
 
-/* w_bf16: 0 when w is fp32, 1 when it is bf16. Returns 0. */
-int dsmoe_float_rows_matmul(const float *x, const void *w, int w_bf16, float *out, int64_t M,
-                            int64_t N, int64_t K, int threads) {
+static void float_blocks(fdot_fn dot, fdot4_fn dot4, const float *x, const char *w,
+                         int64_t w_size, float *out, const int64_t *blocks, int64_t nb,
+                         int64_t N, int64_t K, int64_t n0, int64_t n1) {
+    for (int64_t b = 0; b < nb; b++) {
+        int64_t e = blocks[3 * b], first = blocks[3 * b + 1], rows = blocks[3 * b + 2];
+        float_rows(dot, dot4, x + first * K, w + e * N * K * w_size, w_size, out + first * N,
+                   rows, N, K, n0, n1);
+    }
+}
+
+/* float: w fp32 or bf16 [E, N, K] (w_bf16: 0 or 1). Returns 0. */
+int dsmoe_float_blocks_matmul(const float *x, const void *w, int w_bf16, float *out,
+                              const int64_t *blocks, int64_t nb, int64_t N, int64_t K,
+                              int threads) {
     const kernels_t *kern = chosen();
     fdot_fn dot = w_bf16 ? kern->bf16 : kern->f32;
     fdot4_fn dot4 = w_bf16 ? kern->bf16x4 : kern->f32x4;
     int64_t w_size = w_bf16 ? 2 : 4;
+    if (use_threads(threads, N)) {
 #ifdef _OPENMP
-    if (threads > 1 && N >= 64 * threads) {
 #pragma omp parallel num_threads(threads)
         {
-            int t = omp_get_thread_num(), T = omp_get_num_threads();
-            float_rows(dot, dot4, x, w, w_size, out, M, N, K, N * t / T, N * (t + 1) / T);
+            int64_t n0, n1;
+            thread_slice(N, omp_get_thread_num(), omp_get_num_threads(), &n0, &n1);
+            float_blocks(dot, dot4, x, w, w_size, out, blocks, nb, N, K, n0, n1);
         }
-        return 0;
-    }
-#else
-    (void)threads;
 #endif
-    float_rows(dot, dot4, x, w, w_size, out, M, N, K, 0, N);
+    } else {
+        float_blocks(dot, dot4, x, w, w_size, out, blocks, nb, N, K, 0, N);
+    }
     return 0;
 }

@@ -120,16 +120,14 @@ def _decode_mm(x: torch.Tensor, w: torch.Tensor, blocks: list[tuple[int, int, in
             or x.dtype not in native.FLOAT_WEIGHT_DTYPES or not w.mT.is_contiguous()
             or native.library() is None):
         return None
-    out = x.new_zeros(x.shape[0], w.shape[-1])  # [P, n]
-    weights = w.mT  # [E, n, k], each expert contiguous
+    small = [b for b in blocks if b[2] <= DECODE_MAX_ROWS]
+    out = native.float_blocks_matmul(x, w.mT, small)  # fp32 [P, n], zeros outside
+    if out is None:
+        return None
+    out = out.to(x.dtype)
     for e, start, n in blocks:
         if n > DECODE_MAX_ROWS:
             torch.mm(x[start:start + n], w[e], out=out[start:start + n])
-            continue
-        rows = native.float_rows_matmul(x[start:start + n], weights[e])  # fp32 [n, out]
-        if rows is None:
-            return None
-        out[start:start + n] = rows
     return out
 
 

@@ -3,7 +3,8 @@
 forward(x_sorted [A, D], counts [E]) -> [A, D], rows grouped by expert exactly as the MoE
 dispatch hands them over, so ``MoELayer``'s router, dispatch and combine run unchanged.
 Each expert with rows is two kernel calls on its slice of the stacks (no grouped int
-kernel exists on CPU; during decoding only the K picked experts have rows):
+kernel exists in torch on CPU); a decode step of int8 experts is instead two calls of
+dsmoe's native kernel for all experts at once (``QuantMatrix.matmul_blocks``):
   gate_up = x_e @ gate_up_proj[e].T   [n_e, 2F]  (gate rows first, then up, as in fp)
   out_e   = (act(gate) * up) @ down_proj[e].T   [n_e, D]
 
@@ -17,6 +18,7 @@ from torch import nn
 
 from dsmoe.mlp import ACTIVATIONS
 from dsmoe.moe.experts import SwiGLUExperts
+from dsmoe.quant.kernels import INT8_KERNEL_MAX_ROWS
 from dsmoe.quant.matrix import QuantMatrix
 
 
@@ -46,6 +48,9 @@ class QuantSwiGLUExperts(nn.Module):
         return out
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:  # [A, D]
+        decoded = self._decode_step(x, counts)
+        if decoded is not None:
+            return decoded
         out = x.new_empty(x.shape)
         start = 0
         for e, n in enumerate(counts.tolist()):
@@ -56,3 +61,21 @@ class QuantSwiGLUExperts(nn.Module):
             out[start:start + n] = self.down_proj.matmul(self.act(gate) * up, e)
             start += n
         return out
+
+    def _decode_step(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor | None:
+        """A decode step (at most ``INT8_KERNEL_MAX_ROWS`` rows per expert) in two native
+        calls for all experts instead of two kernel calls per expert; None otherwise."""
+        counts_list = counts.tolist()
+        if not counts_list or max(counts_list) > INT8_KERNEL_MAX_ROWS:
+            return None
+        blocks, start = [], 0
+        for e, n in enumerate(counts_list):
+            if n:
+                blocks.append((e, start, n))
+                start += n
+        gate_up = self.gate_up_proj.matmul_blocks(x, blocks)  # fp32 [A, 2F]
+        if gate_up is None:
+            return None
+        gate, up = gate_up.chunk(2, dim=-1)  # [A, F] x2
+        out = self.down_proj.matmul_blocks(self.act(gate) * up, blocks)  # fp32 [A, D]
+        return None if out is None else out.to(x.dtype)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from dsmoe import native
 from dsmoe.quant import kernels
 
 BITS = (4, 8)
@@ -61,6 +62,18 @@ class QuantMatrix(nn.Module):
             return kernels.int8_linear(x, q, scale)
         sz = self.scale_zero if index is None else self.scale_zero[index]
         return kernels.int4_linear(x, q, sz, self.group_size, self.out_features)
+
+    def matmul_blocks(self, x: torch.Tensor, blocks: list[tuple[int, int, int]]
+                      ) -> torch.Tensor | None:
+        """For a stack: rows [first, first + rows) of ``x [P, K]`` times matrix e, per
+        ``(e, first, rows)`` block, in one native call -> fp32 [P, N] (zeros outside the
+        blocks). None where that call does not apply: int4, rows needing a gradient, or
+        the native kernel unavailable; the caller then loops over ``matmul``."""
+        if self.bits != 8 or not self.stack or (torch.is_grad_enabled() and x.requires_grad):
+            return None
+        q = self.qweight.reshape(-1, self.out_features, self.in_features)  # [E, N, K]
+        scale = self.scale.reshape(-1, self.out_features)  # [E, N]
+        return native.int8_blocks_matmul(x, q, scale, blocks)
 
     # --- conversions ----------------------------------------------------------------------
     @torch.no_grad()
