@@ -130,12 +130,13 @@ Block = tuple[int, int, int]  # (matrix of the stack, first row, rows)
 
 
 def _block_table(blocks: list[Block], n_matrices: int, n_rows: int) -> torch.Tensor:
-    table = torch.tensor(blocks, dtype=torch.int64).reshape(-1, 3)  # [nb, 3]
-    if len(blocks) and (table[:, 0].min() < 0 or table[:, 0].max() >= n_matrices
-                        or table[:, 1].min() < 0 or table[:, 2].min() < 0
-                        or (table[:, 1] + table[:, 2]).max() > n_rows):
-        raise ValueError(f"blocks {blocks} do not fit {n_matrices} matrices and {n_rows} rows")
-    return table
+    """blocks as the C code's int64 [nb, 3] table, checked (in Python: a decode step has a
+    few dozen blocks, and tensor ops would cost more than the check)."""
+    for e, first, rows in blocks:
+        if not (0 <= e < n_matrices and first >= 0 and rows >= 0 and first + rows <= n_rows):
+            raise ValueError(f"blocks {blocks} do not fit {n_matrices} matrices and "
+                             f"{n_rows} rows")
+    return torch.tensor(blocks, dtype=torch.int64).reshape(-1, 3)  # [nb, 3]
 
 
 def _result(blocks: list[Block], P: int, N: int) -> torch.Tensor:
