@@ -33,10 +33,13 @@ Reading the numbers (2-core AMD EPYC VM, torch 2.13 with MKL; see the README tab
   BLAS kernels, which read fp32 weights at ~13-14 GB/s and bf16 at ~10 GB/s on one core;
   dsmoe sends products of at most ``dsmoe.linear.DECODE_MAX_ROWS`` rows to its native
   kernels (``dsmoe.native``), which read both at ~20 GB/s, about what one core can draw.
-  That is the whole gap at batch 1: ~1.5x in fp32, ~2x in bf16; fp32 cannot reach 2x at
-  batch 1 against a baseline that already streams at two thirds of the memory's speed.
+  That is the whole gap at batch 1 on one thread: ~1.6x in fp32, ~2.2x in bf16; fp32
+  cannot reach 2x there against a baseline that already streams at half the memory's
+  speed. With two threads the native kernels split rows between the cores (~33 GB/s),
+  torch's fp32 GEMV does not.
 - At batch 8 the attention projections and ``lm_head`` see 8 rows and stay on torch's
-  GEMMs in both libraries; the experts, 1-2 rows each, go native in dsmoe.
+  GEMMs in both libraries (8-row products are compute-bound on this CPU); the experts,
+  1-2 rows each, go native in dsmoe, all of a layer's experts in one call per matrix.
 - ``dsmoe input-major`` (``set_matmul_layout``) feeds torch's fp32 kernels a layout they
   stream faster (~1.3x); with the native kernels the default layout is faster still.
 - With other jobs on the machine and two threads, every OpenMP parallel region can wait
