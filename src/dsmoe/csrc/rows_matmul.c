@@ -300,67 +300,31 @@ static void int8_rows(dot_fn dot, const int16_t *xi, const float *sx, const int8
  * matrix `expert` into the same rows of out [P, N]. A single matrix is one block (0, 0, M);
  * a decode step of the routed experts is one block per expert with rows, in one call.
  * Threads split every block's N outputs, so each streams its share of each matrix. */
-#ifdef _OPENMP
-/* Which outputs [n0, n1) thread t of T computes. */
-static void thread_slice(int64_t N, int t, int T, int64_t *n0, int64_t *n1) {
-    *n0 = N * t / T;
-    *n1 = N * (t + 1) / T;
-}
-#endif
+/* The arguments of one blocks matmul; `slice` computes outputs [n0, n1) of every block. */
+typedef struct {
+    const int64_t *blocks;
+    int64_t nb, N, K;
+    /* int8 */
+    dot_fn dot;
+    const int16_t *xi;
+    const float *sx;
+    const int8_t *q;
+    const uint16_t *scale;
+    /* float */
+    fdot_fn fdot;
+    fdot4_fn fdot4;
+    const float *x;
+    const char *w;
+    int64_t w_size;
+    float *out;
+} job_t;
 
-static int use_threads(int threads, int64_t N) {
-#ifdef _OPENMP
-    return threads > 1 && N >= 64 * threads;
-#else
-    (void)threads;
-    (void)N;
-    return 0;
-#endif
-}
-
-static void int8_blocks(dot_fn dot, const int16_t *xi, const float *sx, const int8_t *q,
-                        const uint16_t *scale, float *out, const int64_t *blocks, int64_t nb,
-                        int64_t N, int64_t K, int64_t n0, int64_t n1) {
-    for (int64_t b = 0; b < nb; b++) {
-        int64_t e = blocks[3 * b], first = blocks[3 * b + 1], rows = blocks[3 * b + 2];
-        int8_rows(dot, xi + first * K, sx + first, q + e * N * K, scale + e * N,
-                  out + first * N, rows, N, K, n0, n1);
+static void int8_slice(const job_t *j, int64_t n0, int64_t n1) {
+    for (int64_t b = 0; b < j->nb; b++) {
+        int64_t e = j->blocks[3 * b], first = j->blocks[3 * b + 1], rows = j->blocks[3 * b + 2];
+        int8_rows(j->dot, j->xi + first * j->K, j->sx + first, j->q + e * j->N * j->K,
+                  j->scale + e * j->N, j->out + first * j->N, rows, j->N, j->K, n0, n1);
     }
-}
-
-/* int8: q [E, N, K], scale [E, N]. Returns 0 on success, -1 when x is not finite (the
- * caller then takes another path), -2 when out of memory. */
-int dsmoe_int8_blocks_matmul(const float *x, const int8_t *q, const uint16_t *scale,
-                             float *out, int64_t P, const int64_t *blocks, int64_t nb,
-                             int64_t N, int64_t K, int threads) {
-    dot_fn dot = chosen()->int8;
-    int16_t *xi = malloc((size_t)(P * K) * sizeof *xi + 64);
-    float *sx = malloc((size_t)(P > 0 ? P : 1) * sizeof *sx);
-    if (!xi || !sx) {
-        free(xi);
-        free(sx);
-        return -2;
-    }
-    if (to_fixed(x, xi, sx, P, K)) {
-        free(xi);
-        free(sx);
-        return -1;
-    }
-    if (use_threads(threads, N)) {
-#ifdef _OPENMP
-#pragma omp parallel num_threads(threads)
-        {
-            int64_t n0, n1;
-            thread_slice(N, omp_get_thread_num(), omp_get_num_threads(), &n0, &n1);
-            int8_blocks(dot, xi, sx, q, scale, out, blocks, nb, N, K, n0, n1);
-        }
-#endif
-    } else {
-        int8_blocks(dot, xi, sx, q, scale, out, blocks, nb, N, K, 0, N);
-    }
-    free(xi);
-    free(sx);
-    return 0;
 }
 
 static void float_rows(fdot_fn dot, fdot4_fn dot4, const float *x, const char *w,
@@ -378,14 +342,56 @@ static void float_rows(fdot_fn dot, fdot4_fn dot4, const float *x, const char *w
     }
 }
 
-static void float_blocks(fdot_fn dot, fdot4_fn dot4, const float *x, const char *w,
-                         int64_t w_size, float *out, const int64_t *blocks, int64_t nb,
-                         int64_t N, int64_t K, int64_t n0, int64_t n1) {
-    for (int64_t b = 0; b < nb; b++) {
-        int64_t e = blocks[3 * b], first = blocks[3 * b + 1], rows = blocks[3 * b + 2];
-        float_rows(dot, dot4, x + first * K, w + e * N * K * w_size, w_size, out + first * N,
-                   rows, N, K, n0, n1);
+static void float_slice(const job_t *j, int64_t n0, int64_t n1) {
+    for (int64_t b = 0; b < j->nb; b++) {
+        int64_t e = j->blocks[3 * b], first = j->blocks[3 * b + 1], rows = j->blocks[3 * b + 2];
+        float_rows(j->fdot, j->fdot4, j->x + first * j->K, j->w + e * j->N * j->K * j->w_size,
+                   j->w_size, j->out + first * j->N, rows, j->N, j->K, n0, n1);
     }
+}
+
+/* Run `slice` over all N outputs, split between `threads` OpenMP threads when there are
+ * enough outputs to share (each thread then streams its share of every matrix). */
+static void run(void (*slice)(const job_t *, int64_t, int64_t), const job_t *job,
+                int threads) {
+#ifdef _OPENMP
+    if (threads > 1 && job->N >= 64 * threads) {
+#pragma omp parallel num_threads(threads)
+        {
+            int64_t t = omp_get_thread_num(), T = omp_get_num_threads();
+            slice(job, job->N * t / T, job->N * (t + 1) / T);
+        }
+        return;
+    }
+#else
+    (void)threads;
+#endif
+    slice(job, 0, job->N);
+}
+
+/* int8: q [E, N, K], scale [E, N]. Returns 0 on success, -1 when x is not finite (the
+ * caller then takes another path), -2 when out of memory. */
+int dsmoe_int8_blocks_matmul(const float *x, const int8_t *q, const uint16_t *scale,
+                             float *out, int64_t P, const int64_t *blocks, int64_t nb,
+                             int64_t N, int64_t K, int threads) {
+    int16_t *xi = malloc((size_t)(P * K) * sizeof *xi + 64);
+    float *sx = malloc((size_t)(P > 0 ? P : 1) * sizeof *sx);
+    if (!xi || !sx) {
+        free(xi);
+        free(sx);
+        return -2;
+    }
+    if (to_fixed(x, xi, sx, P, K)) {
+        free(xi);
+        free(sx);
+        return -1;
+    }
+    job_t job = {.blocks = blocks, .nb = nb, .N = N, .K = K, .dot = chosen()->int8,
+                 .xi = xi, .sx = sx, .q = q, .scale = scale, .out = out};
+    run(int8_slice, &job, threads);
+    free(xi);
+    free(sx);
+    return 0;
 }
 
 /* float: w fp32 or bf16 [E, N, K] (w_bf16: 0 or 1). Returns 0. */
@@ -393,20 +399,10 @@ int dsmoe_float_blocks_matmul(const float *x, const void *w, int w_bf16, float *
                               const int64_t *blocks, int64_t nb, int64_t N, int64_t K,
                               int threads) {
     const kernels_t *kern = chosen();
-    fdot_fn dot = w_bf16 ? kern->bf16 : kern->f32;
-    fdot4_fn dot4 = w_bf16 ? kern->bf16x4 : kern->f32x4;
-    int64_t w_size = w_bf16 ? 2 : 4;
-    if (use_threads(threads, N)) {
-#ifdef _OPENMP
-#pragma omp parallel num_threads(threads)
-        {
-            int64_t n0, n1;
-            thread_slice(N, omp_get_thread_num(), omp_get_num_threads(), &n0, &n1);
-            float_blocks(dot, dot4, x, w, w_size, out, blocks, nb, N, K, n0, n1);
-        }
-#endif
-    } else {
-        float_blocks(dot, dot4, x, w, w_size, out, blocks, nb, N, K, 0, N);
-    }
+    job_t job = {.blocks = blocks, .nb = nb, .N = N, .K = K,
+                 .fdot = w_bf16 ? kern->bf16 : kern->f32,
+                 .fdot4 = w_bf16 ? kern->bf16x4 : kern->f32x4, .x = x, .w = w,
+                 .w_size = w_bf16 ? 2 : 4, .out = out};
+    run(float_slice, &job, threads);
     return 0;
 }
