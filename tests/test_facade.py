@@ -145,3 +145,12 @@ def test_paper_signature_and_residual() -> None:
 def test_bad_arguments_raise(kwargs: dict, key: str) -> None:
     with pytest.raises(ValueError, match=key):
         MixtureOfExperts(d_model=16, d_expert=8, **kwargs)
+
+
+@pytest.mark.parametrize("d_model", [6, 10])  # 2 mod 4 takes one (unused) attention head
+def test_any_even_width_works_and_odd_widths_say_why(d_model: int) -> None:
+    moe = MixtureOfExperts(d_model=d_model, d_expert=4, K=2, N_s=1, N_r=4)
+    out = moe(torch.randn(2, 3, d_model))[0]
+    assert out.shape == (2, 3, d_model) and torch.isfinite(out).all()
+    with pytest.raises(ValueError, match="d_model=15 must be even"):
+        MixtureOfExperts(d_model=15, d_expert=4)

@@ -30,6 +30,10 @@ class MixtureOfExperts(nn.Module):
                  alpha1: float = 0.003, alpha2: float = 0.05, alpha3: float = 0.02,
                  D: int = 1, M: int | None = None) -> None:
         super().__init__()
+        if isinstance(d_model, int) and d_model % 2:
+            raise ValueError(f"MixtureOfExperts: d_model={d_model} must be even: the layer is "
+                             "described by a full DeepSeekMoE ModelConfig, whose RoPE "
+                             "attention heads need an even width")
         heads = 2 if d_model % 4 == 0 else 1  # attention is unused; only validation sees it
         self.config = ModelConfig(
             hidden_size=d_model, moe_intermediate_size=d_expert, intermediate_size=d_expert,
