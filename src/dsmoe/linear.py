@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsmoe import native
+from dsmoe.autograd import records_grad
 
 # Rows up to which the native kernels beat torch's on weights that stream from memory
 # (one core, expert- and lm_head-sized matrices not in cache: at 1-2 rows ~2x for bf16 and
@@ -30,36 +31,38 @@ from dsmoe import native
 DECODE_MAX_ROWS = 4
 
 
+def _native_rows(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
+    """fp32 ``x [..., K] @ weight.T`` -> [..., N] by the native kernel if this product is a
+    gradient-free step of 1 to ``DECODE_MAX_ROWS`` rows it can take; else None."""
+    if records_grad(x, weight):
+        return None  # a ctypes call would cut the autograd graph
+    rows = x.reshape(-1, x.shape[-1])  # [M, K]
+    if not 0 < rows.shape[0] <= DECODE_MAX_ROWS:
+        return None
+    out = native.float_rows_matmul(rows, weight)  # fp32 [M, N]
+    return None if out is None else out.reshape(*x.shape[:-1], weight.shape[0])
+
+
 def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
                   ) -> torch.Tensor | None:
     """``x [..., K] @ weight.T (+ bias)`` by the native kernel, or None when this product is
     not a decode step it serves (see the module docstring)."""
-    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
-        return None  # a ctypes call would cut the autograd graph
     if x.dtype != weight.dtype or x.dtype not in native.FLOAT_WEIGHT_DTYPES:
         return None
-    rows = x.reshape(-1, x.shape[-1])  # [M, K]
-    if rows.shape[0] > DECODE_MAX_ROWS or rows.shape[0] == 0:
-        return None
-    out = native.float_rows_matmul(rows, weight)  # fp32 [M, N]
+    out = _native_rows(x, weight)  # fp32 [..., N]
     if out is None:
         return None
     if bias is not None:
         out += bias
-    return out.to(x.dtype).reshape(*x.shape[:-1], weight.shape[0])
+    return out.to(x.dtype)
 
 
 def fp32_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """``x @ weight.T`` computed in fp32 whatever the dtypes (the router's logits): the
     native kernel widens a bf16 weight exactly as ``weight.float()`` would, without the
     per-call copy of the weight that casting costs in a decode step."""
-    if not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
-        rows = x.reshape(-1, x.shape[-1])  # [M, K]
-        if 0 < rows.shape[0] <= DECODE_MAX_ROWS:
-            out = native.float_rows_matmul(rows, weight)  # fp32 [M, N]
-            if out is not None:
-                return out.reshape(*x.shape[:-1], weight.shape[0])
-    return F.linear(x.float(), weight.float())
+    out = _native_rows(x, weight)
+    return F.linear(x.float(), weight.float()) if out is None else out
 
 
 class Linear(nn.Linear):

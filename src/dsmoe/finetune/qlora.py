@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from dsmoe.autograd import records_grad
 from dsmoe.quant import kernels
 from dsmoe.quant.linear import QuantLinear
 from dsmoe.quant.matrix import QuantMatrix
@@ -55,7 +56,7 @@ class QuantMatmul(torch.autograd.Function):
 
 def quant_matmul(matrix: QuantMatrix, x: torch.Tensor, index: int | None = None) -> torch.Tensor:
     """``matrix.matmul(x, index)`` with a gradient for ``x`` when it needs one."""
-    if torch.is_grad_enabled() and x.requires_grad:
+    if records_grad(x):
         return QuantMatmul.apply(x, matrix, index)
     return matrix.matmul(x, index)
 

@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dsmoe.autograd import records_grad
+
 
 @dataclass
 class DispatchPlan:
@@ -152,7 +154,7 @@ def combine(expert_out: torch.Tensor, plan: DispatchPlan, topk_weight: torch.Ten
         slots, slot_rows = torch.sort(order)  # kept slots in (t, k) order, their rows
         per_token = torch.bincount(torch.div(slots, K, rounding_mode="floor"), minlength=T)
         offsets = torch.cumsum(per_token, 0) - per_token  # [T] first slot of each bag
-    if not (torch.is_grad_enabled() and (expert_out.requires_grad or row_weight.requires_grad)):
+    if not records_grad(expert_out, row_weight):
         if rows is not None:  # inference: skip the autograd Function's bookkeeping
             row_weight = row_weight.new_zeros(expert_out.shape[0]).index_copy_(0, rows, row_weight)
             slot_rows = rows.index_select(0, slot_rows)

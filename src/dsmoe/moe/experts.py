@@ -41,6 +41,7 @@ padding), D hidden, F expert width, E experts; ``in``/``out`` a linear map's fea
 from __future__ import annotations
 
 import functools
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -48,6 +49,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsmoe import native
+from dsmoe.autograd import records_grad
 from dsmoe.linear import DECODE_MAX_ROWS
 from dsmoe.mlp import ACTIVATIONS
 
@@ -101,20 +103,30 @@ def _loop_mm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Te
     return out
 
 
-# A forward whose experts have at most this many rows each is a decode step (batch <= 8:
-# a token picks an expert once); it runs expert by expert, the native kernels taking the
-# experts with at most DECODE_MAX_ROWS rows.
+# A CPU forward whose experts have at most this many rows each is a decode step (batch
+# <= 8: a token picks an expert once); it runs expert by expert, the native kernels taking
+# the experts with at most DECODE_MAX_ROWS rows.
 DECODE_STEP_MAX_ROWS = 8
 
 
-def _decode_mm(x: torch.Tensor, w: torch.Tensor, blocks: list[tuple[int, int, int]]
+def expert_blocks(counts: list[int], first_rows: list[int] | None = None
+                  ) -> list[native.Block]:
+    """(expert, first row, rows) of every expert with rows: the block table of the native
+    kernels. Rows are in sorted order (expert by expert) unless ``first_rows`` gives the
+    first row of each expert."""
+    if first_rows is None:
+        first_rows = list(itertools.accumulate(counts[:-1], initial=0))
+    return [(e, first_rows[e], n) for e, n in enumerate(counts) if n]
+
+
+def _decode_mm(x: torch.Tensor, w: torch.Tensor, blocks: list[native.Block]
                ) -> torch.Tensor | None:
     """Work rows ``x [P, k]`` times ``w[e] [k, n]`` per ``(expert, first row, rows)`` block,
     by dsmoe's native kernels where a block has at most ``DECODE_MAX_ROWS`` rows and by
     ``torch.mm`` otherwise; rows outside every block (padding) get zeros. None when the
     native kernels cannot serve this product at all (autograd, dtypes, an input-major
     ``w``: ``w[e].T`` must be contiguous; see ``dsmoe.linear``)."""
-    if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad):
+    if records_grad(x, w):
         return None
     if (x.device.type != "cpu" or x.dtype != w.dtype
             or x.dtype not in native.FLOAT_WEIGHT_DTYPES or not w.mT.is_contiguous()
@@ -236,12 +248,6 @@ def _chunk_experts(counts: list[int], min_experts: int, max_experts: int = 16
     return tuple(chunks)
 
 
-def _needs_grad(*tensors: torch.Tensor) -> bool:
-    """Whether autograd must record: otherwise (inference, decoding) the Functions' Python
-    bookkeeping is skipped, a noticeable share of a one-token step."""
-    return any(t.requires_grad for t in tensors)
-
-
 class _ExpertLinear(torch.autograd.Function):
     """Row block e of ``x`` times ``W[e].T`` (+ ``b[e]``), on any kernel, with the backward
     written out so that dW lands in W's own layout (see the module docstring)."""
@@ -342,6 +348,8 @@ class GroupedGEMM:
     chunks: tuple[Chunk, ...] = ()  # batched only
     rows: int = 0  # P: rows of the work buffer
     index: torch.Tensor | None = None  # [A] work-buffer row of each sorted row (batched only)
+    # a CPU decode step (see DECODE_STEP_MAX_ROWS): each expert's block of work rows
+    decode_blocks: list[native.Block] | None = None
 
     @classmethod
     def plan(cls, counts: torch.Tensor, n_rows: int, dtype: torch.dtype,
@@ -355,13 +363,19 @@ class GroupedGEMM:
         A = n_rows
         if kernel == "grouped_mm" and A == 0:
             kernel = "loop"  # nothing routed: the loop gives zero weight gradients, any torch
-        if kernel != "batched":
-            return cls(kernel, counts, rows=A)
+        if kernel == "grouped_mm" or (kernel == "loop" and device.type != "cpu"):
+            return cls(kernel, counts, rows=A)  # the decode path is for the CPU only
         counts_list = counts.tolist()
+        decode = (device.type == "cpu" and bool(counts_list)
+                  and max(counts_list) <= DECODE_STEP_MAX_ROWS)
+        if kernel == "loop":
+            return cls(kernel, counts, rows=A,
+                       decode_blocks=expert_blocks(counts_list) if decode else None)
         chunks = _chunk_experts(counts_list, 2 * torch.get_num_threads())
         rows = sum((end - first) * width for first, end, width, _ in chunks)
         if rows == A:  # no padding needed: the work buffer is the input itself
-            return cls(kernel, counts, chunks, rows)
+            return cls(kernel, counts, chunks, rows,
+                       decode_blocks=expert_blocks(counts_list) if decode else None)
         chunk_start = [0] * len(counts_list)  # padded row of each expert's first row
         for first, end, width, start in chunks:
             for e in range(first, end):
@@ -371,7 +385,8 @@ class GroupedGEMM:
         first_row = torch.cumsum(counts, 0) - counts  # [E] first sorted row of each expert
         index = (torch.tensor(chunk_start, device=device)[expert]
                  + torch.arange(A, device=device) - first_row[expert])  # [A]
-        return cls(kernel, counts, chunks, rows, index)
+        return cls(kernel, counts, chunks, rows, index,
+                   expert_blocks(counts_list, chunk_start) if decode else None)
 
     def enter(self, x: torch.Tensor) -> torch.Tensor:  # [A, in] -> [P, in]
         if self.index is None:
@@ -384,36 +399,19 @@ class GroupedGEMM:
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
                ) -> torch.Tensor:
         """Work rows ``x [P, in]`` of expert e times ``weight[e].T`` (+ ``bias[e]``)."""
-        params = (x, weight) if bias is None else (x, weight, bias)
-        if not (torch.is_grad_enabled() and _needs_grad(*params)):
+        if not records_grad(x, weight, bias):
             return _ExpertLinear.run(x, weight, bias, self)
         return _ExpertLinear.apply(x, weight, bias, self)  # [P, out]
 
     # kernels on the work buffer (no autograd; called by _ExpertLinear)
     def mm(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        if self.kernel != "grouped_mm":
-            blocks = self._decode_blocks()
-            out = None if blocks is None else _decode_mm(x, w, blocks)
+        if self.decode_blocks is not None:
+            out = _decode_mm(x, w, self.decode_blocks)
             if out is not None:
                 return out
         if self.kernel == "batched":
             return _batched_mm(x, w, self.chunks)
         return (_grouped_mm if self.kernel == "grouped_mm" else _loop_mm)(x, w, self.counts)
-
-    def _decode_blocks(self) -> list[tuple[int, int, int]] | None:
-        """(expert, first work row, rows) of every expert with rows, if this is a decode
-        step (at most ``DECODE_STEP_MAX_ROWS`` rows per expert); else None."""
-        counts = self.counts.tolist()
-        if not counts or max(counts) > DECODE_STEP_MAX_ROWS:
-            return None
-        if self.index is not None:  # batched with padding: expert e's rows open its block
-            return [(e, start + (e - first) * width, counts[e])
-                    for first, end, width, start in self.chunks
-                    for e in range(first, end) if counts[e]]
-        starts = [0]
-        for n in counts[:-1]:
-            starts.append(starts[-1] + n)
-        return [(e, starts[e], n) for e, n in enumerate(counts) if n]
 
     def mm_weight(self, a: torch.Tensor, b: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         """Per-expert ``a_e.T @ b_e`` -> [E, n, k], laid out as the weight ``like``:
@@ -506,7 +504,7 @@ class SwiGLUExperts(nn.Module):
 
     def _forward_rows(self, x: torch.Tensor, gemm: GroupedGEMM) -> torch.Tensor:  # [P, D]
         if self.act is F.silu:
-            if not (torch.is_grad_enabled() and _needs_grad(x, *self.parameters())):
+            if not records_grad(x, *self.parameters()):
                 return _SwiGLUExpertsFn.run(x, self.gate_up_proj, self.down_proj, gemm)[0]
             return _SwiGLUExpertsFn.apply(x, self.gate_up_proj, self.down_proj, gemm)
         gate, up = gemm.linear(x, self.gate_up_proj).chunk(2, dim=-1)  # [P, F] x2

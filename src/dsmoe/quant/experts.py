@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from dsmoe.mlp import ACTIVATIONS
-from dsmoe.moe.experts import SwiGLUExperts
+from dsmoe.moe.experts import SwiGLUExperts, expert_blocks
 from dsmoe.quant.kernels import INT8_KERNEL_MAX_ROWS
 from dsmoe.quant.matrix import QuantMatrix
 
@@ -68,11 +68,7 @@ class QuantSwiGLUExperts(nn.Module):
         counts_list = counts.tolist()
         if not counts_list or max(counts_list) > INT8_KERNEL_MAX_ROWS:
             return None
-        blocks, start = [], 0
-        for e, n in enumerate(counts_list):
-            if n:
-                blocks.append((e, start, n))
-                start += n
+        blocks = expert_blocks(counts_list)
         gate_up = self.gate_up_proj.matmul_blocks(x, blocks)  # fp32 [A, 2F]
         if gate_up is None:
             return None

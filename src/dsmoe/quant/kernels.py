@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from dsmoe import native
+from dsmoe.autograd import records_grad
 
 INT4_GROUP_SIZES = (32, 64, 128, 256)  # what torch's int4 CPU kernel accepts
 INT4_ROW_MULTIPLE = 16  # torch's int4 packing needs N % 16 == 0
@@ -86,7 +87,7 @@ def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.
     rows = x.reshape(-1, x.shape[-1])  # [M, K]
     if rows.shape[0] <= INT8_KERNEL_MAX_ROWS:
         out = None
-        if not (torch.is_grad_enabled() and rows.requires_grad):  # the native one has no grad
+        if not records_grad(rows):  # the native kernel has no backward
             out = native.int8_rows_matmul(rows, q, scale)
         if out is None:
             out = torch._weight_int8pack_mm(aligned(rows.to(_KERNEL_DTYPE)), aligned(q), scale)

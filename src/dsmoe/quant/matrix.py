@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from dsmoe import native
+from dsmoe.autograd import records_grad
 from dsmoe.quant import kernels
 
 BITS = (4, 8)
@@ -69,7 +70,7 @@ class QuantMatrix(nn.Module):
         ``(e, first, rows)`` block, in one native call -> fp32 [P, N] (zeros outside the
         blocks). None where that call does not apply: int4, rows needing a gradient, or
         the native kernel unavailable; the caller then loops over ``matmul``."""
-        if self.bits != 8 or not self.stack or (torch.is_grad_enabled() and x.requires_grad):
+        if self.bits != 8 or not self.stack or records_grad(x):
             return None
         q = self.qweight.reshape(-1, self.out_features, self.in_features)  # [E, N, K]
         scale = self.scale.reshape(-1, self.out_features)  # [E, N]
