@@ -34,19 +34,14 @@ import tempfile
 import time
 from pathlib import Path
 
+from _proc import status_kib
+
 GIB = 2**30
 CONFIGS = {  # name -> FinetuneConfig overrides
     "full": dict(full=True),
     "lora": dict(),
     "lora-int8": dict(quant="int8"),
 }
-
-
-def _status_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
 
 
 def _reset_peak() -> None:
@@ -87,7 +82,7 @@ def _run(args: argparse.Namespace, directory: str, name: str) -> None:
     from dsmoe.finetune import loop, sft_data
     from dsmoe.finetune.config import FinetuneConfig
 
-    baseline = _status_kib("VmRSS")  # after the imports
+    baseline = status_kib("VmRSS")  # after the imports
     cfg = FinetuneConfig(model=str(Path(directory) / "model"), data="-", out="-",
                          batch_size=args.batch_size, lora_r=args.lora_r,
                          lora_alpha=2.0 * args.lora_r, max_steps=args.steps + 1, lr=1e-4,
@@ -116,7 +111,7 @@ def _run(args: argparse.Namespace, directory: str, name: str) -> None:
     print(json.dumps({"name": name, "description": description, "trainable": trainable,
                       "tokens_per_s": tokens / seconds,
                       "weights_gib": weights / GIB,
-                      "peak_gib": (_status_kib("VmHWM") - baseline) * 1024 / GIB}))
+                      "peak_gib": (status_kib("VmHWM") - baseline) * 1024 / GIB}))
 
 
 def _subprocess(*argv: str) -> dict:

@@ -28,14 +28,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from _proc import status_kib
+
 GIB = 2**30
-
-
-def _status_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
 
 
 def _write(preset: str, dtype_name: str, directory: str) -> None:
@@ -63,17 +58,17 @@ def _load(directory: str, dtype_name: str) -> None:
 
     from dsmoe import Transformer
 
-    baseline = _status_kib("VmRSS") * 1024
+    baseline = status_kib("VmRSS") * 1024
     start = time.perf_counter()
     model = Transformer.from_pretrained(directory, dtype=getattr(torch, dtype_name))
     load_s = time.perf_counter() - start
-    peak_load = _status_kib("VmHWM") * 1024
+    peak_load = status_kib("VmHWM") * 1024
     weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     if model.config.tie_word_embeddings:
         weights -= model.lm_head.weight.numel() * model.lm_head.weight.element_size()
     with torch.no_grad():  # reads every page; sums in the weights' dtype (no big temporaries)
         checksum = sum(float(p.sum()) for p in model.parameters())
-    peak_touch = _status_kib("VmHWM") * 1024
+    peak_touch = status_kib("VmHWM") * 1024
     print(json.dumps({"dtype": dtype_name, "weights": weights, "baseline": baseline,
                       "peak_load": peak_load, "peak_touch": peak_touch, "load_s": load_s,
                       "checksum_finite": math.isfinite(checksum)}))

@@ -38,14 +38,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from _proc import status_kib
+
 GIB = 2**30
-
-
-def _status_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
 
 
 def _load_average() -> str:
@@ -174,7 +169,7 @@ def worker_dsmoe(path: str, fmt: str, prompt: int, decode: int, threads: int,
     from dsmoe.model import Transformer
     from dsmoe.quant import load_quantized
 
-    baseline = _status_kib("VmRSS") * 1024
+    baseline = status_kib("VmRSS") * 1024
     start = time.perf_counter()
     if fmt in ("int8", "int4"):
         model = load_quantized(path)
@@ -182,12 +177,12 @@ def worker_dsmoe(path: str, fmt: str, prompt: int, decode: int, threads: int,
         model = Transformer.from_pretrained(path, dtype=torch.float32 if fmt == "fp32"
                                             else torch.bfloat16)
     load_s = time.perf_counter() - start
-    load_peak = _status_kib("VmHWM") * 1024
+    load_peak = status_kib("VmHWM") * 1024
     timings = _time_dsmoe(model, prompt, decode, rounds)
     return {**timings, "load_s": load_s, "load_peak_gib": (load_peak - baseline) / GIB,
-            "peak_gib": _status_kib("VmHWM") * 1024 / GIB, "baseline_gib": baseline / GIB,
-            "anon_gib": _status_kib("RssAnon") * 1024 / GIB,
-            "file_gib": _status_kib("RssFile") * 1024 / GIB}
+            "peak_gib": status_kib("VmHWM") * 1024 / GIB, "baseline_gib": baseline / GIB,
+            "anon_gib": status_kib("RssAnon") * 1024 / GIB,
+            "file_gib": status_kib("RssFile") * 1024 / GIB}
 
 
 def _time_dsmoe(model, prompt: int, decode: int, rounds: int) -> dict:
@@ -225,12 +220,12 @@ def worker_llama(path: str, prompt: int, decode: int, threads: int, rounds: int)
     import llama_cpp
     import numpy as np
 
-    baseline = _status_kib("VmRSS") * 1024
+    baseline = status_kib("VmRSS") * 1024
     start = time.perf_counter()
     llm = llama_cpp.Llama(model_path=path, n_ctx=prompt + decode + 16, n_batch=prompt,
                           n_threads=threads, n_threads_batch=threads, verbose=False)
     load_s = time.perf_counter() - start
-    load_peak = _status_kib("VmHWM") * 1024
+    load_peak = status_kib("VmHWM") * 1024
     vocab = llm.n_vocab()
     ids = np.random.default_rng(0).integers(0, vocab, prompt).tolist()
     llm.eval(ids[:8])  # warm-up
@@ -251,9 +246,9 @@ def worker_llama(path: str, prompt: int, decode: int, threads: int, rounds: int)
             token = int(np.argmax(last_logits()))
         decoding.append(decode / (time.perf_counter() - start))
     return {**_rates(prefill, decoding), "load_s": load_s, "load_peak_gib": (load_peak - baseline) / GIB,
-            "peak_gib": _status_kib("VmHWM") * 1024 / GIB, "baseline_gib": baseline / GIB,
-            "anon_gib": _status_kib("RssAnon") * 1024 / GIB,
-            "file_gib": _status_kib("RssFile") * 1024 / GIB}
+            "peak_gib": status_kib("VmHWM") * 1024 / GIB, "baseline_gib": baseline / GIB,
+            "anon_gib": status_kib("RssAnon") * 1024 / GIB,
+            "file_gib": status_kib("RssFile") * 1024 / GIB}
 
 
 def _run_worker(args: list[str]) -> dict:

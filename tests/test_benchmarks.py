@@ -10,14 +10,16 @@ from pathlib import Path
 
 import pytest
 
-SCRIPTS = sorted((Path(__file__).parents[1] / "benchmarks").glob("*.py"))
+BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
+SCRIPTS = sorted(p for p in BENCHMARKS.glob("*.py") if not p.name.startswith("_"))
+HELPERS = sorted(BENCHMARKS.glob("_*.py"))  # modules the scripts import
 
 
 def test_there_are_benchmarks() -> None:
     assert len(SCRIPTS) >= 5
 
 
-@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
+@pytest.mark.parametrize("script", SCRIPTS + HELPERS, ids=lambda p: p.name)
 def test_benchmark_compiles(script: Path) -> None:
     compile(script.read_text(), str(script), "exec")
 

@@ -1,0 +1,14 @@
+"""Memory readings from /proc/self/status, shared by the benchmark scripts (a helper
+module, not a benchmark: the scripts import it from their own directory)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def status_kib(field: str) -> int:
+    """``field`` of /proc/self/status (e.g. VmHWM, the peak RSS) in KiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
