@@ -9,6 +9,7 @@ Shapes: T tokens, D hidden, E experts, K picks, F expert width.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -52,6 +53,19 @@ def native_isa(request):
         yield request.param
     finally:
         native.limit_isa(best)
+
+
+REFERENCE = Path(__file__).resolve().parent / "assets" / "reference"
+
+
+def reference_file(model: str, name: str) -> Path:
+    """A file of a real checkpoint's published metadata (``config.json``, ``tensors.json``,
+    ``tokenizer_config.json``), copied into ``tests/assets/reference/<model>/`` so the suite
+    runs from any clone. A missing file is a broken checkout: it fails, it does not skip."""
+    path = REFERENCE / model / name
+    if not path.is_file():
+        raise FileNotFoundError(f"test asset {path} is missing (copy it from the reference set)")
+    return path
 
 
 def moe_config(**overrides: Any) -> ModelConfig:

@@ -18,13 +18,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import dsmoe.checkpoint
+from conftest import reference_file
 from dsmoe import ModelConfig
 from dsmoe.checkpoint import hf
 from dsmoe.model import Transformer
 
-REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "deepseek-moe-16b-base"
-if not REFERENCE.is_dir():  # the repository may live elsewhere than /work/main
-    REFERENCE = Path("/work/shared/reference/deepseek-moe-16b-base")
 
 SMALL = ModelConfig.preset("tiny").replace(
     vocab_size=128, hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
@@ -142,8 +140,8 @@ def test_sharded_save_and_load(tmp_path: Path) -> None:
 def _tiny_16b(tmp_path: Path) -> tuple[Path, dict[str, torch.Tensor], dict]:
     """The real config.json and tensors.json with every width shrunk (same names, same 28
     layers and 64 experts): written directly, not by dsmoe."""
-    config = json.loads((REFERENCE / "config.json").read_text())
-    real = json.loads((REFERENCE / "tensors.json").read_text())
+    config = json.loads(reference_file("deepseek-moe-16b-base", "config.json").read_text())
+    real = json.loads(reference_file("deepseek-moe-16b-base", "tensors.json").read_text())
     sizes = {"hidden_size": 32, "intermediate_size": 48, "moe_intermediate_size": 8,
              "vocab_size": 64}
     width = {config[k]: v for k, v in sizes.items()}

@@ -6,38 +6,16 @@ from __future__ import annotations
 import dataclasses
 import json
 import warnings
-from pathlib import Path
 
 import pytest
 
-from conftest import moe_config
+from conftest import moe_config, reference_file
 from dsmoe.config import ModelConfig
 from dsmoe.presets import PRESETS
 
-REFERENCE = Path("/work/shared/reference/deepseek-moe-16b-base/config.json")
-PACKAGED_16B = {  # the real file's content, used when the shared reference is not mounted
-    "architectures": ["DeepseekForCausalLM"], "attention_bias": False,
-    "attention_dropout": 0.0,
-    "auto_map": {"AutoConfig": "configuration_deepseek.DeepseekConfig",
-                 "AutoModel": "modeling_deepseek.DeepseekModel",
-                 "AutoModelForCausalLM": "modeling_deepseek.DeepseekForCausalLM"},
-    "bos_token_id": 100000, "eos_token_id": 100001, "first_k_dense_replace": 1,
-    "hidden_act": "silu", "hidden_size": 2048, "initializer_range": 0.02,
-    "intermediate_size": 10944, "max_position_embeddings": 4096, "model_type": "deepseek",
-    "moe_intermediate_size": 1408, "moe_layer_freq": 1, "n_routed_experts": 64,
-    "n_shared_experts": 2, "norm_topk_prob": False, "num_attention_heads": 16,
-    "num_experts_per_tok": 6, "num_hidden_layers": 28, "num_key_value_heads": 16,
-    "pretraining_tp": 1, "rms_norm_eps": 1e-06, "rope_scaling": None, "rope_theta": 10000,
-    "scoring_func": "softmax", "tie_word_embeddings": False, "torch_dtype": "bfloat16",
-    "transformers_version": "4.36.0", "use_cache": True, "vocab_size": 102400,
-}
-
-
 @pytest.fixture(scope="module")
 def hf_16b() -> dict:
-    if REFERENCE.exists():
-        return json.loads(REFERENCE.read_text())
-    return json.loads(json.dumps(PACKAGED_16B))
+    return json.loads(reference_file("deepseek-moe-16b-base", "config.json").read_text())
 
 
 # --- round trips ------------------------------------------------------------------------
@@ -126,13 +104,13 @@ def test_deepseek_v3_transformers_dict(norm: bool) -> None:
     assert cfg.rope_theta == hf["rope_parameters"]["rope_theta"]
 
 
-def test_yarn_rope_of_real_v2_v3_checkpoints_is_accepted() -> None:
+def test_yarn_rope_of_real_v2_v3_checkpoints_is_accepted(hf_16b: dict) -> None:
     """DeepSeek-V2/V3 checkpoints ship YaRN rope scaling; from_hf must take their dicts and
     keep every YaRN parameter, whether spelled as ``rope_scaling`` (the checkpoints'
     config.json) or as ``rope_parameters`` (transformers 5's ``to_dict``)."""
     yarn = {"type": "yarn", "factor": 40, "beta_fast": 32, "beta_slow": 1, "mscale": 1.0,
             "mscale_all_dim": 1.0, "original_max_position_embeddings": 4096}
-    hf = dict(PACKAGED_16B, model_type="deepseek_v3", n_group=8, topk_group=4,
+    hf = dict(hf_16b, model_type="deepseek_v3", n_group=8, topk_group=4,
               rope_scaling=yarn, scoring_func="sigmoid", topk_method="noaux_tc")
     cfg = ModelConfig.from_hf(hf)
     assert cfg.rope_scaling == yarn

@@ -16,21 +16,19 @@ import gguf
 import pytest
 import torch
 
+from conftest import reference_file
 from dsmoe import ModelConfig
 from dsmoe.checkpoint.gguf import write_model_gguf
 from dsmoe.cli import main
 from dsmoe.model import Transformer
 from dsmoe.params import WEIGHT_FORMATS, count_parameters, weight_bytes, weight_memory
 
-REFERENCE = Path("/work/shared/reference/deepseek-moe-16b-base")
-if not REFERENCE.is_dir():
-    REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "deepseek-moe-16b-base"
 
 
 @pytest.fixture(scope="module")
 def real() -> tuple[ModelConfig, dict[str, list[int]]]:
-    config = ModelConfig.from_json_file(str(REFERENCE / "config.json"))
-    shapes = json.loads((REFERENCE / "tensors.json").read_text())
+    config = ModelConfig.from_json_file(str(reference_file("deepseek-moe-16b-base", "config.json")))
+    shapes = json.loads(reference_file("deepseek-moe-16b-base", "tensors.json").read_text())
     return config, shapes
 
 

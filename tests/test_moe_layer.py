@@ -8,16 +8,13 @@ from __future__ import annotations
 
 import json
 import re
-from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import assert_close, moe_config, randomize_
+from conftest import assert_close, moe_config, randomize_, reference_file
 from dsmoe.config import ModelConfig
 from dsmoe.moe.layer import MoELayer
-
-TENSORS_16B = Path("/work/shared/reference/deepseek-moe-16b-base/tensors.json")
 
 
 def _v3_config(**overrides) -> ModelConfig:
@@ -214,9 +211,7 @@ def test_hf_state_dict_is_a_copy() -> None:
 
 
 def test_hf_names_and_shapes_match_the_real_16b_checkpoint() -> None:
-    if not TENSORS_16B.exists():
-        pytest.skip("the shared 16B reference is not mounted")
-    real = json.loads(TENSORS_16B.read_text())
+    real = json.loads(reference_file("deepseek-moe-16b-base", "tensors.json").read_text())
     prefix = "model.layers.1.mlp."
     expected = {k[len(prefix):]: tuple(v) for k, v in real.items() if k.startswith(prefix)}
     with torch.device("meta"):

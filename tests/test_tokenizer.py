@@ -14,6 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from tokenizers import AddedToken, models, pre_tokenizers
 
+from conftest import reference_file
 from dsmoe.tokenizer import (BOS_TOKEN, DEEPSEEK_CHAT_TEMPLATE, EOS_TOKEN, StreamDecoder,
                              Tokenizer)
 
@@ -203,10 +204,8 @@ def test_deepseek_tokenizer_config_sets_special_ids(tmp_path: Path) -> None:
     assert saved["model_max_length"] == 16384 and saved["bos_token"] == DEEPSEEK_CONFIG["bos_token"]
 
 
-def test_config_matches_reference_file_if_present() -> None:
-    ref = Path("/work/shared/reference/deepseek-moe-16b-base/tokenizer_config.json")
-    if not ref.is_file():
-        pytest.skip("reference tokenizer_config.json not available")
+def test_config_matches_the_real_tokenizer_config() -> None:
+    ref = reference_file("deepseek-moe-16b-base", "tokenizer_config.json")
     assert json.loads(ref.read_text()) == DEEPSEEK_CONFIG
 
 
