@@ -68,7 +68,7 @@ def test_run_directory_and_export(corpus: Path, tmp_path: Path) -> None:
         assert (out / "model" / name).exists(), name
     assert (out / "report.md").exists() and (out / "plots" / "loss.png").exists()
     # The exported model's logits equal those of the final checkpoint's model.
-    state = torch.load(sorted((out / "checkpoints").glob("*.pt"))[-1], weights_only=False)
+    state = torch.load(sorted((out / "checkpoints").glob("*.pt"))[-1], weights_only=True)
     trained = Transformer(ModelConfig.from_hf(state["model_config"]))
     trained.load_state_dict(state["model"])
     exported = Transformer.from_pretrained(out / "model")
@@ -115,8 +115,8 @@ def test_sigkill_then_resume_is_bit_exact(corpus: Path, tmp_path: Path, routing:
     subprocess.run(_cli("--max-steps", steps, "--routing", routing, "--resume", out=killed,
                         cache=cache, corpus=corpus), check=True, timeout=300)
     assert _losses(killed) == _losses(ref)  # bit for bit, every logged step
-    a = torch.load(sorted((ref / "checkpoints").glob("*.pt"))[-1], weights_only=False)
-    b = torch.load(sorted((killed / "checkpoints").glob("*.pt"))[-1], weights_only=False)
+    a = torch.load(sorted((ref / "checkpoints").glob("*.pt"))[-1], weights_only=True)
+    b = torch.load(sorted((killed / "checkpoints").glob("*.pt"))[-1], weights_only=True)
     for key, value in a["model"].items():
         assert torch.equal(value, b["model"][key]), key
 
@@ -135,7 +135,7 @@ def test_sigint_saves_and_exits_cleanly(corpus: Path, tmp_path: Path) -> None:
     assert proc.returncode == 0
     saved = sorted((out / "checkpoints").glob("*.pt"))
     assert saved, "SIGINT must leave a checkpoint"
-    step = torch.load(saved[-1], weights_only=False)["step"]
+    step = torch.load(saved[-1], weights_only=True)["step"]
     assert step >= 1 and _losses(out)[-1][0] <= step
 
 
@@ -228,3 +228,48 @@ def test_nproc_expert_parallel_run_matches_one_process(corpus: Path, tmp_path: P
     reference = Transformer.from_pretrained(single / "model")
     for (name, p), (_, q) in zip(exported.state_dict().items(), reference.state_dict().items()):
         torch.testing.assert_close(p, q, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_resume_of_a_finished_run_reexports_and_reports(corpus: Path, tmp_path: Path) -> None:
+    """`make demo` twice: --resume on a finished run (or one killed during its export)
+    trains nothing, re-exports the model, rewrites report.md with the run's numbers."""
+    cfg = _cfg(corpus, tmp_path / "run", tmp_path / "cache")
+    first = loop.train(cfg, quiet=True)
+    out = Path(cfg.out)
+    report = (out / "report.md").read_text()
+    again = loop.train(cfg, resume=True, quiet=True)
+    assert again.status == "finished" and again.step == 6
+    assert (again.train_loss, again.val_loss) == (first.train_loss, first.val_loss)
+    assert (out / "report.md").read_text().split("- throughput")[0] == \
+        report.split("- throughput")[0]
+    import shutil
+    shutil.rmtree(out / "model")  # as if killed during the final export
+    (out / "report.md").unlink()
+    loop.train(cfg, resume=True, quiet=True)
+    assert (out / "model" / "model.safetensors").exists() and (out / "report.md").exists()
+
+
+class _Payload:
+    """Unpickling this creates ``marker``: what a crafted checkpoint could run instead."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_a_crafted_checkpoint_runs_no_code(corpus: Path, tmp_path: Path, capsys) -> None:
+    cfg = _cfg(corpus, tmp_path / "run", tmp_path / "cache")
+    loop.train(cfg, quiet=True)
+    marker = tmp_path / "pwned"
+    folder = Path(cfg.out) / "checkpoints"
+    torch.save({"step": 9, "model": _Payload(marker)}, folder / "step_00000009.pt")
+    result = loop.train(cfg, resume=True, quiet=True)  # falls back to step 6
+    assert result.step == 6 and not marker.exists()
+    assert "step_00000009.pt" in capsys.readouterr().err
+    for path in folder.glob("step_*.pt"):
+        torch.save(_Payload(marker), path)
+    with pytest.raises(ValueError, match="refusing to restart"):
+        loop.train(cfg, resume=True, quiet=True)
+    assert not marker.exists()

@@ -282,9 +282,6 @@ def train(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False,
                 if step % cfg.eval_every == 0 or step == cfg.max_steps:
                     record["val_loss"] = evaluate(
                         model, val_sampler.eval_batches(cfg.eval_batches), autocast)
-                    result.val_loss = record["val_loss"]
-                result.train_loss, result.tokens_per_s = (record["train_loss"],
-                                                          record["tokens_per_s"])
                 if main:
                     log.write(record)
                 interval = _Interval(n_moe, model_cfg.n_routed_experts or 0)
@@ -298,7 +295,11 @@ def train(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False,
                 result.status = "interrupted"
                 break
     result.step = step
+    _fill_from_log(result, log.read())
     if result.status == "finished":
+        if result.val_loss is None:  # e.g. resumed past a lowered --max-steps
+            result.val_loss = evaluate(model, val_sampler.eval_batches(cfg.eval_batches),
+                                       autocast)
         single = ddist.gather_model(model) if ddist.is_distributed() else model
         if main:
             _finish(single, tokenizer, cfg, out, result, quiet)
@@ -342,10 +343,20 @@ def _train_step(forward: torch.nn.Module, optimizer: torch.optim.Optimizer,
     return loss, aux, losses, dropped_sum / cfg.grad_accum, load
 
 
+def _fill_from_log(result: TrainResult, records: list[dict[str, Any]]) -> None:
+    """The final numbers come from metrics.jsonl, which covers the whole run: a resumed run
+    (even one resumed after it finished, which trains no step) reports what its steps did."""
+    for record in records:
+        if "train_loss" in record:
+            result.train_loss, result.tokens_per_s = record["train_loss"], record["tokens_per_s"]
+        if "val_loss" in record:
+            result.val_loss = record["val_loss"]
+
+
 def _finish(model: Transformer, tokenizer: Tokenizer, cfg: TrainConfig, out: Path,
             result: TrainResult, quiet: bool) -> None:
     """Export the HF model, print samples, write report.md with plots."""
-    from dsmoe.train.report import write_report
+    from dsmoe.train.report import fmt, write_report
 
     model.eval()
     model.save_pretrained(out / "model", tokenizer_dir=out / "tokenizer")
@@ -355,9 +366,9 @@ def _finish(model: Transformer, tokenizer: Tokenizer, cfg: TrainConfig, out: Pat
         result.samples.append(prompt + tokenizer.decode(new[0].tolist()))
     write_report(out, cfg, result)
     if not quiet:
-        print(f"final: train loss {result.train_loss:.3f}, val loss {result.val_loss:.3f} nats/token "
-              f"(unigram entropy of the data: {result.unigram_entropy:.3f}), "
-              f"{result.tokens_per_s:.0f} tokens/s")
+        print(f"final: train loss {fmt(result.train_loss, '.3f')}, val loss "
+              f"{fmt(result.val_loss, '.3f')} nats/token (unigram entropy of the data: "
+              f"{fmt(result.unigram_entropy, '.3f')}), {fmt(result.tokens_per_s, '.0f')} tokens/s")
         for sample in result.samples:
             print("--- sample ---\n" + sample)
         print(f"model exported to {out / 'model'}; report: {out / 'report.md'}")

@@ -22,16 +22,22 @@ def plot_loss(records: list[dict], path: Path, title: str) -> None:
     plot_curves(curves, path, title=title, xlabel="step", ylabel="cross-entropy (nats/token)")
 
 
+def fmt(value: float | None, spec: str) -> str:
+    """A number of the report, or "n/a" when the run has none (e.g. its log was deleted)."""
+    return "n/a" if value is None else format(value, spec)
+
+
 def write_report(out: Path, cfg: "TrainConfig", result: "TrainResult") -> None:
     records = MetricsLog(out / "metrics.jsonl").read()
     routing = "dense" if cfg.dense else cfg.routing
     lines = [f"# Training report: {out.name}", "",
              f"- preset `{cfg.preset}`, routing `{routing}`, {result.step} steps of "
              f"{cfg.batch_size}x{cfg.seq_len} tokens (grad accumulation {cfg.grad_accum})",
-             f"- final train loss **{result.train_loss:.4f}**, validation loss "
-             f"**{result.val_loss:.4f}** nats/token",
-             f"- unigram entropy of the validation data: {result.unigram_entropy:.4f} nats/token",
-             f"- throughput: {result.tokens_per_s:.0f} tokens/s", ""]
+             f"- final train loss **{fmt(result.train_loss, '.4f')}**, validation loss "
+             f"**{fmt(result.val_loss, '.4f')}** nats/token",
+             f"- unigram entropy of the validation data: "
+             f"{fmt(result.unigram_entropy, '.4f')} nats/token",
+             f"- throughput: {fmt(result.tokens_per_s, '.0f')} tokens/s", ""]
     if records:
         plot_loss(records, out / "plots" / "loss.png", f"{cfg.preset} / {routing}")
         lines += ["![loss](plots/loss.png)", ""]
