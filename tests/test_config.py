@@ -67,7 +67,9 @@ def test_deepseek_v2_transformers_dict() -> None:
     assert (cfg.moe_intermediate_size, cfg.n_shared_experts) == (32, 2)
     for key in ("kv_lora_rank", "q_lora_rank", "qk_rope_head_dim", "v_head_dim",
                 "qk_nope_head_dim"):
-        assert cfg.extra[key] == hf[key], f"MLA key {key} must be kept"
+        assert getattr(cfg, key) == hf[key], f"MLA key {key} must be read"
+        assert cfg.to_hf()[key] == hf[key], f"MLA key {key} must be written back"
+    assert cfg.attention_type == "mla"
     assert cfg.unknown_keys == ()
     assert cfg.to_hf()["kv_lora_rank"] == hf["kv_lora_rank"]
 
@@ -97,9 +99,9 @@ def test_deepseek_v3_transformers_dict(norm: bool) -> None:
     assert (cfg.n_group, cfg.topk_group, cfg.num_experts_per_tok) == (8, 3, 4)
     assert cfg.routed_scaling_factor == 2.5 and cfg.norm_topk_prob is norm
     assert cfg.uses_bias_balancing
-    for key in ("kv_lora_rank", "q_lora_rank", "qk_rope_head_dim", "rope_interleave",
-                "num_nextn_predict_layers"):
-        assert key in cfg.extra, f"V3 key {key} must be kept in extra"
+    for key in ("kv_lora_rank", "q_lora_rank", "qk_rope_head_dim", "num_nextn_predict_layers"):
+        assert getattr(cfg, key) == hf[key], f"V3 key {key} must be read"
+    assert "rope_interleave" in cfg.extra
     assert cfg.unknown_keys == ()
     assert cfg.rope_theta == hf["rope_parameters"]["rope_theta"]
 

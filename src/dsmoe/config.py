@@ -8,6 +8,12 @@ Design choices:
   HF dicts only when set, so V1 checkpoints stay byte-for-byte V1.
 - Validation happens once, in ``__post_init__``; every error names the key, its value
   and the fix. Unknown keys from HF dicts are kept in ``extra`` and reported, never lost.
+- The attention kind is derived, not a flag: ``kv_lora_rank`` set means Multi-head Latent
+  Attention (DeepSeek-V2/V3, ``model_type`` "deepseek_v2"/"deepseek_v3"), unset means V1's
+  multi-head attention. Dicts of those model types get transformers' defaults for missing
+  MLA keys, and ``to_hf`` always writes the keys transformers' V2/V3 configs default
+  differently from dsmoe (``q_lora_rank`` null, ``n_group`` ...), so what dsmoe saves loads
+  the same in transformers.
 """
 
 from __future__ import annotations
@@ -24,8 +30,9 @@ from typing import Any, Mapping
 SCORING_FUNCS = ("softmax", "sigmoid")
 TOPK_METHODS = ("greedy", "group_limited_greedy", "device_limited", "noaux_tc")
 HIDDEN_ACTS = ("silu", "gelu", "relu")
-# "yarn": DeepSeek-V2/V3 checkpoints ship it; accepted so their configs load (kept as read).
+# "yarn": DeepSeek-V2/V3 checkpoints ship it (frequencies and softmax scale in model/rope.py).
 ROPE_SCALING_TYPES = ("linear", "dynamic", "yarn")
+ATTENTION_TYPES = ("mha", "mla")
 
 # Keys of the real deepseek-moe-16b config.json: always written by ``to_hf``.
 _CORE_HF_KEYS = (
@@ -42,15 +49,22 @@ _CORE_HF_KEYS = (
 # Keys that DeepSeek-V2/V3 and transformers write but dsmoe does not use (MLA attention,
 # multi-token prediction, generic PretrainedConfig fields): kept in ``extra`` silently.
 _KNOWN_UNUSED_KEYS = frozenset({
-    "kv_lora_rank", "q_lora_rank", "qk_rope_head_dim", "v_head_dim", "qk_nope_head_dim",
-    "qk_head_dim", "head_dim", "rope_interleave", "num_nextn_predict_layers",
-    "num_mtp_layers", "ep_size", "mlp_bias", "output_router_logits", "id2label",
+    "qk_head_dim", "head_dim", "rope_interleave", "num_mtp_layers", "quantization_config", "ep_size", "mlp_bias", "output_router_logits", "id2label",
     "label2id", "return_dict", "output_hidden_states", "output_attentions", "dtype",
     "chunk_size_feed_forward", "is_encoder_decoder", "problem_type", "_name_or_path",
     "tokenizer_class", "num_experts", "num_local_experts", "router_aux_loss_coef",
 })
 
 DEEPSEEK_MODEL_TYPES = ("deepseek", "deepseek_v2", "deepseek_v3")
+MLA_MODEL_TYPES = ("deepseek_v2", "deepseek_v3")
+
+# transformers' DeepseekV2Config / DeepseekV3Config defaults for MLA keys a dict leaves out.
+_MLA_DEFAULTS = dict(q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128,
+                     qk_rope_head_dim=64, v_head_dim=128)
+# Written by ``to_hf`` for every V2/V3 config: transformers' defaults for them differ from
+# dsmoe's (V3: n_group 8, routed_scaling_factor 2.5, one MTP layer; V2: q_lora_rank 1536).
+_V2_V3_HF_KEYS = (*_MLA_DEFAULTS, "n_group", "topk_group", "topk_method",
+                  "routed_scaling_factor", "num_nextn_predict_layers")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -88,6 +102,13 @@ class ModelConfig:
     rope_scaling: dict[str, Any] | None = None
     attention_bias: bool = False
     attention_dropout: float = 0.0
+    # --- DeepSeek-V2/V3 Multi-head Latent Attention (kv_lora_rank None: V1's MHA) -------
+    q_lora_rank: int | None = None  # None: a full q_proj (V2-Lite); else q_a -> norm -> q_b
+    kv_lora_rank: int | None = None  # C: the latent each token caches (plus its rope key)
+    qk_nope_head_dim: int | None = None  # per-head query/key part without position
+    qk_rope_head_dim: int | None = None  # per-head query part, and the shared key, with RoPE
+    v_head_dim: int | None = None
+    num_nextn_predict_layers: int = 0  # V3's multi-token-prediction layers (not run here)
     # --- HF bookkeeping keys ---------------------------------------------------------
     model_type: str = "deepseek"
     architectures: tuple[str, ...] = ("DeepseekForCausalLM",)
@@ -120,6 +141,16 @@ class ModelConfig:
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
+
+    @property
+    def attention_type(self) -> str:
+        """"mla" (DeepSeek-V2/V3 latent attention) or "mha" (V1), a key of ATTENTION_TYPES."""
+        return "mla" if self.kv_lora_rank is not None else "mha"
+
+    @property
+    def rope_head_dim(self) -> int:
+        """Dimensions RoPE rotates per head: MLA's decoupled ``qk_rope_head_dim``, else all."""
+        return self.qk_rope_head_dim if self.attention_type == "mla" else self.head_dim
 
     @property
     def group_size(self) -> int:
@@ -187,8 +218,8 @@ class ModelConfig:
     def from_hf(cls, hf: Mapping[str, Any], *, warn_unknown: bool = True) -> "ModelConfig":
         """Read an HF config dict of DeepSeek V1 (``deepseek``), V2 or V3.
 
-        V2/V3 dicts contribute their MoE part; their MLA attention keys are kept in
-        ``extra`` unused. Keys dsmoe does not know are kept too and reported.
+        V2/V3 dicts get transformers' defaults for the MLA keys they leave out. Keys dsmoe
+        does not know are kept in ``extra`` and reported.
         """
         if not isinstance(hf, Mapping):
             raise ValueError(f"from_hf expects a dict, got {type(hf).__name__}")
@@ -210,7 +241,11 @@ class ModelConfig:
                 hf["rope_scaling"] = {"type": rope_type, "factor": 1.0, **{
                     k: v for k, v in rope_parameters.items()
                     if k not in ("rope_type", "type", "rope_theta")}}
+        if model_type in MLA_MODEL_TYPES:
+            for key, default in _MLA_DEFAULTS.items():
+                hf.setdefault(key, default)
         if model_type == "deepseek_v3":
+            hf.setdefault("num_nextn_predict_layers", 1)  # transformers' V3 default
             hf.setdefault("scoring_func", "sigmoid")
             hf.setdefault("topk_method", "noaux_tc")
         for key in ("n_group", "topk_group"):  # transformers writes None for "no groups"
@@ -236,12 +271,13 @@ class ModelConfig:
         """The HF config dict: the 16B keys, every key the source spelled out, every
         non-default routing key, and the unknown keys kept from ``from_hf``."""
         out: dict[str, Any] = {}
+        always = _CORE_HF_KEYS + (_V2_V3_HF_KEYS if self.model_type in MLA_MODEL_TYPES else ())
         for f in dataclasses.fields(self):
             if f.name in ("extra", "hf_keys"):
                 continue
             value = getattr(self, f.name)
             default = f.default if f.default is not dataclasses.MISSING else None
-            if f.name in _CORE_HF_KEYS or f.name in self.hf_keys or value != default:
+            if f.name in always or f.name in self.hf_keys or value != default:
                 out[f.name] = list(value) if isinstance(value, tuple) else copy.deepcopy(value)
         out.update(copy.deepcopy(self.extra))
         return dict(sorted(out.items()))
@@ -272,14 +308,7 @@ def _validate(c: ModelConfig) -> None:
         value = getattr(c, key)
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             _fail(key, value, "must be a positive integer")
-    if c.hidden_size % c.num_attention_heads:
-        _fail("num_attention_heads", c.num_attention_heads,
-              f"must divide hidden_size={c.hidden_size}")
-    if c.num_attention_heads % c.num_key_value_heads:
-        _fail("num_key_value_heads", c.num_key_value_heads,
-              f"must divide num_attention_heads={c.num_attention_heads}")
-    if c.head_dim % 2:
-        _fail("hidden_size", c.hidden_size, f"head_dim={c.head_dim} must be even for RoPE")
+    _validate_attention(c)
     if not 0 <= c.first_k_dense_replace <= c.num_hidden_layers:
         _fail("first_k_dense_replace", c.first_k_dense_replace,
               f"must lie in [0, num_hidden_layers={c.num_hidden_layers}]")
@@ -309,6 +338,43 @@ def _validate(c: ModelConfig) -> None:
     _validate_moe(c)
 
 
+def _validate_attention(c: ModelConfig) -> None:
+    if c.num_attention_heads % c.num_key_value_heads:
+        _fail("num_key_value_heads", c.num_key_value_heads,
+              f"must divide num_attention_heads={c.num_attention_heads}")
+    if not isinstance(c.num_nextn_predict_layers, int) or c.num_nextn_predict_layers < 0:
+        _fail("num_nextn_predict_layers", c.num_nextn_predict_layers, "must be an integer >= 0")
+    if c.attention_type == "mla":
+        _validate_mla(c)
+        return
+    if c.model_type in MLA_MODEL_TYPES:
+        _fail("kv_lora_rank", c.kv_lora_rank, f"model_type {c.model_type!r} uses Multi-head "
+              "Latent Attention: set kv_lora_rank (and the other MLA sizes)")
+    if c.hidden_size % c.num_attention_heads:
+        _fail("num_attention_heads", c.num_attention_heads,
+              f"must divide hidden_size={c.hidden_size}")
+    if c.head_dim % 2:
+        _fail("hidden_size", c.hidden_size, f"head_dim={c.head_dim} must be even for RoPE")
+
+
+def _validate_mla(c: ModelConfig) -> None:
+    for key in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
+        value = getattr(c, key)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            _fail(key, value, "must be a positive integer for Multi-head Latent Attention")
+    q = c.q_lora_rank
+    if q is not None and (not isinstance(q, int) or isinstance(q, bool) or q < 1):
+        _fail("q_lora_rank", q, "must be a positive integer, or null for a full q_proj")
+    if c.qk_rope_head_dim % 2:
+        _fail("qk_rope_head_dim", c.qk_rope_head_dim, "must be even for RoPE")
+    if c.model_type not in MLA_MODEL_TYPES:
+        _fail("model_type", c.model_type, "Multi-head Latent Attention (kv_lora_rank="
+              f"{c.kv_lora_rank}) needs model_type 'deepseek_v2' or 'deepseek_v3'")
+    if c.num_key_value_heads != c.num_attention_heads:
+        _fail("num_key_value_heads", c.num_key_value_heads, "MLA gives every head its own "
+              f"key and value: must equal num_attention_heads={c.num_attention_heads}")
+
+
 def _validate_rope_scaling(scaling: Any) -> None:
     if scaling is None:
         return
@@ -320,6 +386,16 @@ def _validate_rope_scaling(scaling: Any) -> None:
     factor = scaling.get("factor")
     if not isinstance(factor, (int, float)) or not factor >= 1:
         _fail("rope_scaling", scaling, "factor must be a number >= 1")
+    if kind == "yarn":
+        original = scaling.get("original_max_position_embeddings")
+        if not isinstance(original, int) or isinstance(original, bool) or original < 1:
+            _fail("rope_scaling", scaling, "yarn needs original_max_position_embeddings, "
+                  "a positive integer (the pretraining context, e.g. 4096)")
+        for key in ("beta_fast", "beta_slow", "mscale", "mscale_all_dim"):
+            value = scaling.get(key, 1)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0 \
+                    or not math.isfinite(value):
+                _fail("rope_scaling", scaling, f"yarn's {key} must be a finite number >= 0")
 
 
 def _validate_moe(c: ModelConfig) -> None:

@@ -2,10 +2,11 @@
 
 from dsmoe.model.attention import Attention
 from dsmoe.model.block import Block
-from dsmoe.model.cache import KVCache
+from dsmoe.model.cache import KVCache, LatentCache
+from dsmoe.model.mla import MultiHeadLatentAttention
 from dsmoe.model.norm import RMSNorm
 from dsmoe.model.rope import RotaryEmbedding
 from dsmoe.model.transformer import ModelOutput, Transformer
 
-__all__ = ["Attention", "Block", "KVCache", "ModelOutput", "RMSNorm", "RotaryEmbedding",
-           "Transformer"]
+__all__ = ["Attention", "Block", "KVCache", "LatentCache", "ModelOutput",
+           "MultiHeadLatentAttention", "RMSNorm", "RotaryEmbedding", "Transformer"]

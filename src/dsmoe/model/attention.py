@@ -1,4 +1,10 @@
-"""Multi-head / grouped-query self-attention with RoPE (DeepSeek V1, Llama).
+"""Self-attention: the registry of kinds (``ATTENTION``, keyed by
+``config.attention_type``) and V1's multi-head / grouped-query attention with RoPE.
+
+Each kind is a module ``(config, layer_idx)`` with ``forward(x, cos, sin, mask, cache)``
+and a ``new_cache`` classmethod building the cache it decodes with; the model picks one by
+the config and never asks which it got. "mha": ``Attention`` below (DeepSeek V1, Llama);
+"mla": ``MultiHeadLatentAttention`` (DeepSeek-V2/V3, ``dsmoe.model.mla``).
 
 forward(x):
   1. project to queries [B, H, S, d] and keys/values [B, Hkv, S, d] (optional biases)
@@ -23,6 +29,7 @@ from dsmoe.config import ModelConfig
 from dsmoe.linear import Linear
 from dsmoe.model.cache import KVCache
 from dsmoe.model.mask import AttentionMask
+from dsmoe.model.mla import MultiHeadLatentAttention
 from dsmoe.model.rope import apply_rotary
 
 
@@ -38,6 +45,12 @@ class Attention(nn.Module):
         self.v_proj = Linear(D, self.num_kv_heads * d, bias=bias)  # [Hkv*d, D]
         self.o_proj = Linear(self.num_heads * d, D, bias=bias)  # [D, H*d]
         self.dropout = config.attention_dropout
+
+    @classmethod
+    def new_cache(cls, config: ModelConfig, batch_size: int, max_seq_len: int, *,
+                  dtype: torch.dtype, device: torch.device | str | None) -> KVCache:
+        return KVCache(config.num_hidden_layers, batch_size, config.num_key_value_heads,
+                       max_seq_len, config.head_dim, dtype=dtype, device=device)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 mask: AttentionMask, cache: KVCache | None = None) -> torch.Tensor:
@@ -55,3 +68,11 @@ class Attention(nn.Module):
             enable_gqa=self.num_kv_heads != self.num_heads,
         )  # [B, H, S, d]
         return self.o_proj(out.transpose(1, 2).reshape(B, S, self.num_heads * d))
+
+
+ATTENTION: dict[str, type[nn.Module]] = {"mha": Attention, "mla": MultiHeadLatentAttention}
+
+
+def attention_class(config: ModelConfig) -> type[nn.Module]:
+    """The attention module class ``config`` asks for."""
+    return ATTENTION[config.attention_type]

@@ -1,5 +1,6 @@
 """One decoder layer: x + Attention(RMSNorm x), then x + FFN(RMSNorm x).
 
+The attention is the kind the config names (MHA for V1, MLA for V2/V3; ``model.attention``).
 The FFN is a dense SwiGLU MLP (``intermediate_size``) where ``config.is_moe_layer(i)`` is
 false (the first ``first_k_dense_replace`` layers, and off-``moe_layer_freq`` layers), and a
 ``MoELayer`` otherwise. Names follow HF: ``input_layernorm``, ``self_attn``,
@@ -15,8 +16,8 @@ from torch import nn
 
 from dsmoe.config import ModelConfig
 from dsmoe.mlp import SwiGLUMLP
-from dsmoe.model.attention import Attention
-from dsmoe.model.cache import KVCache
+from dsmoe.model.attention import attention_class
+from dsmoe.model.cache import KVCache, LatentCache
 from dsmoe.model.mask import AttentionMask
 from dsmoe.model.norm import RMSNorm
 from dsmoe.moe.layer import MoELayer, MoEOutput
@@ -28,7 +29,7 @@ class Block(nn.Module):
         D = config.hidden_size
         self.layer_idx = layer_idx
         self.input_layernorm = RMSNorm(D, config.rms_norm_eps)
-        self.self_attn = Attention(config, layer_idx)
+        self.self_attn = attention_class(config)(config, layer_idx)
         self.post_attention_layernorm = RMSNorm(D, config.rms_norm_eps)
         self.mlp: nn.Module
         if config.is_moe_layer(layer_idx):
@@ -42,7 +43,7 @@ class Block(nn.Module):
         return isinstance(self.mlp, MoELayer)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                mask: AttentionMask, cache: KVCache | None = None
+                mask: AttentionMask, cache: KVCache | LatentCache | None = None
                 ) -> tuple[torch.Tensor, MoEOutput | None]:
         """x [B, S, D] -> ([B, S, D], the MoE layer's output or None for a dense FFN)."""
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)

@@ -1,4 +1,5 @@
-"""Rotary position embeddings (RoPE) with DeepSeek V1's scaling variants.
+"""Rotary position embeddings (RoPE) with DeepSeek's scaling variants (V1's linear and
+dynamic NTK, V2/V3's YaRN).
 
 Design choices:
 - Layout is "rotate half": dimension i pairs with i + d/2 (not interleaved), the layout
@@ -11,6 +12,17 @@ Design choices:
     dynamic  NTK-aware: once the sequence is longer than max_position_embeddings (L0),
              the base grows to theta * (factor * L / L0 - (factor - 1)) ** (d / (d - 2))
              for the current length L; at L <= L0 it is plain RoPE.
+    yarn     YaRN (DeepSeek-V2/V3): frequencies whose wavelength fits in the pretraining
+             context (``original_max_position_embeddings``) are kept, long ones divided by
+             ``factor``, a linear ramp between (``beta_fast``/``beta_slow`` rotations).
+- YaRN also rescales attention: cos/sin are multiplied by ``attention_factor`` (m(mscale) /
+  m(mscale_all_dim), m(s) = 0.1 s ln(factor) + 1), and MLA multiplies its softmax scale by
+  m(mscale_all_dim)^2 (``softmax_scale``), as DeepSeek's and transformers' code do. For the
+  real configs (mscale == mscale_all_dim) only the softmax factor is not 1.
+- Two rotation layouts: "rotate half" (V1, above) and "interleaved" pairs (2i, 2i+1),
+  the layout of MLA's rope dimensions in V2/V3 checkpoints. The interleaved rotation
+  writes its output in the half layout; queries and keys are rotated alike, so their
+  dot products are those of the interleaved layout.
 - NOTE (dynamic): L is the total length seen by attention (cached + new tokens), like
   DeepSeek V1's ``kv_seq_len``; it is recomputed on every forward instead of being cached,
   so the result depends only on the inputs. As in the reference code, keys already in a KV
@@ -23,6 +35,7 @@ Shapes: B batch, S sequence, d head dim.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, Mapping
 
 import torch
@@ -57,8 +70,52 @@ def _dynamic_ntk(dim: int, theta: float, scaling: Mapping[str, Any], seq_len: in
     return default_inv_freq(dim, base)
 
 
+def _yarn(dim: int, theta: float, scaling: Mapping[str, Any], seq_len: int,
+          max_positions: int) -> torch.Tensor:
+    factor = float(scaling["factor"])
+    original = int(scaling["original_max_position_embeddings"])
+    beta_fast, beta_slow = scaling.get("beta_fast") or 32, scaling.get("beta_slow") or 1
+
+    def dim_of(rotations: float) -> float:  # the dimension that turns `rotations` times
+        return dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+    low = max(math.floor(dim_of(beta_fast)), 0)
+    high = min(math.ceil(dim_of(beta_slow)), dim - 1)
+    if low == high:
+        high += 0.001  # the ramp needs a non-empty interval
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    kept = default_inv_freq(dim, theta)  # [d/2] high frequencies: extrapolated
+    return kept / factor * ramp + kept * (1 - ramp)
+
+
+def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    """YaRN's attention temperature m = 0.1 * mscale * ln(factor) + 1 (1 for factor <= 1)."""
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+def attention_factor(rope_scaling: Mapping[str, Any] | None) -> float:
+    """The factor YaRN puts on cos/sin (1 for every other variant)."""
+    if scaling_type(rope_scaling) != "yarn":
+        return 1.0
+    if rope_scaling.get("attention_factor") is not None:
+        return float(rope_scaling["attention_factor"])
+    factor = float(rope_scaling["factor"])
+    mscale, mscale_all = rope_scaling.get("mscale"), rope_scaling.get("mscale_all_dim")
+    if mscale and mscale_all:
+        return yarn_mscale(factor, mscale) / yarn_mscale(factor, mscale_all)
+    return yarn_mscale(factor)
+
+
+def softmax_scale(head_dim: int, rope_scaling: Mapping[str, Any] | None) -> float:
+    """MLA's softmax scale: 1/sqrt(head_dim), times m(mscale_all_dim)^2 under YaRN."""
+    scale = head_dim ** -0.5
+    if scaling_type(rope_scaling) == "yarn" and rope_scaling.get("mscale_all_dim"):
+        scale *= yarn_mscale(float(rope_scaling["factor"]), rope_scaling["mscale_all_dim"]) ** 2
+    return scale
+
+
 ROPE_SCALING: dict[str, InvFreqFn] = {"default": _plain, "linear": _linear,
-                                      "dynamic": _dynamic_ntk}
+                                      "dynamic": _dynamic_ntk, "yarn": _yarn}
 # Variants whose frequencies depend on the sequence length (recomputed per forward).
 _LENGTH_DEPENDENT = frozenset({"dynamic"})
 
@@ -86,6 +143,20 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return x * cos + rotate_half(x) * sin
 
 
+def apply_rotary_interleaved(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+                             ) -> torch.Tensor:
+    """Rotate ``x [B, H, S, d]`` whose pairs are (2i, 2i+1); returns the rotated pairs in
+    the half layout (first elements, then second elements)."""
+    half = cos.shape[-1] // 2
+    cos, sin = cos[..., :half].unsqueeze(1), sin[..., :half].unsqueeze(1)  # [B, 1, S, d/2]
+    x1, x2 = x[..., 0::2], x[..., 1::2]  # [B, H, S, d/2] each
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+# Rotation layouts by name: MLA checkpoints may say ``rope_interleave: false`` (V3 configs).
+ROTARY_LAYOUTS = {"half": apply_rotary, "interleaved": apply_rotary_interleaved}
+
+
 class RotaryEmbedding(nn.Module):
     """cos/sin tables for given positions; ``forward(position_ids, seq_len, dtype)``."""
 
@@ -97,6 +168,7 @@ class RotaryEmbedding(nn.Module):
         self.scaling = dict(rope_scaling or {})
         self.kind = scaling_type(rope_scaling)
         self.inv_freq_fn = ROPE_SCALING[self.kind]
+        self.attention_factor = attention_factor(rope_scaling)
         # Frequencies for sequences up to max_position_embeddings; not checkpointed.
         self.register_buffer("inv_freq", torch.empty(head_dim // 2), persistent=False)
         self.reset_buffers()
@@ -127,6 +199,9 @@ class RotaryEmbedding(nn.Module):
             inv_freq = self._inv_freq(seq_len).to(position_ids.device)
         freqs = position_ids.float().unsqueeze(-1) * inv_freq  # [B, S, d/2]
         angles = torch.cat((freqs, freqs), dim=-1)  # [B, S, d]
+        if self.attention_factor != 1.0:
+            f = self.attention_factor
+            return (angles.cos() * f).to(dtype), (angles.sin() * f).to(dtype)
         return angles.cos().to(dtype), angles.sin().to(dtype)
 
     def extra_repr(self) -> str:

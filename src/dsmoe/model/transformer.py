@@ -32,8 +32,9 @@ from torch import nn
 
 from dsmoe.config import ModelConfig
 from dsmoe.linear import Linear
+from dsmoe.model.attention import attention_class
 from dsmoe.model.block import Block
-from dsmoe.model.cache import KVCache
+from dsmoe.model.cache import KVCache, LatentCache
 from dsmoe.model.mask import build_attention_mask
 from dsmoe.model.norm import RMSNorm
 from dsmoe.model.rope import RotaryEmbedding
@@ -49,7 +50,7 @@ class ModelOutput:
 
 
 class Transformer(nn.Module):
-    """DeepSeekMoE (V1 attention, V1/V2/V3 routing) as a causal LM.
+    """DeepSeekMoE (V1's MHA or V2/V3's MLA attention, V1/V2/V3 routing) as a causal LM.
 
     forward(input_ids):
       1. positions: given, or counted from ``attention_mask``/the cache offset
@@ -68,7 +69,7 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(D, config.rms_norm_eps)
         self.lm_head = Linear(D, V, bias=False)  # [V, D]
-        self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta,
+        self.rotary = RotaryEmbedding(config.rope_head_dim, config.rope_theta,
                                       config.max_position_embeddings, config.rope_scaling)
         self.tie_weights()
         if not self.embed_tokens.weight.is_meta:  # on meta there are no values to give
@@ -114,7 +115,8 @@ class Transformer(nn.Module):
 
     # --- forward --------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, *, position_ids: torch.Tensor | None = None,
-                attention_mask: torch.Tensor | None = None, cache: KVCache | None = None,
+                attention_mask: torch.Tensor | None = None,
+                cache: KVCache | LatentCache | None = None,
                 return_routing: bool = False, logits_to_keep: int | None = None
                 ) -> ModelOutput:
         """input_ids [B, S]; attention_mask [B, P + S] (1 = token, 0 = padding; left padding
@@ -172,7 +174,8 @@ class Transformer(nn.Module):
         return aux, losses
 
     def _check_inputs(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None,
-                      attention_mask: torch.Tensor | None, cache: KVCache | None
+                      attention_mask: torch.Tensor | None,
+                      cache: KVCache | LatentCache | None
                       ) -> tuple[int, int]:
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 \
                 or input_ids.is_floating_point() or input_ids.dtype == torch.bool:
@@ -199,12 +202,14 @@ class Transformer(nn.Module):
 
     # --- KV cache -----------------------------------------------------------------------
     def new_cache(self, batch_size: int, max_seq_len: int, *, dtype: torch.dtype | None = None,
-                  device: torch.device | str | None = None) -> KVCache:
-        """A preallocated cache [L, B, Hkv, max_seq_len, d] in the model's dtype and device."""
+                  device: torch.device | str | None = None) -> KVCache | LatentCache:
+        """A preallocated cache for ``max_seq_len`` positions in the model's dtype and device:
+        per-head keys and values [L, B, Hkv, S_max, d] for MHA, latents [L, B, S_max, C + r]
+        for MLA (the attention kind's ``new_cache``)."""
         ref = self.embed_tokens.weight
-        c = self.config
-        return KVCache(c.num_hidden_layers, batch_size, c.num_key_value_heads, max_seq_len,
-                       c.head_dim, dtype=dtype or ref.dtype, device=device or ref.device)
+        return attention_class(self.config).new_cache(
+            self.config, batch_size, max_seq_len, dtype=dtype or ref.dtype,
+            device=device or ref.device)
 
     # --- MoE helpers ----------------------------------------------------------------------
     def moe_layers(self) -> list[MoELayer]:
