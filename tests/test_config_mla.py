@@ -1,24 +1,22 @@
 """ModelConfig for DeepSeek-V2 / V3 (Multi-head Latent Attention): the real configs read
 and written back unchanged, transformers' dicts, and one-line errors for bad MLA keys.
 
-``tests/assets/deepseek-v2-lite`` and ``deepseek-v3`` hold the released config.json files.
+The released config.json files come from ``conftest.reference_file``.
 """
 
 from __future__ import annotations
 
 import json
 import warnings
-from pathlib import Path
 
 import pytest
+from conftest import reference_file
 
 from dsmoe import ModelConfig
 
-ASSETS = Path(__file__).parent / "assets"
-
 
 def _real(name: str) -> dict:
-    return json.loads((ASSETS / name / "config.json").read_text())
+    return json.loads(reference_file(name, "config.json").read_text())
 
 
 @pytest.mark.parametrize("name", ["deepseek-v2-lite", "deepseek-v3"])
