@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
 
+from dsmoe.decode import make_decoder
+
 if TYPE_CHECKING:
     from dsmoe.model import Transformer
 
@@ -93,12 +95,16 @@ def generate(model: "Transformer", input_ids: torch.Tensor | Sequence[Sequence[i
              top_p: float | None = None, repetition_penalty: float | None = None,
              stop: Sequence[Sequence[int]] | None = None, seed: int | None = None,
              attention_mask: torch.Tensor | None = None, eos_token_id: int | None = None,
-             streamer: Streamer | None = None) -> torch.Tensor:
+             streamer: Streamer | None = None, cuda_graph: bool | None = None,
+             compile: bool = False) -> torch.Tensor:
     """Generate up to ``max_new_tokens`` per row; returns the new ids [B, N].
 
     ``input_ids`` is [B, P] (left-padded, with ``attention_mask``) or a list of token lists.
     A row stops after EOS (``eos_token_id``, default the config's) or after any ``stop``
     token sequence; later positions of a stopped row hold the pad id.
+
+    ``cuda_graph``: decode by replaying one captured CUDA graph per step (``dsmoe.decode``);
+    None picks it on CUDA. ``compile``: also ``torch.compile`` that step.
     """
     _validate(max_new_tokens, temperature, top_k, top_p, repetition_penalty)
     cfg = model.config
@@ -133,16 +139,15 @@ def generate(model: "Transformer", input_ids: torch.Tensor | Sequence[Sequence[i
 
     was_training = model.training
     model.eval()
-    cache = model.new_cache(B, P + max_new_tokens, device=device)
+    decoder = make_decoder(model, B, P + max_new_tokens, cuda_graph=cuda_graph,
+                           compile=compile)
     positions = (mask.cumsum(dim=1) - 1).clamp_min(0)  # [B, P]
-    logits = model(input_ids, position_ids=positions, attention_mask=mask, cache=cache,
-                   logits_to_keep=1).logits
-    next_pos = positions[:, -1:] + 1  # [B, 1]
+    logits = decoder.prefill(input_ids, positions, mask)  # [B, V] fp32
     out = input_ids.new_full((B, max_new_tokens), pad)
     done = torch.zeros(B, dtype=torch.bool, device=device)
     try:
         for i in range(max_new_tokens):
-            step_logits = logits[:, -1].float()  # [B, V]
+            step_logits = logits  # [B, V]
             if seen is not None:
                 step_logits = apply_repetition_penalty(step_logits, seen, repetition_penalty)
             token = next_tokens(step_logits, temperature=temperature, top_k=top_k, top_p=top_p,
@@ -156,10 +161,7 @@ def generate(model: "Transformer", input_ids: torch.Tensor | Sequence[Sequence[i
             done |= newly_done
             if bool(done.all()) or stop_requested or i == max_new_tokens - 1:
                 return out[:, : i + 1]
-            mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)  # finished rows: ignored
-            logits = model(token.unsqueeze(1), position_ids=next_pos, attention_mask=mask,
-                           cache=cache, logits_to_keep=1).logits
-            next_pos = next_pos + 1
+            logits = decoder.step(token)  # finished rows decode on, ignored
     finally:
         model.train(was_training)
     return out

@@ -62,7 +62,12 @@ def fp32_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     native kernel widens a bf16 weight exactly as ``weight.float()`` would, without the
     per-call copy of the weight that casting costs in a decode step."""
     out = _native_rows(x, weight)
-    return F.linear(x.float(), weight.float()) if out is None else out
+    if out is not None:
+        return out
+    if torch.is_autocast_enabled(x.device.type):  # autocast would run it in bf16
+        with torch.autocast(x.device.type, enabled=False):
+            return F.linear(x.float(), weight.float())
+    return F.linear(x.float(), weight.float())
 
 
 class Linear(nn.Linear):

@@ -200,10 +200,12 @@ def float_blocks_matmul(x: torch.Tensor, weight: torch.Tensor, blocks: list[Bloc
     """``int8_blocks_matmul`` for a stack of fp32 or bf16 matrices ``weight [E, N, K]``
     (each contiguous): fp32 [P, N], zeros outside the blocks; None when the kernels are
     unavailable or cannot take these tensors."""
+    if (weight.device.type != "cpu" or x.device.type != "cpu"
+            or weight.dtype not in FLOAT_WEIGHT_DTYPES or weight.dim() != 3
+            or not weight.is_contiguous() or x.dim() != 2):
+        return None
     lib = library()
-    if (lib is None or weight.dtype not in FLOAT_WEIGHT_DTYPES or weight.dim() != 3
-            or not weight.is_contiguous() or weight.device.type != "cpu"
-            or x.device.type != "cpu" or x.dim() != 2):
+    if lib is None:
         return None
     E, N, K = weight.shape
     if x.shape[1] != K:

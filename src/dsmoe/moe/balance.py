@@ -18,8 +18,14 @@ import torch
 
 
 def expert_counts(topk_idx: torch.Tensor, n_experts: int) -> torch.Tensor:
-    """[..., K] expert ids -> [E] number of (token, expert) assignments per expert."""
-    return torch.bincount(topk_idx.reshape(-1), minlength=n_experts)
+    """[..., K] expert ids -> [E] number of (token, expert) assignments per expert.
+
+    A scatter-add, not ``torch.bincount``: CUDA's bincount reads the largest id on the host
+    to size its output, a device sync per MoE layer that also breaks CUDA-graph capture.
+    Integer adds are exact, so the counts are deterministic on every device."""
+    flat = topk_idx.reshape(-1)  # [A]
+    counts = torch.zeros(n_experts, dtype=torch.long, device=flat.device)  # [E]
+    return counts.scatter_add_(0, flat, torch.ones_like(flat, dtype=torch.long))
 
 
 def expert_balance_loss(probs: torch.Tensor, topk_idx: torch.Tensor, n_experts: int,

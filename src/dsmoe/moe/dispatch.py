@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsmoe.autograd import records_grad
+from dsmoe.moe.balance import expert_counts
 
 
 @dataclass
@@ -53,7 +54,7 @@ def plan_dispatch(topk_idx: torch.Tensor, n_experts: int, capacity: int | None =
     """
     T, K = topk_idx.shape
     flat = topk_idx.reshape(-1)  # [A]
-    routed = torch.bincount(flat, minlength=n_experts)  # [E]
+    routed = expert_counts(flat, n_experts)  # [E], no host sync (see expert_counts)
     if capacity is None or int(routed.max()) <= capacity:
         order = torch.argsort(flat, stable=True)
         return DispatchPlan(order, order // K, routed, routed, T * K, False)

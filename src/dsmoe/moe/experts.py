@@ -17,6 +17,11 @@ Design choices:
     tokens that pads ~6% of the rows and runs the expert GEMMs ~1.35x faster than the loop.
     Padded rows are zero in, so they add exactly zero to weight gradients, and they are
     ignored on the way out.
+  * ``gather``: each row multiplies its own expert's weight matrix, gathered by index
+    (``w[expert of row]``, one ``bmm``). It reads a matrix per row instead of per expert,
+    so it is for decode-sized batches only; but nothing in it depends on the counts on the
+    host, so a CUDA graph can replay it whatever the routing (``dsmoe.decode`` uses it
+    where ``torch._grouped_mm`` is unavailable).
   * ``loop``: one GEMM per non-empty expert into slices of one buffer; the test oracle.
 - The linear map has its own backward (``_ExpertLinear``): each expert's weight gradient is
   computed straight into the parameter's layout (``dy_e.T @ x_e``; output- or input-major).
@@ -53,7 +58,7 @@ from dsmoe.autograd import records_grad
 from dsmoe.linear import DECODE_MAX_ROWS
 from dsmoe.mlp import ACTIVATIONS
 
-KERNELS = ("batched", "grouped_mm", "loop")
+KERNELS = ("batched", "gather", "grouped_mm", "loop")
 
 Chunk = tuple[int, int, int, int]  # (first expert, end expert, rows per expert, first row)
 
@@ -176,6 +181,25 @@ def _grouped_mm_weight(a: torch.Tensor, b: torch.Tensor, counts: torch.Tensor) -
     return torch._grouped_mm(a.t(), b, offs=torch.cumsum(counts, 0, dtype=torch.int32))
 
 
+def _row_experts(counts: torch.Tensor, n_rows: int) -> torch.Tensor:
+    """The expert of every sorted row [A] (no host sync: the size is given)."""
+    experts = torch.arange(counts.shape[0], device=counts.device)  # [E]
+    return torch.repeat_interleave(experts, counts, output_size=n_rows)
+
+
+def _gather_mm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Sorted rows ``x [A, k]`` times their own expert's ``w[e] [k, n]`` -> [A, n]."""
+    w_rows = w.index_select(0, _row_experts(counts, x.shape[0]))  # [A, k, n]
+    return torch.bmm(x.unsqueeze(1), w_rows).squeeze(1)
+
+
+def _gather_mm_weight(a: torch.Tensor, b: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """``a_e.T @ b_e`` per expert as a sum of per-row outer products -> [E, n, k]."""
+    outer = a.unsqueeze(2) * b.unsqueeze(1)  # [A, n, k]
+    out = a.new_zeros(counts.shape[0], a.shape[1], b.shape[1])  # [E, n, k]
+    return out.index_add_(0, _row_experts(counts, a.shape[0]), outer)
+
+
 def _batched_mm(x: torch.Tensor, w: torch.Tensor, chunks: tuple[Chunk, ...]) -> torch.Tensor:
     """Padded rows ``x [P, k]`` times ``w[e] [k, n]`` -> [P, n], one bmm per chunk (the
     chunks tile the P rows exactly)."""
@@ -198,6 +222,12 @@ def _batched_mm_weight(a: torch.Tensor, b: torch.Tensor, chunks: tuple[Chunk, ..
         torch.bmm(a[start:stop].view(end - first, rows, -1).transpose(1, 2),
                   b[start:stop].view(end - first, rows, -1), out=out[first:end])
     return out
+
+
+# kernels on the sorted rows themselves (no padding): name -> (mm, mm_weight)
+_ROW_KERNELS = {"gather": (_gather_mm, _gather_mm_weight),
+                "grouped_mm": (_grouped_mm, _grouped_mm_weight),
+                "loop": (_loop_mm, _loop_mm_weight)}
 
 
 def _chunk_experts(counts: list[int], min_experts: int, max_experts: int = 16
@@ -363,7 +393,7 @@ class GroupedGEMM:
         A = n_rows
         if kernel == "grouped_mm" and A == 0:
             kernel = "loop"  # nothing routed: the loop gives zero weight gradients, any torch
-        if kernel == "grouped_mm" or (kernel == "loop" and device.type != "cpu"):
+        if kernel in ("grouped_mm", "gather") or (kernel == "loop" and device.type != "cpu"):
             return cls(kernel, counts, rows=A)  # the decode path is for the CPU only
         counts_list = counts.tolist()
         decode = (device.type == "cpu" and bool(counts_list)
@@ -411,7 +441,7 @@ class GroupedGEMM:
                 return out
         if self.kernel == "batched":
             return _batched_mm(x, w, self.chunks)
-        return (_grouped_mm if self.kernel == "grouped_mm" else _loop_mm)(x, w, self.counts)
+        return _ROW_KERNELS[self.kernel][0](x, w, self.counts)
 
     def mm_weight(self, a: torch.Tensor, b: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         """Per-expert ``a_e.T @ b_e`` -> [E, n, k], laid out as the weight ``like``:
@@ -422,8 +452,7 @@ class GroupedGEMM:
             return self.mm_weight(b, a, like.transpose(-2, -1)).transpose(-2, -1)
         if self.kernel == "batched":
             return _batched_mm_weight(a, b, self.chunks, self.counts.shape[0])
-        return (_grouped_mm_weight if self.kernel == "grouped_mm" else _loop_mm_weight)(
-            a, b, self.counts)
+        return _ROW_KERNELS[self.kernel][1](a, b, self.counts)
 
     def per_row(self, values: torch.Tensor) -> torch.Tensor:
         """``values [E, n]`` repeated for every work row of each expert -> [P, n]."""
@@ -471,6 +500,16 @@ def grouped_linear(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor,
 
 
 # --- expert modules ---------------------------------------------------------------------------
+def compute_dtype(weight: torch.Tensor) -> torch.dtype:
+    """The dtype the expert GEMMs run in: autocast's where autocast is on for the weight's
+    device (as it is for ``nn.Linear``: fp32 master weights, bf16 products), else the
+    weight's own. ``.to()`` of a weight already in that dtype is free."""
+    device = weight.device.type
+    if weight.is_floating_point() and torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return weight.dtype
+
+
 class SwiGLUExperts(nn.Module):
     """E SwiGLU experts without bias (DeepSeek): down(act(gate x) * up x) per expert."""
 
@@ -500,15 +539,18 @@ class SwiGLUExperts(nn.Module):
 
     def gemm_plan(self, counts: torch.Tensor, n_rows: int) -> GroupedGEMM:
         """The GEMM plan for ``n_rows`` sorted rows, ``counts [E]`` per expert."""
-        return GroupedGEMM.plan(counts, n_rows, self.gate_up_proj.dtype, self.kernel)
+        dtype = compute_dtype(self.gate_up_proj)
+        return GroupedGEMM.plan(counts, n_rows, dtype, self.kernel)
 
     def _forward_rows(self, x: torch.Tensor, gemm: GroupedGEMM) -> torch.Tensor:  # [P, D]
+        dtype = compute_dtype(self.gate_up_proj)
+        x, gate_up, down = x.to(dtype), self.gate_up_proj.to(dtype), self.down_proj.to(dtype)
         if self.act is F.silu:
-            if not records_grad(x, *self.parameters()):
-                return _SwiGLUExpertsFn.run(x, self.gate_up_proj, self.down_proj, gemm)[0]
-            return _SwiGLUExpertsFn.apply(x, self.gate_up_proj, self.down_proj, gemm)
-        gate, up = gemm.linear(x, self.gate_up_proj).chunk(2, dim=-1)  # [P, F] x2
-        return gemm.linear(self.act(gate) * up, self.down_proj)  # [P, D]
+            if not records_grad(x, gate_up, down):
+                return _SwiGLUExpertsFn.run(x, gate_up, down, gemm)[0]
+            return _SwiGLUExpertsFn.apply(x, gate_up, down, gemm)
+        gate, up = gemm.linear(x, gate_up).chunk(2, dim=-1)  # [P, F] x2
+        return gemm.linear(self.act(gate) * up, down)  # [P, D]
 
 
 class ReLUExperts(nn.Module):

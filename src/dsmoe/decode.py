@@ -1,0 +1,211 @@
+"""A decode step with static shapes, replayed as one CUDA graph (gpt-fast's recipe).
+
+A decode step of a MoE model launches a few hundred small kernels per token (per layer:
+norms, projections, RoPE, attention, the router's top-k, the dispatch sort, the expert
+GEMMs, the combine); at batch 1 on a GPU their launch cost exceeds their run time several
+times over. Captured once as a CUDA graph, the whole step is one launch.
+
+Design choices:
+- Everything the step reads or writes lives at fixed addresses: the preallocated
+  ``KVCache`` storage, and small device buffers for the current tokens, their positions,
+  the cache slot being written and the valid (non-padding) slots. The graph is replayed
+  after the caller copies the next tokens in; slot and positions advance inside it.
+- Static shapes: attention reads the whole cache ``[.., S_max, d]`` under a mask (slot <=
+  current slot, padding excluded) instead of the growing prefix view eager decoding uses.
+  Each step writes its keys and values with ``index_copy_`` at the slot tensor.
+- No host sync anywhere in the step, so capture succeeds and the graph is valid for any
+  routing: the MoE counts are a scatter-add (``balance.expert_counts``), and the expert
+  GEMMs take the per-expert offsets on the device (``torch._grouped_mm``) or, where that
+  kernel is missing, gather each row's expert weights (the ``gather`` kernel).
+- The model code is unchanged: the step calls the model's own modules (embedding, blocks,
+  norm, head) with a slot-writing view of the cache in place of ``KVCache``. Prefill runs
+  eagerly through ``Transformer.forward`` into the same storage.
+- ``compile=True`` additionally runs the step through ``torch.compile`` before capture
+  (fuses the elementwise work between the GEMMs).
+- NOTE: warm-up and capture run the step for real; slot and positions are restored
+  afterwards, and the cache entries they wrote lie at or after the current slot, so each
+  is overwritten by a real step before any query can see it.
+
+Shapes: B batch, S_max cache slots, L layers, Hkv key/value heads, d head dim, V vocab.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Callable
+
+import torch
+
+from dsmoe.model.cache import KVCache
+from dsmoe.model.mask import AttentionMask
+from dsmoe.model.rope import _LENGTH_DEPENDENT
+from dsmoe.moe.experts import grouped_mm_supported
+
+if TYPE_CHECKING:
+    from dsmoe.model import Transformer
+
+
+class _SlotWriter:
+    """What attention sees of the cache during a static step: ``update`` writes the new
+    keys/values at the slot tensor and returns the whole (masked) storage."""
+
+    def __init__(self, cache: KVCache, slot: torch.Tensor) -> None:
+        self.cache, self.slot = cache, slot  # slot: [1] long, on the cache's device
+
+    def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor]:  # k, v: [B, Hkv, 1, d]
+        keys, values = self.cache.keys[layer_idx], self.cache.values[layer_idx]
+        keys.index_copy_(2, self.slot, k)  # [B, Hkv, S_max, d]
+        values.index_copy_(2, self.slot, v)
+        return keys, values
+
+
+def graph_unsupported_reason(model: "Transformer") -> str | None:
+    """Why this model's decode step cannot be a static graph here, or None if it can."""
+    device = model.embed_tokens.weight.device
+    if device.type != "cuda":
+        return f"CUDA graphs need a CUDA model (this one is on {device.type})"
+    if model.rotary.kind in _LENGTH_DEPENDENT:
+        return f"rope_scaling {model.rotary.kind!r} depends on the sequence length"
+    if not all(hasattr(layer.self_attn, "k_proj") for layer in model.layers):
+        return "static decoding covers multi-head attention caches only"
+    return None
+
+
+class EagerDecoder:
+    """Prefill and decode through ``Transformer.forward`` with a growing ``KVCache`` view:
+    any model, any device. Same protocol as ``StaticDecoder``."""
+
+    def __init__(self, model: "Transformer", batch_size: int, max_seq_len: int) -> None:
+        self.model = model
+        self.cache = model.new_cache(batch_size, max_seq_len)
+        self.mask: torch.Tensor | None = None  # [B, cached + 1]
+        self.next_pos: torch.Tensor | None = None  # [B, 1]
+
+    def prefill(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                attention_mask: torch.Tensor) -> torch.Tensor:
+        self.cache.reset()
+        self.mask, self.next_pos = attention_mask, positions[:, -1:] + 1
+        return self.model(input_ids, position_ids=positions, attention_mask=attention_mask,
+                          cache=self.cache, logits_to_keep=1).logits[:, -1].float()
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        B = tokens.shape[0]
+        self.mask = torch.cat([self.mask, self.mask.new_ones(B, 1)], dim=1)
+        logits = self.model(tokens.view(B, 1), position_ids=self.next_pos,
+                            attention_mask=self.mask, cache=self.cache,
+                            logits_to_keep=1).logits[:, -1].float()
+        self.next_pos = self.next_pos + 1
+        return logits
+
+
+def make_decoder(model: "Transformer", batch_size: int, max_seq_len: int, *,
+                 cuda_graph: bool | None = None, compile: bool = False
+                 ) -> "EagerDecoder | StaticDecoder":
+    """The decoder ``generate`` uses: a CUDA-graph ``StaticDecoder`` where the model
+    supports one (``cuda_graph=None``: on CUDA; True: required, else an error naming why),
+    else the eager one."""
+    if cuda_graph is None:
+        cuda_graph = graph_unsupported_reason(model) is None
+    if cuda_graph:
+        return StaticDecoder(model, batch_size, max_seq_len, compile=compile)
+    if compile:
+        raise ValueError("compile=True needs the CUDA-graph decoder (cuda_graph=True)")
+    return EagerDecoder(model, batch_size, max_seq_len)
+
+
+class StaticDecoder:
+    """Prefill eagerly, then decode one token per ``step`` by replaying a CUDA graph
+    (``use_graph=False``: the same static step run eagerly, on any device; the tests
+    compare it with ``Transformer.forward`` on CPU).
+
+        dec = StaticDecoder(model, batch_size=B, max_seq_len=P + N)
+        logits = dec.prefill(ids, positions, mask)     # [B, V] fp32, last position
+        logits = dec.step(next_tokens)                 # [B, V] fp32, one per call
+    """
+
+    def __init__(self, model: "Transformer", batch_size: int, max_seq_len: int, *,
+                 use_graph: bool = True, compile: bool = False) -> None:
+        if use_graph:
+            reason = graph_unsupported_reason(model)
+            if reason is not None:
+                raise ValueError(f"cannot decode with a CUDA graph: {reason}")
+        self.model = model
+        self.cache = model.new_cache(batch_size, max_seq_len)
+        device = self.cache.keys.device
+        B = batch_size
+        self.tokens = torch.zeros(B, 1, dtype=torch.long, device=device)  # [B, 1]
+        self.positions = torch.zeros(B, 1, dtype=torch.long, device=device)  # [B, 1]
+        self.slot = torch.zeros(1, dtype=torch.long, device=device)  # [1]
+        self.valid = torch.ones(B, max_seq_len, dtype=torch.bool, device=device)  # [B, S_max]
+        self.key_slots = torch.arange(max_seq_len, device=device)  # [S_max]
+        self.writer = _SlotWriter(self.cache, self.slot)
+        self.use_graph, self.graph = use_graph, None
+        self.logits: torch.Tensor | None = None  # the graph's output buffer [B, V]
+        self._step_fn: Callable[[], torch.Tensor] = self._static_step
+        if compile:
+            self._step_fn = torch.compile(self._static_step, dynamic=False)
+
+    @torch.inference_mode()
+    def prefill(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                attention_mask: torch.Tensor) -> torch.Tensor:
+        """Run the (left-padded) prompts [B, P] into the cache; logits of the last position."""
+        B, P = input_ids.shape
+        self.cache.reset()
+        logits = self.model(input_ids, position_ids=positions, attention_mask=attention_mask,
+                            cache=self.cache, logits_to_keep=1).logits[:, -1].float()
+        self.valid.fill_(True)
+        self.valid[:, :P] = attention_mask.bool()
+        self.positions.copy_(positions[:, -1:] + 1)
+        self.slot.fill_(P)
+        return logits
+
+    @torch.inference_mode()
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Feed ``tokens [B]`` at the next position; their logits [B, V] fp32 (a buffer the
+        next ``step`` overwrites when the graph is used)."""
+        self.tokens.copy_(tokens.view(-1, 1))
+        if not self.use_graph:
+            return self._step_fn()
+        if self.graph is None:
+            self._capture()
+        self.graph.replay()
+        return self.logits
+
+    def _static_step(self) -> torch.Tensor:
+        model = self.model
+        x = model.embed_tokens(self.tokens)  # [B, 1, D]
+        cos, sin = model.rotary(self.positions, self.cache.max_seq_len, x.dtype)
+        visible = self.valid & (self.key_slots <= self.slot)  # [B, S_max]
+        mask = AttentionMask(visible[:, None, None, :], is_causal=False)
+        for layer in model.layers:
+            x, _ = layer(x, cos, sin, mask, self.writer)
+        logits = model.lm_head(model.norm(x))[:, -1].float()  # [B, V]
+        self.slot.add_(1)
+        self.positions.add_(1)
+        return logits
+
+    def _capture(self) -> None:
+        """Warm up (kernel choices, autotuning, lazy inits) and capture one step."""
+        experts = [layer.mlp.experts for layer in self.model.layers
+                   if hasattr(getattr(layer.mlp, "experts", None), "kernel")]
+        dtype = self.cache.keys.dtype
+        graph_kernel = "grouped_mm" if grouped_mm_supported("cuda", dtype) else "gather"
+        saved = [(e, e.kernel) for e in experts]
+        slot, positions = self.slot.clone(), self.positions.clone()
+        try:
+            for e in experts:
+                e.kernel = graph_kernel
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                for _ in range(3):
+                    self._step_fn()
+            torch.cuda.current_stream().wait_stream(stream)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.logits = self._step_fn()
+        finally:
+            for e, kernel in saved:
+                e.kernel = kernel
+            self.slot.copy_(slot)
+            self.positions.copy_(positions)
