@@ -299,10 +299,17 @@ def decode_section(device: torch.device, quick: bool, repeats: int, copy_gbs: fl
         ids = torch.randint(0, cfg.vocab_size, (B, 64), device=device)
         speeds = {}
         for name, fn in impls.items():
-            fn(ids, 4)  # warm-up: captures, compiles, autotunes
-            first = time_ms(lambda: fn(ids, 1), device, repeats, warmup=1)
-            full = time_ms(lambda: fn(ids, new_tokens), device, repeats, warmup=1)
-            speeds[name] = B * (new_tokens - 1) / (full - first) * 1e3
+            try:
+                start = time.perf_counter()
+                fn(ids, new_tokens)  # warm-up: captures, compiles, autotunes
+                print(f"[decode {name} batch {B}: warm-up {time.perf_counter() - start:.1f} s]",
+                      flush=True)
+                first = time_ms(lambda: fn(ids, 1), device, repeats, warmup=1)
+                full = time_ms(lambda: fn(ids, new_tokens), device, repeats, warmup=1)
+                speeds[name] = B * (new_tokens - 1) / (full - first) * 1e3
+            except Exception as exc:  # noqa: BLE001 - one failed implementation, not all
+                print(f"decode {name} batch {B} failed: {type(exc).__name__}: {exc}",
+                      flush=True)
         hf_speed = speeds.get("transformers composite")
         for name, tps in speeds.items():
             ratio = f"{tps / hf_speed:.2f}x" if hf_speed else ""
@@ -321,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="tiny shapes (a smoke test)")
     parser.add_argument("--out", type=Path, default=None, help="folder for gpu_tables.md")
     parser.add_argument("--sections", nargs="*", default=["layer", "decode", "train"])
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batches", type=int, nargs="*", default=[1, 32])
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--no-compile", action="store_true",

@@ -13,7 +13,7 @@ export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 "$PY" -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__)' | tee -a "$OUT/gpu.txt"
-timeout "${TEST_TIMEOUT:-240}" "$PY" -m pytest -m cuda -q -p no:cacheprovider tests/test_cuda.py \
+timeout "${TEST_TIMEOUT:-180}" "$PY" -m pytest -m cuda -q -p no:cacheprovider tests/test_cuda.py \
     2>&1 | tee "$OUT/pytest_cuda.txt"
-timeout "${BENCH_TIMEOUT:-420}" "$PY" benchmarks/gpu.py --out "$OUT" ${GPU_BENCH_ARGS:-} \
+timeout "${BENCH_TIMEOUT:-360}" "$PY" benchmarks/gpu.py --out "$OUT" ${GPU_BENCH_ARGS:-} \
     2>&1 | tee "$OUT/gpu_bench.txt"

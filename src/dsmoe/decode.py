@@ -31,6 +31,8 @@ Shapes: B batch, S_max cache slots, L layers, Hkv key/value heads, d head dim, V
 
 from __future__ import annotations
 
+import itertools
+import weakref
 from typing import TYPE_CHECKING, Callable
 
 import torch
@@ -98,19 +100,55 @@ class EagerDecoder:
         return logits
 
 
+# Captured decoders kept per model for reuse by later ``generate`` calls (a capture, and
+# with compile=True a compilation, costs far more than a step). Keyed on the batch size,
+# the slot count (rounded up, so prompts of similar lengths share one), compile, and the
+# addresses of the model's tensors: a graph reads memory by address, so a model whose
+# weights were replaced (load_state_dict(assign=True), .to()) gets a fresh capture.
+_DECODERS: "weakref.WeakKeyDictionary[Transformer, dict[tuple, StaticDecoder]]" = \
+    weakref.WeakKeyDictionary()
+_KEEP_PER_MODEL = 2
+_SLOT_ROUNDING = 256
+
+
+def _graph_decoder(model: "Transformer", batch_size: int, max_seq_len: int, compile: bool
+                   ) -> "StaticDecoder":
+    slots = -(-max_seq_len // _SLOT_ROUNDING) * _SLOT_ROUNDING
+    addresses = tuple(t.data_ptr() for t in itertools.chain(model.parameters(), model.buffers()))
+    key = (batch_size, slots, compile, addresses)
+    kept = _DECODERS.setdefault(model, {})
+    decoder = kept.pop(key, None) or StaticDecoder(model, batch_size, slots, compile=compile)
+    kept[key] = decoder  # most recently used last
+    while len(kept) > _KEEP_PER_MODEL:
+        del kept[next(iter(kept))]
+    return decoder
+
+
 def make_decoder(model: "Transformer", batch_size: int, max_seq_len: int, *,
                  cuda_graph: bool | None = None, compile: bool = False
                  ) -> "EagerDecoder | StaticDecoder":
     """The decoder ``generate`` uses: a CUDA-graph ``StaticDecoder`` where the model
     supports one (``cuda_graph=None``: on CUDA; True: required, else an error naming why),
-    else the eager one."""
+    else the eager one. Graph decoders are captured once and reused."""
     if cuda_graph is None:
         cuda_graph = graph_unsupported_reason(model) is None
     if cuda_graph:
-        return StaticDecoder(model, batch_size, max_seq_len, compile=compile)
+        reason = graph_unsupported_reason(model)
+        if reason is not None:
+            raise ValueError(f"cannot decode with a CUDA graph: {reason}")
+        return _graph_decoder(model, batch_size, max_seq_len, compile)
     if compile:
         raise ValueError("compile=True needs the CUDA-graph decoder (cuda_graph=True)")
     return EagerDecoder(model, batch_size, max_seq_len)
+
+
+def graph_expert_kernel(dtype: torch.dtype) -> str:
+    """The expert GEMM kernel a captured step uses: ``torch._grouped_mm`` where it is
+    Hopper's native bf16 kernel (elsewhere torch may serve it with a loop that reads the
+    offsets on the host, which capture forbids), else ``gather``."""
+    native = (dtype == torch.bfloat16 and torch.cuda.get_device_capability() >= (9, 0)
+              and grouped_mm_supported("cuda", dtype))
+    return "grouped_mm" if native else "gather"
 
 
 class StaticDecoder:
@@ -131,6 +169,7 @@ class StaticDecoder:
                 raise ValueError(f"cannot decode with a CUDA graph: {reason}")
         self.model = model
         self.cache = model.new_cache(batch_size, max_seq_len)
+        self.batch_size = batch_size
         device = self.cache.keys.device
         B = batch_size
         self.tokens = torch.zeros(B, 1, dtype=torch.long, device=device)  # [B, 1]
@@ -150,6 +189,9 @@ class StaticDecoder:
                 attention_mask: torch.Tensor) -> torch.Tensor:
         """Run the (left-padded) prompts [B, P] into the cache; logits of the last position."""
         B, P = input_ids.shape
+        if B != self.batch_size or P >= self.cache.max_seq_len:
+            raise ValueError(f"this decoder holds {self.batch_size} rows of "
+                             f"{self.cache.max_seq_len} positions; got prompts {B} x {P}")
         self.cache.reset()
         logits = self.model(input_ids, position_ids=positions, attention_mask=attention_mask,
                             cache=self.cache, logits_to_keep=1).logits[:, -1].float()
@@ -188,8 +230,7 @@ class StaticDecoder:
         """Warm up (kernel choices, autotuning, lazy inits) and capture one step."""
         experts = [layer.mlp.experts for layer in self.model.layers
                    if hasattr(getattr(layer.mlp, "experts", None), "kernel")]
-        dtype = self.cache.keys.dtype
-        graph_kernel = "grouped_mm" if grouped_mm_supported("cuda", dtype) else "gather"
+        graph_kernel = graph_expert_kernel(self.cache.keys.dtype)
         saved = [(e, e.kernel) for e in experts]
         slot, positions = self.slot.clone(), self.positions.clone()
         try:
