@@ -10,7 +10,7 @@ import warnings
 import pytest
 
 from conftest import moe_config, reference_file
-from dsmoe.config import ModelConfig
+from dsmoe.config import ModelConfig, MoEConfig
 from dsmoe.presets import PRESETS
 
 @pytest.fixture(scope="module")
@@ -261,3 +261,47 @@ def test_config_is_frozen() -> None:
         cfg.hidden_size = 64  # type: ignore[misc]
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.topk_method = "noaux_tc"  # type: ignore[misc]
+
+
+# --- MoEConfig: the part one MoE layer needs ------------------------------------------------
+def test_model_config_exposes_its_moe_part() -> None:
+    cfg = moe_config(topk_method="noaux_tc", scoring_func="sigmoid", n_group=4, topk_group=2,
+                     bias_update_speed=0.01, z_loss_alpha=0.1)
+    moe = cfg.moe
+    assert isinstance(moe, MoEConfig) and cfg.moe is moe  # built once
+    for f in dataclasses.fields(MoEConfig):
+        assert getattr(moe, f.name) == getattr(cfg, f.name), f.name
+    assert (moe.group_size, moe.max_devices, moe.uses_bias_balancing) == (2, 1, True)
+    assert not hasattr(moe, "num_attention_heads") and not hasattr(moe, "vocab_size")
+    assert moe_config(n_routed_experts=None, n_shared_experts=None,
+                      num_experts_per_tok=None).moe is None  # dense: no MoE layer
+    # one declaration of the keys: same defaults on both sides
+    assert MoEConfig() == ModelConfig().moe
+
+
+def test_moe_config_is_frozen_and_validated() -> None:
+    moe = ModelConfig.preset("tiny").moe
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        moe.n_routed_experts = 4  # type: ignore[misc]
+    with pytest.raises(ValueError, match=r"num_experts_per_tok=9: top-k cannot exceed"):
+        moe.replace(n_routed_experts=8, num_experts_per_tok=9)
+    with pytest.raises(ValueError, match="n_routed_experts=None"):
+        MoEConfig(n_routed_experts=None)
+    with pytest.raises(ValueError, match=r"unknown config key 'num_attention_heads'"):
+        moe.replace(num_attention_heads=4)
+    with pytest.raises(ValueError, match=r"scoring_func='tanh'"):
+        MoEConfig(scoring_func="tanh")
+
+
+def test_moe_config_from_hf_reads_only_the_moe_keys(hf_16b: dict) -> None:
+    assert MoEConfig.from_hf(hf_16b) == ModelConfig.from_hf(hf_16b).moe
+    # attention that does not fit together is not this config's business
+    broken = dict(hf_16b, num_attention_heads=7, num_key_value_heads=3, vocab_size=-1)
+    with pytest.raises(ValueError):
+        ModelConfig.from_hf(broken)
+    assert MoEConfig.from_hf(broken) == ModelConfig.from_hf(hf_16b).moe
+    v3_dict = {k: v for k, v in hf_16b.items() if k != "scoring_func"}
+    v3 = MoEConfig.from_hf(dict(v3_dict, model_type="deepseek_v3", n_group=8, topk_group=4))
+    assert (v3.scoring_func, v3.topk_method, v3.seq_aux) == ("sigmoid", "noaux_tc", True)
+    with pytest.raises(ValueError, match="model_type 'llama'"):
+        MoEConfig.from_hf(dict(hf_16b, model_type="llama"))

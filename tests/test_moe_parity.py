@@ -23,13 +23,14 @@ Shapes: B batch, S seq, D hidden, E experts, F expert width.
 from __future__ import annotations
 
 import warnings
+from typing import Callable
 
 import pytest
 import torch
 
 from conftest import assert_close
 from dsmoe.checkpoint import keys
-from dsmoe.config import ModelConfig
+from dsmoe.config import ModelConfig, MoEConfig
 from dsmoe.moe.layer import MoELayer
 
 transformers = pytest.importorskip("transformers")
@@ -99,14 +100,15 @@ def _dsmoe_grads(layer: MoELayer) -> dict[str, torch.Tensor]:
     return keys.moe_to_hf({name: p.grad for name, p in layer.named_parameters()})
 
 
-def _build_pair(hf_config, seed: int, bias: torch.Tensor | None = None
+def _build_pair(hf_config, seed: int, bias: torch.Tensor | None = None,
+                read: Callable[[dict], ModelConfig | MoEConfig] = ModelConfig.from_hf
                 ) -> tuple[torch.nn.Module, MoELayer]:
     hf_cls = DeepseekV3MoE if hf_config.model_type == "deepseek_v3" else DeepseekV2Moe
     reference = hf_cls(hf_config)
     _randomize_hf_(reference, seed, bias)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a transformers dict must not report unknown keys
-        cfg = ModelConfig.from_hf(hf_config.to_dict())
+        cfg = read(hf_config.to_dict())
     layer = MoELayer(cfg)
     layer.load_hf_state_dict(hf_per_expert_state_dict(reference))
     return reference, layer
@@ -154,6 +156,29 @@ def test_deepseek_v2_moe_parity_fp32(topk_method: str, E: int, K: int, n_group: 
     layer.train()  # the training path must be the inference path: no separate branch
     _check_forward_and_backward(reference, layer, seed=K,
                                 what=f"V2 {topk_method} E={E} K={K} groups={n_group}/{topk_group}")
+
+
+@pytest.mark.parametrize("kind", ["v2", "v3"])
+def test_lone_layer_from_a_dict_whose_attention_does_not_fit(kind: str) -> None:
+    """transformers builds a MoE block from a config whose attention keys do not fit
+    together (V3: 128 heads on a width of 32; both: 3 key/value heads for 128 or 4 heads);
+    so does ``MoEConfig.from_hf``, which reads only the MoE keys; a whole model refuses."""
+    common = dict(_common_kwargs(16, 4, n_shared=1), num_attention_heads=128 if kind == "v3"
+                  else 4, num_key_value_heads=3)
+    if kind == "v3":
+        hf_config = DeepseekV3Config(**common, n_group=4, topk_group=2, norm_topk_prob=True,
+                                     routed_scaling_factor=2.5)
+        bias = _small_bias(16, seed=7)
+    else:
+        hf_config = DeepseekV2Config(**common, topk_method="group_limited_greedy", n_group=4,
+                                     topk_group=2, routed_scaling_factor=2.0)
+        bias = None
+    with pytest.raises(ValueError, match="num_key_value_heads|num_attention_heads"):
+        ModelConfig.from_hf(hf_config.to_dict())
+    reference, layer = _build_pair(hf_config, seed=9, bias=bias, read=MoEConfig.from_hf)
+    assert isinstance(layer.config, MoEConfig) and layer.config.hidden_size == D
+    layer.train()
+    _check_forward_and_backward(reference, layer, seed=2, what=f"{kind} lone layer")
 
 
 def _small_bias(E: int, seed: int) -> torch.Tensor:

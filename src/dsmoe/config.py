@@ -14,6 +14,11 @@ Design choices:
   MLA keys, and ``to_hf`` always writes the keys transformers' V2/V3 configs default
   differently from dsmoe (``q_lora_rank`` null, ``n_group`` ...), so what dsmoe saves loads
   the same in transformers.
+- ``MoEConfig`` is the part one MoE layer needs (sizes, routing, balance), exposed as
+  ``ModelConfig.moe``: a lone layer (``MoELayer``, the ``MixtureOfExperts`` facade, expert
+  parallelism) validates only that part, so a V2/V3 dict whose attention keys do not fit
+  together still builds its MoE block, as transformers' does. Both classes declare those
+  keys once, in ``_MoEKeys``, so their names and defaults cannot drift apart.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import json
 import math
 import warnings
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, Mapping
 
 SCORING_FUNCS = ("softmax", "sigmoid")
@@ -68,29 +74,96 @@ _V2_V3_HF_KEYS = (*_MLA_DEFAULTS, "n_group", "topk_group", "topk_method",
 
 
 @dataclass(frozen=True, kw_only=True)
-class ModelConfig:
-    """Every HF DeepSeek config key plus the V2/V3 routing keys. Defaults = deepseek-moe-16b."""
+class _MoEKeys:
+    """The config keys of one MoE layer, shared by ``MoEConfig`` and ``ModelConfig`` (which
+    inherit them): HF DeepSeek (V1) keys first, then the V2/V3 routing and balancing keys.
+    Defaults = one layer of deepseek-moe-16b."""
 
-    # --- HF DeepSeek (V1) keys -------------------------------------------------------
-    vocab_size: int = 102400
+    # --- sizes and activation (HF DeepSeek V1 keys) -------------------------------------
     hidden_size: int = 2048
-    intermediate_size: int = 10944
     moe_intermediate_size: int = 1408
-    num_hidden_layers: int = 28
-    num_attention_heads: int = 16
-    num_key_value_heads: int = 16
     n_shared_experts: int | None = 2
     n_routed_experts: int | None = 64
     num_experts_per_tok: int | None = 6
-    moe_layer_freq: int = 1
-    first_k_dense_replace: int = 1
+    hidden_act: str = "silu"
+    initializer_range: float = 0.02
+    # --- routing and balance (HF DeepSeek V1 keys) --------------------------------------
     norm_topk_prob: bool = False
     scoring_func: str = "softmax"
     aux_loss_alpha: float = 0.001
     seq_aux: bool = True
-    hidden_act: str = "silu"
+    # --- V2 / V3 routing and balancing ------------------------------------------------
+    topk_method: str = "greedy"
+    n_group: int = 1
+    topk_group: int = 1
+    routed_scaling_factor: float = 1.0
+    device_balance_alpha: float = 0.0
+    comm_balance_alpha: float = 0.0
+    n_devices: int = 1
+    max_devices_per_token: int | None = None
+    capacity_factor: float = 1.0
+    drop_tokens: bool = False
+    bias_update_speed: float = 0.0
+    z_loss_alpha: float = 0.0
+
+    @property
+    def group_size(self) -> int:
+        """Experts per routing group (group-limited routing) or per device."""
+        n = self.n_devices if self.topk_method == "device_limited" else self.n_group
+        return (self.n_routed_experts or 0) // n
+
+    @property
+    def max_devices(self) -> int:
+        """M: at most this many devices per token (defaults to all of them)."""
+        return self.max_devices_per_token or self.n_devices
+
+    @property
+    def uses_bias_balancing(self) -> bool:
+        """V3's aux-loss-free balancing: a per-expert bias picks experts, not weights."""
+        return self.topk_method == "noaux_tc"
+
+
+MOE_KEYS = tuple(f.name for f in dataclasses.fields(_MoEKeys))
+
+
+@dataclass(frozen=True, kw_only=True)
+class MoEConfig(_MoEKeys):
+    """What one MoE layer needs: sizes, routing and balance (``ModelConfig.moe``).
+
+    Same key names and defaults as ``ModelConfig``; ``n_routed_experts`` and
+    ``num_experts_per_tok`` must be set (a dense model has no MoE layer)."""
+
+    def __post_init__(self) -> None:
+        _validate_routing(self)
+        _validate_moe(self)
+
+    def replace(self, **changes: Any) -> "MoEConfig":
+        """A validated copy with ``changes``; unknown names raise ``ValueError``."""
+        _check_field_names(changes, MoEConfig)
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_hf(cls, hf: Mapping[str, Any]) -> "MoEConfig":
+        """The MoE part of an HF DeepSeek V1/V2/V3 config dict. The other keys (attention,
+        vocabulary, layers) are neither read nor validated."""
+        hf = ModelConfig._normalized_hf(hf)
+        return cls(**{k: v for k, v in hf.items() if k in MOE_KEYS})
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelConfig(_MoEKeys):
+    """Every HF DeepSeek config key plus the V2/V3 routing keys. Defaults = deepseek-moe-16b.
+    The MoE layer's keys (sizes, routing, balance) are inherited from ``_MoEKeys``."""
+
+    # --- HF DeepSeek (V1) keys -------------------------------------------------------
+    vocab_size: int = 102400
+    intermediate_size: int = 10944
+    num_hidden_layers: int = 28
+    num_attention_heads: int = 16
+    num_key_value_heads: int = 16
+    moe_layer_freq: int = 1
+    first_k_dense_replace: int = 1
     max_position_embeddings: int = 4096
-    initializer_range: float = 0.02
     rms_norm_eps: float = 1e-6
     use_cache: bool = True
     pad_token_id: int | None = None
@@ -115,19 +188,6 @@ class ModelConfig:
     auto_map: dict[str, str] | None = None
     torch_dtype: str | None = "bfloat16"
     transformers_version: str | None = None
-    # --- V2 / V3 routing and balancing ------------------------------------------------
-    topk_method: str = "greedy"
-    n_group: int = 1
-    topk_group: int = 1
-    routed_scaling_factor: float = 1.0
-    device_balance_alpha: float = 0.0
-    comm_balance_alpha: float = 0.0
-    n_devices: int = 1
-    max_devices_per_token: int | None = None
-    capacity_factor: float = 1.0
-    drop_tokens: bool = False
-    bias_update_speed: float = 0.0
-    z_loss_alpha: float = 0.0
     # --- not config values: unknown HF keys, and which keys an HF dict spelled out ----
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
     hf_keys: tuple[str, ...] = field(default=(), compare=False, repr=False)
@@ -152,21 +212,12 @@ class ModelConfig:
         """Dimensions RoPE rotates per head: MLA's decoupled ``qk_rope_head_dim``, else all."""
         return self.qk_rope_head_dim if self.attention_type == "mla" else self.head_dim
 
-    @property
-    def group_size(self) -> int:
-        """Experts per routing group (group-limited routing) or per device."""
-        n = self.n_devices if self.topk_method == "device_limited" else self.n_group
-        return (self.n_routed_experts or 0) // n
-
-    @property
-    def max_devices(self) -> int:
-        """M: at most this many devices per token (defaults to all of them)."""
-        return self.max_devices_per_token or self.n_devices
-
-    @property
-    def uses_bias_balancing(self) -> bool:
-        """V3's aux-loss-free balancing: a per-expert bias picks experts, not weights."""
-        return self.topk_method == "noaux_tc"
+    @cached_property
+    def moe(self) -> MoEConfig | None:
+        """The MoE layers' config (``None`` for a dense model), built and validated once."""
+        if self.n_routed_experts is None:
+            return None
+        return MoEConfig(**{k: getattr(self, k) for k in MOE_KEYS})
 
     def is_moe_layer(self, layer_idx: int) -> bool:
         """DeepSeek's rule: MoE past the first dense layers, every ``moe_layer_freq``."""
@@ -188,7 +239,7 @@ class ModelConfig:
     # --- construction -----------------------------------------------------------------
     def replace(self, **changes: Any) -> "ModelConfig":
         """A validated copy with ``changes``; unknown names raise ``ValueError``."""
-        _check_field_names(changes)
+        _check_field_names(changes, ModelConfig)
         return dataclasses.replace(self, **changes)
 
     def override(self, assignments: Mapping[str, str] | list[str]) -> "ModelConfig":
@@ -201,7 +252,7 @@ class ModelConfig:
                 key, value = item.split("=", 1)
                 pairs[key.strip()] = value.strip()
             assignments = pairs
-        _check_field_names(assignments)
+        _check_field_names(assignments, ModelConfig)
         return self.replace(**{k: _parse_value(k, v) for k, v in assignments.items()})
 
     @classmethod
@@ -214,13 +265,10 @@ class ModelConfig:
         return cls(**PRESETS[name])
 
     # --- HF dict conversion ---------------------------------------------------------
-    @classmethod
-    def from_hf(cls, hf: Mapping[str, Any], *, warn_unknown: bool = True) -> "ModelConfig":
-        """Read an HF config dict of DeepSeek V1 (``deepseek``), V2 or V3.
-
-        V2/V3 dicts get transformers' defaults for the MLA keys they leave out. Keys dsmoe
-        does not know are kept in ``extra`` and reported.
-        """
+    @staticmethod
+    def _normalized_hf(hf: Mapping[str, Any]) -> dict[str, Any]:
+        """A copy of an HF DeepSeek dict in dsmoe's spelling: transformers 5's
+        ``rope_parameters``, V3's implied routing, ``None`` groups."""
         if not isinstance(hf, Mapping):
             raise ValueError(f"from_hf expects a dict, got {type(hf).__name__}")
         hf = copy.deepcopy(dict(hf))
@@ -230,8 +278,6 @@ class ModelConfig:
                 f"model_type {model_type!r} is not a DeepSeekMoE config; "
                 f"expected one of {DEEPSEEK_MODEL_TYPES}"
             )
-        names = {f.name for f in dataclasses.fields(cls)} - {"extra", "hf_keys"}
-        given = tuple(hf)
         rope_parameters = hf.pop("rope_parameters", None)
         if isinstance(rope_parameters, Mapping):
             hf.setdefault("rope_theta", rope_parameters.get("rope_theta", 10000.0))
@@ -253,6 +299,18 @@ class ModelConfig:
                 hf[key] = 1
         if hf.get("topk_method") == "noaux_tc" and "seq_aux" not in hf:
             hf["seq_aux"] = True
+        return hf
+
+    @classmethod
+    def from_hf(cls, hf: Mapping[str, Any], *, warn_unknown: bool = True) -> "ModelConfig":
+        """Read an HF config dict of DeepSeek V1 (``deepseek``), V2 or V3.
+
+        V2/V3 dicts get transformers' defaults for the MLA keys they leave out. Keys dsmoe
+        does not know are kept in ``extra`` and reported.
+        """
+        given = tuple(hf) if isinstance(hf, Mapping) else ()
+        hf = cls._normalized_hf(hf)
+        names = {f.name for f in dataclasses.fields(cls)} - {"extra", "hf_keys"}
         kwargs = {k: v for k, v in hf.items() if k in names}
         extra = {k: v for k, v in hf.items() if k not in names}
         if isinstance(kwargs.get("architectures"), list):
@@ -300,42 +358,58 @@ def _fail(key: str, value: Any, why: str) -> None:
     raise ValueError(f"invalid config: {key}={value!r}: {why}")
 
 
-def _validate(c: ModelConfig) -> None:
-    for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                "num_attention_heads", "num_key_value_heads", "moe_intermediate_size",
-                "moe_layer_freq", "max_position_embeddings", "pretraining_tp", "n_group",
-                "topk_group", "n_devices"):
+def _check_positive_ints(c: Any, keys: tuple[str, ...]) -> None:
+    for key in keys:
         value = getattr(c, key)
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             _fail(key, value, "must be a positive integer")
+
+
+def _check_non_negative(c: Any, keys: tuple[str, ...]) -> None:
+    for key in keys:
+        value = getattr(c, key)
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0 \
+                or not math.isfinite(value):
+            _fail(key, value, "must be a finite number >= 0")
+
+
+def _validate(c: ModelConfig) -> None:
+    """The whole model; the MoE keys through the same checks as ``MoEConfig``."""
+    _check_positive_ints(c, ("vocab_size", "hidden_size", "intermediate_size",
+                             "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                             "moe_layer_freq", "max_position_embeddings", "pretraining_tp"))
     _validate_attention(c)
     if not 0 <= c.first_k_dense_replace <= c.num_hidden_layers:
         _fail("first_k_dense_replace", c.first_k_dense_replace,
               f"must lie in [0, num_hidden_layers={c.num_hidden_layers}]")
+    if not c.rms_norm_eps > 0:
+        _fail("rms_norm_eps", c.rms_norm_eps, "must be > 0")
+    if not c.rope_theta > 0:
+        _fail("rope_theta", c.rope_theta, "must be > 0")
+    _validate_rope_scaling(c.rope_scaling)
+    _check_non_negative(c, ("attention_dropout",))
+    _validate_routing(c)
+    if c.n_routed_experts is None:
+        return  # a dense model: the routing keys are unused
+    _validate_moe(c)
+
+
+def _validate_routing(c: _MoEKeys) -> None:
+    """The MoE keys that do not depend on the expert count (checked for dense models too)."""
+    _check_positive_ints(c, ("hidden_size", "moe_intermediate_size", "n_group", "topk_group",
+                             "n_devices"))
     if c.hidden_act not in HIDDEN_ACTS:
         _fail("hidden_act", c.hidden_act, f"choose one of {HIDDEN_ACTS}")
     if c.scoring_func not in SCORING_FUNCS:
         _fail("scoring_func", c.scoring_func, f"choose one of {SCORING_FUNCS}")
     if c.topk_method not in TOPK_METHODS:
         _fail("topk_method", c.topk_method, f"choose one of {TOPK_METHODS}")
-    if not c.rms_norm_eps > 0:
-        _fail("rms_norm_eps", c.rms_norm_eps, "must be > 0")
-    if not c.rope_theta > 0:
-        _fail("rope_theta", c.rope_theta, "must be > 0")
-    _validate_rope_scaling(c.rope_scaling)
-    for key in ("aux_loss_alpha", "device_balance_alpha", "comm_balance_alpha",
-                "bias_update_speed", "z_loss_alpha", "attention_dropout"):
-        value = getattr(c, key)
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0 \
-                or not math.isfinite(value):
-            _fail(key, value, "must be a finite number >= 0")
+    _check_non_negative(c, ("aux_loss_alpha", "device_balance_alpha", "comm_balance_alpha",
+                            "bias_update_speed", "z_loss_alpha"))
     if not c.capacity_factor > 0:
         _fail("capacity_factor", c.capacity_factor, "must be > 0 (e.g. 1.0 or 1.25)")
     if not c.routed_scaling_factor > 0:
         _fail("routed_scaling_factor", c.routed_scaling_factor, "must be > 0")
-    if c.n_routed_experts is None:
-        return  # a dense model: the routing keys are unused
-    _validate_moe(c)
 
 
 def _validate_attention(c: ModelConfig) -> None:
@@ -398,7 +472,7 @@ def _validate_rope_scaling(scaling: Any) -> None:
                 _fail("rope_scaling", scaling, f"yarn's {key} must be a finite number >= 0")
 
 
-def _validate_moe(c: ModelConfig) -> None:
+def _validate_moe(c: _MoEKeys) -> None:
     E, K = c.n_routed_experts, c.num_experts_per_tok
     if not isinstance(E, int) or E < 1:
         _fail("n_routed_experts", E, "must be a positive integer (or null for a dense model)")
@@ -435,8 +509,8 @@ def _validate_moe(c: ModelConfig) -> None:
               'aux-loss-free bias balancing needs topk_method="noaux_tc"')
 
 
-def _check_field_names(names: Mapping[str, Any]) -> None:
-    known = [f.name for f in dataclasses.fields(ModelConfig)]
+def _check_field_names(names: Mapping[str, Any], config_class: type) -> None:
+    known = [f.name for f in dataclasses.fields(config_class)]
     for name in names:
         if name not in known:
             close = difflib.get_close_matches(name, known, n=3)

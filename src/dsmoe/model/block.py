@@ -33,7 +33,7 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(D, config.rms_norm_eps)
         self.mlp: nn.Module
         if config.is_moe_layer(layer_idx):
-            self.mlp = MoELayer(config)
+            self.mlp = MoELayer(config.moe)
         else:
             self.mlp = SwiGLUMLP(D, config.intermediate_size, config.hidden_act,
                                  config.initializer_range)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from dsmoe.config import ModelConfig
+from dsmoe.config import MoEConfig
 from dsmoe.mlp import ReLUMLP
 from dsmoe.moe.experts import ReLUExperts
 from dsmoe.moe.layer import MoELayer
@@ -30,19 +30,12 @@ class MixtureOfExperts(nn.Module):
                  alpha1: float = 0.003, alpha2: float = 0.05, alpha3: float = 0.02,
                  D: int = 1, M: int | None = None) -> None:
         super().__init__()
-        if isinstance(d_model, int) and d_model % 2:
-            raise ValueError(f"MixtureOfExperts: d_model={d_model} must be even: the layer is "
-                             "described by a full DeepSeekMoE ModelConfig, whose RoPE "
-                             "attention heads need an even width")
-        heads = 2 if d_model % 4 == 0 else 1  # attention is unused; only validation sees it
-        self.config = ModelConfig(
-            hidden_size=d_model, moe_intermediate_size=d_expert, intermediate_size=d_expert,
-            num_attention_heads=heads, num_key_value_heads=heads, num_hidden_layers=1,
-            first_k_dense_replace=0, n_routed_experts=N_r, n_shared_experts=N_s,
-            num_experts_per_tok=K, scoring_func="softmax", topk_method="device_limited",
-            norm_topk_prob=False, aux_loss_alpha=alpha1, seq_aux=False,
-            device_balance_alpha=alpha2, comm_balance_alpha=alpha3, n_devices=D,
-            max_devices_per_token=M, hidden_act="relu", vocab_size=1,
+        self.config = MoEConfig(
+            hidden_size=d_model, moe_intermediate_size=d_expert, n_routed_experts=N_r,
+            n_shared_experts=N_s, num_experts_per_tok=K, scoring_func="softmax",
+            topk_method="device_limited", norm_topk_prob=False, aux_loss_alpha=alpha1,
+            seq_aux=False, device_balance_alpha=alpha2, comm_balance_alpha=alpha3,
+            n_devices=D, max_devices_per_token=M, hidden_act="relu",
         )
         std = self.config.initializer_range
         shared = ReLUMLP(d_model, d_expert * N_s, std) if N_s > 0 else None

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from dsmoe.checkpoint import keys
-from dsmoe.config import ModelConfig
+from dsmoe.config import ModelConfig, MoEConfig
 from dsmoe.mlp import SwiGLUMLP
 from dsmoe.moe import balance
 from dsmoe.moe.dispatch import expert_capacity, plan_dispatch, run_experts
@@ -44,7 +44,7 @@ class MoEOutput:
 LossTerm = Callable[[RouterOutput, torch.Tensor, int, int], torch.Tensor]
 
 
-def _loss_terms(cfg: ModelConfig) -> dict[str, tuple[float, LossTerm]]:
+def _loss_terms(cfg: MoEConfig) -> dict[str, tuple[float, LossTerm]]:
     """The balance losses this config asks for: name -> (alpha, fn(router, probs, B, S))."""
     E, K = cfg.n_routed_experts, cfg.num_experts_per_tok
     terms: dict[str, tuple[float, LossTerm]] = {}
@@ -66,11 +66,17 @@ class MoELayer(nn.Module):
     """One DeepSeekMoE FFN block. ``experts`` / ``shared_experts`` may be swapped in (the
     facade uses ReLU experts; quantized or expert-parallel variants replace them)."""
 
-    def __init__(self, config: ModelConfig, *, experts: nn.Module | None = None,
+    def __init__(self, config: MoEConfig | ModelConfig, *, experts: nn.Module | None = None,
                  shared_experts: nn.Module | None = None) -> None:
         super().__init__()
-        if config.n_routed_experts is None:
-            raise ValueError("MoELayer needs n_routed_experts (the config describes a dense model)")
+        if isinstance(config, ModelConfig):  # a whole model's config: its MoE part
+            if config.moe is None:
+                raise ValueError("MoELayer needs n_routed_experts (the config describes a "
+                                 "dense model)")
+            config = config.moe
+        if not isinstance(config, MoEConfig):
+            raise TypeError(f"MoELayer expects a MoEConfig or ModelConfig, got "
+                            f"{type(config).__name__}")
         self.config = config
         E, D, F = config.n_routed_experts, config.hidden_size, config.moe_intermediate_size
         std = config.initializer_range
