@@ -265,12 +265,23 @@ def test_unsupported_requested_dtype(saved: Path, dtype: object) -> None:
         Transformer.from_pretrained(saved, dtype=dtype)
 
 
-@pytest.mark.parametrize("model_type", ["llama", "deepseek_v2", None])
+@pytest.mark.parametrize("model_type", ["llama", "mixtral", None])
 def test_model_type_must_be_deepseek(saved: Path, model_type: str | None) -> None:
     config = json.loads((saved / "config.json").read_text())
     config["model_type"] = model_type
     (saved / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match=f"model_type {model_type!r} is not supported"):
+        Transformer.from_pretrained(saved)
+
+
+def test_v1_weights_under_a_v2_config_name_the_missing_mla_tensors(saved: Path) -> None:
+    """deepseek_v2 means MLA (transformers' default sizes when the keys are absent): V1's
+    q/k/v projections do not fit it, and the error says which tensors are missing."""
+    config = json.loads((saved / "config.json").read_text())
+    config["model_type"] = "deepseek_v2"
+    config["num_key_value_heads"] = config["num_attention_heads"]  # MLA's requirement
+    (saved / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"missing tensors: .*kv_a_proj_with_mqa"):
         Transformer.from_pretrained(saved)
 
 

@@ -40,7 +40,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from dsmoe.checkpoint import keys
-from dsmoe.config import ModelConfig
+from dsmoe.config import DEEPSEEK_MODEL_TYPES, ModelConfig
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -135,8 +135,8 @@ def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
 
 
 def read_config(path: str | os.PathLike) -> ModelConfig:
-    """``config.json`` of an HF DeepSeekMoE directory, or that file itself (model_type must
-    be "deepseek")."""
+    """``config.json`` of an HF DeepSeekMoE directory, or that file itself (model_type
+    "deepseek", "deepseek_v2" or "deepseek_v3")."""
     path = Path(path)
     if path.is_dir():
         path = path / CONFIG_NAME
@@ -150,11 +150,10 @@ def read_config(path: str | os.PathLike) -> ModelConfig:
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ValueError(f"{path}: not valid JSON ({exc})") from exc
     model_type = data.get("model_type") if isinstance(data, dict) else None
-    if model_type != "deepseek":
+    if model_type not in DEEPSEEK_MODEL_TYPES:
         raise ValueError(
             f"{path}: model_type {model_type!r} is not supported; dsmoe loads DeepSeekMoE "
-            "checkpoints with model_type \"deepseek\" (V2/V3 checkpoints use MLA attention, "
-            "which dsmoe does not implement)")
+            f"checkpoints with model_type {' / '.join(DEEPSEEK_MODEL_TYPES)}")
     return ModelConfig.from_hf(data)
 
 
@@ -208,6 +207,13 @@ def stored_tensors(directory: str | os.PathLike) -> dict[str, StoredTensor]:
     return stored
 
 
+def decoder_tensors(stored: Mapping[str, StoredTensor], config: ModelConfig
+                    ) -> dict[str, StoredTensor]:
+    """``stored`` without V3's multi-token-prediction layers, which dsmoe does not run."""
+    kept, _ = keys.split_mtp(stored, config.num_hidden_layers, config.num_nextn_predict_layers)
+    return {name: stored[name] for name in kept}
+
+
 def _few(items: list[str], n: int = 5) -> str:
     more = f" and {len(items) - n} more" if len(items) > n else ""
     return ", ".join(items[:n]) + more
@@ -245,7 +251,7 @@ def load_pretrained(path: str | os.PathLike, *, dtype: torch.dtype | str | None 
                                  "directory with config.json and model.safetensors)")
     target_dtype = resolve_dtype(dtype)
     config = read_config(directory)
-    stored = stored_tensors(directory)
+    stored = decoder_tensors(stored_tensors(directory), config)
     with torch.device("meta"):
         model = model_cls(config)
     expected = hf_shapes(model)

@@ -4,19 +4,39 @@ HF stores each routed expert separately (``...experts.{e}.{gate,up,down}_proj.we
 [F, D] / [D, F]); dsmoe stacks them into ``...experts.gate_up_proj [E, 2F, D]`` (gate rows
 first, then up) and ``...experts.down_proj [E, D, F]``. Every other key is the same on
 both sides. The mapping works on any prefix, so one MoE layer and a whole model share it.
+
+DeepSeek-V2/V3 checkpoints use the same names (MLA's projections are module names too;
+V3 adds ``gate.e_score_correction_bias``). V3 also stores its multi-token-prediction
+module(s) as extra layers ``model.layers.{L .. L + num_nextn_predict_layers - 1}.*`` after the
+L decoder layers; dsmoe does not run them, and ``split_mtp`` sets them aside by name.
 """
 
 from __future__ import annotations
 
 import re
 from collections import defaultdict
-from typing import Mapping
+from typing import Iterable, Mapping
 
 import torch
 from torch import nn
 
 _HF_EXPERT = re.compile(r"^(?P<prefix>.*)experts\.(?P<e>\d+)\.(?P<proj>gate|up|down)_proj\.weight$")
 _STACKED = re.compile(r"^(?P<prefix>.*)experts\.(?P<name>gate_up_proj|down_proj)$")
+_HF_LAYER = re.compile(r"^model\.layers\.(?P<i>\d+)\.")
+
+
+def split_mtp(names: Iterable[str], num_hidden_layers: int, num_nextn_predict_layers: int
+              ) -> tuple[list[str], list[str]]:
+    """(decoder tensors, multi-token-prediction tensors) of HF checkpoint ``names``: the
+    latter are those of layers L .. L + num_nextn_predict_layers - 1. Layers past those are
+    left with the decoder tensors, for the caller's "unexpected tensor" check."""
+    kept, mtp = [], []
+    for name in names:
+        match = _HF_LAYER.match(name)
+        is_mtp = match is not None and \
+            num_hidden_layers <= int(match["i"]) < num_hidden_layers + num_nextn_predict_layers
+        (mtp if is_mtp else kept).append(name)
+    return kept, mtp
 
 
 def moe_from_hf(state_dict: Mapping[str, torch.Tensor], n_experts: int | None = None
