@@ -192,6 +192,39 @@ def layer_section(device: torch.device, quick: bool, repeats: int, out: Path | N
     del cases
 
 
+def profile_section(device: torch.device, quick: bool, out: Path | None) -> None:
+    """Where the MoE layer's forward+backward time goes: the top CUDA kernels (3 steps)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cfg = layer_config(quick)
+    T = 512 if quick else 16384
+    layer = MoELayer(cfg).to(device, torch.bfloat16).train()
+    x = torch.randn(1, T, cfg.hidden_size, device=device, dtype=torch.bfloat16)
+    grad = torch.randn_like(x)
+
+    def step() -> None:
+        xi = x.detach().requires_grad_(True)
+        layer(xi).hidden_states.backward(grad)
+        layer.zero_grad(set_to_none=True)
+
+    for _ in range(3):
+        step()
+    _sync(device)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda"
+                                           else [])
+    with profile(activities=activities) as prof:
+        for _ in range(3):
+            step()
+        _sync(device)
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    events = sorted(prof.key_averages(), key=lambda e: getattr(e, key, 0), reverse=True)
+    total = sum(getattr(e, key, 0) for e in events) or 1
+    rows = [[e.key[:70], f"{getattr(e, key, 0) / 3 / 1e3:.3f}",
+             f"{getattr(e, key, 0) / total:.1%}", str(e.count // 3)] for e in events[:22]]
+    table(f"profile: MoE layer forward+backward, {T} tokens, bf16 (per step)",
+          ["kernel / op", "ms", "share", "calls"], rows, out)
+
+
 # --- model building ----------------------------------------------------------------------------
 @torch.no_grad()
 def build_model(cfg: ModelConfig, device: torch.device, dtype: torch.dtype) -> Transformer:
@@ -221,6 +254,7 @@ def train_section(device: torch.device, quick: bool, repeats: int, peak: float,
     for variant in (["eager", "compiled blocks"] if compile_blocks else ["eager"]):
         model = build_model(cfg, device, torch.float32).train()
         if variant == "compiled blocks":
+            torch._dynamo.reset()  # entries from other sections would count as recompiles
             for block in model.layers:
                 block.compile()
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5,
@@ -327,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--quick", action="store_true", help="tiny shapes (a smoke test)")
     parser.add_argument("--out", type=Path, default=None, help="folder for gpu_tables.md")
-    parser.add_argument("--sections", nargs="*", default=["layer", "decode", "train"])
+    parser.add_argument("--sections", nargs="*", default=["layer", "decode", "train", "profile"])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batches", type=int, nargs="*", default=[1, 32])
     parser.add_argument("--new-tokens", type=int, default=64)
@@ -345,6 +379,7 @@ def main(argv: list[str] | None = None) -> int:
     peak, copy_gbs = machine(device, args.quick, args.out)
     sections = {
         "layer": lambda: layer_section(device, args.quick, args.repeats, args.out),
+        "profile": lambda: profile_section(device, args.quick, args.out),
         "train": lambda: train_section(device, args.quick, args.repeats, peak,
                                        not args.no_compile, args.out),
         "decode": lambda: decode_section(device, args.quick, args.repeats, copy_gbs,

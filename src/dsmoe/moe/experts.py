@@ -89,9 +89,16 @@ def grouped_mm_supported(device_type: str, dtype: torch.dtype) -> bool:
         return False
 
 
+@torch.compiler.assume_constant_result
+def _grouped_mm_ok(device_type: str, dtype: torch.dtype) -> bool:
+    """``grouped_mm_supported`` as a constant to ``torch.compile`` (which would otherwise
+    trace into the probe, past its cache, and break the graph there)."""
+    return grouped_mm_supported(device_type, dtype)
+
+
 def default_kernel(device: torch.device, dtype: torch.dtype) -> str:
     """``batched`` on CPU (see the module docstring), else ``grouped_mm`` where it works."""
-    if device.type != "cpu" and grouped_mm_supported(device.type, dtype):
+    if device.type != "cpu" and _grouped_mm_ok(device.type, dtype):
         return "grouped_mm"
     return "batched"
 
@@ -163,7 +170,11 @@ def _loop_mm_weight(a: torch.Tensor, b: torch.Tensor, counts: torch.Tensor) -> t
 
 
 def _fits_grouped_mm(*tensors: torch.Tensor) -> bool:
-    """``_grouped_mm`` wants 16-byte aligned data and strides (other than unit strides)."""
+    """``_grouped_mm`` wants 16-byte aligned data and strides (other than unit strides).
+    Under ``torch.compile`` there are no addresses to read; the compiler lays out what it
+    passes to the kernel itself."""
+    if torch.compiler.is_compiling():
+        return True
     return all(t.data_ptr() % 16 == 0
                and all(s == 1 or (s * t.element_size()) % 16 == 0 for s in t.stride())
                for t in tensors)
@@ -309,6 +320,24 @@ class _ExpertLinear(torch.autograd.Function):
         return grad_x, grad_w, grad_b, None
 
 
+def _swiglu_backward(gu: torch.Tensor, grad_hidden: torch.Tensor) -> torch.Tensor:
+    """d loss / d [gate, up] of hidden = silu(gate) * up, given ``gu [P, 2F]`` and
+    ``grad_hidden [P, F]`` (consumed). Eagerly the two halves are written straight into one
+    buffer; under ``torch.compile`` (which takes no ``out=`` views) as plain ops, which the
+    compiler fuses the same way."""
+    gate, up = gu.chunk(2, dim=-1)  # [P, F] views
+    if torch.compiler.is_compiling():
+        return torch.cat([torch.ops.aten.silu_backward(grad_hidden * up, gate),
+                          F.silu(gate) * grad_hidden], dim=-1)
+    grad_gu = torch.empty_like(gu)  # [P, 2F]
+    grad_gate, grad_up = grad_gu.chunk(2, dim=-1)
+    torch.ops.aten.silu.out(gate, out=grad_up)
+    grad_up.mul_(grad_hidden)  # d/d up = grad_hidden * silu(gate)
+    grad_hidden.mul_(up)  # d/d silu(gate)
+    torch.ops.aten.silu_backward.grad_input(grad_hidden, gate, grad_input=grad_gate)
+    return grad_gu
+
+
 class _SwiGLUExpertsFn(torch.autograd.Function):
     """down(silu(gate x) * up x) per expert on work rows, with the backward written out.
 
@@ -350,14 +379,8 @@ class _SwiGLUExpertsFn(torch.autograd.Function):
         grad_down = gemm.mm_weight(grad, hidden, down) if ctx.needs_input_grad[2] else None
         del hidden
         grad_hidden = gemm.mm(grad, down)  # [P, F]
-        gate, up = gu.chunk(2, dim=-1)
-        grad_gu = torch.empty_like(gu)  # [P, 2F]
-        grad_gate, grad_up = grad_gu.chunk(2, dim=-1)
-        torch.ops.aten.silu.out(gate, out=grad_up)
-        grad_up.mul_(grad_hidden)  # d/d up = grad_hidden * silu(gate)
-        grad_hidden.mul_(up)  # d/d silu(gate)
-        torch.ops.aten.silu_backward.grad_input(grad_hidden, gate, grad_input=grad_gate)
-        del grad_hidden, gu, gate, up
+        grad_gu = _swiglu_backward(gu, grad_hidden)  # [P, 2F]
+        del grad_hidden, gu
         grad_gate_up = gemm.mm_weight(grad_gu, x, gate_up) if ctx.needs_input_grad[1] else None
         grad_x = gemm.mm(grad_gu, gate_up) if ctx.needs_input_grad[0] else None  # [P, D]
         return grad_x, grad_gate_up, grad_down, None
