@@ -136,3 +136,10 @@ def test_yarn_frequencies_and_scales_match_transformers() -> None:
         torch.testing.assert_close(ours.inv_freq, inv_freq)
         assert ours.attention_factor == pytest.approx(factor)
         assert softmax_scale(12, scaling) == pytest.approx(yarn_apply_mscale(params, 12 ** -0.5))
+
+
+def test_gguf_refuses_mla_with_one_clear_line() -> None:
+    from dsmoe.checkpoint.gguf.names import tensor_specs
+
+    with pytest.raises(ValueError, match=r"Multi-head Latent Attention .*--format hf"):
+        tensor_specs(ModelConfig(**MLA))

@@ -9,6 +9,10 @@ Conventions:
   them except the routed experts it is not sent to: embedding and lm_head, attention,
   norms, dense FFNs, routers, shared experts and the top-K routed experts of each MoE layer.
   This is the convention of the DeepSeekMoE paper (16.4B total, 2.8B active for 16B).
+  DeepSeek-V2's papers leave the input embedding out (V2-Lite: 15.7B total, 2.4B active):
+  ``active_without_input_embedding``.
+- V3's multi-token-prediction module is stored in checkpoints but not run by dsmoe: it is
+  counted apart (``mtp_parameters``; V3: 671B + 14B).
 - Memory is weights only, at a fixed number of bits per parameter: no KV cache,
   activations, optimizer state or quantisation scales.
 """
@@ -29,7 +33,7 @@ class ParameterCount:
 
     embedding: int  # embed_tokens [V, D]
     lm_head: int  # [V, D]; 0 when tied to the embedding
-    attention: int  # q, k, v, o projections (+ biases)
+    attention: int  # MHA: q, k, v, o (+ biases); MLA: its projections and latent norms
     norms: int  # two RMSNorms per layer + the final one
     dense_mlp: int  # dense SwiGLU FFNs
     routers: int  # gate [E, D] per MoE layer
@@ -56,20 +60,65 @@ class ParameterCount:
     def active_non_embedding(self) -> int:
         return self.active - self.embedding - self.lm_head
 
+    @property
+    def active_without_input_embedding(self) -> int:
+        """Active parameters with lm_head but not the input embedding (a lookup, not a
+        matmul): DeepSeek-V2's convention (V2-Lite's 2.4B). A tied matrix is kept: it is
+        the lm_head too."""
+        return self.active - self.embedding if self.lm_head else self.active
+
 
 def swiglu_parameters(hidden_size: int, width: int) -> int:
     """gate, up [F, D] and down [D, F] without biases."""
     return 3 * hidden_size * width
 
 
+def mha_parameters(c: ModelConfig) -> int:
+    """One layer's q, k, v, o projections (+ biases)."""
+    D, d = c.hidden_size, c.head_dim
+    q_out, kv_out = c.num_attention_heads * d, c.num_key_value_heads * d
+    return D * q_out + 2 * D * kv_out + q_out * D + (
+        q_out + 2 * kv_out + D if c.attention_bias else 0)
+
+
+def mla_parameters(c: ModelConfig) -> int:
+    """One layer's MLA projections and latent norms (+ the biases ``attention_bias`` adds
+    to q_a_proj, kv_a_proj_with_mqa and o_proj)."""
+    D, H, C, r = c.hidden_size, c.num_attention_heads, c.kv_lora_rank, c.qk_rope_head_dim
+    qk = c.qk_nope_head_dim + r
+    bias = c.attention_bias
+    if c.q_lora_rank is None:
+        queries = D * H * qk
+    else:
+        Q = c.q_lora_rank
+        queries = D * Q + (Q if bias else 0) + Q + Q * H * qk
+    latent = D * (C + r) + (C + r if bias else 0) + C + C * H * (c.qk_nope_head_dim + c.v_head_dim)
+    return queries + latent + H * c.v_head_dim * D + (D if bias else 0)
+
+
+# One layer's attention parameters, by ``config.attention_type``.
+ATTENTION_PARAMETERS = {"mha": mha_parameters, "mla": mla_parameters}
+
+
+def mtp_parameters(config: ModelConfig) -> int:
+    """Parameters of V3's multi-token-prediction module(s) as checkpoints store them (not in
+    ``count_parameters``: dsmoe does not run them). Each: its own embedding and output
+    head copies [V, D], norms of the hidden state and of the embedding, eh_proj [D, 2D], one
+    MoE decoder layer and its final norm."""
+    c = config
+    D, V = c.hidden_size, c.vocab_size
+    E = c.n_routed_experts or 0
+    expert = swiglu_parameters(D, c.moe_intermediate_size)
+    layer = (ATTENTION_PARAMETERS[c.attention_type](c) + 2 * D + E * D
+             + (E + (c.n_shared_experts or 0)) * expert)
+    return c.num_nextn_predict_layers * (2 * V * D + 2 * D + 2 * D * D + layer + D)
+
+
 def count_parameters(config: ModelConfig) -> ParameterCount:
     """Count every parameter of ``Transformer(config)`` from the config alone."""
     c = config
-    D, V, L, d = c.hidden_size, c.vocab_size, c.num_hidden_layers, c.head_dim
-    q_out, kv_out = c.num_attention_heads * d, c.num_key_value_heads * d
-    attention = D * q_out + 2 * D * kv_out + q_out * D
-    if c.attention_bias:
-        attention += q_out + 2 * kv_out + D
+    D, V, L = c.hidden_size, c.vocab_size, c.num_hidden_layers
+    attention = ATTENTION_PARAMETERS[c.attention_type](c)
     n_moe = len(c.moe_layer_indices)
     E, K = c.n_routed_experts or 0, c.num_experts_per_tok or 0
     expert = swiglu_parameters(D, c.moe_intermediate_size)

@@ -22,6 +22,9 @@ from torch import nn
 
 _HF_EXPERT = re.compile(r"^(?P<prefix>.*)experts\.(?P<e>\d+)\.(?P<proj>gate|up|down)_proj\.weight$")
 _STACKED = re.compile(r"^(?P<prefix>.*)experts\.(?P<name>gate_up_proj|down_proj)$")
+# Checkpointed tensors that are buffers, not parameters (V3's routing bias: fp32, set by the
+# balancing rule, not by gradients); parameter counts leave them out.
+BUFFER_SUFFIXES = (".e_score_correction_bias",)
 _HF_LAYER = re.compile(r"^model\.layers\.(?P<i>\d+)\.")
 
 

@@ -10,7 +10,10 @@ config is its llama.cpp metadata, read as ``dsmoe.checkpoint.gguf`` reads it for
 
 Active parameters per token are the weights one token's forward pass reads: everything
 except the routed experts it is not sent to (embedding and lm_head included, as in the
-DeepSeekMoE paper's 16.4B total / 2.8B active). Memory is for the weights alone.
+DeepSeekMoE paper's 16.4B total / 2.8B active); DeepSeek-V2's papers leave the input
+embedding out (V2-Lite: 15.7B / 2.4B), and that figure is printed beside it. V3's
+multi-token-prediction module is stored but not run: it is reported apart (671B + 14B).
+Memory is for the weights alone.
 """
 
 from __future__ import annotations
@@ -22,14 +25,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dsmoe.config import ModelConfig
-from dsmoe.params import WEIGHT_FORMATS, ParameterCount, count_parameters, weight_bytes
+from dsmoe.params import (WEIGHT_FORMATS, ParameterCount, count_parameters, mtp_parameters,
+                          weight_bytes)
 from dsmoe.presets import PRESETS
 
 if TYPE_CHECKING:
     from dsmoe.checkpoint.gguf import GGUFFile
 
 ACTIVE_CONVENTION = ("active: every weight except the routed experts a token is not sent to; "
-                     "embedding and lm_head included")
+                     "embedding and lm_head included, as the DeepSeekMoE paper counts; "
+                     "DeepSeek-V2's papers count lm_head but not the input embedding")
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -77,21 +82,28 @@ def _type_counts(types: list[str]) -> dict[str, int]:
     return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
 
 
-def _checkpoint(directory: Path, counts: ParameterCount) -> dict[str, Any] | None:
-    """What the directory stores, from safetensors headers; None without weights."""
-    from dsmoe.checkpoint import hf
+def _checkpoint(directory: Path, config: ModelConfig) -> dict[str, Any] | None:
+    """What the directory stores, from safetensors headers; None without weights. V3's
+    multi-token-prediction tensors are counted apart (``mtp_*``): loading ignores them.
+    Stored buffers (V3's routing bias) are not parameters and not counted."""
+    from dsmoe.checkpoint import hf, keys
 
     try:
         stored = hf.stored_tensors(directory)
     except FileNotFoundError:
         return None
     files = sorted({t.file for t in stored.values()})
-    numel = sum(math.prod(t.shape) for t in stored.values())
-    problem = (None if numel == counts.total else
-               f"{numel} stored parameters, the config implies {counts.total}")
+    decoder = hf.decoder_tensors(stored, config)
+    mtp = [t for name, t in stored.items() if name not in decoder]
+    numel = sum(math.prod(t.shape) for name, t in decoder.items()
+                if not name.endswith(keys.BUFFER_SUFFIXES))
+    total = count_parameters(config).total
+    problem = (None if numel == total else
+               f"{numel} stored parameters, the config implies {total}")
     return {"format": "safetensors", "files": len(files),
+            "mtp_tensors": len(mtp), "mtp_parameters": sum(math.prod(t.shape) for t in mtp),
             "bytes": sum(f.stat().st_size for f in files),
-            "tensors": len(stored), "parameters": numel,
+            "tensors": len(decoder), "parameters": numel,
             "dtypes": sorted({t.dtype for t in stored.values()}),
             "tensor_types": _type_counts([t.dtype for t in stored.values()]),
             "file_type": None, "matches_config": problem is None, "problem": problem}
@@ -116,6 +128,7 @@ def _gguf_checkpoint(f: GGUFFile, config: ModelConfig) -> dict[str, Any]:
     except ValueError as exc:
         problem = str(exc).removeprefix(f"{f.path}: ")
     return {"format": "gguf", "files": 1, "bytes": f.path.stat().st_size,
+            "mtp_tensors": 0, "mtp_parameters": 0,
             "tensors": len(types),
             "parameters": sum(int(t.n_elements) for t in f.tensors.values()),
             "dtypes": sorted(set(types)), "tensor_types": _type_counts(types),
@@ -130,8 +143,9 @@ def describe(config: ModelConfig) -> dict[str, Any]:
     return {
         "layers": c.num_hidden_layers, "dense_layers": c.num_hidden_layers - moe,
         "moe_layers": moe, "hidden_size": c.hidden_size,
-        "attention_heads": c.num_attention_heads, "kv_heads": c.num_key_value_heads,
-        "head_dim": c.head_dim, "vocab_size": c.vocab_size,
+        "attention": c.attention_type, "attention_heads": c.num_attention_heads,
+        "kv_heads": c.num_key_value_heads, "head_dim": c.head_dim, "vocab_size": c.vocab_size,
+        "mla": _mla(c) if c.attention_type == "mla" else None,
         "tie_word_embeddings": c.tie_word_embeddings,
         "routed_experts": c.n_routed_experts if moe else 0,
         "shared_experts": (c.n_shared_experts or 0) if moe else 0,
@@ -142,10 +156,31 @@ def describe(config: ModelConfig) -> dict[str, Any]:
         "parameters": {"total": counts.total, "active": counts.active,
                        "non_embedding": counts.non_embedding,
                        "active_non_embedding": counts.active_non_embedding,
+                       "active_without_input_embedding": counts.active_without_input_embedding,
+                       "multi_token_prediction": mtp_parameters(c),
                        "by_kind": {k: v for k, v in vars(counts).items()}},
         "active_convention": ACTIVE_CONVENTION,
+        "multi_token_prediction_layers": c.num_nextn_predict_layers,
         "weight_memory_bytes": {fmt: weight_bytes(counts.total, fmt) for fmt in WEIGHT_FORMATS},
     }
+
+
+def _mla(c: ModelConfig) -> dict[str, Any]:
+    return {"q_lora_rank": c.q_lora_rank, "kv_lora_rank": c.kv_lora_rank,
+            "qk_nope_head_dim": c.qk_nope_head_dim, "qk_rope_head_dim": c.qk_rope_head_dim,
+            "v_head_dim": c.v_head_dim,
+            "cache_values_per_token_and_layer": c.kv_lora_rank + c.qk_rope_head_dim}
+
+
+def _attention_line(info: dict[str, Any]) -> str:
+    heads = f"hidden {info['hidden_size']}, {info['attention_heads']} heads"
+    m = info["mla"]
+    if m is None:
+        return f"{heads} ({info['kv_heads']} key/value), head_dim {info['head_dim']}"
+    q = "full q_proj" if m["q_lora_rank"] is None else f"q_lora_rank {m['q_lora_rank']}"
+    return (f"{heads}, MLA: {q}, kv_lora_rank {m['kv_lora_rank']}, qk {m['qk_nope_head_dim']}"
+            f" + rope {m['qk_rope_head_dim']}, v {m['v_head_dim']}; cache "
+            f"{m['cache_values_per_token_and_layer']} values per token and layer")
 
 
 def _count(n: int) -> str:
@@ -172,8 +207,7 @@ def _text(source: str, info: dict[str, Any]) -> str:
     lines = [
         f"model        {source}",
         f"layers       {info['layers']} ({info['dense_layers']} dense, {info['moe_layers']} MoE)",
-        f"attention    hidden {info['hidden_size']}, {info['attention_heads']} heads "
-        f"({info['kv_heads']} key/value), head_dim {info['head_dim']}",
+        f"attention    {_attention_line(info)}",
     ]
     if info["moe_layers"]:
         lines.append(
@@ -185,10 +219,15 @@ def _text(source: str, info: dict[str, Any]) -> str:
         f"vocabulary   {info['vocab_size']} "
         f"({'tied' if info['tie_word_embeddings'] else 'separate'} embedding and lm_head)",
         f"parameters   {_count(p['total'])} total, {_count(p['active'])} active per token "
-        f"({_count(p['active_non_embedding'])} without embedding and lm_head)",
+        f"with embedding and lm_head, {_count(p['active_without_input_embedding'])} without "
+        f"the input embedding, {_count(p['active_non_embedding'])} without both",
         f"             ({info['active_convention']})",
         "  by kind    " + ", ".join(f"{k.replace('_', ' ')} {_count(v)}"
                                     for k, v in kinds.items() if k != "active_routed_experts"),
+        *([f"MTP          + {_count(p['multi_token_prediction'])} in "
+             f"{info['multi_token_prediction_layers']} multi-token-prediction layer(s): "
+             "stored in checkpoints, not run by dsmoe (ignored when loading)"]
+          if p["multi_token_prediction"] else []),
         "weights      " + ", ".join(f"{fmt} {_gib(n)}"
                                     for fmt, n in info["weight_memory_bytes"].items()),
         "             (weights only: no KV cache, activations or quantisation scales)",
@@ -205,6 +244,9 @@ def _text(source: str, info: dict[str, Any]) -> str:
                  else f"{ckpt['files']} safetensors file(s)")
         lines.append(f"checkpoint   {where}, {_size(ckpt['bytes'])}, {ckpt['tensors']} tensors "
                      f"({types}), {_count(ckpt['parameters'])} parameters: {check}")
+        if ckpt.get("mtp_tensors"):
+            lines.append(f"             {ckpt['mtp_tensors']} multi-token-prediction tensors "
+                         f"({_count(ckpt['mtp_parameters'])} parameters) ignored for inference")
     return "\n".join(lines)
 
 
@@ -212,7 +254,7 @@ def run(args: argparse.Namespace) -> int:
     config, source, stored = _resolve(args.model)
     info = describe(config)
     if isinstance(stored, Path):
-        info["checkpoint"] = _checkpoint(stored, count_parameters(config))
+        info["checkpoint"] = _checkpoint(stored, config)
     elif stored is not None:
         info["checkpoint"] = _gguf_checkpoint(stored, config)
     if args.json:

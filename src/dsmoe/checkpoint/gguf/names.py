@@ -54,6 +54,10 @@ def tensor_specs(config: ModelConfig, *, tied: bool | None = None) -> list[Tenso
     ``tied``: whether ``output.weight`` is absent (defaults to ``tie_word_embeddings``).
     """
     c = config
+    if c.attention_type != "mha":
+        raise ValueError(f"GGUF holds dsmoe's multi-head attention models (llama.cpp's "
+                         f"\"deepseek\"); {c.model_type} uses Multi-head Latent Attention "
+                         "(llama.cpp's \"deepseek2\"), not supported in GGUF yet: use --format hf")
     tied = c.tie_word_embeddings if tied is None else tied
     V, D, d = c.vocab_size, c.hidden_size, c.head_dim
     H, Hkv = c.num_attention_heads, c.num_key_value_heads
