@@ -86,7 +86,7 @@ def _worker(cfg: ModelConfig, batch: int, seq: int, steps: int, warmup: int) -> 
                 payload.append(sent.get("payload", 0))
                 metadata.append(sent.get("metadata", 0))
                 for layer in ddist.ep_layers(model):
-                    reach = max(reach, int(layer.last_ranks_per_token.max()))
+                    reach = max(reach, int(layer.dispatcher.last_ranks_per_token.max()))
         summary = torch.tensor([statistics.mean(payload), statistics.mean(metadata), reach],
                                dtype=torch.float64)
         if world > 1:

@@ -232,3 +232,40 @@ def test_losses_off_by_default_and_when_alpha_is_zero() -> None:
     layer, x = _layer(n_devices=4)  # devices, but no alphas
     out = layer(x)
     assert out.losses == {} and out.aux_loss.item() == 0.0
+
+
+@pytest.mark.parametrize("shape", [(2, 0), (0, 5)])
+def test_every_loss_of_an_empty_batch_is_zero(shape: tuple[int, int]) -> None:
+    """No tokens (here, or on every rank: ``total`` sums zeros) is no imbalance: 0, never
+    NaN (a mean over no tokens) or a ZeroDivisionError (f = count / T)."""
+    B, S = shape
+    E, K, n_dev = 8, 2, 4
+    probs = torch.rand(B, S, E)
+    idx = torch.zeros(B, S, K, dtype=torch.long)
+    for total in (None, lambda counts: counts):
+        losses = [balance.expert_balance_loss(probs, idx, E, seq_level=True, total=total),
+                  balance.expert_balance_loss(probs, idx, E, seq_level=False, total=total),
+                  balance.device_balance_loss(probs, idx, E, n_dev, total=total),
+                  balance.comm_balance_loss(probs, idx, E, n_dev, 2, total=total),
+                  balance.z_loss(torch.randn(B, S, E))]
+        assert [float(loss) for loss in losses] == [0.0] * 5
+
+
+def test_total_counts_frequencies_over_the_whole_batch() -> None:
+    """Two halves of a batch, each with ``total`` summing both halves' counts: the mean of
+    the halves' losses is the loss of the whole batch (P per half, f over both)."""
+    gen = torch.Generator().manual_seed(3)
+    E, K, n_dev = 8, 2, 4
+    probs = torch.rand(2, 6, E, generator=gen).softmax(-1)
+    idx = torch.stack([torch.randperm(E, generator=gen)[:K] for _ in range(12)]).view(2, 6, K)
+    halves = [(probs[i:i + 1], idx[i:i + 1]) for i in range(2)]
+    for loss in (lambda p, i, t: balance.expert_balance_loss(p, i, E, False, t),
+                 lambda p, i, t: balance.device_balance_loss(p, i, E, n_dev, t),
+                 lambda p, i, t: balance.comm_balance_loss(p, i, E, n_dev, 2, t)):
+        seen: list[torch.Tensor] = []  # each half's counts, as it hands them to ``total``
+        for p, i in halves:
+            loss(p, i, lambda c: seen.append(c.clone()) or c)
+        summed = seen[0] + seen[1]  # what an all-reduce over the two halves returns
+        parts = [loss(p, i, lambda c: summed.clone()) for p, i in halves]
+        torch.testing.assert_close((parts[0] + parts[1]) / 2, loss(probs, idx, None),
+                                   atol=1e-7, rtol=1e-6)

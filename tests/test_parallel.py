@@ -13,6 +13,8 @@ Shapes: B batch, S sequence, D hidden, E experts, K picks.
 from __future__ import annotations
 
 import math
+import sys
+from pathlib import Path
 from typing import Any, Callable
 
 import pytest
@@ -24,7 +26,7 @@ from dsmoe import plan
 from dsmoe.config import ModelConfig
 from dsmoe.model import Transformer
 from dsmoe.moe.layer import MoELayer
-from dsmoe.moe.parallel import ExpertParallelMoELayer
+from dsmoe.moe.parallel import parallelize_layer, slice_experts
 
 ATOL, RTOL = 1e-6, 1e-5
 
@@ -55,7 +57,7 @@ def _layer_worker(cfg: ModelConfig, state: dict, x: torch.Tensor,
     try:
         layer = MoELayer(cfg)
         layer.load_state_dict(state)
-        ep_layer = ExpertParallelMoELayer.from_layer(layer.train(), ddist.Topology.create(ep))
+        ep_layer = parallelize_layer(layer.train(), ddist.Topology.create(ep))
         x_r = ddist.data_shard(x, rank, world).clone().requires_grad_(True)
         out = ep_layer(x_r)
         _objective(out.hidden_states, ddist.data_shard(probe, rank, world),
@@ -66,9 +68,9 @@ def _layer_worker(cfg: ModelConfig, state: dict, x: torch.Tensor,
             "aux": ddist.reduce_mean(out.aux_loss),
             "losses": {k: ddist.reduce_mean(v) for k, v in out.losses.items()},
             "grads": {n: p.grad.clone() for n, p in ep_layer.named_parameters()},
-            "offset": ep_layer.expert_offset, "counts": out.expert_counts,
+            "offset": ep_layer.dispatcher.expert_offset, "counts": out.expert_counts,
             "dropped": float(out.dropped_fraction),
-            "ranks_per_token": ep_layer.last_ranks_per_token,
+            "ranks_per_token": ep_layer.dispatcher.last_ranks_per_token,
             "remote_ranks": _remote_ranks(out.topk_idx, cfg.n_routed_experts // ep, ep,
                                           rank % ep),
             "bytes": ddist.comm_bytes(ep_layer),
@@ -182,14 +184,14 @@ def _uneven_worker(cfg: ModelConfig, state: dict, inputs: list[torch.Tensor]) ->
     try:
         layer = MoELayer(cfg)
         layer.load_state_dict(state)
-        ep_layer = ExpertParallelMoELayer.from_layer(layer.train(), ddist.Topology.create(world))
+        ep_layer = parallelize_layer(layer.train(), ddist.Topology.create(world))
         x = inputs[rank].clone().requires_grad_(True)
         out = ep_layer(x)
         out.hidden_states.sum().backward()
         ddist.sync_gradients(ep_layer)
         return {"out": out.hidden_states.detach(), "x_grad": x.grad,
                 "grads": {n: p.grad.clone() for n, p in ep_layer.named_parameters()},
-                "offset": ep_layer.expert_offset, "bytes": ddist.comm_bytes(ep_layer)}
+                "offset": ep_layer.dispatcher.expert_offset, "bytes": ddist.comm_bytes(ep_layer)}
     finally:
         ddist.teardown()
 
@@ -225,6 +227,124 @@ def test_empty_exchanges(case: str) -> None:
         assert ranks[0]["bytes"]["dispatch"] == 0 and ranks[1]["bytes"]["combine"] == 0
 
 
+# --- one forward for one process and many ------------------------------------------------------
+def _moe_calls(fn: Callable[[], Any]) -> set[str]:
+    """The functions of the MoE layer's stages (router, dispatch, balance, the layer and
+    its dispatchers) that ``fn()`` runs: {"file.py:Qualified.name"}. Private helpers of
+    dispatch.py are left out: which of them run depends on the expert counts (the grouped
+    GEMM pads some batches and not others), and a rank holds other counts than one process."""
+    moe = Path(MoELayer.__module__.replace(".", "/")).parent.name  # "moe"
+    stages = {"layer.py", "router.py", "dispatch.py", "balance.py", "parallel.py"}
+    calls: set[str] = set()
+
+    def profile(frame, event, arg) -> None:  # noqa: ANN001
+        code = frame.f_code
+        path = Path(code.co_filename)
+        if event != "call" or path.parent.name != moe or path.name not in stages:
+            return
+        if path.name == "dispatch.py" and code.co_name.startswith("_"):
+            return
+        calls.add(f"{path.name}:{code.co_qualname}")
+
+    sys.setprofile(profile)
+    try:
+        fn()
+    finally:
+        sys.setprofile(None)
+    return calls
+
+
+def _code_path_worker(cfg: ModelConfig, state: dict, x: torch.Tensor) -> dict:
+    rank, world = ddist.init_distributed()
+    try:
+        layer = MoELayer(cfg).train()
+        layer.load_state_dict(state)
+        x_r = ddist.data_shard(x, rank, world)
+        single = _moe_calls(lambda: layer(x_r))
+        ep_layer = parallelize_layer(layer, ddist.Topology.create(world))
+        parallel = _moe_calls(lambda: ep_layer(x_r))
+        return {"single": single, "parallel": parallel, "same_object": ep_layer is layer,
+                "type": type(ep_layer), "forward": type(ep_layer).forward}
+    finally:
+        ddist.teardown()
+
+
+def test_expert_parallel_layer_runs_the_single_process_forward() -> None:
+    """Not a subclass with its own forward: the same MoELayer.forward, router, plan,
+    grouped experts, combine and loss table run; only the dispatcher (and the exchange it
+    calls, all in moe/parallel.py) differs."""
+    cfg = moe_config(aux_loss_alpha=0.01, seq_aux=False, n_devices=2, drop_tokens=True,
+                     device_balance_alpha=0.05, comm_balance_alpha=0.02, z_loss_alpha=0.001)
+    layer = randomize_(MoELayer(cfg), std=0.3)
+    x = torch.randn(4, 8, cfg.hidden_size)
+    for r in _run(_code_path_worker, 2, cfg, layer.state_dict(), x):
+        assert r["same_object"] and r["type"] is MoELayer and r["forward"] is MoELayer.forward
+        assert r["single"] - r["parallel"] == {"layer.py:LocalDispatcher.forward"}
+        extra = r["parallel"] - r["single"]
+        assert extra and all(name.startswith("parallel.py:") for name in extra), extra
+        for name in ("layer.py:MoELayer.forward", "dispatch.py:plan_dispatch",
+                     "dispatch.py:run_experts", "dispatch.py:combine",
+                     "balance.py:comm_balance_loss", "parallel.py:GroupSum.__call__"):
+            assert name in r["parallel"], name
+
+
+def _empty_worker(configs: list[ModelConfig], state: dict, inputs: list[torch.Tensor]
+                  ) -> list[dict]:
+    rank, world = ddist.init_distributed()
+    try:
+        results = []
+        for cfg in configs:
+            layer = MoELayer(cfg).train()
+            layer.load_state_dict(state, strict=False)  # V3's bias buffer is not in state
+            model = ddist.parallelize(torch.nn.Sequential(layer), world)
+            x = inputs[rank].clone().requires_grad_(True)
+            out = model[0](x)
+            (out.hidden_states.sum() + out.aux_loss).backward()  # collectives in backward too
+            results.append({"aux": out.aux_loss.detach(),
+                            "losses": {k: v.detach() for k, v in out.losses.items()},
+                            "grads_finite": all(torch.isfinite(p.grad).all()
+                                                for p in model.parameters()
+                                                if p.grad is not None)})
+        return results
+    finally:
+        ddist.teardown()
+
+
+@pytest.mark.parametrize("world, case", [(1, "empty batch"), (2, "empty batch"),
+                                         (4, "empty batch"), (2, "only rank 0 has tokens"),
+                                         (4, "only rank 0 has tokens")])
+def test_empty_batch_and_empty_local_shard_give_aux_zero(world: int, case: str) -> None:
+    """Balance losses on a rank without tokens are 0, not NaN (sequence-level loss) or a
+    ZeroDivisionError (token-level frequencies); with tokens on rank 0 only, rank 0 gets
+    the single-process losses of its batch (it is the whole global batch)."""
+    all_losses = dict(aux_loss_alpha=0.01, device_balance_alpha=0.05, comm_balance_alpha=0.02,
+                      z_loss_alpha=0.001, n_devices=world)
+    configs = [moe_config(seq_aux=True, **all_losses), moe_config(seq_aux=False, **all_losses),
+               moe_config(scoring_func="sigmoid", topk_method="noaux_tc", n_group=4,
+                          topk_group=2, seq_aux=True, aux_loss_alpha=0.01, n_devices=world)]
+    layer = randomize_(MoELayer(configs[0]), std=0.3)
+    state = layer.state_dict()
+    D = configs[0].hidden_size
+    inputs = [torch.zeros(2, 0, D) for _ in range(world)]
+    if case == "only rank 0 has tokens":
+        inputs[0] = torch.randn(2, 6, D)
+    ranks = _run(_empty_worker, world, configs, state, inputs)
+    for rank, results in enumerate(ranks):
+        for cfg, r in zip(configs, results):
+            assert r["grads_finite"], f"rank {rank}: non-finite gradients"
+            if inputs[rank].numel() == 0:
+                assert float(r["aux"]) == 0.0, f"rank {rank}: aux {float(r['aux'])}"
+                assert all(float(v) == 0.0 for v in r["losses"].values()), r["losses"]
+                continue
+            single = MoELayer(cfg).train()
+            single.load_state_dict(state, strict=False)
+            expected = single(inputs[rank])
+            assert set(r["losses"]) == set(expected.losses)
+            for name, value in expected.losses.items():
+                assert math.isclose(float(r["losses"][name]), float(value.detach()),
+                                    rel_tol=1e-5), name
+
+
 # --- communication volume against dsmoe.plan -----------------------------------------------------
 def _bytes_worker(cfg: ModelConfig, x: torch.Tensor, ep: int) -> dict:
     rank, world = ddist.init_distributed()
@@ -238,8 +358,8 @@ def _bytes_worker(cfg: ModelConfig, x: torch.Tensor, ep: int) -> dict:
         out = model[0](ddist.data_shard(x, rank, world).clone().requires_grad_(True))
         out.hidden_states.sum().backward()
         remote = _remote_ranks(out.topk_idx, cfg.n_routed_experts // ep, ep, rank)
-        return {"bytes": ddist.comm_bytes(model), "reach": model[0].last_ranks_per_token,
-                "remote": remote}
+        return {"bytes": ddist.comm_bytes(model),
+                "reach": model[0].dispatcher.last_ranks_per_token, "remote": remote}
     finally:
         ddist.teardown()
 
@@ -405,3 +525,11 @@ def test_data_shard_splits_rows_of_the_global_batch() -> None:
     assert torch.equal(shards[1][1], batch[2:] + 1)
     with pytest.raises(ValueError, match="batch size 4 is not divisible by the world size 3"):
         ddist.data_shard(batch, 0, 3)
+
+
+def test_a_layer_holding_an_expert_shard_has_no_hf_names() -> None:
+    layer = MoELayer(moe_config())
+    layer.experts = slice_experts(layer.experts, 4, 8)  # what parallelize_layer does on rank 1
+    for call in (layer.hf_state_dict, lambda: layer.load_hf_state_dict({})):
+        with pytest.raises(NotImplementedError, match="holds 4 of its 8 experts"):
+            call()

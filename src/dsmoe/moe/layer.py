@@ -9,6 +9,17 @@ forward(x):
   5. balance losses (training only, as DeepSeek computes them) and expert load
 The same path runs in train and eval mode; without dropping, outputs are identical.
 
+Design choices (the seams expert parallelism uses; ``dsmoe.moe.parallel`` fills them from
+outside, on a built layer, the way quantization swaps experts):
+- Steps 2-4 are the layer's ``dispatcher``: ``LocalDispatcher`` runs every expert in this
+  process; ``parallel.AllToAllDispatcher`` sends tokens to the ranks owning their experts.
+  Both take (tokens, route, experts, capacity factor) and return a ``Dispatched``: the
+  routed output and the per-expert counts. ``experts`` is whatever block of experts this
+  process holds (all of them, or one rank's shard).
+- Step 5 has one loss table, ``_loss_terms``; where the selection frequencies are counted
+  is the layer's ``balance_total`` (``None``: this call's tokens; a sum over the ranks
+  under data/expert parallelism, see ``dsmoe.moe.balance``).
+
 Shapes: B batch, S sequence, T = B*S tokens, D hidden, E experts, K picks.
 """
 
@@ -41,25 +52,57 @@ class MoEOutput:
     dropped_fraction: torch.Tensor | None = None  # scalar: share of assignments dropped
 
 
-LossTerm = Callable[[RouterOutput, torch.Tensor, int, int], torch.Tensor]
+# fn(route, probs [T, E], B, S, total) -> the loss before its alpha
+LossTerm = Callable[[RouterOutput, torch.Tensor, int, int, "balance.Total | None"], torch.Tensor]
 
 
 def _loss_terms(cfg: MoEConfig) -> dict[str, tuple[float, LossTerm]]:
-    """The balance losses this config asks for: name -> (alpha, fn(router, probs, B, S))."""
+    """The balance losses this config asks for: name -> (alpha, fn)."""
     E, K = cfg.n_routed_experts, cfg.num_experts_per_tok
     terms: dict[str, tuple[float, LossTerm]] = {}
     if cfg.aux_loss_alpha > 0:
-        terms["expert"] = (cfg.aux_loss_alpha, lambda r, p, B, S: balance.expert_balance_loss(
-            p.view(B, S, E), r.topk_idx.view(B, S, K), E, cfg.seq_aux))
+        terms["expert"] = (cfg.aux_loss_alpha, lambda r, p, B, S, total: (
+            balance.expert_balance_loss(p.view(B, S, E), r.topk_idx.view(B, S, K), E,
+                                        cfg.seq_aux, total)))
     if cfg.device_balance_alpha > 0 and cfg.n_devices > 1:
-        terms["device"] = (cfg.device_balance_alpha, lambda r, p, B, S: balance.device_balance_loss(
-            p, r.topk_idx, E, cfg.n_devices))
+        terms["device"] = (cfg.device_balance_alpha, lambda r, p, B, S, total: (
+            balance.device_balance_loss(p, r.topk_idx, E, cfg.n_devices, total)))
     if cfg.comm_balance_alpha > 0 and cfg.n_devices > 1:
-        terms["comm"] = (cfg.comm_balance_alpha, lambda r, p, B, S: balance.comm_balance_loss(
-            p, r.topk_idx, E, cfg.n_devices, cfg.max_devices))
+        terms["comm"] = (cfg.comm_balance_alpha, lambda r, p, B, S, total: (
+            balance.comm_balance_loss(p, r.topk_idx, E, cfg.n_devices, cfg.max_devices,
+                                      total)))
     if cfg.z_loss_alpha > 0:
-        terms["z"] = (cfg.z_loss_alpha, lambda r, p, B, S: balance.z_loss(r.logits))
+        terms["z"] = (cfg.z_loss_alpha, lambda r, p, B, S, total: balance.z_loss(r.logits))
     return terms
+
+
+# --- dispatchers ---------------------------------------------------------------------------
+@dataclass
+class Dispatched:
+    """What a dispatcher returns."""
+
+    out: torch.Tensor  # [T, D] routed output: each token's weighted sum over its K experts
+    counts: torch.Tensor  # [E] assignments per expert chosen for these T tokens (pre-drop)
+    dropped_fraction: torch.Tensor  # scalar: share of assignments dropped over capacity
+
+
+class LocalDispatcher(nn.Module):
+    """Every expert lives in this process: plan (sort by expert, drop over capacity) ->
+    grouped experts -> combine. ``capacity_factor`` ``None``: drop nothing."""
+
+    def forward(self, tokens: torch.Tensor, route: RouterOutput, experts: nn.Module,
+                capacity_factor: float | None) -> Dispatched:
+        T, K = route.topk_idx.shape
+        E = route.scores.shape[-1]
+        capacity = None
+        if capacity_factor is not None:
+            capacity = expert_capacity(capacity_factor, T, K, E)
+        plan = plan_dispatch(route.topk_idx, E, capacity, route.topk_score)
+        # gather -> experts -> combine; the gather is an index_select, not tokens[idx]:
+        # CPU advanced indexing opens a thread pool region even for one decode token's rows.
+        out = run_experts(experts, tokens, plan, route.topk_weight.to(tokens.dtype))  # [T, D]
+        dropped = 1.0 - plan.counts.sum().float() / max(plan.n_assignments, 1)
+        return Dispatched(out, plan.routed_counts, dropped)
 
 
 class MoELayer(nn.Module):
@@ -87,6 +130,10 @@ class MoELayer(nn.Module):
             shared_experts = SwiGLUMLP(D, F * n_shared, config.hidden_act, std)
         self.shared_experts = shared_experts
         self.loss_terms = _loss_terms(config)
+        self.dispatcher: nn.Module = LocalDispatcher()
+        # Where the balance losses count selection frequencies: None = this call's tokens
+        # (set from outside by dsmoe.moe.parallel to a sum over the data-parallel ranks).
+        self.balance_total: balance.Total | None = None
         # Tokens per expert since the last bias update (training only); not checkpointed
         # on purpose: it is reset by every optimizer step. NOTE: an integer buffer, so
         # ``.to(torch.bfloat16)`` leaves it alone (a bf16 counter rounds past 256).
@@ -98,32 +145,25 @@ class MoELayer(nn.Module):
         shape = x.shape
         B, S = (shape[0], shape[1]) if x.dim() == 3 else (1, shape[0])
         tokens = x.reshape(-1, shape[-1])  # [T, D]
-        T, E = tokens.shape[0], cfg.n_routed_experts
 
         route = self.gate(tokens)
-        capacity = None
-        if cfg.drop_tokens and self.training:
-            capacity = expert_capacity(cfg.capacity_factor, T, cfg.num_experts_per_tok, E)
-        plan = plan_dispatch(route.topk_idx, E, capacity, route.topk_score)
-        # gather -> experts -> combine; the gather is an index_select, not tokens[idx]:
-        # CPU advanced indexing opens a thread pool region even for one decode token's rows.
-        out = run_experts(self.experts, tokens, plan, route.topk_weight.to(x.dtype))  # [T, D]
+        capacity_factor = cfg.capacity_factor if cfg.drop_tokens and self.training else None
+        routed = self.dispatcher(tokens, route, self.experts, capacity_factor)
+        out = routed.out  # [T, D]
         if self.shared_experts is not None:
             out = out + self.shared_experts(tokens)
 
         losses: dict[str, torch.Tensor] = {}
-        if self.training and self.loss_terms and T > 0:  # no tokens: no balance to measure
+        if self.training and self.loss_terms:  # also for T = 0: every rank must take part
             probs = self._balance_probs(route.scores)
-            losses = {name: alpha * fn(route, probs, B, S)
+            losses = {name: alpha * fn(route, probs, B, S, self.balance_total)
                       for name, (alpha, fn) in self.loss_terms.items()}
         if self.training:
             with torch.no_grad():
-                self.load_counts += plan.routed_counts
+                self.load_counts += routed.counts
         aux = sum(losses.values()) if losses else tokens.new_zeros((), dtype=torch.float32)
-        kept = plan.counts.sum()
-        dropped = 1.0 - kept.float() / max(plan.n_assignments, 1)
-        return MoEOutput(out.view(shape), aux, losses, plan.routed_counts, route.topk_idx,
-                         route.topk_weight, route.logits, dropped)
+        return MoEOutput(out.view(shape), aux, losses, routed.counts, route.topk_idx,
+                         route.topk_weight, route.logits, routed.dropped_fraction)
 
     def _balance_probs(self, scores: torch.Tensor) -> torch.Tensor:
         """Affinities the balance losses use: softmax scores as they are; sigmoid scores
@@ -157,13 +197,24 @@ class MoELayer(nn.Module):
     # --- HF checkpoint keys ----------------------------------------------------------------
     def hf_state_dict(self) -> dict[str, torch.Tensor]:
         """This layer's weights under HF DeepSeek key names (per-expert tensors)."""
+        self._check_holds_every_expert()
         return keys.moe_to_hf(self.state_dict())
+
+    def _check_holds_every_expert(self) -> None:
+        """HF names number experts 0..E-1: a layer holding one rank's shard has no names."""
+        held = getattr(self.experts, "num_experts", self.config.n_routed_experts)
+        if held != self.config.n_routed_experts:
+            raise NotImplementedError(
+                f"this layer holds {held} of its {self.config.n_routed_experts} experts "
+                "(an expert-parallel shard): gather the model first "
+                "(dsmoe.distributed.gather_model), or load HF weights before parallelize")
 
     def load_hf_state_dict(self, state_dict: Mapping[str, torch.Tensor], *,
                            assign: bool = False) -> None:
         """Load HF-named weights (``gate.weight``, ``experts.{e}.*``, ``shared_experts.*``,
         V3's ``gate.e_score_correction_bias``); missing, unexpected or misshapen tensors
         raise a ``ValueError`` naming them."""
+        self._check_holds_every_expert()
         # Check under HF names first, so errors name the tensors the caller passed (a
         # misshapen single expert would otherwise fail inside torch.stack).
         expected = keys.moe_to_hf({k: v.to("meta") for k, v in self.state_dict().items()})
