@@ -216,3 +216,22 @@ def test_graph_decoders_are_reused_and_recaptured_for_new_weights(gen_model: Tra
     assert make_decoder(gen_model, 3, 40) is not a
     model = Transformer(gen_model.config).to(CUDA).eval()
     assert make_decoder(model, 2, 40) is not a
+
+
+def test_layer_gradients_are_bitwise_deterministic_on_cuda() -> None:
+    """Dispatch and combine reduce in a fixed order (no atomics): two backward passes
+    give identical bits."""
+    from conftest import moe_config
+
+    layer = MoELayer(moe_config(hidden_size=64)).to(CUDA).train()
+    x = torch.randn(8, 64, 64, device=CUDA)
+
+    def grads() -> list[torch.Tensor]:
+        xi = x.clone().requires_grad_(True)
+        layer(xi).hidden_states.pow(2).sum().backward()
+        result = [xi.grad] + [p.grad.clone() for p in layer.parameters()]
+        layer.zero_grad(set_to_none=True)
+        return result
+
+    for a, b in zip(grads(), grads()):
+        assert torch.equal(a, b)

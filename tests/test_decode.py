@@ -73,3 +73,27 @@ def test_decoder_choice_on_cpu(model: Transformer) -> None:
         make_decoder(model, 1, 8, compile=True)
     with pytest.raises(ValueError, match="CUDA graphs need a CUDA model"):
         generate(model, [[1, 2]], max_new_tokens=2, cuda_graph=True)
+
+
+# --- --device on the model commands ------------------------------------------------------------
+@pytest.mark.parametrize("command", ["generate", "chat", "analyze"])
+def test_device_argument_errors_are_one_line(command: str, tmp_path, capsys) -> None:
+    from dsmoe import cli
+
+    extra = {"generate": ["--prompt", "hi"], "chat": [], "analyze": ["--out", str(tmp_path / "o")]}
+    cases = [("meta", "dsmoe runs on cpu or cuda"), ("nonsense:x", "is not a device")]
+    if not torch.cuda.is_available():
+        cases.append(("cuda", "no CUDA device is available"))
+    for device, message in cases:
+        code = cli.main([command, str(tmp_path), "--device", device, *extra[command]])
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and message in err and "\n" not in err, (device, err)
+
+
+def test_int_kernels_refuse_cuda() -> None:
+    from dsmoe.commands._common import resolve_device
+
+    if torch.cuda.is_available():
+        with pytest.raises(ValueError, match="--quant int8 uses dsmoe's CPU kernels"):
+            resolve_device("cuda", quant="int8")
+    assert resolve_device("cpu", quant="int8") == torch.device("cpu")

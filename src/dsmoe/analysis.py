@@ -56,8 +56,9 @@ def windows(ids: list[int], seq_len: int, max_tokens: int) -> torch.Tensor:
 @torch.no_grad()
 def mean_loss(model: Transformer, data: torch.Tensor, batch_size: int = 8) -> float:
     total, count = 0.0, 0
+    device = model.embed_tokens.weight.device
     for start in range(0, data.shape[0], batch_size):
-        chunk = data[start: start + batch_size]
+        chunk = data[start: start + batch_size].to(device)
         logits = model(chunk[:, :-1]).logits.float()
         total += F.cross_entropy(logits.flatten(0, 1), chunk[:, 1:].flatten(), reduction="sum").item()
         count += chunk[:, 1:].numel()
@@ -115,14 +116,14 @@ def routing_statistics(model: Transformer, data: torch.Tensor, decode, batch_siz
     n_tokens = 0
     for start in range(0, data.shape[0], batch_size):
         inputs = data[start: start + batch_size, :-1]
-        routing = model(inputs, return_routing=True).routing
+        routing = model(inputs.to(model.embed_tokens.weight.device), return_routing=True).routing
         flat_ids = inputs.reshape(-1).tolist()
         token_count.update(flat_ids)
         n_tokens += len(flat_ids)
         for i, r in enumerate(routing):
-            load[i] += r.expert_counts.float()
+            load[i] += r.expert_counts.float().cpu()
             probs = _probs(r.router_logits, layers[i].config.scoring_func)
-            token_entropy[i] += -(probs * probs.clamp_min(1e-12).log()).sum(-1).sum()
+            token_entropy[i] += -(probs * probs.clamp_min(1e-12).log()).sum(-1).sum().cpu()
             for tok, experts in zip(flat_ids, r.topk_idx.tolist()):
                 for e in experts:
                     per_expert[i][e][tok] += 1

@@ -17,6 +17,34 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                         help="apply this LoRA adapter (dsmoe finetune's) without merging")
     parser.add_argument("--quant", choices=("int8", "int4"), default=None,
                         help="quantize the weights while loading (no full-precision copy)")
+    add_device_argument(parser)
+
+
+def add_device_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default="cpu",
+                        help="where the model runs: cpu, cuda or cuda:N (default: cpu)")
+
+
+def resolve_device(name: str, *, quant: str | None = None) -> torch.device:
+    """``--device`` as a torch device, or a ValueError that says what is wrong with it."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name!r} is not a device (expected cpu, cuda or cuda:N)"
+                         ) from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {name}: no CUDA device is available here "
+                             f"(torch {torch.__version__})")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {name}: only {torch.cuda.device_count()} CUDA "
+                             f"device(s) here")
+        if quant is not None:
+            raise ValueError(f"--quant {quant} uses dsmoe's CPU kernels; drop --quant to "
+                             f"run on {name} (use --dtype bfloat16 there)")
+    elif device.type != "cpu":
+        raise ValueError(f"--device {name}: dsmoe runs on cpu or cuda")
+    return device
 
 
 def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
@@ -37,7 +65,9 @@ def load_model_and_tokenizer(args: argparse.Namespace):
     path = Path(args.model)
     if not path.exists():
         raise FileNotFoundError(f"model not found: {path}")
-    model = load_model(path, dtype=DTYPES[args.dtype], quant=getattr(args, "quant", None))
+    quant = getattr(args, "quant", None)
+    device = resolve_device(getattr(args, "device", "cpu"), quant=quant)
+    model = load_model(path, dtype=DTYPES[args.dtype], quant=quant, device=device)
     if path.suffix == ".gguf":
         from dsmoe.checkpoint.gguf import load_tokenizer
 

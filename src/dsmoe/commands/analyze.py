@@ -20,15 +20,17 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--max-tokens", type=int, default=16384)
     parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
 
 
 def run(args: argparse.Namespace) -> int:
     from dsmoe.analysis import analyze, windows, write_outputs
+    from dsmoe.commands._common import resolve_device
     from dsmoe.data import load_corpus
     from dsmoe.model import Transformer
     from dsmoe.tokenizer import Tokenizer
 
-    model = Transformer.from_pretrained(args.model)
+    model = Transformer.from_pretrained(args.model, device=resolve_device(args.device))
     tokenizer = Tokenizer.from_file(Path(args.model).parent if args.model.endswith(".gguf")
                                     else args.model)
     corpus = load_corpus(args.data)
