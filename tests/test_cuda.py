@@ -235,3 +235,53 @@ def test_layer_gradients_are_bitwise_deterministic_on_cuda() -> None:
 
     for a, b in zip(grads(), grads()):
         assert torch.equal(a, b)
+
+
+def test_expert_parallel_path_on_a_one_rank_nccl_group(monkeypatch) -> None:
+    """The all-to-all dispatcher and the all-reduced balance counts, over NCCL with one
+    rank: the layer must give exactly what the single-process layer gives."""
+    import torch.distributed as dist
+
+    from conftest import moe_config, randomize_
+    from dsmoe.distributed.launcher import _free_port, init_distributed, teardown
+    from dsmoe.moe.parallel import AllToAllDispatcher, GroupSum
+
+    if not dist.is_nccl_available():
+        pytest.skip("torch was built without NCCL")
+    for key, value in dict(WORLD_SIZE="1", RANK="0", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                           MASTER_PORT=str(_free_port())).items():
+        monkeypatch.setenv(key, value)
+    assert init_distributed() == (0, 1)
+    try:
+        assert dist.get_backend() == "nccl"
+        cfg = moe_config(aux_loss_alpha=0.01, n_routed_experts=8)
+        ref = randomize_(MoELayer(cfg)).to(CUDA).train()
+        ep = MoELayer(cfg).to(CUDA).train()
+        ep.load_state_dict(ref.state_dict())
+        ep.dispatcher = AllToAllDispatcher(cfg.n_routed_experts, None, 1, 0)
+        ep.balance_total = GroupSum(None)
+        x = torch.randn(4, 16, cfg.hidden_size, device=CUDA)
+        outs = []
+        for layer in (ref, ep):
+            xi = x.clone().requires_grad_(True)
+            out = layer(xi)
+            (out.hidden_states.pow(2).sum() + out.aux_loss).backward()
+            outs.append((out.hidden_states, out.aux_loss, xi.grad))
+        for got, want, what in zip(outs[1], outs[0], ("output", "aux loss", "input grad")):
+            assert_close(got, want, **FP32, what=f"EP over NCCL: {what}")
+        for (name, p), q in zip(ep.named_parameters(), ref.parameters()):
+            assert_close(p.grad, q.grad, **FP32, what=f"EP over NCCL: grad of {name}")
+    finally:
+        teardown()
+
+
+@pytest.mark.parametrize("preset", ["tiny-v2", "tiny-v3"])
+def test_graph_decoding_with_mla_equals_eager(preset: str) -> None:
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig.preset(preset).replace(
+        vocab_size=97, num_hidden_layers=2, initializer_range=0.2, eos_token_id=None)
+    ).eval().to(CUDA)
+    prompts = [[5, 17, 42, 8, 3], [9, 4]]
+    eager = generate(model, prompts, max_new_tokens=12, cuda_graph=False)
+    graph = generate(model, prompts, max_new_tokens=12, cuda_graph=True)
+    assert torch.equal(eager, graph)

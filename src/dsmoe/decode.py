@@ -18,7 +18,8 @@ Design choices:
   GEMMs take the per-expert offsets on the device (``torch._grouped_mm``) or, where that
   kernel is missing, gather each row's expert weights (the ``gather`` kernel).
 - The model code is unchanged: the step calls the model's own modules (embedding, blocks,
-  norm, head) with a slot-writing view of the cache in place of ``KVCache``. Prefill runs
+  norm, head) with a slot-writing view of the cache in place of ``KVCache`` (MHA) or
+  ``LatentCache`` (MLA, whose decode step then runs in its absorbed form). Prefill runs
   eagerly through ``Transformer.forward`` into the same storage.
 - ``compile=True`` additionally runs the step through ``torch.compile`` before capture
   (fuses the elementwise work between the GEMMs).
@@ -37,7 +38,7 @@ from typing import TYPE_CHECKING, Callable
 
 import torch
 
-from dsmoe.model.cache import KVCache
+from dsmoe.model.cache import KVCache, LatentCache
 from dsmoe.model.mask import AttentionMask
 from dsmoe.model.rope import _LENGTH_DEPENDENT
 from dsmoe.moe.experts import grouped_mm_supported
@@ -48,17 +49,25 @@ if TYPE_CHECKING:
 
 class _SlotWriter:
     """What attention sees of the cache during a static step: ``update`` writes the new
-    keys/values at the slot tensor and returns the whole (masked) storage."""
+    entries (MHA: keys and values; MLA: the latent) at the slot tensor and returns the
+    layer's whole storage, which the step's mask limits to the filled slots."""
 
-    def __init__(self, cache: KVCache, slot: torch.Tensor) -> None:
-        self.cache, self.slot = cache, slot  # slot: [1] long, on the cache's device
+    seq_len = 1  # attention asks whether a prefix is cached: it always is when decoding
 
-    def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor
-               ) -> tuple[torch.Tensor, torch.Tensor]:  # k, v: [B, Hkv, 1, d]
-        keys, values = self.cache.keys[layer_idx], self.cache.values[layer_idx]
-        keys.index_copy_(2, self.slot, k)  # [B, Hkv, S_max, d]
-        values.index_copy_(2, self.slot, v)
-        return keys, values
+    def __init__(self, cache: KVCache | LatentCache, slot: torch.Tensor) -> None:
+        self.slot = slot  # [1] long, on the cache's device
+        if isinstance(cache, KVCache):  # [L, B, Hkv, S_max, d]: slots on dim 2 of a layer
+            self.stores, self.dim = (cache.keys, cache.values), 2
+        else:  # LatentCache [L, B, S_max, C + r]: slots on dim 1 of a layer
+            self.stores, self.dim = (cache.latents,), 1
+
+    def update(self, layer_idx: int, *new: torch.Tensor):  # noqa: ANN201 - the cache's own
+        out = []
+        for store, entry in zip(self.stores, new):  # entry: one slot, e.g. [B, Hkv, 1, d]
+            layer = store[layer_idx]
+            layer.index_copy_(self.dim, self.slot, entry)
+            out.append(layer)
+        return out[0] if len(out) == 1 else tuple(out)
 
 
 def graph_unsupported_reason(model: "Transformer") -> str | None:
@@ -68,8 +77,6 @@ def graph_unsupported_reason(model: "Transformer") -> str | None:
         return f"CUDA graphs need a CUDA model (this one is on {device.type})"
     if model.rotary.kind in _LENGTH_DEPENDENT:
         return f"rope_scaling {model.rotary.kind!r} depends on the sequence length"
-    if not all(hasattr(layer.self_attn, "k_proj") for layer in model.layers):
-        return "static decoding covers multi-head attention caches only"
     return None
 
 
@@ -170,7 +177,7 @@ class StaticDecoder:
         self.model = model
         self.cache = model.new_cache(batch_size, max_seq_len)
         self.batch_size = batch_size
-        device = self.cache.keys.device
+        device = model.embed_tokens.weight.device
         B = batch_size
         self.tokens = torch.zeros(B, 1, dtype=torch.long, device=device)  # [B, 1]
         self.positions = torch.zeros(B, 1, dtype=torch.long, device=device)  # [B, 1]
@@ -230,7 +237,7 @@ class StaticDecoder:
         """Warm up (kernel choices, autotuning, lazy inits) and capture one step."""
         experts = [layer.mlp.experts for layer in self.model.layers
                    if hasattr(getattr(layer.mlp, "experts", None), "kernel")]
-        graph_kernel = graph_expert_kernel(self.cache.keys.dtype)
+        graph_kernel = graph_expert_kernel(self.model.embed_tokens.weight.dtype)
         saved = [(e, e.kernel) for e in experts]
         slot, positions = self.slot.clone(), self.positions.clone()
         try:
