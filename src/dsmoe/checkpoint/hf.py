@@ -18,8 +18,8 @@ Loading, with peak memory close to the weights' size:
   3. materialise the non-persistent buffers (RoPE frequencies, MoE load counters)
 Peak memory is the weights plus about one layer in flight.
 
-Saving writes every file into a temporary directory next to the target, then moves it into
-place with ``os.replace``; weights are converted and written layer by layer, shard by shard.
+Saving converts and writes layer by layer, shard by shard, through
+``checkpoint.directory.DirectoryWriter``, which replaces the directory as a whole.
 """
 
 from __future__ import annotations
@@ -27,8 +27,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
-import tempfile
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,14 +38,10 @@ from safetensors.torch import save_file
 from torch import nn
 
 from dsmoe.checkpoint import keys
+from dsmoe.checkpoint.directory import (CONFIG_NAME, INDEX_NAME, TOKENIZER_FILES,  # noqa: F401
+                                       WEIGHTS_NAME, DirectoryWriter, config_json)
 from dsmoe.config import DEEPSEEK_MODEL_TYPES, ModelConfig
 
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
-INDEX_NAME = "model.safetensors.index.json"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
-_SHARD_NAME = "model-{index:05d}-of-{count:05d}.safetensors"
-_WEIGHT_FILE = re.compile(r"^model(-\d{5}-of-\d{5})?\.safetensors$")
 
 # Model dtypes a checkpoint can be loaded into; names users may spell them with.
 DTYPES: dict[str, torch.dtype] = {
@@ -343,68 +337,19 @@ def save_pretrained(model: nn.Module, directory: str | os.PathLike, *,
                     max_shard_size: int = 5 * 2**30,
                     tokenizer_dir: str | os.PathLike | None = None) -> None:
     """Write ``config.json``, the safetensors file(s) (+ index when sharded) and the
-    tokenizer files found in ``tokenizer_dir``; atomically (see the module docstring)."""
-    directory = Path(directory)
-    if directory.exists() and not directory.is_dir():
-        raise NotADirectoryError(f"{directory} exists and is not a directory")
+    tokenizer files found in ``tokenizer_dir``, converting layer by layer; the directory
+    is replaced as a whole (see ``checkpoint.directory``)."""
     tokenizer_files = _tokenizer_files(tokenizer_dir)
-    shapes = hf_shapes(model)
-    sizes = {n: _numel(shape) * dtype.itemsize for n, (shape, dtype) in shapes.items()}
-    shards = plan_shards(sizes, max_shard_size)
-    names = ([WEIGHTS_NAME] if len(shards) == 1 else
-             [_SHARD_NAME.format(index=i + 1, count=len(shards)) for i in range(len(shards))])
-    dtype = model.embed_tokens.weight.dtype
-
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
-    try:
-        _write_shards(model, tmp, shards, names)
-        if len(shards) > 1:
-            index = {"metadata": {"total_size": sum(sizes.values())},
-                     "weight_map": {n: names[i] for i, shard in enumerate(shards) for n in shard}}
-            index["weight_map"] = dict(sorted(index["weight_map"].items()))
-            (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
-        hf_config = model.config.to_hf()
-        hf_config["torch_dtype"] = _dtype_name(dtype)
-        (tmp / CONFIG_NAME).write_text(json.dumps(hf_config, indent=2) + "\n", encoding="utf-8")
-        for source in tokenizer_files:
-            shutil.copyfile(source, tmp / source.name)
-        _default_permissions(tmp)
-        _move_into_place(tmp, directory, keep=set(names) | ({INDEX_NAME} if len(shards) > 1
-                                                            else set()))
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    config = config_json(model.config, torch_dtype=_dtype_name(model.embed_tokens.weight.dtype))
+    with DirectoryWriter(directory, save=_save_file, max_shard_size=max_shard_size) as writer:
+        for group in _hf_groups(_savable_state_dict(model)):
+            for name, tensor in group.items():
+                writer.add(name, tensor)
+        writer.finish(config, tokenizer_files)
 
 
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for dim in shape:
-        n *= dim
-    return n
-
-
-def _write_shards(model: nn.Module, directory: Path, shards: list[list[str]],
-                  names: list[str]) -> None:
-    """Convert layer by layer and write each shard as soon as all its tensors are ready."""
-    groups = _hf_groups(_savable_state_dict(model))
-    pending: dict[str, torch.Tensor] = {}
-    for shard, file_name in zip(shards, names):
-        while any(name not in pending for name in shard):
-            group = next(groups)
-            pending.update({k: v.detach().to("cpu").contiguous() for k, v in group.items()})
-        save_file({name: pending.pop(name) for name in shard}, str(directory / file_name),
-                  metadata={"format": "pt"})
-    if pending or next(groups, None) is not None:
-        raise RuntimeError("internal error: tensors left over after writing all shards")
-
-
-def _default_permissions(directory: Path) -> None:
-    """Modes a plain ``mkdir``/``open`` would give (mkdtemp makes 0700, safetensors 0600)."""
-    umask = os.umask(0o022)
-    os.umask(umask)
-    os.chmod(directory, 0o777 & ~umask)
-    for path in directory.iterdir():
-        os.chmod(path, 0o666 & ~umask)
+def _save_file(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    save_file(tensors, str(path), metadata=metadata)
 
 
 def _tokenizer_files(tokenizer_dir: str | os.PathLike | None) -> list[Path]:
@@ -416,18 +361,3 @@ def _tokenizer_files(tokenizer_dir: str | os.PathLike | None) -> list[Path]:
         raise FileNotFoundError(f"no tokenizer files ({', '.join(TOKENIZER_FILES[:2])}) "
                                 f"in {tokenizer_dir}")
     return found
-
-
-def _move_into_place(tmp: Path, directory: Path, keep: set[str]) -> None:
-    """A new directory is renamed into place in one step. Into an existing one, each file is
-    replaced atomically, weights first, then stale weight files of an earlier save (e.g.
-    shards when the new save is a single file) are removed."""
-    if not directory.exists():
-        os.replace(tmp, directory)
-        return
-    order = sorted(os.listdir(tmp), key=lambda n: (not _WEIGHT_FILE.match(n), n))
-    for name in order:
-        os.replace(tmp / name, directory / name)
-    for name in os.listdir(directory):
-        if (_WEIGHT_FILE.match(name) or name == INDEX_NAME) and name not in keep:
-            os.remove(directory / name)

@@ -53,6 +53,9 @@ def _export_gguf(source: Path, out: Path, quant: str) -> None:
 
     if out.suffix.lower() != ".gguf":
         raise CommandError(f"--out {out}: a GGUF file name must end in .gguf")
+    if out.is_dir():
+        raise CommandError(f"--out {out} is an existing directory; a GGUF is written as a "
+                           "file (choose another name)")
     if source.suffix.lower() == ".gguf":
         model = gguf.load_gguf(source, dtype=None)
         config, state = model.config, gguf.writer.ModelAsHF(model.state_dict())

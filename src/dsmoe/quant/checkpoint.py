@@ -17,8 +17,8 @@ weights are used in place: they are file-backed pages (loaded on first use, evic
 memory pressure, like llama.cpp's mmap), not a copy in anonymous memory. int4 weights are
 repacked into torch's kernel layout matrix by matrix. No float copy of the weights ever
 exists. ``load_model(path, quant=...)`` quantizes a float HF directory or GGUF layer by
-layer the same way (peak: quantized model + one float layer). Writing goes to a temporary
-directory moved into place.
+layer the same way (peak: quantized model + one float layer). Writing goes through the one
+model-directory writer (``checkpoint.directory``): the directory is replaced as a whole.
 
 Shapes: E experts, F expert width, D hidden.
 """
@@ -28,9 +28,7 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import struct
-import tempfile
 import warnings
 from collections import defaultdict
 from pathlib import Path
@@ -41,13 +39,11 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from dsmoe.checkpoint import hf, keys
+from dsmoe.checkpoint.directory import CONFIG_NAME, TOKENIZER_FILES, DirectoryWriter, config_json
 from dsmoe.config import ModelConfig
 from dsmoe.quant.convert import QuantConfig, quantize_model, quantized_modules, load_float_tensors
 
-CONFIG_NAME = "config.json"
 QUANT_KEY = "quantization_config"
-_SHARD = "model-{index:05d}-of-{count:05d}.safetensors"
-_WEIGHTS = re.compile(r"^model(-\d{5}-of-\d{5})?\.safetensors$")
 _LAYER = re.compile(r"^layers\.(\d+)\.")
 BITS_NAMES = {"int8": 8, "int4": 4, "8": 8, "4": 4}
 
@@ -92,7 +88,8 @@ def is_quantized_checkpoint(path: str | os.PathLike) -> bool:
 # --- writing ------------------------------------------------------------------------------
 class QuantizedCheckpointWriter:
     """Write tensors as they come into size-capped shards, then config.json and the index;
-    ``close`` moves the directory into place. Use as a context manager."""
+    ``close`` swaps the directory into place (``checkpoint.directory.DirectoryWriter``).
+    Use as a context manager."""
 
     def __init__(self, directory: str | os.PathLike, config: ModelConfig, qc: QuantConfig, *,
                  float_dtype: torch.dtype, max_shard_size: int = 2 * 2**30,
@@ -100,67 +97,39 @@ class QuantizedCheckpointWriter:
         self.directory = Path(directory)
         _check_target(self.directory)
         self.config, self.qc, self.float_dtype = config, qc, float_dtype
-        self.max_shard_size = max_shard_size
         self.tokenizer_dir = tokenizer_dir
-        self.directory.parent.mkdir(parents=True, exist_ok=True)
-        self._tmp = Path(tempfile.mkdtemp(prefix=f".{self.directory.name}.tmp-",
-                                          dir=self.directory.parent))
-        self._pending: dict[str, torch.Tensor] = {}
-        self._pending_bytes = 0
-        self._shards: list[list[str]] = []
-        self._total = 0
+        self._writer = DirectoryWriter(self.directory, save=_save_aligned,
+                                       max_shard_size=max_shard_size,
+                                       metadata={"format": "pt", "dsmoe": "quantized"})
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
-        size = tensor.numel() * tensor.element_size()
-        if self._pending and self._pending_bytes + size > self.max_shard_size:
-            self._flush()
-        self._pending[name] = tensor.detach().to("cpu").contiguous()
-        self._pending_bytes += size
-        self._total += size
-
-    def _flush(self) -> None:
-        index = len(self._shards)
-        save_aligned(self._pending, self._tmp / f"shard-{index:05d}.safetensors",
-                     metadata={"format": "pt", "dsmoe": "quantized"})
-        self._shards.append(list(self._pending))
-        self._pending, self._pending_bytes = {}, 0
+        self._writer.add(name, tensor)
 
     def close(self) -> None:
-        if self._pending or not self._shards:
-            self._flush()
-        count = len(self._shards)
-        names = (["model.safetensors"] if count == 1 else
-                 [_SHARD.format(index=i + 1, count=count) for i in range(count)])
-        for i, name in enumerate(names):
-            os.replace(self._tmp / f"shard-{i:05d}.safetensors", self._tmp / name)
-        if count > 1:
-            weight_map = {t: names[i] for i, shard in enumerate(self._shards) for t in shard}
-            index = {"metadata": {"total_size": self._total}, "weight_map": dict(sorted(
-                weight_map.items()))}
-            (self._tmp / hf.INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n",
-                                                   encoding="utf-8")
-        config = self.config.to_hf()
-        config["torch_dtype"] = str(self.float_dtype).removeprefix("torch.")
-        config[QUANT_KEY] = self.qc.to_dict()
-        (self._tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n",
-                                             encoding="utf-8")
-        if self.tokenizer_dir is not None:
-            for file in hf.TOKENIZER_FILES:
-                source = Path(self.tokenizer_dir) / file
-                if source.is_file():
-                    shutil.copyfile(source, self._tmp / file)
-        _move_into_place(self._tmp, self.directory)
+        config = config_json(self.config, torch_dtype=str(self.float_dtype).removeprefix(
+            "torch."), **{QUANT_KEY: self.qc.to_dict()})
+        tokenizer_files = [] if self.tokenizer_dir is None else [
+            Path(self.tokenizer_dir) / f for f in TOKENIZER_FILES
+            if (Path(self.tokenizer_dir) / f).is_file()]
+        self._writer.finish(config, tokenizer_files)
 
     def abort(self) -> None:
-        shutil.rmtree(self._tmp, ignore_errors=True)
+        self._writer.abort()
 
     def __enter__(self) -> "QuantizedCheckpointWriter":
         return self
 
     def __exit__(self, exc_type: object, *rest: object) -> None:
-        if exc_type is None:
-            self.close()
-        self.abort()
+        try:
+            if exc_type is None:
+                self.close()
+        finally:
+            self.abort()
+
+
+def _save_aligned(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]
+                  ) -> None:
+    save_aligned(tensors, path, metadata=metadata)
 
 
 _ALIGNMENT = 64
@@ -449,19 +418,3 @@ def _check_target(directory: Path) -> None:
     if directory.is_dir() and any(directory.iterdir()) and not is_quantized_checkpoint(directory):
         raise ValueError(f"{directory} exists, is not empty and is not a dsmoe quantized "
                          "checkpoint; choose a new or empty directory")
-
-
-def _move_into_place(tmp: Path, directory: Path) -> None:
-    """New directory: one rename. Existing (quantized) one: replace file by file, then drop
-    weight files of the earlier save that the new one does not have."""
-    if not directory.exists() or not any(directory.iterdir()):
-        if directory.exists():
-            directory.rmdir()
-        os.replace(tmp, directory)
-        return
-    new = set(os.listdir(tmp))
-    for name in sorted(new, key=lambda n: (not _WEIGHTS.match(n), n)):
-        os.replace(tmp / name, directory / name)
-    for name in os.listdir(directory):
-        if (_WEIGHTS.match(name) or name == hf.INDEX_NAME) and name not in new:
-            os.remove(directory / name)

@@ -4,7 +4,8 @@ Design choices:
 - Streaming: all tensor infos are declared first (their sizes follow from shape and type),
   then tensors are converted and written one at a time, so memory holds one tensor (one
   layer's stacked experts at most) beyond the source weights.
-- Atomic: the file is written next to the target and moved into place with ``os.replace``.
+- Atomic (``dsmoe.io.atomic_path``): the file is written next to the target and moved into
+  place with ``os.replace``, with a plain file's mode; disk full leaves nothing behind.
 - Tensor types follow llama.cpp's converter: norms, biases and the router stay F32; the rest
   take the requested type; a row length that is not a multiple of the 32-element block
   falls back to F16. For ``q4_0`` the embedding and output matrices are written as Q8_0
@@ -17,7 +18,6 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Callable, Iterator, Mapping
@@ -31,6 +31,7 @@ from dsmoe.checkpoint.gguf import metadata
 from dsmoe.checkpoint.gguf.names import TensorSpec, tensor_specs, to_llama_rope_rows
 from dsmoe.checkpoint.gguf.vocab import TokenizerData
 from dsmoe.config import ModelConfig
+from dsmoe.io import atomic_path, disk_errors
 from dsmoe.tokenizer import Tokenizer
 
 Q = gguf.GGMLQuantizationType
@@ -94,31 +95,36 @@ def write_gguf(path: str | os.PathLike, config: ModelConfig,
         raise ValueError(f"the tokenizer lists {len(tokenizer.tokens)} tokens but vocab_size is "
                          f"{config.vocab_size}; llama.cpp needs them equal")
 
+    types = [tensor_type(s, quant) for s in specs]
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    writer = gguf.GGUFWriter(tmp, metadata.ARCH)
-    try:
-        metadata.write_metadata(writer, config, file_type=QUANT_TYPES[quant][1], name=name)
-        if tokenizer is not None:
-            tokenizer.write(writer)
-        types = [tensor_type(s, quant) for s in specs]
-        for spec, qtype in zip(specs, types):
-            _declare(writer, spec, qtype)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_ti_data_to_file()
-        for done, (spec, qtype) in enumerate(zip(specs, types), start=1):
-            writer.write_tensor_data(encode(_gguf_tensor(spec, hf_state_dict), qtype))
-            if progress is not None:
-                progress(done, len(specs))
-        writer.close()
-        os.replace(tmp, path)
-    except BaseException:
-        writer.close()
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    if path.is_dir():
+        raise ValueError(f"{path} is a directory; a GGUF is written as a file")
+    with atomic_path(path) as tmp, disk_errors(path, lambda: _file_size(specs, types)):
+        writer = gguf.GGUFWriter(tmp, metadata.ARCH)
+        try:
+            metadata.write_metadata(writer, config, file_type=QUANT_TYPES[quant][1], name=name)
+            if tokenizer is not None:
+                tokenizer.write(writer)
+            for spec, qtype in zip(specs, types):
+                _declare(writer, spec, qtype)
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_ti_data_to_file()
+            for done, (spec, qtype) in enumerate(zip(specs, types), start=1):
+                writer.write_tensor_data(encode(_gguf_tensor(spec, hf_state_dict), qtype))
+                if progress is not None:
+                    progress(done, len(specs))
+        finally:
+            writer.close()
+
+
+def _file_size(specs: list[TensorSpec], types: list[gguf.GGMLQuantizationType]) -> int:
+    """Bytes of tensor data the file holds (what a disk-full message says it needs)."""
+    size = 0
+    for spec, qtype in zip(specs, types):
+        block, nbytes = gguf.GGML_QUANT_SIZES[qtype]
+        size += int(np.prod(spec.shape)) // block * nbytes
+    return size
 
 
 def write_model_gguf(model: nn.Module, path: str | os.PathLike,
