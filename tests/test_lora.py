@@ -10,15 +10,16 @@ from __future__ import annotations
 import copy
 import json
 import re
+import warnings
 
 import pytest
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from conftest import assert_close, moe_config
-from dsmoe.finetune.adapter import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, load_adapter,
+from dsmoe.finetune.adapter import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, DSMOE_CONFIG, load_adapter,
                                     save_adapter, target_modules_regex)
 from dsmoe.finetune.lora import (TARGETS, LoRAExperts, LoRALinear, LoRASettings, apply_lora,
                                  lora_parameters, make_quant_trainable, merge_lora,
@@ -118,17 +119,26 @@ def test_merged_logits_equal_adapter_logits() -> None:
     assert_close(merged, adapted, atol=1e-5, rtol=1e-5, what="merged vs adapter logits")
 
 
-def test_adapter_files_use_peft_layout_and_reload_exactly(tmp_path) -> None:
+def _saved_adapter(directory) -> tuple[Transformer, Transformer]:  # noqa: ANN001 - a Path
+    """(base, base + every adapter with random values), the adapter saved to ``directory``."""
     torch.manual_seed(3)
     base = _model()
     model = copy.deepcopy(base)
     apply_lora(model, ALL)
     _randomize_adapters(model)
-    save_adapter(model, tmp_path, base_model="some/base")
+    save_adapter(model, directory, base_model="some/base")
+    return base, model
+
+
+def test_adapter_files_use_peft_layout_and_reload_exactly(tmp_path) -> None:
+    base, model = _saved_adapter(tmp_path)
     config = json.loads((tmp_path / ADAPTER_CONFIG).read_text())
     assert config["peft_type"] == "LORA" and config["r"] == 4 and config["lora_alpha"] == 8.0
     assert config["base_model_name_or_path"] == "some/base"
-    assert config["dsmoe"]["targets"] == list(TARGETS)
+    assert "dsmoe" not in config  # PEFT warns about keys it does not know
+    ours = json.loads((tmp_path / DSMOE_CONFIG).read_text())
+    assert ours["targets"] == list(TARGETS)
+    assert set(ours["not_read_by_peft"]) == {"routed experts", "router"}
     with safe_open(tmp_path / ADAPTER_WEIGHTS, framework="pt") as f:
         shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
     E, D, F_ = 8, 32, 16
@@ -153,6 +163,73 @@ def test_adapter_files_use_peft_layout_and_reload_exactly(tmp_path) -> None:
     ids = _ids(base)
     with torch.no_grad():
         torch.testing.assert_close(reloaded(ids).logits, model(ids).logits, atol=0, rtol=0)
+
+
+def test_peft_loads_the_config_without_warnings_and_the_attention_lora_exactly(
+        tmp_path) -> None:
+    """PEFT on a transformers model with the same attention (a tiny Llama): the config loads
+    with no "unexpected keyword" warning and the q/v adapters arrive bit for bit."""
+    peft = pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+    model = _model()
+    apply_lora(model, LoRASettings(r=4, alpha=8.0, targets=("q", "v")))
+    _randomize_adapters(model)
+    save_adapter(model, tmp_path, base_model="tiny")
+    assert json.loads((tmp_path / DSMOE_CONFIG).read_text())["not_read_by_peft"] == {}
+    c = model.config
+    llama = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
+        num_hidden_layers=c.num_hidden_layers, num_attention_heads=c.num_attention_heads,
+        num_key_value_heads=c.num_key_value_heads))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        config = peft.PeftConfig.from_pretrained(str(tmp_path))
+        peft_model = peft.PeftModel.from_pretrained(llama, str(tmp_path))
+    about_us = [str(w.message) for w in caught if "nexpected" in str(w.message)
+                or "dsmoe" in str(w.message) or "missing" in str(w.message).lower()]
+    assert not about_us, about_us
+    assert config.r == 4 and config.lora_alpha == 8.0
+    loaded = {k.replace(".default", ""): v for k, v in peft_model.state_dict().items()
+              if "lora_" in k}
+    saved = load_file(tmp_path / ADAPTER_WEIGHTS)
+    assert set(loaded) == set(saved)
+    for key, value in saved.items():
+        assert torch.equal(loaded[key], value), key
+
+
+def test_adapters_written_before_dsmoe_adapter_json_still_load(tmp_path) -> None:
+    """Old layout: dsmoe's section inside adapter_config.json under "dsmoe"."""
+    base, model = _saved_adapter(tmp_path)
+    config = json.loads((tmp_path / ADAPTER_CONFIG).read_text())
+    config["dsmoe"] = json.loads((tmp_path / DSMOE_CONFIG).read_text())
+    (tmp_path / ADAPTER_CONFIG).write_text(json.dumps(config))
+    (tmp_path / DSMOE_CONFIG).unlink()
+    reloaded = copy.deepcopy(base)
+    assert load_adapter(reloaded, tmp_path).settings.targets == TARGETS
+    ids = _ids(base)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, model(ids).logits, atol=0, rtol=0)
+    other = _model(hidden_size=64)  # the old section's base config is still checked
+    with pytest.raises(ValueError, match="hidden_size 32 there, 64 here"):
+        load_adapter(other, tmp_path)
+
+
+def test_finetune_output_names_the_parts_peft_does_not_read(tmp_path, capsys,
+                                                            monkeypatch) -> None:
+    from types import SimpleNamespace
+
+    from dsmoe.cli import main
+    from dsmoe.finetune import loop
+
+    model = _model()
+    apply_lora(model, LoRASettings(r=2, targets=("q", "gate", "router")))
+    save_adapter(model, tmp_path / "adapter", base_model="base")
+    monkeypatch.setattr(loop, "finetune", lambda cfg, **kw: SimpleNamespace(
+        status="finished", output=tmp_path / "adapter"))
+    assert main(["finetune", "base", "--data", "rows.jsonl", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "routed experts LoRA: read by dsmoe, DeepSeek's own modeling code" in out
+    assert "router LoRA: read by dsmoe and llama.cpp" in out
 
 
 def test_target_modules_regex_follows_targets() -> None:

@@ -35,6 +35,7 @@ Design choices:
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import errno
@@ -45,7 +46,7 @@ import secrets
 import shutil
 import stat
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import torch
 
@@ -76,7 +77,8 @@ class DirectoryWriter:
             raise ValueError(f"max_shard_size must be a positive number of bytes, got "
                              f"{max_shard_size}")
         self.directory = _resolve(Path(directory))
-        self.foreign = foreign_files(self.directory)
+        _check_config(self.directory)
+        self.foreign = foreign_files(self.directory, model_files(self.directory))
         self._save, self._metadata = save, dict(metadata or {"format": "pt"})
         self.max_shard_size = max_shard_size
         clean_leftovers(self.directory)
@@ -99,7 +101,6 @@ class DirectoryWriter:
         file = self.tmp / f"shard-{len(self._shards):05d}.safetensors"
         with disk_errors(self.directory, lambda: self._total):
             self._save(self._pending, file, self._metadata)
-            fsync_file(file)
         self._shards.append(list(self._pending))
         self._pending, self._pending_bytes = {}, 0
 
@@ -122,17 +123,10 @@ class DirectoryWriter:
             self._write_json(CONFIG_NAME, config)
             for source in tokenizer_files:
                 shutil.copyfile(source, self.tmp / source.name)
-                fsync_file(self.tmp / source.name)
-        _check_collisions(self.foreign, os.listdir(self.tmp), self.directory)
-        for name in self.foreign:  # hard links: the file itself never moves or changes
-            os.link(self.directory / name, self.tmp / name)
-        _set_modes(self.tmp, self.directory, set(self.foreign))
-        fsync_directory(self.tmp)
-        swap_into_place(self.tmp, self.directory)
+        install(self.tmp, self.directory, self.foreign)
 
     def _write_json(self, name: str, data: Mapping[str, Any]) -> None:
         (self.tmp / name).write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-        fsync_file(self.tmp / name)
 
     def abort(self) -> None:
         _remove_tree(self.tmp)
@@ -179,21 +173,16 @@ def model_files(directory: Path) -> set[str]:
     return files
 
 
-def foreign_files(directory: Path) -> list[str]:
-    """Regular files in ``directory`` that are not part of its model (they will survive the
-    save). Refuses subdirectories and a config.json that is not a model's."""
+def foreign_files(directory: Path, owned: set[str]) -> list[str]:
+    """Regular files in ``directory`` outside ``owned`` (they will survive the save).
+    Refuses subdirectories, which a save cannot carry over."""
     if not directory.exists():
         return []
     if not directory.is_dir():
         raise NotADirectoryError(f"{directory} exists and is not a directory")
-    config = directory / CONFIG_NAME
-    if config.exists() and not _is_model_config(config):
-        raise ValueError(f"{directory} is not a model directory ({config} is not a model's "
-                         "config.json); choose a new or empty directory")
-    ours = model_files(directory)
     foreign, refused = [], []
     for entry in sorted(os.scandir(directory), key=lambda e: e.name):
-        if entry.name in ours:
+        if entry.name in owned:
             continue
         if entry.is_file(follow_symlinks=False):
             foreign.append(entry.name)
@@ -204,6 +193,13 @@ def foreign_files(directory: Path) -> list[str]:
                          "write and cannot keep when it replaces the directory; move it "
                          "away or choose another directory")
     return foreign
+
+
+def _check_config(directory: Path) -> None:
+    config = directory / CONFIG_NAME
+    if config.exists() and not _is_model_config(config):
+        raise ValueError(f"{directory} is not a model directory ({config} is not a model's "
+                         "config.json); choose a new or empty directory")
 
 
 def _is_model_config(path: Path) -> bool:
@@ -223,6 +219,36 @@ def _check_collisions(foreign: list[str], new: list[str], directory: Path) -> No
 
 
 # --- the swap -----------------------------------------------------------------------------
+@contextlib.contextmanager
+def replaced_directory(directory: str | os.PathLike, owned: Callable[[Path], set[str]]
+                       ) -> Iterator[Path]:
+    """Yield an empty temporary directory to fill; on success it replaces ``directory`` as
+    a whole, keeping the files there that ``owned(directory)`` does not name."""
+    directory = _resolve(Path(directory))
+    foreign = foreign_files(directory, owned(directory))
+    clean_leftovers(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _new_temp(directory, "tmp")
+    try:
+        yield tmp
+        install(tmp, directory, foreign)
+    finally:
+        _remove_tree(tmp)
+
+
+def install(tmp: Path, directory: Path, foreign: list[str]) -> None:
+    """Carry the foreign files over into the complete ``tmp`` and swap it in."""
+    _check_collisions(foreign, os.listdir(tmp), directory)
+    for name in foreign:  # hard links: the file itself never moves or changes
+        os.link(directory / name, tmp / name)
+    _set_modes(tmp, directory, set(foreign))
+    for name in os.listdir(tmp):
+        if name not in foreign:
+            fsync_file(tmp / name)
+    fsync_directory(tmp)
+    swap_into_place(tmp, directory)
+
+
 def swap_into_place(tmp: Path, directory: Path) -> None:
     """Make the complete directory ``tmp`` appear at ``directory`` in one step."""
     try:

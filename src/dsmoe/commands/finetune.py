@@ -7,7 +7,10 @@ default) puts low-rank adapters on --targets, the routed experts included (one p
 expert, run through the grouped expert matmul), on a frozen base that --quant int8|int4
 can quantize; --full trains every weight instead. --out gets metrics.jsonl (with the
 expert load before and after and how much it shifted), checkpoints/, tokenizer/, and
-adapter/ (adapter_model.safetensors + adapter_config.json, PEFT layout) or model/ (--full).
+adapter/ (adapter_model.safetensors + adapter_config.json, PEFT layout, + dsmoe_adapter.json)
+or model/ (--full). Routed-expert and router LoRA are applied by dsmoe, DeepSeek's own
+modeling code and llama.cpp; PEFT on transformers' native DeepSeek models drops them (the
+output and dsmoe_adapter.json say so); `dsmoe merge` bakes every part into the weights.
 Ctrl-C saves a checkpoint; --resume continues exactly where the run stopped.
 """
 
@@ -82,4 +85,10 @@ def run(args: argparse.Namespace) -> int:
         log_every=args.log_every, eval_every=args.eval_every,
         checkpoint_every=args.checkpoint_every)
     result = finetune(cfg, resume=args.resume, quiet=args.quiet)
+    if result.output is not None and not args.quiet:
+        from dsmoe.finetune.adapter import peft_note
+
+        note = peft_note(result.output)
+        if note:
+            print(note)
     return 3 if result.status == "diverged" else 0

@@ -1,10 +1,16 @@
-"""LoRA adapters on disk: ``adapter_model.safetensors`` + ``adapter_config.json``.
+"""LoRA adapters on disk: ``adapter_model.safetensors`` + ``adapter_config.json`` +
+``dsmoe_adapter.json``.
 
 Layout (PEFT's, so PEFT users recognise it):
-  adapter_config.json   PEFT's LoraConfig fields (peft_type "LORA", r, lora_alpha,
-                        lora_dropout, target_modules, base_model_name_or_path, ...) plus a
-                        "dsmoe" section: the targets, the base config's architecture keys
-                        and their sha256 fingerprint, a fingerprint of a few base weights
+  adapter_config.json   PEFT's LoraConfig fields only (peft_type "LORA", r, lora_alpha,
+                        lora_dropout, target_modules, base_model_name_or_path, ...), so
+                        PEFT loads it without an "unexpected keyword" warning
+  dsmoe_adapter.json    dsmoe's own: the targets, the base config's architecture keys and
+                        their sha256 fingerprint, a fingerprint of a few base weights, and
+                        "not_read_by_peft": the parts (routed experts, router) that only
+                        some readers apply, and which. Adapters written before this file
+                        kept the same object under adapter_config.json's "dsmoe" key; both
+                        are read.
   adapter_model.safetensors  fp32 tensors under PEFT's names, HF module paths prefixed
                         with "base_model.model.":
     base_model.model.model.layers.{i}.self_attn.{q,k,v,o}_proj.lora_{A,B}.weight
@@ -12,13 +18,16 @@ Layout (PEFT's, so PEFT users recognise it):
     base_model.model.model.layers.{i}.mlp.shared_experts.{gate,up,down}_proj.lora_{A,B}.weight
   lora_A.weight is [r, in], lora_B.weight [out, r]; update = lora_alpha / r * B @ A.
   Routed experts (documented dsmoe choice): stacked in memory ([E, r, in] / [E, out, r]),
-  stored per expert exactly as PEFT names them on the HF model, whose experts are a list
-  of linear layers (the checkpoint layout: experts are per expert on disk, stacked in
-  memory, see ``checkpoint.keys``):
+  stored per expert exactly as PEFT names them on DeepSeek's own modeling code, whose
+  experts are a list of linear layers (the checkpoint layout: experts are per expert on
+  disk, stacked in memory, see ``checkpoint.keys``):
     base_model.model.model.layers.{i}.mlp.experts.{e}.{gate,up,down}_proj.lora_{A,B}.weight
+  transformers' native DeepSeek-V2/V3 models fuse their experts, so PEFT drops these keys
+  there (silently); ``dsmoe finetune`` says so when it writes such an adapter.
   The router adapter has no PEFT equivalent (HF's MoEGate is not a linear layer), so it is
   left out of "target_modules" and stored under its module's name:
     base_model.model.model.layers.{i}.mlp.gate.lora_A.weight [r, D], lora_B.weight [E, r]
+The directory is replaced as a whole when saved again (``checkpoint.directory``).
 
 Loading checks the base before anything else: an adapter whose base config differs from
 the model's is refused with the differing keys named; differing base weights (same
@@ -44,14 +53,16 @@ from safetensors.torch import save_file
 from torch import nn
 
 from dsmoe.checkpoint import keys
+from dsmoe.checkpoint.directory import replaced_directory
 from dsmoe.checkpoint.hf import hf_name
 from dsmoe.config import ModelConfig
 from dsmoe.finetune.lora import (EXPERT_PROJECTIONS, LoRAExperts, LoRALinear, LoRASettings,
                                  apply_lora, lora_modules, parse_targets, router_lora)
-from dsmoe.io import atomic_write, atomic_write_text
+from dsmoe.io import disk_errors
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
+DSMOE_CONFIG = "dsmoe_adapter.json"
 PEFT_PREFIX = "base_model.model."
 FORMAT_VERSION = 1
 # Config keys that decide what a model computes; an adapter is only valid on a base that
@@ -105,21 +116,33 @@ class AdapterConfig:
             "use_rslora": False, "use_dora": False, "modules_to_save": None,
             "layers_to_transform": None, "layers_pattern": None, "rank_pattern": {},
             "alpha_pattern": {},
-            "dsmoe": {
-                "format_version": FORMAT_VERSION, "targets": list(s.targets),
-                "base_config": self.base_config,
-                "base_config_fingerprint": config_fingerprint(self.base_config),
-                "base_weights_fingerprint": self.base_weights_fingerprint,
-                "expert_keys": "per expert: model.layers.{i}.mlp.experts.{e}.{gate,up,down}_proj"
-                               ".lora_{A,B}.weight ([r, in] / [out, r])",
-                "router_keys": "model.layers.{i}.mlp.gate.lora_{A,B}.weight ([r, D] / [E, r])",
-            },
+        }
+
+    def dsmoe_json(self, tensor_names: list[str]) -> dict[str, Any]:
+        """``dsmoe_adapter.json``: what dsmoe needs beyond PEFT's fields, and which of the
+        adapter's tensors PEFT leaves unread."""
+        return {
+            "format_version": FORMAT_VERSION, "targets": list(self.settings.targets),
+            "base_config": self.base_config,
+            "base_config_fingerprint": config_fingerprint(self.base_config),
+            "base_weights_fingerprint": self.base_weights_fingerprint,
+            "expert_keys": "per expert: model.layers.{i}.mlp.experts.{e}.{gate,up,down}_proj"
+                           ".lora_{A,B}.weight ([r, in] / [out, r])",
+            "router_keys": "model.layers.{i}.mlp.gate.lora_{A,B}.weight ([r, D] / [E, r])",
+            "not_read_by_peft": not_read_by_peft(tensor_names),
         }
 
     @classmethod
-    def from_json(cls, data: Any, source: str, tensor_names: list[str]) -> "AdapterConfig":
+    def from_json(cls, data: Any, source: str, tensor_names: list[str],
+                  ours: Any = None) -> "AdapterConfig":
+        """From adapter_config.json (``data``) and dsmoe_adapter.json (``ours``); adapters
+        written before dsmoe_adapter.json keep dsmoe's section in ``data["dsmoe"]``."""
         if not isinstance(data, dict):
             raise ValueError(f"{source}: expected a JSON object")
+        if ours is None:
+            ours = data.get("dsmoe") or {}
+        if not isinstance(ours, dict):
+            raise ValueError(f"{source}: dsmoe's section must be a JSON object")
         if data.get("peft_type", "LORA") != "LORA":
             raise ValueError(f"{source}: peft_type {data.get('peft_type')!r} is not a LoRA adapter")
         for flag in ("use_dora", "use_rslora"):
@@ -128,10 +151,10 @@ class AdapterConfig:
         for pattern in ("rank_pattern", "alpha_pattern"):
             if data.get(pattern):
                 raise ValueError(f"{source}: per-module {pattern} is not supported")
-        ours = data.get("dsmoe") or {}
-        if ours.get("format_version", FORMAT_VERSION) > FORMAT_VERSION:
-            raise ValueError(f"{source}: adapter format_version {ours['format_version']} is "
-                             f"newer than this dsmoe understands ({FORMAT_VERSION})")
+        version = ours.get("format_version", FORMAT_VERSION)
+        if not isinstance(version, int) or version > FORMAT_VERSION:
+            raise ValueError(f"{source}: adapter format_version {version!r} is not one this "
+                             f"dsmoe understands (1 to {FORMAT_VERSION})")
         try:
             targets = ours.get("targets") or infer_targets(tensor_names)
             settings = LoRASettings(r=int(data["r"]), alpha=float(data["lora_alpha"]),
@@ -182,6 +205,37 @@ def infer_targets(tensor_names: list[str]) -> tuple[str, ...]:
     return parse_targets(tuple(found))
 
 
+# PEFT wraps linear modules by name. transformers' own DeepSeek-V2/V3 models fuse the routed
+# experts into one parameter (no experts.{e}.gate_proj module), and no DeepSeek model has a
+# linear router, so PEFT drops these keys when it loads the adapter, without a warning.
+_PEFT_UNREAD = {
+    "routed experts": (re.compile(r"\.mlp\.experts\.\d+\."),
+                       "read by dsmoe, DeepSeek's own modeling code (trust_remote_code) and "
+                       "llama.cpp; PEFT on transformers' DeepSeek-V2/V3 models drops them"),
+    "router": (re.compile(r"\.mlp\.gate\.lora_[AB]\."),
+               "read by dsmoe and llama.cpp; PEFT drops them on every DeepSeek model"),
+}
+
+
+def not_read_by_peft(tensor_names: list[str]) -> dict[str, str]:
+    """Adapter parts (routed experts, router) that only some readers apply -> who does."""
+    return {part: readers for part, (pattern, readers) in _PEFT_UNREAD.items()
+            if any(pattern.search(name) for name in tensor_names)}
+
+
+def peft_note(directory: str | os.PathLike) -> str | None:
+    """A line for ``dsmoe finetune``'s output naming the adapter parts PEFT leaves unread
+    (from dsmoe_adapter.json); None when PEFT reads all of it."""
+    path = Path(directory) / DSMOE_CONFIG
+    data = _read_json(path) if path.is_file() else None
+    unread = data.get("not_read_by_peft") if isinstance(data, dict) else None
+    if not unread or not isinstance(unread, dict):
+        return None
+    parts = "; ".join(f"{part} LoRA: {readers}" for part, readers in unread.items())
+    return (f"note: not every reader applies this whole adapter ({parts}); `dsmoe merge` "
+            "bakes all of it into a model any DeepSeekMoE loader reads")
+
+
 # --- tensors ------------------------------------------------------------------------------
 def _entries(model: nn.Module) -> Iterator[tuple[str, nn.Parameter, int | None]]:
     """(PEFT key, parameter, expert index or None) for every adapter tensor of ``model``."""
@@ -216,7 +270,8 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_adapter(model: nn.Module, directory: str | os.PathLike, *, base_model: str) -> Path:
-    """Write the adapter of ``model`` (which ``apply_lora`` prepared) to ``directory``."""
+    """Write the adapter of ``model`` (which ``apply_lora`` prepared) to ``directory``,
+    replacing an earlier adapter there as a whole (``checkpoint.directory``)."""
     settings = getattr(model, "lora_settings", None)
     if settings is None or not lora_modules(model):
         raise ValueError("the model has no LoRA adapter to save")
@@ -224,10 +279,18 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, *, base_model: 
     config = AdapterConfig(settings, base_model, base_config_summary(model.config),
                            weights_fingerprint(model))
     tensors = adapter_state_dict(model)
-    atomic_write(directory / ADAPTER_WEIGHTS, lambda tmp: save_file(
-        tensors, str(tmp), metadata={"format": "pt"}))
-    atomic_write_text(directory / ADAPTER_CONFIG, json.dumps(config.to_json(), indent=2) + "\n")
+    size = sum(t.numel() * t.element_size() for t in tensors.values())
+    with replaced_directory(directory, _adapter_files) as tmp, \
+            disk_errors(directory, lambda: size):
+        save_file(tensors, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+        for name, data in ((DSMOE_CONFIG, config.dsmoe_json(sorted(tensors))),
+                           (ADAPTER_CONFIG, config.to_json())):
+            (tmp / name).write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
     return directory
+
+
+def _adapter_files(directory: Path) -> set[str]:
+    return {ADAPTER_WEIGHTS, ADAPTER_CONFIG, DSMOE_CONFIG}
 
 
 def find_adapter_dir(path: str | os.PathLike) -> Path:
@@ -252,12 +315,17 @@ def read_adapter(path: str | os.PathLike) -> tuple[AdapterConfig, dict[str, torc
             tensors = {k: handle.get_tensor(k) for k in handle.keys()}
     except SafetensorError as exc:
         raise ValueError(f"{weights}: cannot read its tensors: {exc}") from exc
-    source = str(directory / ADAPTER_CONFIG)
+    data = _read_json(directory / ADAPTER_CONFIG)
+    ours = _read_json(directory / DSMOE_CONFIG) if (directory / DSMOE_CONFIG).is_file() else None
+    return AdapterConfig.from_json(data, str(directory / ADAPTER_CONFIG), sorted(tensors),
+                                   ours), tensors
+
+
+def _read_json(path: Path) -> Any:
     try:
-        data = json.loads((directory / ADAPTER_CONFIG).read_text(encoding="utf-8"))
+        return json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{source}: not valid JSON ({exc})") from exc
-    return AdapterConfig.from_json(data, source, sorted(tensors)), tensors
+        raise ValueError(f"{path}: not valid JSON ({exc})") from exc
 
 
 def check_base(config: AdapterConfig, model: nn.Module, source: str) -> None:
