@@ -10,7 +10,8 @@ Sections (each prints a markdown table and appends it to ``--out``/gpu_tables.md
    active FLOPs (router + routed + shared GEMMs; 3x forward for forward+backward).
    ``torch._dynamo.explain`` reports dsmoe's graph breaks in the MoE layer.
 3. ``train``: a 16B-shaped model with 4 layers (the first dense, as in the 16B),
-   sequence 4096, bf16 autocast with fp32 master weights and fused AdamW: tokens/s and MFU
+   sequence 4096, bf16 autocast with fp32 master weights and fused AdamW, eager and with
+   each block compiled, each with and without activation checkpointing: tokens/s and MFU
    = active FLOPs x tokens/s / peak (the datasheet's 989 TFLOP/s dense bf16, and the
    measured rate of section 1).
 4. ``decode``: the same model in bf16, batch 1 and 32, ``--new-tokens`` greedy tokens after
@@ -48,6 +49,7 @@ from dsmoe.generate import generate
 from dsmoe.mlp import SwiGLUMLP
 from dsmoe.model import Transformer
 from dsmoe.moe.layer import MoELayer
+from dsmoe.train.activation_checkpointing import apply_activation_checkpointing
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from generate import build_reference  # noqa: E402
@@ -257,9 +259,14 @@ def train_section(device: torch.device, quick: bool, repeats: int, peak: float,
     cfg = layer_config(quick).replace(torch_dtype="float32")
     B, S = (2, 64) if quick else (4, 4096)
     rows = []
-    for variant in (["eager", "compiled blocks"] if compile_blocks else ["eager"]):
+    variants = ["eager", "activation checkpointing"]
+    if compile_blocks:
+        variants += ["compiled blocks", "compiled blocks + activation checkpointing"]
+    for variant in variants:
         model = build_model(cfg, device, torch.float32).train()
-        if variant == "compiled blocks":
+        if "activation checkpointing" in variant:
+            apply_activation_checkpointing(model)
+        if variant.startswith("compiled"):
             torch._dynamo.reset()  # entries from other sections would count as recompiles
             for block in model.layers:
                 block.compile()
