@@ -285,3 +285,24 @@ def test_graph_decoding_with_mla_equals_eager(preset: str) -> None:
     eager = generate(model, prompts, max_new_tokens=12, cuda_graph=False)
     graph = generate(model, prompts, max_new_tokens=12, cuda_graph=True)
     assert torch.equal(eager, graph)
+
+
+@pytest.mark.parametrize("case", ["v2_qlora_yarn_group_limited", "v3_yarn_mscale"])
+def test_mla_model_parity_with_transformers_on_cuda(case: str, tmp_path: Path) -> None:
+    """DeepSeek-V2/V3 (MLA, YaRN) against transformers' native classes on the GPU: logits
+    in fp32, and 32 greedy tokens decoded through the CUDA graph."""
+    from test_mla_parity import CASES, _reference
+
+    hf = CASES[case]
+    ref = _reference(hf, seed=1)
+    ref.save_pretrained(tmp_path)
+    ref = ref.to(CUDA)
+    ours = Transformer.from_pretrained(tmp_path, device="cuda")
+    ids = torch.randint(0, hf["vocab_size"], (2, 11),
+                        generator=torch.Generator().manual_seed(2)).to(CUDA)
+    with torch.no_grad():
+        assert_close(ours(ids).logits, ref(ids).logits, **FP32, what=f"{case} logits")
+    new = ours.generate(ids[:1], max_new_tokens=32, cuda_graph=True)
+    expected = ref.generate(ids[:1], max_new_tokens=32, do_sample=False, min_new_tokens=32,
+                            pad_token_id=0)[:, ids.shape[1]:]
+    assert torch.equal(new, expected), f"{case}: {new.tolist()} != {expected.tolist()}"
