@@ -42,10 +42,7 @@ import functools
 import math
 from dataclasses import dataclass, field
 
-import torch
-
 from dsmoe.config import ModelConfig
-from dsmoe.moe.router import select_group_limited
 from dsmoe.params import count_parameters
 
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
@@ -70,6 +67,10 @@ def ranks_per_token(n_experts: int, top_k: int, ep: int, max_devices: int | None
         # M >= K cannot bind: the K best experts lie on at most K devices, each of whose
         # best score beats every device holding none of them.
         return ep * remote_rank_probability(n_experts, top_k, ep)
+    import torch  # here, not at the top: ``dsmoe plan --help`` should not load it
+
+    from dsmoe.moe.router import select_group_limited
+
     gen = torch.Generator().manual_seed(seed)
     scores = torch.rand(samples, n_experts, generator=gen, dtype=torch.float64)  # [T, E]
     picks = select_group_limited(scores, top_k, ep, max_devices, "max")  # [T, K]

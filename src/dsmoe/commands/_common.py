@@ -4,10 +4,33 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING, Iterator, Mapping
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+class _Dtypes(Mapping[str, "torch.dtype"]):
+    """``--dtype`` name -> torch dtype. Listing the names (argparse choices) does not
+    import torch; looking one up does (so ``--help`` and argument errors stay fast)."""
+
+    _names = ("float32", "bfloat16", "float16")
+
+    def __getitem__(self, name: str) -> "torch.dtype":
+        if name not in self._names:
+            raise KeyError(name)
+        import torch
+
+        return getattr(torch, name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+
+DTYPES = _Dtypes()
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -27,6 +50,8 @@ def add_device_argument(parser: argparse.ArgumentParser) -> None:
 
 def resolve_device(name: str, *, quant: str | None = None) -> torch.device:
     """``--device`` as a torch device, or a ValueError that says what is wrong with it."""
+    import torch
+
     try:
         device = torch.device(name)
     except RuntimeError:

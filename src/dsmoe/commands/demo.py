@@ -9,11 +9,12 @@ deliberately skewed router.
 from __future__ import annotations
 
 import argparse
-
-import torch
+from typing import TYPE_CHECKING
 
 from dsmoe.config import ModelConfig
-from dsmoe.moe.layer import MoELayer
+
+if TYPE_CHECKING:
+    import torch
 
 VARIANTS = {
     "v1": dict(scoring_func="softmax", topk_method="greedy", seq_aux=False,
@@ -39,6 +40,10 @@ def _load_line(counts: torch.Tensor) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from dsmoe.moe.layer import MoELayer
+
     torch.manual_seed(args.seed)
     base = ModelConfig.preset("tiny")
     x = torch.randn(4, max(1, args.tokens // 4), base.hidden_size)
@@ -52,15 +57,19 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-@torch.no_grad()
 def _bias_balancing(cfg: ModelConfig, x: torch.Tensor, steps: int = 300) -> str:
     """Skew the V3 router towards a few experts, then let the bias update rebalance it."""
-    layer = MoELayer(cfg.replace(bias_update_speed=0.01))
-    layer.gate.weight[:3] += 0.5 * x.reshape(-1, cfg.hidden_size).mean(0)
-    before = layer(x).expert_counts.float()
-    for _ in range(steps):
-        layer(x)
-        layer.update_bias()
-    after = layer(x).expert_counts.float()
+    import torch
+
+    from dsmoe.moe.layer import MoELayer
+
+    with torch.no_grad():
+        layer = MoELayer(cfg.replace(bias_update_speed=0.01))
+        layer.gate.weight[:3] += 0.5 * x.reshape(-1, cfg.hidden_size).mean(0)
+        before = layer(x).expert_counts.float()
+        for _ in range(steps):
+            layer(x)
+            layer.update_bias()
+        after = layer(x).expert_counts.float()
     return (f"v3 bias balancing over {steps} updates: max/mean load "
             f"{before.max() / before.mean():.2f} -> {after.max() / after.mean():.2f}")

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import argparse
 
-import torch
-
 from dsmoe.commands._common import (add_model_arguments, add_sampling_arguments,
                                     load_model_and_tokenizer, sampling_kwargs)
 
@@ -19,6 +17,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
+
     from dsmoe.generate import generate
     from dsmoe.textstream import TextStreamer
 
