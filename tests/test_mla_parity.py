@@ -17,6 +17,7 @@ weights so no token sits at a near-tie between experts.
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -116,6 +117,9 @@ def test_dsmoe_checkpoint_loads_in_transformers(case: str, tmp_path) -> None:
     ours = Transformer(ModelConfig.from_hf(hf))
     _randomize([*ours.named_parameters(), *ours.named_buffers()], seed=3)
     ours.eval().save_pretrained(tmp_path)
+    written = json.loads((tmp_path / "config.json").read_text())
+    assert written.get("q_lora_rank", "absent") == hf["q_lora_rank"], \
+        "config.json must spell out q_lora_rank (null too): transformers reads none as 1536"
     _, model_cls = _hf_classes(hf)
     ref = model_cls.from_pretrained(tmp_path, dtype=torch.float32).eval()
     ids = torch.randint(0, hf["vocab_size"], (2, 11), generator=torch.Generator().manual_seed(4))

@@ -52,10 +52,12 @@ _CORE_HF_KEYS = (
     "use_cache", "vocab_size",
 )
 
-# Keys that DeepSeek-V2/V3 and transformers write but dsmoe does not use (MLA attention,
-# multi-token prediction, generic PretrainedConfig fields): kept in ``extra`` silently.
+# Keys that DeepSeek-V2/V3 and transformers write beside dsmoe's fields (derived head sizes,
+# MLA's ``rope_interleave`` and FP8's ``quantization_config``, read from ``extra`` where
+# used; generic PretrainedConfig fields): kept in ``extra`` silently.
 _KNOWN_UNUSED_KEYS = frozenset({
-    "qk_head_dim", "head_dim", "rope_interleave", "num_mtp_layers", "quantization_config", "ep_size", "mlp_bias", "output_router_logits", "id2label",
+    "qk_head_dim", "head_dim", "rope_interleave", "num_mtp_layers", "quantization_config",
+    "ep_size", "mlp_bias", "output_router_logits", "id2label",
     "label2id", "return_dict", "output_hidden_states", "output_attentions", "dtype",
     "chunk_size_feed_forward", "is_encoder_decoder", "problem_type", "_name_or_path",
     "tokenizer_class", "num_experts", "num_local_experts", "router_aux_loss_coef",

@@ -30,14 +30,14 @@ import re
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Mapping
+from typing import Collection, Iterator, Mapping
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from dsmoe.checkpoint import keys
+from dsmoe.checkpoint import fp8, keys
 from dsmoe.checkpoint.directory import (CONFIG_NAME, INDEX_NAME, TOKENIZER_FILES,  # noqa: F401
                                        WEIGHTS_NAME, DirectoryWriter, config_json)
 from dsmoe.config import DEEPSEEK_MODEL_TYPES, ModelConfig
@@ -214,14 +214,17 @@ def _few(items: list[str], n: int = 5) -> str:
 
 
 def check_stored_tensors(expected: Mapping[str, tuple[tuple[int, ...], torch.dtype]],
-                         stored: Mapping[str, StoredTensor], *, tied: bool) -> None:
-    """Raise one ValueError naming missing, unexpected, misshapen and non-float tensors."""
+                         stored: Mapping[str, StoredTensor], *, tied: bool,
+                         scaled: Collection[str] = ()) -> None:
+    """Raise one ValueError naming missing, unexpected, misshapen and non-float tensors
+    (FP8 ones are fine where ``scaled`` names them: they have a block scale)."""
     optional = {"lm_head.weight"} if tied else set()  # tied checkpoints may still carry it
     missing = [n for n in expected if n not in stored]
     unexpected = [n for n in stored if n not in expected and n not in optional]
     mismatched = [f"{n} (expected {list(expected[n][0])}, found {list(stored[n].shape)})"
                   for n in expected if n in stored and stored[n].shape != expected[n][0]]
-    bad_dtype = [f"{n} ({stored[n].dtype})" for n in stored if stored[n].dtype not in _FILE_DTYPES]
+    bad_dtype = [f"{n} ({stored[n].dtype})" for n in stored if stored[n].dtype not in _FILE_DTYPES
+                 and not (n in scaled and stored[n].dtype in fp8.FP8_DTYPES)]
     problems = [f"{label}: {_few(items)}" for label, items in (
         ("missing tensors", missing), ("unexpected tensors", unexpected),
         ("shape mismatch", mismatched), ("unsupported stored dtype", bad_dtype)) if items]
@@ -245,11 +248,12 @@ def load_pretrained(path: str | os.PathLike, *, dtype: torch.dtype | str | None 
                                  "directory with config.json and model.safetensors)")
     target_dtype = resolve_dtype(dtype)
     config = read_config(directory)
-    stored = decoder_tensors(stored_tensors(directory), config)
+    config, stored, scales = _split_fp8(config, decoder_tensors(stored_tensors(directory), config))
     with torch.device("meta"):
         model = model_cls(config)
     expected = hf_shapes(model)
-    check_stored_tensors(expected, stored, tied=config.tie_word_embeddings)
+    check_stored_tensors(expected, stored, tied=config.tie_word_embeddings,
+                         scaled=scales.stored if scales else ())
     if target_dtype is None:
         target_dtype = _FILE_DTYPES[stored["model.embed_tokens.weight"].dtype]
 
@@ -259,7 +263,7 @@ def load_pretrained(path: str | os.PathLike, *, dtype: torch.dtype | str | None 
     for name in expected:
         groups[_group_of(native_name(name))].append(name)
     for names in groups.values():
-        mapped = _read_group(names, stored)  # memory-mapped views of the file(s)
+        mapped = _read_dequantized(names, stored, scales, target_dtype)  # file views
         file_storages = {t.untyped_storage().data_ptr() for t in mapped.values()}
         native = keys.moe_from_hf(mapped, config.n_routed_experts)
         del mapped
@@ -280,6 +284,41 @@ def load_pretrained(path: str | os.PathLike, *, dtype: torch.dtype | str | None 
     if left:
         raise RuntimeError(f"internal error: tensors left on the meta device: {left[:5]}")
     return model.eval()
+
+
+@dataclass(frozen=True)
+class _Scales:
+    """An FP8 checkpoint's block scales: HF weight name -> its ``weight_scale_inv``."""
+
+    stored: dict[str, StoredTensor]
+    block: tuple[int, int]
+
+
+def _split_fp8(config: ModelConfig, stored: dict[str, StoredTensor]
+               ) -> tuple[ModelConfig, dict[str, StoredTensor], _Scales | None]:
+    """For an FP8 checkpoint (``checkpoint.fp8``): the config without its
+    ``quantization_config`` (the loaded model is not FP8), the tensors without their
+    scales, and the scales; otherwise the inputs and None."""
+    block = fp8.block_size(config.extra)
+    if block is None:
+        return config, stored, None
+    weights, scale_of = fp8.split_scales(stored)
+    extra = {k: v for k, v in config.extra.items() if k != "quantization_config"}
+    return (config.replace(extra=extra), weights,
+            _Scales({w: stored[s] for w, s in scale_of.items()}, block))
+
+
+def _read_dequantized(names: list[str], stored: Mapping[str, StoredTensor],
+                      scales: _Scales | None, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """``_read_group``, with FP8 weights dequantized to ``dtype`` by their block scales."""
+    if scales is None:
+        return _read_group(names, stored)
+    scaled = [n for n in names if n in scales.stored]
+    scale_names = {n + fp8.SCALE_SUFFIX: scales.stored[n] for n in scaled}
+    mapped = _read_group([*names, *scale_names], {**stored, **scale_names})
+    fp8.apply_scales(mapped, {native_name(n): native_name(n) + fp8.SCALE_SUFFIX
+                              for n in scaled}, scales.block, dtype)
+    return mapped
 
 
 def _read_group(names: list[str], stored: Mapping[str, StoredTensor]

@@ -85,8 +85,9 @@ def _type_counts(types: list[str]) -> dict[str, int]:
 def _checkpoint(directory: Path, config: ModelConfig) -> dict[str, Any] | None:
     """What the directory stores, from safetensors headers; None without weights. V3's
     multi-token-prediction tensors are counted apart (``mtp_*``): loading ignores them.
-    Stored buffers (V3's routing bias) are not parameters and not counted."""
-    from dsmoe.checkpoint import hf, keys
+    Stored buffers (V3's routing bias) and FP8 block scales are not parameters and not
+    counted."""
+    from dsmoe.checkpoint import fp8, hf, keys
 
     try:
         stored = hf.stored_tensors(directory)
@@ -95,6 +96,7 @@ def _checkpoint(directory: Path, config: ModelConfig) -> dict[str, Any] | None:
     files = sorted({t.file for t in stored.values()})
     decoder = hf.decoder_tensors(stored, config)
     mtp = [t for name, t in stored.items() if name not in decoder]
+    decoder, _ = fp8.split_scales(decoder)  # FP8 block scales are not parameters
     numel = sum(math.prod(t.shape) for name, t in decoder.items()
                 if not name.endswith(keys.BUFFER_SUFFIXES))
     total = count_parameters(config).total
