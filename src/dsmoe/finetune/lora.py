@@ -20,7 +20,8 @@ Design choices:
   update cast back to the layer's output dtype.
 
 Targets (``--targets``):
-  q, k, v, o      attention projections of every layer
+  q, k, v, o      attention projections of every layer (MLA: q_proj or q_a/q_b_proj,
+                  kv_a_proj_with_mqa, kv_b_proj, o_proj; see ``_ATTENTION``)
   gate, up, down  the dense MLPs' projections and the routed experts' (stacked) ones
   shared          the shared experts' gate/up/down projections
   router          the MoE gate (routing logits)
@@ -48,7 +49,12 @@ from dsmoe.quant.linear import QuantLinear
 
 TARGETS = ("q", "k", "v", "o", "gate", "up", "down", "router", "shared")
 DEFAULT_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")  # DeepSeek's SFT recipe
-_ATTENTION = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj"}
+# The projections each attention target covers, whichever exist in the layer. MLA
+# (DeepSeek-V2/V3) has no per-head k/v projections: "k" adapts the joint compression
+# kv_a_proj_with_mqa (the latent and the shared rope key), "v" the up-projection kv_b_proj
+# (every head's position-free key and its value), "q" q_proj or the low-rank q_a/q_b pair.
+_ATTENTION = {"q": ("q_proj", "q_a_proj", "q_b_proj"), "k": ("k_proj", "kv_a_proj_with_mqa"),
+              "v": ("v_proj", "kv_b_proj"), "o": ("o_proj",)}
 _FFN = {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
 EXPERT_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 
@@ -247,9 +253,10 @@ def _sites(model: nn.Module, targets: tuple[str, ...]) -> dict[str, list[tuple[s
     sites: dict[str, list[tuple[str, nn.Module, str]]] = {t: [] for t in targets}
     for i, block in enumerate(model.layers):
         prefix = f"layers.{i}"
-        for target, attr in _ATTENTION.items():
+        for target, attrs in _ATTENTION.items():
             if target in sites:
-                sites[target].append((f"{prefix}.self_attn", block.self_attn, attr))
+                sites[target] += [(f"{prefix}.self_attn", block.self_attn, attr)
+                                  for attr in attrs if attr in block.self_attn._modules]
         mlp = block.mlp
         if isinstance(mlp, MoELayer):
             for target in _FFN:
