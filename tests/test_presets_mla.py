@@ -118,3 +118,25 @@ def test_train_tiny_mla_preset(preset: str, routing: str, tmp_path: Path) -> Non
     exported = Transformer.from_pretrained(tmp_path / "run" / "model")
     assert exported.config.model_type == ModelConfig.preset(preset).model_type
     assert exported.config.attention_type == "mla"
+
+
+def test_plan_counts_mla_attention_in_its_expanded_widths() -> None:
+    """Attention FLOPs and activations use MLA's per-head widths (qk 192, v 128 for V3),
+    not hidden_size / heads (56 for V3)."""
+    from dsmoe.plan import activation_bytes_per_token, forward_flops_per_token
+    from dsmoe.params import attention_widths
+
+    v3 = ModelConfig.preset("deepseek-v3")
+    assert attention_widths(v3) == (128 * 192, 128 * 192, 128 * 128, 128 * 128)
+    counts = count_parameters(v3)
+    matmul = counts.active - counts.embedding - counts.norms
+    S = 4096
+    assert forward_flops_per_token(v3, S) == 2.0 * matmul + 2.0 * 61 * (128 * 320) * S
+    mha = ModelConfig.preset("deepseek-moe-16b")
+    q = 16 * 128
+    assert forward_flops_per_token(mha, S) == pytest.approx(
+        2.0 * (count_parameters(mha).active - count_parameters(mha).embedding
+               - count_parameters(mha).norms) + 4.0 * 28 * q * S)
+    assert activation_bytes_per_token(v3, "bf16") > activation_bytes_per_token(
+        v3.replace(num_attention_heads=64, num_key_value_heads=64), "bf16")
+    assert main(["plan", "--preset", "deepseek-v2-lite", "--devices", "8"]) == 0

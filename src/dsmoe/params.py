@@ -100,6 +100,19 @@ def mla_parameters(c: ModelConfig) -> int:
 ATTENTION_PARAMETERS = {"mha": mha_parameters, "mla": mla_parameters}
 
 
+def attention_widths(config: ModelConfig) -> tuple[int, int, int, int]:
+    """Values per token of one layer's queries, keys, values and attention output, over
+    all heads: (q, k, v, o). MLA counts its expanded form (training, prefill): every head's
+    key is qk_nope + qk_rope wide, its value v_head_dim."""
+    c = config
+    if c.attention_type == "mla":
+        qk = c.num_attention_heads * (c.qk_nope_head_dim + c.qk_rope_head_dim)
+        v = c.num_attention_heads * c.v_head_dim
+        return qk, qk, v, v
+    q, kv = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
+    return q, kv, kv, q
+
+
 def mtp_parameters(config: ModelConfig) -> int:
     """Parameters of V3's multi-token-prediction module(s) as checkpoints store them (not in
     ``count_parameters``: dsmoe does not run them). Each: its own embedding and output

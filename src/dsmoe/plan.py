@@ -9,7 +9,8 @@ Models (stated so the numbers can be checked and argued with):
   weights and gradients plus fp32 moments (4 + 4 + 8 = 16 bytes). No optimizer sharding.
 - Activations kept for backward, per token, without recomputation, with a fused (flash)
   attention that stores no S x S scores; in the compute dtype unless noted:
-    attention block   2D (residual, norm) + 2 q_out + 2 kv_out (q, k, v, attention out)
+    attention block   2D (residual, norm) + q + k + v + o (``params.attention_widths``:
+                      MHA 2 q_out + 2 kv_out; MLA its expanded per-head keys and values)
     FFN block         2D (residual, norm) +
       dense           3 I (gate, up, act(gate) * up)
       MoE             2E fp32 (logits, scores) + 3 F n_shared + K (2D + 3F) (each routed
@@ -18,7 +19,7 @@ Models (stated so the numbers can be checked and argued with):
   Each rank holds its tokens' activations; under balanced routing the assignments it
   computes for other ranks equal the ones others compute for it.
 - FLOPs per token, forward: 2 x the active matmul parameters (all active parameters but
-  the embedding and norms) + 4 x L x q_out x S for attention scores and values (S the
+  the embedding and norms) + 2 x L x (q + o) x S for attention scores and values (S the
   sequence length, causal masking not discounted, as in PaLM's 6N + 12 L H Q T).
   Training = 3 x forward.
 - All-to-all bytes, per rank and MoE layer: a token goes once to every *other* rank that
@@ -43,7 +44,7 @@ import math
 from dataclasses import dataclass, field
 
 from dsmoe.config import ModelConfig
-from dsmoe.params import count_parameters
+from dsmoe.params import attention_widths, count_parameters
 
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 MONTE_CARLO_SAMPLES = 20_000
@@ -169,9 +170,8 @@ def validate(config: ModelConfig, devices: int, ep: int, max_devices: int | None
 def activation_bytes_per_token(config: ModelConfig, dtype: str) -> float:
     """Bytes kept for backward per token (module docstring's model)."""
     c, b = config, DTYPE_BYTES[dtype]
-    D, V, d = c.hidden_size, c.vocab_size, c.head_dim
-    q_out, kv_out = c.num_attention_heads * d, c.num_key_value_heads * d
-    attention = (2 * D + 2 * q_out + 2 * kv_out) * b
+    D, V = c.hidden_size, c.vocab_size
+    attention = (2 * D + sum(attention_widths(c))) * b
     ffn_common = 2 * D * b
     dense = 3 * c.intermediate_size * b
     total = 0.0
@@ -188,8 +188,8 @@ def activation_bytes_per_token(config: ModelConfig, dtype: str) -> float:
 def forward_flops_per_token(config: ModelConfig, seq_len: int) -> float:
     counts = count_parameters(config)
     matmul = counts.active - counts.embedding - counts.norms
-    q_out = config.num_attention_heads * config.head_dim
-    return 2.0 * matmul + 4.0 * config.num_hidden_layers * q_out * seq_len
+    q, _, _, o = attention_widths(config)  # scores q.k over q's width, then values (o)
+    return 2.0 * matmul + 2.0 * config.num_hidden_layers * (q + o) * seq_len
 
 
 def make_plan(config: ModelConfig, devices: int, *, ep: int | None = None,
