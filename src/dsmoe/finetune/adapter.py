@@ -56,8 +56,9 @@ from dsmoe.checkpoint import keys
 from dsmoe.checkpoint.directory import replaced_directory
 from dsmoe.checkpoint.hf import hf_name
 from dsmoe.config import ModelConfig
-from dsmoe.finetune.lora import (EXPERT_PROJECTIONS, LoRAExperts, LoRALinear, LoRASettings,
-                                 apply_lora, lora_modules, parse_targets, router_lora)
+from dsmoe.finetune.lora import (ATTENTION_SITES, EXPERT_PROJECTIONS, LoRAExperts, LoRALinear,
+                                 LoRASettings, apply_lora, lora_modules, parse_targets,
+                                 router_lora)
 from dsmoe.io import disk_errors
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -169,7 +170,7 @@ class AdapterConfig:
 def target_modules_regex(targets: tuple[str, ...]) -> str:
     """PEFT's ``target_modules`` as a regex (PEFT full-matches it against module names of
     the HF model), naming exactly the linear layers these targets cover."""
-    attn = [f"{t}_proj" for t in ("q", "k", "v", "o") if t in targets]
+    attn = [name for t in ("q", "k", "v", "o") if t in targets for name in ATTENTION_SITES[t]]
     ffn = [f"{t}_proj" for t in ("gate", "up", "down") if t in targets]
     alternatives = []
     if attn:
@@ -195,7 +196,8 @@ def infer_targets(tensor_names: list[str]) -> tuple[str, ...]:
             raise ValueError(f"adapter tensor {name!r} is not a LoRA weight of a model layer")
         path = match["path"]
         if path.startswith("self_attn."):
-            found.add(path.removeprefix("self_attn.")[0])
+            module = path.removeprefix("self_attn.")
+            found.update(t for t, names in ATTENTION_SITES.items() if module in names)
         elif path.startswith("mlp.shared_experts."):
             found.add("shared")
         elif path == "mlp.gate":

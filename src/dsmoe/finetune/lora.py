@@ -21,7 +21,7 @@ Design choices:
 
 Targets (``--targets``):
   q, k, v, o      attention projections of every layer (MLA: q_proj or q_a/q_b_proj,
-                  kv_a_proj_with_mqa, kv_b_proj, o_proj; see ``_ATTENTION``)
+                  kv_a_proj_with_mqa, kv_b_proj, o_proj; see ``ATTENTION_SITES``)
   gate, up, down  the dense MLPs' projections and the routed experts' (stacked) ones
   shared          the shared experts' gate/up/down projections
   router          the MoE gate (routing logits)
@@ -53,8 +53,9 @@ DEFAULT_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")  # DeepSeek's SFT r
 # (DeepSeek-V2/V3) has no per-head k/v projections: "k" adapts the joint compression
 # kv_a_proj_with_mqa (the latent and the shared rope key), "v" the up-projection kv_b_proj
 # (every head's position-free key and its value), "q" q_proj or the low-rank q_a/q_b pair.
-_ATTENTION = {"q": ("q_proj", "q_a_proj", "q_b_proj"), "k": ("k_proj", "kv_a_proj_with_mqa"),
-              "v": ("v_proj", "kv_b_proj"), "o": ("o_proj",)}
+ATTENTION_SITES = {"q": ("q_proj", "q_a_proj", "q_b_proj"),
+                   "k": ("k_proj", "kv_a_proj_with_mqa"), "v": ("v_proj", "kv_b_proj"),
+                   "o": ("o_proj",)}
 _FFN = {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
 EXPERT_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 
@@ -253,7 +254,7 @@ def _sites(model: nn.Module, targets: tuple[str, ...]) -> dict[str, list[tuple[s
     sites: dict[str, list[tuple[str, nn.Module, str]]] = {t: [] for t in targets}
     for i, block in enumerate(model.layers):
         prefix = f"layers.{i}"
-        for target, attrs in _ATTENTION.items():
+        for target, attrs in ATTENTION_SITES.items():
             if target in sites:
                 sites[target] += [(f"{prefix}.self_attn", block.self_attn, attr)
                                   for attr in attrs if attr in block.self_attn._modules]
