@@ -283,7 +283,12 @@ def train_section(device: torch.device, quick: bool, repeats: int, peak: float,
             optimizer.zero_grad(set_to_none=True)
             model.update_router_biases()
 
-        ms = time_ms(step, device, repeats, warmup=3)
+        try:
+            ms = time_ms(step, device, repeats, warmup=3)
+        except Exception as exc:  # noqa: BLE001 - report this variant, measure the next
+            print(f"training variant {variant} failed: {type(exc).__name__}: {exc}", flush=True)
+            del model, optimizer
+            continue
         tps = B * S / ms * 1e3
         flops = active_flops_per_token(model, S)
         mem = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")

@@ -47,6 +47,10 @@ def _checkpointed_forward(block: nn.Module, *args, **kwargs):  # noqa: ANN002, A
     forward = type(block).forward.__get__(block)
     if not torch.is_grad_enabled():  # inference: nothing would be stored anyway
         return forward(*args, **kwargs)
+    if torch.compiler.is_compiling():
+        # torch.compile traces the block once into its checkpointed region; buffer updates
+        # (the load counts) are applied once after the forward graph, not in the replay
+        return checkpoint(forward, *args, use_reentrant=False, **kwargs)
     return checkpoint(forward, *args, use_reentrant=False,
                       context_fn=lambda: (contextlib.nullcontext(), _scratch_load_counts(block)),
                       **kwargs)
