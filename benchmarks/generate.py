@@ -108,9 +108,24 @@ def build_dsmoe(cfg: ModelConfig, seed: int) -> Transformer:
     return model.eval()
 
 
+def reference_moe_config(cfg: ModelConfig, experts_impl: str):  # noqa: ANN201
+    """transformers' ``DeepseekV2Config`` for a ``DeepseekV2Moe`` with ``cfg``'s sizes and
+    V1 routing (softmax, greedy top-k, no renormalisation, scaling 1)."""
+    from transformers import DeepseekV2Config
+
+    moe_cfg = DeepseekV2Config(
+        hidden_size=cfg.hidden_size, num_attention_heads=cfg.num_attention_heads,
+        moe_intermediate_size=cfg.moe_intermediate_size, n_routed_experts=cfg.n_routed_experts,
+        n_shared_experts=cfg.n_shared_experts, num_experts_per_tok=cfg.num_experts_per_tok,
+        topk_method="greedy", routed_scaling_factor=1.0, norm_topk_prob=False,
+        hidden_act=cfg.hidden_act)
+    moe_cfg._experts_implementation = experts_impl
+    return moe_cfg
+
+
 def build_reference(model: Transformer, experts_impl: str) -> nn.Module:
     """transformers' Llama + DeepseekV2Moe holding ``model``'s parameter tensors (shared)."""
-    from transformers import DeepseekV2Config, LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM
     from transformers.models.deepseek_v2.modeling_deepseek_v2 import DeepseekV2Moe
     from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
@@ -128,13 +143,7 @@ def build_reference(model: Transformer, experts_impl: str) -> nn.Module:
         eos_token_id=None, pad_token_id=None,
         rope_parameters={"rope_type": "default", "rope_theta": float(cfg.rope_theta)})
     llama._attn_implementation = "eager"
-    moe_cfg = DeepseekV2Config(
-        hidden_size=cfg.hidden_size, num_attention_heads=cfg.num_attention_heads,
-        moe_intermediate_size=cfg.moe_intermediate_size, n_routed_experts=cfg.n_routed_experts,
-        n_shared_experts=cfg.n_shared_experts, num_experts_per_tok=cfg.num_experts_per_tok,
-        topk_method="greedy", routed_scaling_factor=1.0, norm_topk_prob=False,
-        hidden_act=cfg.hidden_act)
-    moe_cfg._experts_implementation = experts_impl
+    moe_cfg = reference_moe_config(cfg, experts_impl)
     with torch.device("meta"):
         ref = LlamaForCausalLM(llama)
         for i in cfg.moe_layer_indices:

@@ -52,7 +52,7 @@ from dsmoe.moe.layer import MoELayer
 from dsmoe.train.activation_checkpointing import apply_activation_checkpointing
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from generate import build_reference  # noqa: E402
+from generate import build_reference, reference_moe_config  # noqa: E402
 from train import active_flops_per_token, dense_equivalent  # noqa: E402
 
 DATASHEET_BF16_TFLOPS = 989.0  # H100/H200 SXM dense bf16, the vendor's datasheet
@@ -120,17 +120,10 @@ def layer_config(quick: bool) -> ModelConfig:
 
 
 def _hf_moe(cfg: ModelConfig, device: torch.device, dtype: torch.dtype) -> nn.Module:
-    from transformers import DeepseekV2Config
     from transformers.models.deepseek_v2.modeling_deepseek_v2 import DeepseekV2Moe
 
-    hf_cfg = DeepseekV2Config(
-        hidden_size=cfg.hidden_size, num_attention_heads=cfg.num_attention_heads,
-        moe_intermediate_size=cfg.moe_intermediate_size, n_routed_experts=cfg.n_routed_experts,
-        n_shared_experts=cfg.n_shared_experts, num_experts_per_tok=cfg.num_experts_per_tok,
-        topk_method="greedy", routed_scaling_factor=1.0, norm_topk_prob=False,
-        hidden_act=cfg.hidden_act)
-    hf_cfg._experts_implementation = "grouped_mm" if device.type == "cuda" else "eager"
-    module = DeepseekV2Moe(hf_cfg).to(device, dtype)
+    impl = "grouped_mm" if device.type == "cuda" else "eager"
+    module = DeepseekV2Moe(reference_moe_config(cfg, impl)).to(device, dtype)
     with torch.no_grad():
         for p in module.parameters():
             p.normal_(std=0.02)

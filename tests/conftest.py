@@ -100,3 +100,12 @@ def randomize_(module: torch.nn.Module, std: float = 0.3, seed: int = 0) -> torc
         for p in module.parameters():
             p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32) * std)
     return module
+
+
+def generation_config() -> ModelConfig:
+    """A 3-layer GQA MoE model with decisive weights (std 0.2) and no EOS: the generation
+    tests' model, whose greedy tokens are far from ties."""
+    return ModelConfig.preset("tiny").replace(
+        vocab_size=97, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+        num_hidden_layers=3, moe_intermediate_size=32, intermediate_size=96,
+        eos_token_id=None, initializer_range=0.2)

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import assert_close
+from conftest import assert_close, generation_config
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
@@ -156,10 +156,7 @@ def test_model_parity_fp32_on_cuda(case: str, tmp_path: Path) -> None:
 @pytest.fixture(scope="module")
 def gen_model() -> Transformer:
     torch.manual_seed(0)
-    cfg = ModelConfig.preset("tiny").replace(
-        vocab_size=97, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
-        num_hidden_layers=3, moe_intermediate_size=32, intermediate_size=96,
-        eos_token_id=None, initializer_range=0.2)
+    cfg = generation_config()
     return Transformer(cfg).eval().to(CUDA)
 
 

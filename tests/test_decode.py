@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import assert_close
+from conftest import assert_close, generation_config
 from dsmoe.config import ModelConfig
 from dsmoe.decode import EagerDecoder, StaticDecoder, graph_unsupported_reason, make_decoder
 from dsmoe.generate import generate, left_pad
@@ -22,10 +22,7 @@ from dsmoe.model import Transformer
 @pytest.fixture(scope="module")
 def model() -> Transformer:
     torch.manual_seed(0)
-    cfg = ModelConfig.preset("tiny").replace(
-        vocab_size=97, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
-        num_hidden_layers=3, moe_intermediate_size=32, intermediate_size=96,
-        eos_token_id=None, initializer_range=0.2)
+    cfg = generation_config()
     return Transformer(cfg).eval()
 
 

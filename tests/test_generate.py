@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dsmoe.config import ModelConfig
+from conftest import generation_config
 from dsmoe.generate import filter_top_k, filter_top_p, generate, left_pad
 from dsmoe.model import Transformer
 from dsmoe.textstream import TextStreamer
@@ -14,10 +14,7 @@ from dsmoe.textstream import TextStreamer
 @pytest.fixture(scope="module")
 def model() -> Transformer:
     torch.manual_seed(0)
-    cfg = ModelConfig.preset("tiny").replace(vocab_size=97, hidden_size=64, num_attention_heads=4,
-                                             num_key_value_heads=2, num_hidden_layers=3,
-                                             moe_intermediate_size=32, intermediate_size=96,
-                                             eos_token_id=None, initializer_range=0.2)
+    cfg = generation_config()
     return Transformer(cfg).eval()
 
 
