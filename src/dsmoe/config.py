@@ -511,6 +511,14 @@ def _validate_moe(c: _MoEKeys) -> None:
               'aux-loss-free bias balancing needs topk_method="noaux_tc"')
 
 
+def check_expert_split(n_experts: int, ep_size: int) -> None:
+    """The one divisibility check of expert parallelism (training, ``dsmoe plan``): each of
+    the ``ep_size`` ranks owns E/N experts."""
+    if n_experts % ep_size:
+        raise ValueError(f"n_routed_experts={n_experts} is not divisible by --ep {ep_size}; "
+                         f"pick an EP size that divides {n_experts}")
+
+
 def _check_field_names(names: Mapping[str, Any], config_class: type) -> None:
     known = [f.name for f in dataclasses.fields(config_class)]
     for name in names:

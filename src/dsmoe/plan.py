@@ -43,7 +43,7 @@ import functools
 import math
 from dataclasses import dataclass, field
 
-from dsmoe.config import ModelConfig
+from dsmoe.config import ModelConfig, check_expert_split
 from dsmoe.params import attention_widths, count_parameters
 
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
@@ -150,9 +150,8 @@ def validate(config: ModelConfig, devices: int, ep: int, max_devices: int | None
     E, K = config.n_routed_experts, config.num_experts_per_tok
     if E is None and ep > 1:
         raise ValueError(f"--ep {ep} needs routed experts; this preset is dense")
-    if E is not None and E % ep:
-        raise ValueError(f"n_routed_experts={E} is not divisible by --ep {ep}; "
-                         f"pick an EP size that divides {E}")
+    if E is not None:
+        check_expert_split(E, ep)
     if max_devices is not None:
         if not 1 <= max_devices <= ep:
             raise ValueError(f"--max-devices-per-token M={max_devices} must lie in "

@@ -20,9 +20,9 @@ import torch.distributed as dist
 from torch import nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
-from dsmoe.config import ModelConfig, MoEConfig
+from dsmoe.config import ModelConfig, MoEConfig, check_expert_split
 from dsmoe.moe.layer import MoELayer
-from dsmoe.moe.parallel import check_expert_split, is_expert_parallel, parallelize_layer
+from dsmoe.moe.parallel import is_expert_parallel, parallelize_layer
 
 
 # --- topology --------------------------------------------------------------------------------

@@ -55,6 +55,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from dsmoe.config import check_expert_split
 from dsmoe.moe import balance
 from dsmoe.moe.dispatch import DispatchPlan, expert_capacity, plan_dispatch, run_experts
 from dsmoe.moe.layer import Dispatched, MoELayer
@@ -135,13 +136,6 @@ def all_to_all(x: torch.Tensor, out_splits: list[int], in_splits: list[int],
 
 
 # --- dispatch across ranks --------------------------------------------------------------------
-def check_expert_split(n_experts: int, ep_size: int) -> None:
-    """The one divisibility check of expert parallelism: each rank owns E/N experts."""
-    if n_experts % ep_size:
-        raise ValueError(f"n_routed_experts={n_experts} is not divisible by --ep {ep_size}; "
-                         f"pick an EP size that divides {n_experts}")
-
-
 class AllToAllDispatcher(nn.Module):
     """``MoELayer``'s dispatcher when its experts live across an EP group: moves tokens to
     the ranks owning their experts and brings the results back (steps 2-6 of the module
