@@ -24,7 +24,7 @@ transformers = pytest.importorskip("transformers")
 from dsmoe.config import ModelConfig  # noqa: E402
 from dsmoe.generate import generate  # noqa: E402
 from dsmoe.model import Transformer  # noqa: E402
-from dsmoe.moe.experts import grouped_mm_supported  # noqa: E402
+from dsmoe.moe.grouped_gemm import grouped_mm_supported  # noqa: E402
 from dsmoe.moe.layer import MoELayer  # noqa: E402
 
 FP32 = dict(atol=1e-4, rtol=1e-4)
@@ -92,7 +92,7 @@ def test_layer_bf16_on_cuda_close_to_transformers(kind: str) -> None:
 def test_grouped_mm_is_used_for_bf16_on_cuda() -> None:
     if not grouped_mm_supported("cuda", torch.bfloat16):
         pytest.skip("this torch/GPU has no working torch._grouped_mm for bf16")
-    from dsmoe.moe.experts import GroupedGEMM
+    from dsmoe.moe.grouped_gemm import GroupedGEMM
 
     counts = torch.tensor([3, 0, 5], device=CUDA)
     assert GroupedGEMM.plan(counts, 8, torch.bfloat16).kernel == "grouped_mm"

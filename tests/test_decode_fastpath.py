@@ -18,13 +18,12 @@ from safetensors.torch import load_file
 from dsmoe.checkpoint.hf import weight_files
 from dsmoe.config import ModelConfig
 from dsmoe.model import Transformer
-from dsmoe.moe import experts
+from dsmoe.moe.grouped_gemm import grouped_mm_supported
 
 ATOL, RTOL = 1e-5, 1e-4
 
 
-# The probe's name changed while experts.py was being reworked; either one is cached.
-PROBE = getattr(experts, "grouped_mm_supported", None) or getattr(experts, "_grouped_mm_works")
+PROBE = grouped_mm_supported  # cached per (device, dtype)
 
 
 @pytest.fixture

@@ -22,7 +22,7 @@ from conftest import assert_close, moe_config, randomize_
 from dsmoe.moe.dispatch import (
     DispatchPlan, combine, dispatch_tokens, expert_capacity, plan_dispatch, run_experts,
 )
-from dsmoe.moe.experts import SwiGLUExperts
+from dsmoe.moe.experts import Experts, SwiGLUExperts
 from dsmoe.moe.layer import MoELayer
 
 FP32 = dict(atol=1e-6, rtol=1e-6)
@@ -195,8 +195,9 @@ def test_dispatch_into_work_rows() -> None:
     assert_close(tokens.grad, expected, **FP32, what="gather gradient")
 
 
-class _PlainExperts(torch.nn.Module):
-    """Wraps SwiGLUExperts without its work-buffer interface: the sorted-rows path."""
+class _PlainExperts(Experts):
+    """Wraps SwiGLUExperts without its work-buffer plan (the protocol's default, None):
+    the sorted-rows path."""
 
     def __init__(self, inner: SwiGLUExperts) -> None:
         super().__init__()

@@ -1,4 +1,4 @@
-"""Grouped expert GEMMs (``dsmoe.moe.experts``): every kernel against a per-expert oracle.
+"""Grouped expert GEMMs (``dsmoe.moe.grouped_gemm``): every kernel against a per-expert oracle.
 
 - ``grouped_linear`` on each kernel (``batched``, ``grouped_mm`` where torch supports it,
   ``loop``) equals explicit per-expert GEMMs in values and in the gradients of x, weight and
@@ -23,9 +23,9 @@ import torch
 import torch.nn.functional as F
 
 from conftest import assert_close
-from dsmoe.moe.experts import (
-    KERNELS, GroupedGEMM, ReLUExperts, SwiGLUExperts, _chunk_experts, grouped_linear,
-    grouped_mm_supported,
+from dsmoe.moe.experts import ReLUExperts, SwiGLUExperts
+from dsmoe.moe.grouped_gemm import (
+    KERNELS, GroupedGEMM, _chunk_experts, grouped_linear, grouped_mm_supported,
 )
 
 FP32 = dict(atol=1e-5, rtol=1e-5)

@@ -18,7 +18,8 @@ from dsmoe import native
 from dsmoe.config import ModelConfig
 from dsmoe.linear import DECODE_MAX_ROWS, Linear, decode_linear, fp32_linear
 from dsmoe.model import Transformer
-from dsmoe.moe.experts import DECODE_STEP_MAX_ROWS, SwiGLUExperts
+from dsmoe.moe.experts import SwiGLUExperts
+from dsmoe.moe.grouped_gemm import DECODE_STEP_MAX_ROWS
 
 needs_native = pytest.mark.skipif(native.library() is None,
                                   reason="no C compiler: the kernels cannot be built here")

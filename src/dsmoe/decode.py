@@ -41,7 +41,7 @@ import torch
 from dsmoe.model.cache import KVCache, LatentCache
 from dsmoe.model.mask import AttentionMask
 from dsmoe.model.rope import _LENGTH_DEPENDENT
-from dsmoe.moe.experts import grouped_mm_supported
+from dsmoe.moe.grouped_gemm import grouped_mm_supported
 
 if TYPE_CHECKING:
     from dsmoe.model import Transformer

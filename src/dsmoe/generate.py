@@ -110,37 +110,22 @@ def generate(model: "Transformer", input_ids: torch.Tensor | Sequence[Sequence[i
     cfg = model.config
     eos = cfg.eos_token_id if eos_token_id is None else eos_token_id
     pad = cfg.pad_token_id if cfg.pad_token_id is not None else (eos if eos is not None else 0)
-    if not isinstance(input_ids, torch.Tensor):
-        input_ids, attention_mask = left_pad(input_ids, pad)
-    if input_ids.dim() != 2 or input_ids.shape[1] == 0:
-        raise ValueError(f"input_ids must be [batch, prompt_len>0], got {tuple(input_ids.shape)}")
     device = next(model.parameters()).device
-    input_ids = input_ids.to(device)
+    input_ids, mask = _prompts(input_ids, attention_mask, pad, cfg.vocab_size, device)
     B, P = input_ids.shape
-    mask = (torch.ones_like(input_ids) if attention_mask is None
-            else attention_mask.to(device=device, dtype=torch.long))
-    if mask.shape != input_ids.shape:
-        raise ValueError(f"attention_mask {tuple(mask.shape)} must match input_ids {(B, P)}")
-    if bool((mask.sum(dim=1) == 0).any()):
-        raise ValueError("a prompt has no real tokens (attention_mask row of zeros)")
-    if int(input_ids.max()) >= cfg.vocab_size or int(input_ids.min()) < 0:
-        raise ValueError(f"token ids must lie in [0, vocab_size={cfg.vocab_size})")
     if max_new_tokens == 0:
         return input_ids.new_empty(B, 0)
 
-    generator = None
-    if seed is not None:
-        generator = torch.Generator(device=device).manual_seed(seed)
+    generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
     stops = [torch.as_tensor(list(s), dtype=torch.long, device=device) for s in (stop or []) if len(s)]
-    seen = None
+    seen = None  # [B, V]: tokens in each row's context, for the repetition penalty
     if repetition_penalty is not None and repetition_penalty != 1.0:
         seen = torch.zeros(B, cfg.vocab_size, dtype=torch.bool, device=device)
         seen.scatter_(1, input_ids, mask.bool())
 
     was_training = model.training
     model.eval()
-    decoder = make_decoder(model, B, P + max_new_tokens, cuda_graph=cuda_graph,
-                           compile=compile)
+    decoder = make_decoder(model, B, P + max_new_tokens, cuda_graph=cuda_graph, compile=compile)
     positions = (mask.cumsum(dim=1) - 1).clamp_min(0)  # [B, P]
     logits = decoder.prefill(input_ids, positions, mask)  # [B, V] fp32
     out = input_ids.new_full((B, max_new_tokens), pad)
@@ -165,6 +150,27 @@ def generate(model: "Transformer", input_ids: torch.Tensor | Sequence[Sequence[i
     finally:
         model.train(was_training)
     return out
+
+
+def _prompts(input_ids: torch.Tensor | Sequence[Sequence[int]],
+             attention_mask: torch.Tensor | None, pad: int, vocab_size: int,
+             device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Checked prompts on ``device``: (ids [B, P], mask [B, P] long), left-padded."""
+    if not isinstance(input_ids, torch.Tensor):
+        input_ids, attention_mask = left_pad(input_ids, pad)
+    if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+        raise ValueError(f"input_ids must be [batch, prompt_len>0], got {tuple(input_ids.shape)}")
+    input_ids = input_ids.to(device)
+    mask = (torch.ones_like(input_ids) if attention_mask is None
+            else attention_mask.to(device=device, dtype=torch.long))
+    if mask.shape != input_ids.shape:
+        raise ValueError(f"attention_mask {tuple(mask.shape)} must match input_ids "
+                         f"{tuple(input_ids.shape)}")
+    if bool((mask.sum(dim=1) == 0).any()):
+        raise ValueError("a prompt has no real tokens (attention_mask row of zeros)")
+    if int(input_ids.max()) >= vocab_size or int(input_ids.min()) < 0:
+        raise ValueError(f"token ids must lie in [0, vocab_size={vocab_size})")
+    return input_ids, mask
 
 
 def _finished(generated: torch.Tensor, token: torch.Tensor, eos: int | None,

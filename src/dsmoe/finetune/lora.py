@@ -41,7 +41,8 @@ from torch.nn.utils import parametrize
 
 from dsmoe.finetune.qlora import TrainableQuant, quant_grouped_linear, quant_linear
 from dsmoe.mlp import SwiGLUMLP
-from dsmoe.moe.experts import SwiGLUExperts, grouped_linear
+from dsmoe.moe.experts import Experts, SwiGLUExperts
+from dsmoe.moe.grouped_gemm import grouped_linear
 from dsmoe.moe.layer import MoELayer
 from dsmoe.moe.router import Router
 from dsmoe.quant.experts import QuantSwiGLUExperts
@@ -170,7 +171,7 @@ class StackedLoRA(nn.Module):
         return self.scaling * torch.bmm(self.lora_B, self.lora_A)
 
 
-class LoRAExperts(nn.Module):
+class LoRAExperts(Experts):
     """Stacked SwiGLU experts plus per-expert adapters on some of gate / up / down.
 
     forward(x_sorted [A, D], counts [E]) -- the contract of ``SwiGLUExperts``:

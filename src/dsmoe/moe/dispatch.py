@@ -11,7 +11,7 @@ One path serves training and inference:
   deterministic on every device (a scatter-add with atomics would not be) and do not depend
   on where the rows sit in memory (see ``_Combine``).
 - ``run_experts`` chains the three. The gather and the combine can address an experts' own
-  work buffer (``experts.GroupedGEMM``: the sorted rows plus zero padding on CPU), so no
+  work buffer (``grouped_gemm.GroupedGEMM``: the sorted rows plus zero padding on CPU), so no
   rows are copied between the sorted order and that buffer.
 
 Shapes: T tokens, K picks per token, A = T*K assignments (A_kept after dropping), E, D.
@@ -202,16 +202,16 @@ def run_experts(experts: nn.Module, tokens: torch.Tensor, plan: DispatchPlan,
                 topk_weight: torch.Tensor) -> torch.Tensor:
     """dispatch -> experts -> combine: the routed output [T, D].
 
-    Experts that lay rows out in a work buffer of their own (``gemm_plan(counts, n_rows)``
-    returning a ``GroupedGEMM``, and ``forward(x, counts, gemm=...)`` on its rows, as
-    ``SwiGLUExperts`` and ``ReLUExperts`` do) get the tokens gathered straight into that
-    buffer and are combined from it: two ``[A, D]`` copies (and their gradients) fewer than
-    going through sorted rows. Any other module is called as
+    ``experts`` follows the protocol of ``dsmoe.moe.experts.Experts``. Those whose
+    ``gemm_plan(counts, n_rows)`` returns a ``GroupedGEMM`` (``SwiGLUExperts``,
+    ``ReLUExperts``) get the tokens gathered straight into its work buffer and are combined
+    from it: two ``[A, D]`` copies (and their gradients) fewer than going through sorted
+    rows. The others (plan None) are called as
     ``experts(sorted rows [A_kept, D], counts [E]) -> [A_kept, D]``.
     """
-    if not hasattr(experts, "gemm_plan"):
+    gemm = experts.gemm_plan(plan.counts, plan.order.numel())
+    if gemm is None:
         expert_out = experts(dispatch_tokens(tokens, plan), plan.counts)  # [A_kept, D]
         return combine(expert_out, plan, topk_weight)
-    gemm = experts.gemm_plan(plan.counts, plan.order.numel())
     work = dispatch_tokens(tokens, plan, gemm.index, gemm.rows)  # [P, D]
     return combine(experts(work, plan.counts, gemm=gemm), plan, topk_weight, gemm.index)

@@ -17,12 +17,13 @@ import torch
 from torch import nn
 
 from dsmoe.mlp import ACTIVATIONS
-from dsmoe.moe.experts import SwiGLUExperts, expert_blocks
+from dsmoe.moe.experts import Experts, SwiGLUExperts
+from dsmoe.moe.grouped_gemm import expert_blocks
 from dsmoe.quant.kernels import INT8_KERNEL_MAX_ROWS
 from dsmoe.quant.matrix import QuantMatrix
 
 
-class QuantSwiGLUExperts(nn.Module):
+class QuantSwiGLUExperts(Experts):
     def __init__(self, n_experts: int, hidden_size: int, expert_size: int, *, bits: int,
                  group_size: int = 128, hidden_act: str = "silu",
                  device: torch.device | str | None = None) -> None:
