@@ -10,14 +10,12 @@ from __future__ import annotations
 import json
 import os
 import sys
-import types
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import dsmoe.checkpoint
 from conftest import reference_file
 from dsmoe import ModelConfig
 from dsmoe.checkpoint import hf
@@ -322,23 +320,31 @@ def test_missing_shard_and_bad_config_json(tmp_path: Path) -> None:
         Transformer.from_pretrained(tmp_path / "m")
 
 
-# --- GGUF hook -------------------------------------------------------------------------------------
-def test_gguf_paths_go_to_the_gguf_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    calls = []
-    fake = types.ModuleType("dsmoe.checkpoint.gguf")
-    fake.load_gguf = lambda path, *, dtype, device: calls.append((path, dtype, device)) or "model"
-    monkeypatch.setitem(sys.modules, "dsmoe.checkpoint.gguf", fake)
-    monkeypatch.setattr(dsmoe.checkpoint, "gguf", fake, raising=False)
-    assert Transformer.from_pretrained(tmp_path / "m.gguf", dtype="bf16") == "model"
-    assert calls == [(tmp_path / "m.gguf", torch.bfloat16, "cpu")], "dtype names are resolved"
+# --- one load / save for every format ----------------------------------------------------------
+def test_one_load_chooses_the_format_and_model_imports_no_io(tmp_path: Path) -> None:
+    """``dsmoe.checkpoint.load`` reads an HF directory, a GGUF and a quantized directory
+    (``from_pretrained`` is the same call); importing the model pulls in none of them."""
+    import subprocess
 
-    missing = r"GGUF support \(dsmoe\.checkpoint\.gguf\.load_gguf\) is not available"
-    incomplete = types.ModuleType("dsmoe.checkpoint.gguf")  # a package without the loader
-    monkeypatch.setitem(sys.modules, "dsmoe.checkpoint.gguf", incomplete)
-    monkeypatch.setattr(dsmoe.checkpoint, "gguf", incomplete)
-    with pytest.raises(ValueError, match=missing):
-        Transformer.from_pretrained(tmp_path / "m.gguf")
-    monkeypatch.setitem(sys.modules, "dsmoe.checkpoint.gguf", None)  # "not installed"
-    monkeypatch.delattr(dsmoe.checkpoint, "gguf")
-    with pytest.raises(ValueError, match=missing):
-        Transformer.from_pretrained(tmp_path / "m.gguf")
+    from dsmoe.checkpoint import load, save
+    from dsmoe.checkpoint.gguf import write_model_gguf
+    from dsmoe.quant import quantize_model
+
+    model = _model()
+    save(model, tmp_path / "hf")
+    write_model_gguf(model, tmp_path / "m.gguf", quant="f32")
+    quantized = quantize_model(_model(), 8)
+    save(quantized, tmp_path / "q")
+    ids = _ids()
+    assert torch.equal(load(tmp_path / "hf")(ids).logits, model(ids).logits)
+    gguf = Transformer.from_pretrained(tmp_path / "m.gguf", dtype="bf16")
+    assert gguf.embed_tokens.weight.dtype == torch.bfloat16, "dtype names are resolved"
+    assert torch.equal(load(tmp_path / "m.gguf")(ids).logits, model(ids).logits)
+    # SMALL has attention biases, which quantized checkpoints used to leave out
+    assert torch.equal(load(tmp_path / "q")(ids).logits, quantized(ids).logits)
+    assert Transformer.from_pretrained(tmp_path / "q").quant_config.bits == 8
+    code = ("import sys, dsmoe.model; print(sorted(m for m in sys.modules if m.startswith("
+            "('dsmoe.checkpoint.', 'dsmoe.quant', 'dsmoe.generate'))))")
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            check=True).stdout.strip()
+    assert loaded == "['dsmoe.checkpoint.keys']", loaded  # the MoE layer's key mapping only

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import os
 import re
 import tempfile
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 
 @contextlib.contextmanager
@@ -46,6 +47,14 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> None
     """Run ``write(tmp_path)`` and move the result into place atomically."""
     with atomic_path(path) as tmp:
         write(tmp)
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    """A JSON file's value; ValueError naming the file when it is not valid UTF-8 JSON."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc})") from exc
 
 
 def umask_mode(mode: int) -> int:

@@ -6,17 +6,13 @@ Layout (as ``deepseek-ai/deepseek-moe-16b-base`` ships it): ``config.json`` (mod
 model's module names with a ``model.`` prefix (``lm_head.weight`` has none); routed experts
 are stored per expert and stacked in memory by ``checkpoint.keys``.
 
-Loading, with peak memory close to the weights' size:
-  1. read ``config.json`` and the safetensors headers only; check every tensor's name,
-     shape and dtype against a model built on the meta device, reporting all problems
-     before any data is read
-  2. fill the model one group at a time (top-level tensors, then layer by layer): open
-     the file(s) with ``safe_open`` (memory-mapped, ``get_tensor`` copies nothing), stack
-     the layer's experts with ``keys.moe_from_hf``, cast or copy each tensor into memory
-     of its own, assign it in place of the meta tensor (``load_state_dict(assign=True)``),
-     then drop the mapping, so the file pages read for a group leave the process with it
-  3. materialise the non-persistent buffers (RoPE frequencies, MoE load counters)
-Peak memory is the weights plus about one layer in flight.
+Loading (``hf_source``, one of ``checkpoint.loading``'s sources): ``config.json`` and the
+safetensors headers are read first and every tensor's name, shape and dtype checked against
+the model built on the meta device, all problems reported before any data is read; then the
+filler takes one group at a time (top-level tensors, then layer by layer), opened with
+``safe_open`` (memory-mapped, ``get_tensor`` copies nothing) and the layer's experts stacked
+with ``keys.moe_from_hf``; it copies each tensor into memory of its own, so the file pages
+read for a group leave the process with it. Peak memory is the weights plus about one layer.
 
 Saving converts and writes layer by layer, shard by shard, through
 ``checkpoint.directory.DirectoryWriter``, which replaces the directory as a whole.
@@ -26,7 +22,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,22 +33,12 @@ from safetensors.torch import save_file
 from torch import nn
 
 from dsmoe.checkpoint import fp8, keys
+from dsmoe.checkpoint.dtypes import DTYPES, FLOAT_STORED, dtype_name, resolve_dtype  # noqa: F401
+from dsmoe.checkpoint.loading import Source, load_source
 from dsmoe.checkpoint.directory import (CONFIG_NAME, INDEX_NAME, TOKENIZER_FILES,  # noqa: F401
                                        WEIGHTS_NAME, DirectoryWriter, config_json)
 from dsmoe.config import DEEPSEEK_MODEL_TYPES, ModelConfig
-
-
-# Model dtypes a checkpoint can be loaded into; names users may spell them with.
-DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32, "fp32": torch.float32, "f32": torch.float32,
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-    "float16": torch.float16, "fp16": torch.float16, "f16": torch.float16, "half": torch.float16,
-}
-# Floating-point dtypes a safetensors file may store (safetensors' names).
-_FILE_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
-                "F64": torch.float64}
-
-_LAYER = re.compile(r"^layers\.(\d+)\.")
+from dsmoe.io import read_json
 
 
 @dataclass(frozen=True)
@@ -76,19 +61,13 @@ def native_name(hf: str) -> str:
     return hf[len("model."):] if hf.startswith("model.") else hf
 
 
-def _group_of(native: str) -> str:
-    """Tensors are converted and loaded per group: one per layer, one for the rest."""
-    match = _LAYER.match(native)
-    return match.group(0) if match else ""
-
-
 def _hf_groups(state_dict: Mapping[str, torch.Tensor]) -> Iterator[dict[str, torch.Tensor]]:
     """HF-named tensors, one dict per run of consecutive keys of the same group (so a MoE
     layer's experts are split into per-expert tensors one layer at a time)."""
     run: dict[str, torch.Tensor] = {}
     current = None
     for name, tensor in state_dict.items():
-        group = _group_of(name)
+        group = keys.layer_group(name)
         if run and group != current:
             yield {hf_name(k): v for k, v in keys.moe_to_hf(run).items()}
             run = {}
@@ -115,19 +94,6 @@ def hf_shapes(model: nn.Module) -> dict[str, tuple[tuple[int, ...], torch.dtype]
 
 
 # --- loading ----------------------------------------------------------------------------
-def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
-    """A supported model dtype from a torch dtype or a name like "bf16"; None stays None."""
-    if dtype is None:
-        return None
-    if isinstance(dtype, str):
-        key = dtype.lower().removeprefix("torch.")
-        if key in DTYPES:
-            return DTYPES[key]
-    elif dtype in DTYPES.values():
-        return dtype
-    raise ValueError(f"unsupported dtype {dtype!r}: load as float32, bfloat16 or float16")
-
-
 def read_config(path: str | os.PathLike) -> ModelConfig:
     """``config.json`` of an HF DeepSeekMoE directory, or that file itself (model_type
     "deepseek", "deepseek_v2" or "deepseek_v3")."""
@@ -139,10 +105,7 @@ def read_config(path: str | os.PathLike) -> ModelConfig:
                                     "directory")
     elif not path.is_file():
         raise FileNotFoundError(f"{path} not found")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{path}: not valid JSON ({exc})") from exc
+    data = read_json(path)
     model_type = data.get("model_type") if isinstance(data, dict) else None
     if model_type not in DEEPSEEK_MODEL_TYPES:
         raise ValueError(
@@ -223,7 +186,7 @@ def check_stored_tensors(expected: Mapping[str, tuple[tuple[int, ...], torch.dty
     unexpected = [n for n in stored if n not in expected and n not in optional]
     mismatched = [f"{n} (expected {list(expected[n][0])}, found {list(stored[n].shape)})"
                   for n in expected if n in stored and stored[n].shape != expected[n][0]]
-    bad_dtype = [f"{n} ({stored[n].dtype})" for n in stored if stored[n].dtype not in _FILE_DTYPES
+    bad_dtype = [f"{n} ({stored[n].dtype})" for n in stored if stored[n].dtype not in FLOAT_STORED
                  and not (n in scaled and stored[n].dtype in fp8.FP8_DTYPES)]
     problems = [f"{label}: {_few(items)}" for label, items in (
         ("missing tensors", missing), ("unexpected tensors", unexpected),
@@ -235,55 +198,40 @@ def check_stored_tensors(expected: Mapping[str, tuple[tuple[int, ...], torch.dty
 def load_pretrained(path: str | os.PathLike, *, dtype: torch.dtype | str | None = torch.float32,
                     device: torch.device | str = "cpu",
                     model_cls: type[nn.Module] | None = None) -> nn.Module:
-    """Build the model on ``meta`` and fill it from the directory's safetensors (see the
-    module docstring). ``dtype=None`` keeps the stored dtype. Returns it in eval mode."""
-    from dsmoe.model.transformer import Transformer
+    """A model from an HF directory (``checkpoint.loading`` does the work); ``dtype=None``
+    keeps the stored dtype. Returns it in eval mode."""
+    return load_source(hf_source(path), dtype=dtype, device=device, model_cls=model_cls)
 
-    model_cls = model_cls or Transformer
+
+def hf_source(path: str | os.PathLike) -> Source:
+    """An HF directory as a ``checkpoint.loading`` source: config and safetensors headers
+    are read now, tensors group by group as memory-mapped views."""
     directory = Path(path)
     if not directory.exists():
         raise FileNotFoundError(f"{directory} does not exist")
     if not directory.is_dir():
         raise NotADirectoryError(f"{directory} is not a directory (expected an HF model "
                                  "directory with config.json and model.safetensors)")
-    target_dtype = resolve_dtype(dtype)
     config = read_config(directory)
     config, stored, scales = _split_fp8(config, decoder_tensors(stored_tensors(directory), config))
-    with torch.device("meta"):
-        model = model_cls(config)
-    expected = hf_shapes(model)
-    check_stored_tensors(expected, stored, tied=config.tie_word_embeddings,
-                         scaled=scales.stored if scales else ())
-    if target_dtype is None:
-        target_dtype = _FILE_DTYPES[stored["model.embed_tokens.weight"].dtype]
+    tied = config.tie_word_embeddings
+    names = [n for n in stored if not (tied and n == "lm_head.weight")]
 
-    declared = {k: v.dtype for k, v in model.state_dict().items()}
-    params = {name for name, _ in model.named_parameters(remove_duplicate=False)}
-    groups: dict[str, list[str]] = defaultdict(list)
-    for name in expected:
-        groups[_group_of(native_name(name))].append(name)
-    for names in groups.values():
-        mapped = _read_dequantized(names, stored, scales, target_dtype)  # file views
-        file_storages = {t.untyped_storage().data_ptr() for t in mapped.values()}
-        native = keys.moe_from_hf(mapped, config.n_routed_experts)
-        del mapped
-        for name in list(native):  # one tensor at a time: params to dtype, buffers kept
-            want = target_dtype if name in params else declared[name]
-            tensor = native[name].to(device=device, dtype=want)
-            if tensor.untyped_storage().data_ptr() in file_storages:
-                tensor = tensor.clone()  # own the memory, so the mapping can be released
-            native[name] = tensor
-        result = model.load_state_dict(native, strict=False, assign=True)
-        if result.unexpected_keys:  # names were checked above: this is a bug
-            raise RuntimeError(f"internal error: unexpected {result.unexpected_keys[:5]}")
-        del native
-    _materialize_buffers(model, device)
-    model.tie_weights()
-    model.init_buffers()
-    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
-    if left:
-        raise RuntimeError(f"internal error: tensors left on the meta device: {left[:5]}")
-    return model.eval()
+    def groups(dtype: torch.dtype | None) -> Iterator[dict[str, torch.Tensor]]:
+        by_group: dict[str, list[str]] = defaultdict(list)
+        for name in names:
+            by_group[keys.layer_group(name)].append(name)
+        for group in by_group.values():  # FP8 weights dequantize straight to the model dtype
+            mapped = _read_dequantized(group, stored, scales, dtype or torch.float32)
+            yield keys.moe_from_hf(mapped, config.n_routed_experts)
+
+    def check(model: nn.Module) -> None:
+        check_stored_tensors(hf_shapes(model), stored, tied=tied,
+                             scaled=scales.stored if scales else ())
+
+    embed = stored.get("model.embed_tokens.weight")
+    return Source(config, check, groups, FLOAT_STORED.get(embed.dtype) if embed else None,
+                  owns_views=True)
 
 
 @dataclass(frozen=True)
@@ -341,21 +289,7 @@ def _read_group(names: list[str], stored: Mapping[str, StoredTensor]
     return out
 
 
-def _materialize_buffers(model: nn.Module, device: torch.device | str) -> None:
-    """Give buffers still on ``meta`` (non-persistent ones) real storage; ``init_buffers``
-    fills them."""
-    for module in model.modules():
-        for name, buffer in list(module.named_buffers(recurse=False)):
-            if buffer.is_meta:
-                setattr(module, name, torch.zeros(buffer.shape, dtype=buffer.dtype,
-                                                  device=device))
-
-
 # --- saving -----------------------------------------------------------------------------
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
 def plan_shards(sizes: Mapping[str, int], max_shard_size: int) -> list[list[str]]:
     """Split tensor names (in order) into shards of at most ``max_shard_size`` bytes; a
     tensor larger than that gets a shard of its own."""
@@ -378,8 +312,11 @@ def save_pretrained(model: nn.Module, directory: str | os.PathLike, *,
     """Write ``config.json``, the safetensors file(s) (+ index when sharded) and the
     tokenizer files found in ``tokenizer_dir``, converting layer by layer; the directory
     is replaced as a whole (see ``checkpoint.directory``)."""
+    if any(type(m).__module__.startswith("dsmoe.quant") for m in model.modules()):
+        raise ValueError("this model is quantized: save it with dsmoe.quant.save_quantized "
+                         "(or `dsmoe quantize`), not as an HF checkpoint")
     tokenizer_files = _tokenizer_files(tokenizer_dir)
-    config = config_json(model.config, torch_dtype=_dtype_name(model.embed_tokens.weight.dtype))
+    config = config_json(model.config, torch_dtype=dtype_name(model.embed_tokens.weight.dtype))
     with DirectoryWriter(directory, save=_save_file, max_shard_size=max_shard_size) as writer:
         for group in _hf_groups(_savable_state_dict(model)):
             for name, tensor in group.items():

@@ -25,7 +25,14 @@ _STACKED = re.compile(r"^(?P<prefix>.*)experts\.(?P<name>gate_up_proj|down_proj)
 # Checkpointed tensors that are buffers, not parameters (V3's routing bias: fp32, set by the
 # balancing rule, not by gradients); parameter counts leave them out.
 BUFFER_SUFFIXES = (".e_score_correction_bias",)
-_HF_LAYER = re.compile(r"^model\.layers\.(?P<i>\d+)\.")
+_LAYER = re.compile(r"^(?:model\.)?layers\.(?P<i>\d+)\.")  # HF or dsmoe name
+
+
+def layer_group(name: str) -> str:
+    """The group a tensor is converted and loaded with: ``"layers.3."`` for any tensor of
+    layer 3 (HF or dsmoe name), ``""`` for the embedding, final norm and output."""
+    match = _LAYER.match(name)
+    return f"layers.{match['i']}." if match else ""
 
 
 def split_mtp(names: Iterable[str], num_hidden_layers: int, num_nextn_predict_layers: int
@@ -35,7 +42,7 @@ def split_mtp(names: Iterable[str], num_hidden_layers: int, num_nextn_predict_la
     left with the decoder tensors, for the caller's "unexpected tensor" check."""
     kept, mtp = [], []
     for name in names:
-        match = _HF_LAYER.match(name)
+        match = _LAYER.match(name)
         is_mtp = match is not None and \
             num_hidden_layers <= int(match["i"]) < num_hidden_layers + num_nextn_predict_layers
         (mtp if is_mtp else kept).append(name)

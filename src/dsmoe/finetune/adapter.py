@@ -59,7 +59,7 @@ from dsmoe.config import ModelConfig
 from dsmoe.finetune.lora import (ATTENTION_SITES, EXPERT_PROJECTIONS, LoRAExperts, LoRALinear,
                                  LoRASettings, apply_lora, lora_modules, parse_targets,
                                  router_lora)
-from dsmoe.io import disk_errors
+from dsmoe.io import disk_errors, read_json
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -229,7 +229,7 @@ def peft_note(directory: str | os.PathLike) -> str | None:
     """A line for ``dsmoe finetune``'s output naming the adapter parts PEFT leaves unread
     (from dsmoe_adapter.json); None when PEFT reads all of it."""
     path = Path(directory) / DSMOE_CONFIG
-    data = _read_json(path) if path.is_file() else None
+    data = read_json(path) if path.is_file() else None
     unread = data.get("not_read_by_peft") if isinstance(data, dict) else None
     if not unread or not isinstance(unread, dict):
         return None
@@ -317,17 +317,10 @@ def read_adapter(path: str | os.PathLike) -> tuple[AdapterConfig, dict[str, torc
             tensors = {k: handle.get_tensor(k) for k in handle.keys()}
     except SafetensorError as exc:
         raise ValueError(f"{weights}: cannot read its tensors: {exc}") from exc
-    data = _read_json(directory / ADAPTER_CONFIG)
-    ours = _read_json(directory / DSMOE_CONFIG) if (directory / DSMOE_CONFIG).is_file() else None
+    data = read_json(directory / ADAPTER_CONFIG)
+    ours = read_json(directory / DSMOE_CONFIG) if (directory / DSMOE_CONFIG).is_file() else None
     return AdapterConfig.from_json(data, str(directory / ADAPTER_CONFIG), sorted(tensors),
                                    ours), tensors
-
-
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{path}: not valid JSON ({exc})") from exc
 
 
 def check_base(config: AdapterConfig, model: nn.Module, source: str) -> None:

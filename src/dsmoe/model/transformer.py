@@ -278,27 +278,18 @@ class Transformer(nn.Module):
         """Load an HF directory (``config.json`` + ``model.safetensors`` or a sharded
         ``model.safetensors.index.json``) or a ``.gguf`` file. Returns the model in eval
         mode. ``dtype=None`` keeps the stored dtype. A directory written by ``dsmoe quantize``
-        loads as the quantized model (int8/int4 weights, ``dtype`` for the float parts)."""
-        if os.fspath(path).lower().endswith(".gguf"):
-            return _load_gguf(path, dtype, device)
-        from dsmoe.quant.checkpoint import is_quantized_checkpoint, load_quantized
+        loads as the quantized model (int8/int4 weights, ``dtype`` for the float parts).
+        ``dsmoe.checkpoint.load`` does the work (it owns the format choice)."""
+        from dsmoe.checkpoint import load
 
-        if is_quantized_checkpoint(path):
-            return load_quantized(path, dtype=dtype, device=device)
-        from dsmoe.checkpoint.hf import load_pretrained
-
-        return load_pretrained(path, dtype=dtype, device=device, model_cls=cls)
+        return load(path, dtype=dtype, device=device, model_cls=cls)
 
     def save_pretrained(self, directory: str | os.PathLike, *, max_shard_size: int = 5 * 2**30,
                         tokenizer_dir: str | os.PathLike | None = None) -> None:
         """Write an HF directory with DeepSeek's exact tensor names (see ``checkpoint.hf``)."""
-        if any(type(m).__module__.startswith("dsmoe.quant") for m in self.modules()):
-            raise ValueError("this model is quantized: save it with dsmoe.quant.save_quantized "
-                             "(or `dsmoe quantize`), not as an HF checkpoint")
         from dsmoe.checkpoint.hf import save_pretrained
 
-        save_pretrained(self, directory, max_shard_size=max_shard_size,
-                        tokenizer_dir=tokenizer_dir)
+        save_pretrained(self, directory, max_shard_size=max_shard_size, tokenizer_dir=tokenizer_dir)
 
 
 def _input_major(weight: torch.Tensor) -> torch.Tensor:
@@ -313,23 +304,3 @@ def _output_major(weight: torch.Tensor) -> torch.Tensor:
 
 
 _MATMUL_LAYOUTS = {"input_major": _input_major, "output_major": _output_major}
-
-
-def _load_gguf(path: str | os.PathLike, dtype: torch.dtype | str | None,
-               device: torch.device | str) -> Transformer:
-    """GGUF hook: ``dsmoe.checkpoint.gguf.load_gguf(path, *, dtype, device)`` does the work
-    (``dtype`` arrives as a torch dtype, or None for "as stored")."""
-    from dsmoe.checkpoint.hf import resolve_dtype
-
-    dtype = resolve_dtype(dtype)
-    try:
-        from dsmoe.checkpoint import gguf as gguf_checkpoint
-    except ModuleNotFoundError as exc:
-        if exc.name not in ("dsmoe.checkpoint.gguf",):
-            raise
-        gguf_checkpoint = None
-    load = getattr(gguf_checkpoint, "load_gguf", None)
-    if load is None:
-        raise ValueError(f"cannot load {os.fspath(path)!r}: GGUF support "
-                         "(dsmoe.checkpoint.gguf.load_gguf) is not available in this installation")
-    return load(path, dtype=dtype, device=device)

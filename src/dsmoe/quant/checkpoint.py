@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import struct
 import warnings
 from collections import defaultdict
@@ -40,11 +39,14 @@ from torch import nn
 
 from dsmoe.checkpoint import hf, keys
 from dsmoe.checkpoint.directory import CONFIG_NAME, TOKENIZER_FILES, DirectoryWriter, config_json
+from dsmoe.checkpoint.dtypes import SAFETENSORS_NAMES
+from dsmoe.checkpoint.loading import Source, load_source
 from dsmoe.config import ModelConfig
-from dsmoe.quant.convert import QuantConfig, quantize_model, quantized_modules, load_float_tensors
+from dsmoe.io import read_json
+from dsmoe.quant.convert import QuantConfig, quantized_modules
+from dsmoe.quant.matrix import QuantMatrix
 
 QUANT_KEY = "quantization_config"
-_LAYER = re.compile(r"^layers\.(\d+)\.")
 BITS_NAMES = {"int8": 8, "int4": 4, "8": 8, "4": 4}
 
 
@@ -59,7 +61,7 @@ def checkpoint_layout(model: nn.Module, dtype: torch.dtype | None = None
     done: set[str] = set()
     for name, tensor in model.state_dict().items():
         owner = name.rpartition(".")[0]
-        if owner in matrices:
+        if _kernel_storage(matrices, name):
             if owner not in done:
                 for leaf, spec in matrices[owner].canonical_shapes().items():
                     layout[f"{owner}.{leaf}"] = spec
@@ -70,6 +72,14 @@ def checkpoint_layout(model: nn.Module, dtype: torch.dtype | None = None
         want = dtype if (dtype is not None and name in params) else tensor.dtype
         layout[name] = (tuple(tensor.shape), want)
     return layout
+
+
+def _kernel_storage(matrices: Mapping[str, QuantMatrix], name: str) -> bool:
+    """Whether state-dict entry ``name`` is a quantized matrix's kernel-layout storage (saved
+    as its canonical tensors); a float parameter of one (a linear's bias) is saved as is."""
+    owner, _, leaf = name.rpartition(".")
+    return owner in matrices and not isinstance(getattr(matrices[owner], leaf, None),
+                                                nn.Parameter)
 
 
 def is_quantized_checkpoint(path: str | os.PathLike) -> bool:
@@ -133,9 +143,6 @@ def _save_aligned(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[s
 
 
 _ALIGNMENT = 64
-_ST_DTYPES = {torch.int8: "I8", torch.uint8: "U8", torch.bfloat16: "BF16", torch.float16: "F16",
-              torch.float32: "F32", torch.int32: "I32", torch.int64: "I64"}
-
 
 def save_aligned(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike, *,
                  metadata: Mapping[str, str] | None = None) -> None:
@@ -150,10 +157,10 @@ def save_aligned(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike, *
     offset = 0
     for name in order:
         t = tensors[name]
-        if t.dtype not in _ST_DTYPES:
+        if t.dtype not in SAFETENSORS_NAMES:
             raise ValueError(f"{name}: dtype {t.dtype} cannot be stored")
         size = t.numel() * t.element_size()
-        header[name] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape),
+        header[name] = {"dtype": SAFETENSORS_NAMES[t.dtype], "shape": list(t.shape),
                         "data_offsets": [offset, offset + size]}
         offset += size
     text = json.dumps(header, separators=(",", ":")).encode("utf-8")
@@ -180,7 +187,7 @@ def save_quantized(model: nn.Module, directory: str | os.PathLike, *,
                                    max_shard_size=max_shard_size,
                                    tokenizer_dir=tokenizer_dir) as writer:
         for name in checkpoint_layout(model):  # float tensors first, in model order
-            if name in state and name.rpartition(".")[0] not in matrices:
+            if name in state and not _kernel_storage(matrices, name):
                 writer.add(name, state[name])
         # quantized matrices one module at a time (int4 is unpacked per module)
         for owner, matrix in matrices.items():
@@ -193,10 +200,7 @@ def read_quantized_config(directory: str | os.PathLike) -> tuple[ModelConfig, Qu
     path = Path(directory) / CONFIG_NAME
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: {directory} is not a model directory")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{path}: not valid JSON ({exc})") from exc
+    data = read_json(path)
     if not isinstance(data, dict) or not isinstance(data.get(QUANT_KEY), dict):
         raise ValueError(f"{path} has no {QUANT_KEY}: not a dsmoe quantized checkpoint")
     qc = QuantConfig.from_dict(data.pop(QUANT_KEY))
@@ -210,85 +214,52 @@ def load_quantized(directory: str | os.PathLike, *, dtype: torch.dtype | str | N
                    device: torch.device | str = "cpu") -> nn.Module:
     """A quantized ``Transformer`` from a quantized checkpoint directory, in eval mode.
     ``dtype``: the float parts (embedding, norms, router; default: as stored)."""
-    from dsmoe.checkpoint.gguf.loader import materialize
-    from dsmoe.model.transformer import Transformer
+    source = quantized_source(directory)
+    return load_source(source, dtype=dtype, device=device, quant=source.quant)
 
+
+def quantized_source(directory: str | os.PathLike) -> Source:
+    """A quantized directory as a ``checkpoint.loading`` source: its tensors are handed over
+    as views of the files' memory maps and used in place (see the module docstring)."""
     directory = Path(directory)
     config, qc = read_quantized_config(directory)
-    target = hf.resolve_dtype(dtype)
-    with torch.device("meta"):
-        model = Transformer(config)
-    quantize_model(model, qc.bits, qc.group_size, lm_head_bits=qc.lm_head_bits)
-    layout = checkpoint_layout(model)
     files = hf.weight_files(directory)
     stored = _stored_shapes(files)
-    _check_layout(layout, stored, directory)
 
-    matrices = quantized_modules(model)
-    params = {n for n, _ in model.named_parameters(remove_duplicate=False)}
-    parts: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
-    by_file: dict[Path, list[str]] = defaultdict(list)
-    for name in layout:
-        by_file[files[name]].append(name)
-    for file, names in by_file.items():
-        with _open(file) as handle:
+    def groups(dtype: torch.dtype | None) -> Iterator[dict[str, torch.Tensor]]:
+        by_group: dict[str, list[str]] = defaultdict(list)
+        for name in stored:
+            by_group[keys.layer_group(name)].append(name)
+        handles: dict[Path, object] = {}
+        for names in by_group.values():
+            group = {}
             for name in names:
-                tensor = _get(handle, file, name)
-                owner, _, leaf = name.rpartition(".")
-                if owner in matrices:
-                    parts[owner][leaf] = tensor
-                    if len(parts[owner]) == len(matrices[owner].canonical_shapes()):
-                        matrices[owner].load_quantized_state(parts.pop(owner), device=device)
-                    continue
-                want = target if (target is not None and name in params) else tensor.dtype
-                model.load_state_dict({name: tensor.to(device=device, dtype=want)},
-                                      strict=False, assign=True)
-    if parts:
-        raise ValueError(f"{directory}: incomplete quantized tensors for {sorted(parts)[:5]}")
-    return materialize(model, device)
+                file = files[name]
+                if file not in handles:
+                    handles[file] = _open(file)
+                group[name] = _get(handles[file], file, name)
+            yield group
+
+    return Source(config, lambda model: _check_layout(checkpoint_layout(model), stored,
+                                                      directory),
+                  groups, None, quant=qc)
 
 
 def load_model(path: str | os.PathLike, *, dtype: torch.dtype | str | None = torch.float32,
                device: torch.device | str = "cpu", quant: str | int | QuantConfig | None = None,
                progress: Callable[[int, int], None] | None = None) -> nn.Module:
-    """Load any model path dsmoe knows, optionally quantizing while loading.
+    """Load any model path dsmoe knows, optionally quantizing while loading
+    (``dsmoe.checkpoint.load``, which owns the format choice).
 
     - a quantized checkpoint directory: loaded as is (``quant`` must be None or match)
-    - ``quant`` None: ``Transformer.from_pretrained`` (HF directory or .gguf)
+    - ``quant`` None: an HF directory or .gguf in float
     - ``quant`` "int8"/"int4" (or 8/4, or a QuantConfig): an HF directory or GGUF is read
       one layer at a time and quantized on the fly; the float weights never coexist.
-    ``progress(done, total)`` is called after each layer when quantizing while loading.
+    ``progress(done, total)`` is called after each layer.
     """
-    qc = _quant_config(quant)
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"model not found: {path}")
-    if path.is_dir() and is_quantized_checkpoint(path):
-        model = load_quantized(path, dtype=dtype, device=device)
-        if qc is not None and (qc.bits, qc.group_size) != (model.quant_config.bits,
-                                                           model.quant_config.group_size):
-            raise ValueError(f"{path} is already quantized ({model.quant_config.bits}-bit); "
-                             f"it cannot be re-quantized to {qc.bits}-bit")
-        return model
-    if qc is None:
-        from dsmoe.model.transformer import Transformer
+    from dsmoe.checkpoint import load
 
-        return Transformer.from_pretrained(path, dtype=dtype, device=device)
-    from dsmoe.checkpoint.gguf.loader import materialize
-    from dsmoe.model.transformer import Transformer
-
-    config, groups = _float_source(path)
-    target = hf.resolve_dtype(dtype) or torch.float32
-    with torch.device("meta"):
-        model = Transformer(config)
-    quantize_model(model, qc.bits, qc.group_size, lm_head_bits=qc.lm_head_bits)
-    total = config.num_hidden_layers + 1  # the layers plus embedding / norm / lm_head
-    for done, group in enumerate(groups, start=1):
-        load_float_tensors(model, group, dtype=target, device=device)
-        del group
-        if progress is not None:
-            progress(done, total)
-    return materialize(model, device)
+    return load(path, dtype=dtype, device=device, quant=quant, progress=progress)
 
 
 def quantize_checkpoint(source: str | os.PathLike, out: str | os.PathLike, *,
@@ -306,48 +277,14 @@ def quantize_checkpoint(source: str | os.PathLike, out: str | os.PathLike, *,
 
 
 # --- helpers ------------------------------------------------------------------------------
-def _quant_config(quant: str | int | QuantConfig | None) -> QuantConfig | None:
+def quant_config(quant: str | int | QuantConfig | None) -> QuantConfig | None:
+    """A QuantConfig from "int8"/"int4", 8/4 or a QuantConfig; None stays None."""
     if quant is None or isinstance(quant, QuantConfig):
         return quant
     bits = BITS_NAMES.get(str(quant).lower())
     if bits is None:
         raise ValueError(f"unknown quantization {quant!r}; choose int8 or int4")
     return QuantConfig(bits=bits)
-
-
-def _float_source(path: Path) -> tuple[ModelConfig, Iterator[dict[str, torch.Tensor]]]:
-    """(config, float tensor groups under native names) of an HF directory or a GGUF."""
-    if path.suffix.lower() == ".gguf":
-        from dsmoe.checkpoint.gguf.loader import native_groups
-        from dsmoe.checkpoint.gguf.reader import GGUFFile
-
-        f = GGUFFile(path)
-        config = f.config()
-        return config, native_groups(f, config, torch.float32)
-    config = hf.read_config(path)
-    return config, _hf_native_groups(path, config)
-
-
-def _hf_native_groups(directory: Path, config: ModelConfig) -> Iterator[dict[str, torch.Tensor]]:
-    """An HF directory's tensors, one layer at a time, experts stacked (native names)."""
-    files = hf.weight_files(directory)
-    groups: dict[str, list[str]] = defaultdict(list)
-    for name in files:
-        native = hf.native_name(name)
-        match = _LAYER.match(native)
-        groups[match.group(0) if match else ""].append(name)
-    handles: dict[Path, object] = {}
-    try:
-        for names in groups.values():
-            tensors = {}
-            for name in names:
-                file = files[name]
-                if file not in handles:
-                    handles[file] = safe_open(file, framework="pt")
-                tensors[hf.native_name(name)] = _get(handles[file], file, name)
-            yield keys.moe_from_hf(tensors, config.n_routed_experts)
-    finally:
-        handles.clear()
 
 
 def _stored_shapes(files: Mapping[str, Path]) -> dict[str, tuple[tuple[int, ...], str]]:
@@ -361,9 +298,6 @@ def _stored_shapes(files: Mapping[str, Path]) -> dict[str, tuple[tuple[int, ...]
     return out
 
 
-_SAFETENSORS_DTYPES = {torch.int8: "I8", torch.uint8: "U8", torch.bfloat16: "BF16",
-                       torch.float16: "F16", torch.float32: "F32"}
-
 
 def _check_layout(layout: Mapping[str, tuple[tuple[int, ...], torch.dtype]],
                   stored: Mapping[str, tuple[tuple[int, ...], str]], directory: Path) -> None:
@@ -372,10 +306,10 @@ def _check_layout(layout: Mapping[str, tuple[tuple[int, ...], torch.dtype]],
     quantized = {"I8", "U8"}
     mismatched = [f"{n} (expected {list(shape)}, found {list(stored[n][0])})"
                   for n, (shape, _) in layout.items() if n in stored and stored[n][0] != shape]
-    bad_dtype = [f"{n} ({stored[n][1]}, expected {_SAFETENSORS_DTYPES.get(dt, dt)})"
+    bad_dtype = [f"{n} ({stored[n][1]}, expected {SAFETENSORS_NAMES.get(dt, dt)})"
                  for n, (_, dt) in layout.items() if n in stored and (
-                     (_SAFETENSORS_DTYPES.get(dt) in quantized or stored[n][1] in quantized)
-                     and stored[n][1] != _SAFETENSORS_DTYPES.get(dt))]
+                     (SAFETENSORS_NAMES.get(dt) in quantized or stored[n][1] in quantized)
+                     and stored[n][1] != SAFETENSORS_NAMES.get(dt))]
     problems = [f"{label}: {', '.join(items[:5])}" + (f" and {len(items) - 5} more"
                                                        if len(items) > 5 else "")
                 for label, items in (("missing", missing), ("unexpected", unexpected),
@@ -386,22 +320,13 @@ def _check_layout(layout: Mapping[str, tuple[tuple[int, ...], torch.dtype]],
                          + "; ".join(problems))
 
 
-class _open:
+def _open(file: Path):  # noqa: ANN202 - safetensors' handle type is private
     """``safe_open`` with a clear error for truncated or corrupt files."""
-
-    def __init__(self, file: Path) -> None:
-        self.file = file
-
-    def __enter__(self):  # noqa: ANN204 - safetensors' handle type is private
-        try:
-            self.handle = safe_open(self.file, framework="pt")
-        except SafetensorError as exc:
-            raise ValueError(f"{self.file}: cannot read safetensors file (truncated or "
-                             f"corrupted?): {exc}") from exc
-        return self.handle
-
-    def __exit__(self, *exc: object) -> None:
-        del self.handle
+    try:
+        return safe_open(file, framework="pt")
+    except SafetensorError as exc:
+        raise ValueError(f"{file}: cannot read safetensors file (truncated or "
+                         f"corrupted?): {exc}") from exc
 
 
 def _get(handle: object, file: Path, name: str) -> torch.Tensor:

@@ -1,0 +1,200 @@
+"""One checkpoint loader: the format choice, one adapter per format, one filler.
+
+``load(path, dtype=, device=, quant=)`` is what ``Transformer.from_pretrained``,
+``dsmoe.quant.load_model`` and every command call. Its steps:
+  1. ``open_source``: the format choice. ``*.gguf`` -> llama.cpp GGUF; a directory whose
+     config.json has a dsmoe ``quantization_config`` -> quantized directory; any other
+     directory -> HF safetensors. Each source gives the ``ModelConfig``, a check of its
+     tensors against a model built on the meta device (all problems named before any data
+     is read), and its tensors as groups under dsmoe's names (experts stacked), one group
+     per layer plus one for the embedding, final norm and output.
+  2. build the model on ``meta``; quantize its matrices (still on meta) when the source is
+     quantized or ``quant`` asks for it
+  3. ``fill``: per group, float tensors are cast (parameters to ``dtype``, buffers keep
+     their declared dtype) and assigned (``load_state_dict(assign=True)``); quantized
+     matrices take their stored tensors as they are, or quantize float weights on arrival
+  4. ``materialize``: non-persistent buffers (RoPE, load counters) get storage and values,
+     embeddings are tied when the config says so; eval mode
+Peak memory: the loaded model plus one layer's tensors in flight.
+
+Memory maps: an HF source's tensors are views of the memory-mapped files; their float
+tensors are copied into memory of their own (``owns_views``) so the file pages a group
+touched leave the process with it. A quantized directory's tensors are used in place
+(int8 weights stay file-backed pages, see ``quant.checkpoint``).
+
+Shapes: E experts.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+from torch import nn
+
+from dsmoe.config import ModelConfig
+
+Groups = Iterator[dict[str, torch.Tensor]]
+
+
+@dataclass
+class Source:
+    """A checkpoint as the filler sees it (see the module docstring)."""
+
+    config: ModelConfig
+    check: Callable[[nn.Module], None]  # names/shapes vs the meta model, before any read
+    groups: Callable[[torch.dtype | None], Groups]  # (model dtype) -> native-named groups
+    stored_dtype: torch.dtype | None  # the float dtype for dtype=None (None: per tensor)
+    quant: object | None = None  # the stored QuantConfig of a quantized directory
+    owns_views: bool = False  # copy float tensors out of the file mapping
+
+
+def open_source(path: str | os.PathLike) -> Source:
+    """The format choice (step 1)."""
+    path = Path(path)
+    if path.suffix.lower() == ".gguf":
+        from dsmoe.checkpoint.gguf.loader import gguf_source
+
+        return gguf_source(path)
+    from dsmoe.quant.checkpoint import is_quantized_checkpoint, quantized_source
+
+    if path.is_dir() and is_quantized_checkpoint(path):
+        return quantized_source(path)
+    from dsmoe.checkpoint.hf import hf_source
+
+    return hf_source(path)
+
+
+def load(path: str | os.PathLike, *, dtype: torch.dtype | str | None = torch.float32,
+         device: torch.device | str = "cpu", quant: object = None,
+         progress: Callable[[int, int], None] | None = None,
+         model_cls: type[nn.Module] | None = None) -> nn.Module:
+    """A model from any checkpoint dsmoe reads, in eval mode. ``dtype=None`` keeps the
+    stored float dtype. ``quant`` ("int8"/"int4", 8/4 or a QuantConfig) quantizes a float
+    checkpoint layer by layer while loading (its float weights never coexist); a quantized
+    directory loads as it is (``quant`` must then be None or match it). ``progress(done,
+    total)`` is called after each group."""
+    from dsmoe.quant.checkpoint import quant_config
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"model not found: {path} does not exist")
+    qc = quant_config(quant)
+    source = open_source(path)
+    if source.quant is not None and qc is not None and (qc.bits, qc.group_size) != (
+            source.quant.bits, source.quant.group_size):
+        raise ValueError(f"{path} is already quantized ({source.quant.bits}-bit); it cannot "
+                         f"be re-quantized to {qc.bits}-bit")
+    return load_source(source, dtype=dtype, device=device, quant=source.quant or qc,
+                       progress=progress, model_cls=model_cls)
+
+
+def load_source(source: Source, *, dtype: torch.dtype | str | None, device: torch.device | str,
+                quant: object = None, progress: Callable[[int, int], None] | None = None,
+                model_cls: type[nn.Module] | None = None) -> nn.Module:
+    """Steps 2-4 for an opened source."""
+    from dsmoe.checkpoint.dtypes import resolve_dtype
+    from dsmoe.model.transformer import Transformer
+    from dsmoe.quant.convert import quantize_model
+
+    target = resolve_dtype(dtype)
+    if target is None:
+        target = source.stored_dtype
+        if target is None and quant is not None and source.quant is None:
+            target = torch.float32  # quantizing a float checkpoint: float parts in fp32
+    with torch.device("meta"):
+        model = (model_cls or Transformer)(source.config)
+    if source.quant is None:
+        source.check(model)  # a float checkpoint is checked against the float model
+    if quant is not None:
+        quantize_model(model, quant.bits, quant.group_size, lm_head_bits=quant.lm_head_bits)
+    if source.quant is not None:
+        source.check(model)
+    fill(model, source.groups(target), dtype=target, device=device, owns_views=source.owns_views,
+         progress=progress, total=source.config.num_hidden_layers + 1)
+    return materialize(model, device)
+
+
+def fill(model: nn.Module, groups: Groups, *, dtype: torch.dtype | None,
+         device: torch.device | str, owns_views: bool = False,
+         progress: Callable[[int, int], None] | None = None, total: int = 0) -> None:
+    """Assign each group's tensors to the meta-built ``model`` (step 3)."""
+    from dsmoe.quant.convert import quantized_modules
+
+    matrices = quantized_modules(model)
+    declared = {k: v.dtype for k, v in model.state_dict().items()}
+    params = {n for n, _ in model.named_parameters(remove_duplicate=False)}
+    parts: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
+    for done, group in enumerate(groups, start=1):
+        plain: dict[str, torch.Tensor] = {}
+        for name, tensor in group.items():
+            owner, _, leaf = name.rpartition(".")
+            if owner in matrices and leaf in matrices[owner].canonical_shapes():
+                parts[owner][leaf] = tensor  # stored quantized: used as it is
+                if len(parts[owner]) == len(matrices[owner].canonical_shapes()):
+                    matrices[owner].load_quantized_state(parts.pop(owner), device=device)
+            elif name in matrices or (leaf == "weight" and owner in matrices):
+                matrix = matrices[name] if name in matrices else matrices[owner]
+                matrix.set_float(tensor.to(device))  # quantized on arrival
+            elif name in declared:
+                plain[name] = _own(tensor, dtype if (dtype is not None and name in params)
+                                   else (tensor.dtype if name in params else declared[name]),
+                                   device, owns_views)
+            else:
+                raise ValueError(f"tensor {name} does not belong to the model")
+        result = model.load_state_dict(plain, strict=False, assign=True)
+        if result.unexpected_keys:  # names were checked by the source: this is a bug
+            raise RuntimeError(f"internal error: unexpected {result.unexpected_keys[:5]}")
+        del group, plain
+        if progress is not None:
+            progress(done, max(total, done))
+    if parts:
+        raise ValueError(f"incomplete quantized tensors for {sorted(parts)[:5]}")
+
+
+def _own(tensor: torch.Tensor, dtype: torch.dtype, device: torch.device | str,
+         owns_views: bool) -> torch.Tensor:
+    """``tensor`` in ``dtype`` on ``device``; copied out of its file mapping if asked."""
+    out = tensor.to(device=device, dtype=dtype)
+    if owns_views and out.untyped_storage().data_ptr() == tensor.untyped_storage().data_ptr():
+        out = out.clone()  # own the memory, so the mapping can be released
+    return out
+
+
+def materialize(model: nn.Module, device: torch.device | str) -> nn.Module:
+    """Finish a model filled by assignment (step 4); eval mode."""
+    for module in model.modules():
+        for name, buffer in list(module.named_buffers(recurse=False)):
+            if buffer.is_meta:
+                setattr(module, name, torch.zeros(buffer.shape, dtype=buffer.dtype,
+                                                  device=device))
+    if getattr(model.config, "tie_word_embeddings", False) and isinstance(
+            getattr(model.lm_head, "weight", None), nn.Parameter):
+        model.tie_weights()
+    model.init_buffers()
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:
+        raise ValueError(f"checkpoint left tensors without values: {', '.join(left[:5])}")
+    return model.eval()
+
+
+def save(model: nn.Module, directory: str | os.PathLike, *,
+         tokenizer_dir: str | os.PathLike | None = None,
+         max_shard_size: int | None = None) -> None:
+    """Write ``model`` as a model directory: a quantized model as a quantized checkpoint,
+    any other as an HF checkpoint (both through ``checkpoint.directory``)."""
+    from dsmoe.quant.convert import QuantConfig
+
+    shard = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
+    if isinstance(getattr(model, "quant_config", None), QuantConfig):
+        from dsmoe.quant.checkpoint import save_quantized
+
+        save_quantized(model, directory, tokenizer_dir=tokenizer_dir, **shard)
+    else:
+        from dsmoe.checkpoint.hf import save_pretrained
+
+        save_pretrained(model, directory, tokenizer_dir=tokenizer_dir, **shard)
