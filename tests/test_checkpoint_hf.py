@@ -320,6 +320,21 @@ def test_missing_shard_and_bad_config_json(tmp_path: Path) -> None:
         Transformer.from_pretrained(tmp_path / "m")
 
 
+@pytest.mark.parametrize("shard", ["../outside.safetensors", "/etc/passwd", "sub/x.safetensors",
+                                   "..", 7])
+def test_a_shard_index_may_only_name_files_beside_it(tmp_path: Path, shard: object) -> None:
+    _model().save_pretrained(tmp_path / "m", max_shard_size=40_000)
+    first = sorted((tmp_path / "m").glob("model-*"))[0]  # a real shard, outside the directory
+    (tmp_path / "outside.safetensors").write_bytes(first.read_bytes())
+    path = tmp_path / "m" / hf.INDEX_NAME
+    index = json.loads(path.read_text())
+    index["weight_map"]["model.embed_tokens.weight"] = shard
+    path.write_text(json.dumps(index))
+    match = "is not a file in" if isinstance(shard, str) else "must map tensor names to file"
+    with pytest.raises(ValueError, match=f"{hf.INDEX_NAME}: .*{match}"):
+        Transformer.from_pretrained(tmp_path / "m")
+
+
 # --- one load / save for every format ----------------------------------------------------------
 def test_one_load_chooses_the_format_and_model_imports_no_io(tmp_path: Path) -> None:
     """``dsmoe.checkpoint.load`` reads an HF directory, a GGUF and a quantized directory

@@ -122,10 +122,18 @@ def weight_files(directory: str | os.PathLike) -> dict[str, Path]:
         return {name: single for name in _headers(single)}
     if not index.is_file():
         raise FileNotFoundError(f"no {WEIGHTS_NAME} or {INDEX_NAME} in {directory}")
-    try:
-        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-    except (json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise ValueError(f"{index}: not a valid shard index ({exc!r})") from exc
+    data = read_json(index)
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+        raise ValueError(f"{index}: not a valid shard index (\"weight_map\" must map tensor "
+                         "names to file names)")
+    # A shard is a file of this directory: a path could make loading read any file.
+    outside = sorted({f for f in weight_map.values() if f in ("", ".", "..")
+                      or Path(f).name != f or "\\" in f})
+    if outside:
+        raise ValueError(f"{index}: shard file name {outside[0]!r} is not a file in "
+                         f"{directory}; an index may only name files beside it")
     files = {name: directory / file for name, file in weight_map.items()}
     for file in sorted(set(files.values())):
         if not file.is_file():
