@@ -167,6 +167,22 @@ def test_replacing_a_model_drops_its_files_and_keeps_foreign_ones(base: Path,
     assert _leftovers(target) == []
 
 
+def test_foreign_files_survive_where_hard_links_are_not_allowed(
+        base: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import dsmoe.checkpoint.directory as directory
+
+    def no_links(*args: object) -> None:
+        raise PermissionError(1, "Operation not permitted")
+
+    target = tmp_path / "m"
+    model = Transformer.from_pretrained(base)
+    model.save_pretrained(target)
+    (target / "README.md").write_text("my notes")
+    monkeypatch.setattr(directory.os, "link", no_links)
+    model.save_pretrained(target)
+    assert (target / "README.md").read_text() == "my notes"
+
+
 @pytest.mark.parametrize("make, match", [
     (lambda d: (d / "sub").mkdir(), "sub"),
     (lambda d: (d / "config.json").write_text("{\"name\": \"my app\"}"), "not a model directory"),

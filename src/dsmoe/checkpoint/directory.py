@@ -240,7 +240,10 @@ def install(tmp: Path, directory: Path, foreign: list[str]) -> None:
     """Carry the foreign files over into the complete ``tmp`` and swap it in."""
     _check_collisions(foreign, os.listdir(tmp), directory)
     for name in foreign:  # hard links: the file itself never moves or changes
-        os.link(directory / name, tmp / name)
+        try:
+            os.link(directory / name, tmp / name)
+        except OSError:  # a filesystem without hard links: a copy keeps it as well
+            shutil.copy2(directory / name, tmp / name)
     _set_modes(tmp, directory, set(foreign))
     for name in os.listdir(tmp):
         if name not in foreign:
