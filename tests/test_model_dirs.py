@@ -130,6 +130,9 @@ def test_every_written_file_has_a_plain_files_mode(base: Path, tmp_path: Path,
         assert _mode(file) == 0o644, file.name
     assert cli(["export", str(base), "--format", "gguf", "--out", str(tmp_path / "m.gguf")]) == 0
     assert _mode(tmp_path / "m.gguf") == 0o644
+    Tokenizer.from_file(base).save(tmp_path / "tok")  # e.g. a training run's tokenizer/
+    for file in (tmp_path / "tok").iterdir():
+        assert _mode(file) == 0o644, file.name
     apply_lora(model, LoRASettings(r=2, targets=("q",)))
     save_adapter(model, tmp_path / "adapter", base_model="base")
     for file in (tmp_path / "adapter").iterdir():

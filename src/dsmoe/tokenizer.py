@@ -25,12 +25,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, processors, trainers
+
+from dsmoe.io import atomic_write_text
 
 BOS_TOKEN = "<｜begin▁of▁sentence｜>"  # DeepSeek's, from deepseek-moe-16b tokenizer_config.json
 EOS_TOKEN = "<｜end▁of▁sentence｜>"
@@ -264,7 +265,7 @@ class Tokenizer:
         """Write ``tokenizer.json`` and ``tokenizer_config.json`` (each atomically)."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        _atomic_write_text(directory / TOKENIZER_FILE, self._tok.to_str(pretty=True))
+        atomic_write_text(directory / TOKENIZER_FILE, self._tok.to_str(pretty=True))
         config = dict(self._config)
         for key, token in (("bos_token", self.bos_token), ("eos_token", self.eos_token),
                            ("pad_token", self._token_text(self.pad_id))):
@@ -276,7 +277,7 @@ class Tokenizer:
         config.setdefault("tokenizer_class", "PreTrainedTokenizerFast")
         if self.chat_template is not None:
             config["chat_template"] = self.chat_template
-        _atomic_write_text(directory / CONFIG_FILE,
+        atomic_write_text(directory / CONFIG_FILE,
                            json.dumps(config, indent=2, ensure_ascii=False) + "\n")
 
     def to_json(self) -> str:
@@ -426,17 +427,3 @@ def _check_messages(messages: list[dict], roles: tuple[str, ...] | None) -> None
         if not isinstance(message["content"], str):
             raise ValueError(f"message {i} content must be a str, "
                              f"got {type(message['content']).__name__}")
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    """Write to a temp file in the same directory, then rename over ``path``."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
