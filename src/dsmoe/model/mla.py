@@ -19,8 +19,10 @@ Design choices:
               against the cache itself, one shared "head" of width C + r; the weighted
               latents go through W_UV (the value half) per head before o_proj. Nothing per
               head is ever materialised for the cached tokens.
-  The absorbed form reads ``kv_b_proj.weight``; if the module was swapped for one without
-  a plain weight (quantized, LoRA-wrapped) decoding uses the expanded form on the cache.
+  The absorbed form reads kv_b_proj's weight: a plain Linear's, or a quantized module's
+  ``dequantize()`` (duck-typed: model/ imports nothing above it; [H*(n+v), C] per step is
+  cheap beside expanding every cached token). A LoRA-wrapped kv_b_proj adds to its output,
+  which only the expanded form honours: decoding then expands the cache.
 - The cache (``LatentCache``) holds [c_kv | k_rope] after the norm and the rotation.
 - Parameter names are HF's DeepSeek-V2/V3 names, so checkpoints load by name.
 
@@ -102,12 +104,19 @@ class MultiHeadLatentAttention(nn.Module):
         if cache is not None:
             past = cache.seq_len
             latent = cache.update(self.layer_idx, latent)  # [B, T, C+r]
-            if past > 0 and self._absorbable():
-                return self._absorbed(q_nope, q_rope, latent, mask)
+            w_kv_b = self._kv_b_weight(x.dtype) if past > 0 else None
+            if w_kv_b is not None:
+                return self._absorbed(q_nope, q_rope, latent, mask, w_kv_b)
         return self._expanded(q_nope, q_rope, latent, mask)
 
-    def _absorbable(self) -> bool:
-        return isinstance(self.kv_b_proj, nn.Linear) and self.kv_b_proj.weight.is_floating_point()
+    def _kv_b_weight(self, dtype: torch.dtype) -> torch.Tensor | None:
+        """kv_b_proj's weight [H*(n+v), C] for the absorbed form, or None (see the module
+        docstring)."""
+        module = self.kv_b_proj
+        if isinstance(module, nn.Linear):
+            return module.weight
+        dequantize = getattr(module, "dequantize", None)
+        return dequantize(dtype) if callable(dequantize) else None
 
     def _expanded(self, q_nope: torch.Tensor, q_rope: torch.Tensor, latent: torch.Tensor,
                   mask: AttentionMask) -> torch.Tensor:
@@ -124,9 +133,9 @@ class MultiHeadLatentAttention(nn.Module):
         return self.o_proj(out.transpose(1, 2).reshape(B, S, H * self.v_dim))
 
     def _absorbed(self, q_nope: torch.Tensor, q_rope: torch.Tensor, latent: torch.Tensor,
-                  mask: AttentionMask) -> torch.Tensor:
+                  mask: AttentionMask, w_kv_b: torch.Tensor) -> torch.Tensor:
         B, H, S, _ = q_nope.shape
-        w = self.kv_b_proj.weight.view(H, self.nope_dim + self.v_dim, self.kv_rank)  # [H, n+v, C]
+        w = w_kv_b.view(H, self.nope_dim + self.v_dim, self.kv_rank)  # [H, n+v, C]
         w_uk, w_uv = w.split([self.nope_dim, self.v_dim], dim=1)  # [H, n, C], [H, v, C]
         q_latent = torch.einsum("bhsn,hnc->bhsc", q_nope, w_uk)  # [B, H, S, C]
         q = torch.cat((q_latent, q_rope), dim=-1)  # [B, H, S, C+r]

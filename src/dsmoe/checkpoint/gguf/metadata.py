@@ -98,7 +98,8 @@ def read_config(get: Getter, tensor_names: set[str], source: str) -> ModelConfig
     ``tensor_names`` tells tied embeddings and attention biases apart."""
     arch = get(_K.General.ARCHITECTURE, None)
     if arch != ARCH:
-        hint = (" (DeepSeek-V2/V3 use MLA attention, which dsmoe does not implement)"
+        hint = (" (DeepSeek-V2/V3: dsmoe runs their MLA attention from HF directories, but "
+                "does not read llama.cpp's MLA GGUF layout yet)"
                 if arch in ("deepseek2", "deepseek3", "deepseek32") else "")
         raise ValueError(f"{source}: GGUF architecture {arch!r} is not supported; dsmoe reads "
                          f"llama.cpp's {ARCH!r} architecture (DeepSeekMoE){hint}")
