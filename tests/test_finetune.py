@@ -26,6 +26,21 @@ WORDS = ["apple", "river", "stone", "cloud", "tiger", "piano", "lemon", "candle"
 ANSWERS = ["north", "seven", "blue", "quiet", "round", "early", "green", "ninety"]
 
 
+def _save_base(path: Path, tok: Path, **overrides) -> None:
+    tokenizer = Tokenizer.from_file(tok)
+    cfg = ModelConfig(
+        vocab_size=tokenizer.vocab_size, hidden_size=64, intermediate_size=128,
+        moe_intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=4, n_shared_experts=1, n_routed_experts=8, num_experts_per_tok=2,
+        first_k_dense_replace=1, max_position_embeddings=128, aux_loss_alpha=0.01,
+        seq_aux=False, bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id,
+        # 0.1, not 0.02: a frozen lm_head of std 0.02 caps every logit near 1, so no adapter
+        # could make one answer likely (a real base has trained, larger weights).
+        initializer_range=0.1, torch_dtype="float32").replace(**overrides)
+    torch.manual_seed(0)
+    Transformer(cfg).save_pretrained(path, tokenizer_dir=tok)
+
+
 @pytest.fixture(scope="module")
 def task(tmp_path_factory) -> dict[str, Path]:
     """A random 2-layer MoE base (dense layer + 8-expert layer) with a BPE tokenizer, and
@@ -35,17 +50,7 @@ def task(tmp_path_factory) -> dict[str, Path]:
              zip(WORDS, ANSWERS)] * 4
     tokenizer = Tokenizer.train_bpe(texts, 300)
     tokenizer.save(root / "tok")
-    cfg = ModelConfig(
-        vocab_size=tokenizer.vocab_size, hidden_size=64, intermediate_size=128,
-        moe_intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=4, n_shared_experts=1, n_routed_experts=8, num_experts_per_tok=2,
-        first_k_dense_replace=1, max_position_embeddings=128, aux_loss_alpha=0.01,
-        seq_aux=False, bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id,
-        # 0.1, not 0.02: a frozen lm_head of std 0.02 caps every logit near 1, so no adapter
-        # could make one answer likely (a real base has trained, larger weights).
-        initializer_range=0.1, torch_dtype="float32")
-    torch.manual_seed(0)
-    Transformer(cfg).save_pretrained(root / "base", tokenizer_dir=root / "tok")
+    _save_base(root / "base", root / "tok")
     rows = []
     for i, (w, a) in enumerate(zip(WORDS * 2, ANSWERS * 2)):
         question = f"what is the code for {w}?"
@@ -285,3 +290,33 @@ def test_finetune_merge_and_generate_commands(task, tmp_path, capsys) -> None:
     assert main(["finetune", str(task["base"]), "--data", str(task["data"]), "--targets",
                  "q,experts", "--out", str(tmp_path / "t"), "--quiet"]) == 2
     assert "unknown LoRA target(s) 'experts'" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_nproc_2_gives_the_losses_of_one_process(task, tmp_path) -> None:
+    """`dsmoe finetune --nproc 2`: each rank trains on half of every batch; the per-step
+    losses and the adapter equal one process's. The batch-level balance loss is off: it is
+    computed per rank (not over the data-parallel group), so it would differ slightly."""
+    base = tmp_path / "base"
+    _save_base(base, task["root"] / "tok", aux_loss_alpha=0.0)
+    common = [str(base), "--data", str(task["data"]), "--max-steps", "4", "--lr", "1e-2",
+              "--batch-size", "8", "--lora-dropout", "0", "--log-every", "1", "--quiet",
+              "--targets", "q,v,gate,up,down,shared,router"]
+    assert main(["finetune", *common, "--out", str(tmp_path / "one")]) == 0
+    assert main(["finetune", *common, "--out", str(tmp_path / "two"), "--nproc", "2"]) == 0
+
+    def losses(run: str) -> list[tuple[int, float]]:
+        return [(r["step"], r["train_loss"]) for r in map(
+            json.loads, (tmp_path / run / "metrics.jsonl").read_text().splitlines())
+            if "train_loss" in r]
+
+    one, two = losses("one"), losses("two")
+    assert [s for s, _ in one] == [s for s, _ in two] == [1, 2, 3, 4]
+    for (_, x), (_, y) in zip(one, two):
+        assert y == pytest.approx(x, rel=1e-5), (one, two)
+    a, b = Transformer.from_pretrained(base), Transformer.from_pretrained(base)
+    load_adapter(a, tmp_path / "one" / "adapter")
+    load_adapter(b, tmp_path / "two" / "adapter")
+    ids = torch.randint(0, a.config.vocab_size, (2, 10))
+    with torch.no_grad():
+        assert_close(b(ids).logits, a(ids).logits, atol=1e-5, rtol=1e-4, what="adapters")

@@ -152,7 +152,7 @@ def test_bad_data_fails_before_training(tmp_path: Path) -> None:
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(corpus: Path, tmp_path: Path,
-                                                       monkeypatch) -> None:
+                                                       monkeypatch, capsys) -> None:
     real = loop.F.cross_entropy
     calls = {"n": 0}
 
@@ -169,6 +169,8 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(corpus: Path, tmp_path: P
     saved = sorted((Path(cfg.out) / "checkpoints").glob("*.pt"))
     assert [p.name for p in saved][-1] == "step_00000004.pt"
     assert not (Path(cfg.out) / "model").exists()
+    out, err = capsys.readouterr()  # --quiet: nothing but the one line saying why
+    assert out == "" and err.count("\n") == 1 and "loss became nan at step 5" in err, err
 
 
 @pytest.mark.slow

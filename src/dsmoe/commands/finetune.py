@@ -68,10 +68,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eval-every", type=int, default=_DEFAULTS.eval_every)
     parser.add_argument("--checkpoint-every", type=int, default=_DEFAULTS.checkpoint_every)
     parser.add_argument("--quiet", action="store_true", help="no progress output")
+    parser.add_argument("--nproc", type=int, default=1,
+                        help="spawn N local processes, each training on its share of every "
+                             "batch (as torchrun --nproc-per-node N would)")
 
 
 def run(args: argparse.Namespace) -> int:
-    from dsmoe.finetune.loop import finetune
+    from dsmoe.train.runner import spawn
 
     cfg = FinetuneConfig(
         model=args.model, data=args.data, out=args.out, val_data=args.val_data,
@@ -84,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
         warmup_steps=args.warmup_steps, weight_decay=args.weight_decay, seed=args.seed,
         log_every=args.log_every, eval_every=args.eval_every,
         checkpoint_every=args.checkpoint_every)
-    result = finetune(cfg, resume=args.resume, quiet=args.quiet)
+    result = spawn(_finetune_rank, args.nproc, cfg, args.resume, args.quiet)
     if result.output is not None and not args.quiet:
         from dsmoe.finetune.adapter import peft_note
 
@@ -92,3 +95,12 @@ def run(args: argparse.Namespace) -> int:
         if note:
             print(note)
     return 3 if result.status == "diverged" else 0
+
+
+def _finetune_rank(cfg: FinetuneConfig, resume: bool, quiet: bool):
+    """One rank's run; its result travels to the launcher without the model."""
+    from dsmoe.finetune.loop import finetune
+
+    result = finetune(cfg, resume=resume, quiet=quiet)
+    result.model = None
+    return result

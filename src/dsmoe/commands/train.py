@@ -8,7 +8,6 @@ plots/. Ctrl-C saves a checkpoint; --resume continues a run exactly where it sto
 from __future__ import annotations
 
 import argparse
-import os
 
 from dsmoe.train.config import DTYPES, ROUTINGS, TrainConfig
 
@@ -58,25 +57,8 @@ def run(args: argparse.Namespace) -> int:
         lr=args.lr, warmup_steps=args.warmup_steps, dtype=args.dtype, compile=args.compile,
         seed=args.seed, log_every=args.log_every, eval_every=args.eval_every,
         checkpoint_every=args.checkpoint_every)
-    if args.nproc > 1 and "WORLD_SIZE" not in os.environ:  # not already under torchrun
-        from dsmoe.distributed import launch
-
-        result = launch(_train_process, args.nproc, cfg, args.resume, args.quiet, args.ep)[0]
-    else:
-        result = _train_process(cfg, args.resume, args.quiet, args.ep)
-    if result.status == "diverged":
-        return 3
-    return 0
-
-
-def _train_process(cfg: "TrainConfig", resume: bool, quiet: bool, ep: int | None):
-    """One rank's run (or the only one): join the process group torchrun or --nproc
-    described, train, leave."""
-    from dsmoe import distributed as ddist
     from dsmoe.train.loop import train
+    from dsmoe.train.runner import spawn
 
-    ddist.init_distributed()
-    try:
-        return train(cfg, resume=resume, quiet=quiet, ep=ep)
-    finally:
-        ddist.teardown()
+    result = spawn(train, args.nproc, cfg, resume=args.resume, quiet=args.quiet, ep=args.ep)
+    return 3 if result.status == "diverged" else 0

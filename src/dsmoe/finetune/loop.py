@@ -2,10 +2,10 @@
 
 Design choices:
 - The pretraining loop's pieces are reused as they are: ``lr_at`` (warmup + cosine),
-  ``build_optimizer`` (AdamW over the parameters that require grad), the checkpoint
-  module (atomic files, RNG state), ``MetricsLog``, ``ProgressDisplay``, the running
-  interval sums and the SIGINT flag. So the progress bar, ``metrics.jsonl``, checkpoints
-  and exact resume behave as in ``dsmoe train``.
+  ``build_optimizer`` (AdamW over the parameters that require grad) and the one runner
+  (``train.runner.Runner``: cadence, Ctrl-C, the NaN check, metrics, checkpoints, V3's
+  bias update). So the progress bar, ``metrics.jsonl``, checkpoints and exact resume
+  behave as in ``dsmoe train``, under ``--nproc`` / torchrun too (data parallel).
 - The loss is the mean cross-entropy over the assistant tokens of an optimizer step (all
   micro-batches together: every target token weighs the same) plus the MoE balance
   losses; prompt and padding positions are ignored.
@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +33,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from dsmoe import distributed as ddist
 from dsmoe.finetune import sft_data
 from dsmoe.finetune.adapter import save_adapter, weights_fingerprint
 from dsmoe.finetune.config import FinetuneConfig
@@ -42,8 +42,9 @@ from dsmoe.io import atomic_write_text
 from dsmoe.model import Transformer
 from dsmoe.tokenizer import Tokenizer
 from dsmoe.train import checkpoint as ckpt
-from dsmoe.train.loop import _Interval, _SigintFlag, build_optimizer, lr_at
+from dsmoe.train.loop import build_optimizer, lr_at
 from dsmoe.train.metrics import MetricsLog, ProgressDisplay
+from dsmoe.train.runner import Runner, StepStats, fill_from_log, load_balance
 
 ROUTING_SAMPLE_ROWS = 256
 
@@ -170,8 +171,7 @@ def routing_record(step: int, phase: str, probe: str, loss: float, load: torch.T
                    before: dict[str, Any] | None = None) -> dict[str, Any]:
     """A metrics.jsonl line: expert load on the probe rows ("val" or "train") and their
     assistant-token loss; with ``before`` (the first record) also the load shift."""
-    per_layer = (load.max(dim=1).values / load.mean(dim=1).clamp_min(1e-9)).tolist() \
-        if load.numel() and load.sum() > 0 else []
+    per_layer = load_balance(load)
     record: dict[str, Any] = {"step": step, "event": "routing", "phase": phase,
                               "probe": probe, "probe_loss": loss,
                               "expert_load": load.long().tolist(),
@@ -193,113 +193,102 @@ def _drop_after_records(log: MetricsLog) -> None:
 
 
 # --- the loop ---------------------------------------------------------------------------
-def finetune(cfg: FinetuneConfig, *, resume: bool = False, quiet: bool = False
-             ) -> FinetuneResult:
-    """Run (or continue) a finetuning run in ``cfg.out``; see the module docstring."""
-    out = Path(cfg.out)
+def _open_run(cfg: FinetuneConfig, out: Path, resume: bool
+              ) -> tuple[FinetuneConfig, dict[str, Any] | None]:
+    """Check ``out`` and load its newest checkpoint (``resume``); returns the run's settings
+    (a resumed run's own, except paths and how long to run) and the checkpoint."""
     if ckpt.list_checkpoints(out) and not resume:
         raise ValueError(f"{out} already holds checkpoints; pass --resume to continue it "
                          "or choose another --out")
     state = ckpt.load_latest(out) if resume else None
-    if state is not None:  # the run's settings win, except paths and how long to run
+    if state is not None:
         saved = state["finetune_config"]
         cfg = FinetuneConfig.from_dict({
             **saved, "model": cfg.model, "data": cfg.data, "val_data": cfg.val_data,
             "tokenizer": cfg.tokenizer, "out": cfg.out,
             "max_steps": cfg.max_steps or saved["max_steps"]})
+    return cfg, state
 
-    torch.manual_seed(cfg.seed)
-    model, tokenizer = load_base(cfg)
-    base_fingerprint = weights_fingerprint(model)
+
+def _load_data(cfg: FinetuneConfig, model: Transformer, tokenizer: Tokenizer
+               ) -> tuple[sft_data.SFTData, sft_data.SFTBatches, int]:
+    """The rows (cut to what the model's positions allow), the training batches, the pad id."""
     data = sft_data.load_sft_data(cfg.data, tokenizer, min(cfg.max_seq_len + 1,
                                                             model.config.max_position_embeddings),
                                   val_fraction=cfg.val_fraction, val_path=cfg.val_data)
     pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eos_id
     batches = sft_data.SFTBatches(data.train, cfg.batch_size, cfg.seed, pad_id,
                                   packing=cfg.packing, max_len=cfg.max_seq_len + 1)
+    return data, batches, pad_id
+
+
+def finetune(cfg: FinetuneConfig, *, resume: bool = False, quiet: bool = False
+             ) -> FinetuneResult:
+    """Run (or continue) a finetuning run in ``cfg.out`` (module docstring). Under torchrun
+    / ``--nproc`` every rank calls this and trains on its rows of each batch."""
+    main = ddist.is_main_process()
+    quiet = quiet or not main
+    out = Path(cfg.out)
+    cfg, state = _open_run(cfg, out, resume)
+    torch.manual_seed(cfg.seed)
+    model, tokenizer = load_base(cfg)
+    base_fingerprint = weights_fingerprint(model)
+    data, batches, pad_id = _load_data(cfg, model, tokenizer)
     cfg = cfg.resolve(batches.batches_per_epoch)
     if state is not None:
         _check_resumable(state, base_fingerprint, data.fingerprint())
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "finetune_config.json", json.dumps(cfg.to_dict(), indent=2) + "\n")
-    tokenizer.save(out / "tokenizer")
-
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / "finetune_config.json",
+                          json.dumps(cfg.to_dict(), indent=2) + "\n")
+        tokenizer.save(out / "tokenizer")
     description = prepare_model(model, cfg)
     optimizer = build_optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(cfg, s) / cfg.lr)
-    n_moe, E = len(model.moe_layers()), model.config.n_routed_experts or 0
-    interval = _Interval(n_moe, E)
-    step = 0
+    runner = Runner(out, cfg, model, optimizer, scheduler,
+                    update_biases=cfg.full and not cfg.freeze_router)
     if state is not None:
         load_trainable_state(model, state["trainable"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        ckpt.set_rng_state(state["rng"])
-        interval.state = state["interval"]
-        step = state["step"]
-    log = MetricsLog(out / "metrics.jsonl")
-    log.truncate_after(step)
-    _drop_after_records(log)
-    probe = data.val or data.train[:ROUTING_SAMPLE_ROWS]
-    probe_name = "val" if data.val else "train"
+        runner.restore(state)
+    if main:
+        runner.log.truncate_after(runner.step)
+        _drop_after_records(runner.log)
+    probe = ("val", data.val) if data.val else ("train", data.train[:ROUTING_SAMPLE_ROWS])
 
-    def save(at_step: int) -> None:
-        payload = {"step": at_step, "trainable": trainable_state(model),
-                   "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                   "rng": ckpt.rng_state(), "interval": interval.state,
-                   "finetune_config": cfg.to_dict(), "model_config": model.config.to_hf(),
-                   "base_fingerprint": base_fingerprint, "data_fingerprint": data.fingerprint()}
-        ckpt.save_checkpoint(out, at_step, payload, cfg.keep_checkpoints)
+    def extra() -> dict[str, Any]:
+        return {"trainable": trainable_state(model), "finetune_config": cfg.to_dict(),
+                "model_config": model.config.to_hf(), "base_fingerprint": base_fingerprint,
+                "data_fingerprint": data.fingerprint()}
 
-    result = FinetuneResult(out=out, step=step, status="finished")
-    with _SigintFlag() as sigint, ProgressDisplay(cfg.max_steps, step, quiet) as display:
+    result = FinetuneResult(out=out, step=runner.step, status="finished")
+    with ProgressDisplay(cfg.max_steps, runner.step, quiet) as display:
         display.print(f"finetune: {description}")
-        display.print(f"data: {len(data.train)} train / {len(data.val)} val examples"
-                      f"{f', {data.truncated} truncated' if data.truncated else ''}"
-                      f"{f', {data.dropped} dropped (no assistant tokens)' if data.dropped else ''}"
-                      f"; {cfg.max_steps} steps of {cfg.batch_size} x {cfg.grad_accum} rows")
-        if step == 0:
-            val_loss, load = evaluate(model, probe, cfg.eval_batch_size, pad_id)
-            log.write(routing_record(0, "before", probe_name, val_loss, load))
+        display.print(_data_line(data, cfg))
+        if runner.step == 0 and main:
+            runner.log.write(routing_record(0, "before", probe[0],
+                                            *evaluate(model, probe[1], cfg.eval_batch_size,
+                                                      pad_id)))
         model.train()
-        while step < cfg.max_steps:
-            started = time.perf_counter()
-            loss, aux, losses, dropped, load, tokens = _train_step(
-                model, optimizer, batches, cfg, step, n_moe, E)
-            if not math.isfinite(loss) or not math.isfinite(aux):
-                display.print(f"loss became {loss} at step {step + 1}; stopping. The last good "
-                              f"checkpoint is kept in {ckpt.checkpoint_dir(out)}")
-                result.status = "diverged"
-                break
-            scheduler.step()
-            _after_step(model, cfg)
-            step += 1
-            interval.add(loss, aux, losses, dropped, load, tokens, time.perf_counter() - started)
-            record = None
-            if step % cfg.log_every == 0 or step == cfg.max_steps:
-                record = {"step": step, "lr": optimizer.param_groups[0]["lr"],
-                          **interval.summary()}
-                if step % cfg.eval_every == 0 or step == cfg.max_steps:
-                    if data.val:
-                        record["val_loss"] = evaluate(model, data.val, cfg.eval_batch_size,
-                                                      pad_id)[0]
-                        result.val_loss = record["val_loss"]
-                result.train_loss, result.tokens_per_s = (record["train_loss"],
-                                                          record["tokens_per_s"])
-                log.write(record)
-                interval = _Interval(n_moe, E)
-            if step % cfg.checkpoint_every == 0 or step == cfg.max_steps or sigint.raised:
-                save(step)
-            display.update(step, record)
-            if sigint.raised:
-                display.print(f"interrupted at step {step}; checkpoint saved. Continue with: "
-                              f"dsmoe finetune {cfg.model} --data {cfg.data} --out {out} --resume")
-                result.status = "interrupted"
-                break
-    result.step, result.model = step, model
-    if result.status == "finished":
-        _finish(model, cfg, out, log, (probe_name, probe), pad_id, result, quiet)
+        result.status = runner.run(
+            lambda step: _train_step(model, optimizer, batches, cfg, step,
+                                     runner.interval.state["load"]),
+            lambda: ({"val_loss": evaluate(model, data.val, cfg.eval_batch_size, pad_id)[0]}
+                     if data.val else {}),
+            extra, display,
+            f"dsmoe finetune {cfg.model} --data {cfg.data} --out {out} --resume")
+    result.step, result.model = runner.step, model
+    fill_from_log(result, runner.log.read())
+    if result.status == "finished" and main:
+        _finish(model, cfg, out, runner.log, probe, pad_id, result, quiet)
+    ddist.barrier()
     return result
+
+
+def _data_line(data: sft_data.SFTData, cfg: FinetuneConfig) -> str:
+    return (f"data: {len(data.train)} train / {len(data.val)} val examples"
+            f"{f', {data.truncated} truncated' if data.truncated else ''}"
+            f"{f', {data.dropped} dropped (no assistant tokens)' if data.dropped else ''}"
+            f"; {cfg.max_steps} steps of {cfg.batch_size} x {cfg.grad_accum} rows")
 
 
 def _check_resumable(state: dict[str, Any], base_fingerprint: str, data_fingerprint: str
@@ -312,46 +301,54 @@ def _check_resumable(state: dict[str, Any], base_fingerprint: str, data_fingerpr
                          "cannot be continued exactly; start a new run (another --out)")
 
 
+def _my_rows(batch: sft_data.Batch) -> sft_data.Batch:
+    """This rank's contiguous rows of a global batch (all of it in one process)."""
+    rank, world = ddist.get_rank(), ddist.get_world_size()
+    if world == 1:
+        return batch
+    rows = torch.arange(batch.input_ids.shape[0]).tensor_split(world)[rank]  # [B_rank]
+    return sft_data.Batch(batch.input_ids[rows], batch.labels[rows], batch.real[rows],
+                          None if batch.position_ids is None else batch.position_ids[rows])
+
+
 def _train_step(model: Transformer, optimizer: torch.optim.Optimizer,
-                batches: sft_data.SFTBatches, cfg: FinetuneConfig, step: int, n_moe: int,
-                n_experts: int):
-    """One optimizer step over ``grad_accum`` micro-batches; returns scalar stats, the
-    [L, E] load over real tokens and the number of real tokens."""
+                batches: sft_data.SFTBatches, cfg: FinetuneConfig, step: int,
+                like_load: torch.Tensor) -> StepStats:
+    """One optimizer step over ``grad_accum`` micro-batches; every target token of the
+    global batch weighs the same, on any number of ranks. ``like_load``: [L, E] shape."""
     micro = [batches.batch(step * cfg.grad_accum + m) for m in range(cfg.grad_accum)]
-    n_targets = sum(b.n_targets for b in micro)
+    n_targets = sum(b.n_targets for b in micro)  # of the global batch: the same on every rank
+    world = ddist.get_world_size()  # sync_gradients averages: undo it for the CE sum
     ce_sum = aux_sum = dropped_sum = 0.0
     losses: dict[str, float] = {}
-    load = torch.zeros(n_moe, max(n_experts, 1))
-    for batch in micro:
+    load = torch.zeros_like(like_load)  # [L, E]
+    for batch in map(_my_rows, micro):
+        if not batch.input_ids.numel():
+            continue
         out = model(batch.input_ids, position_ids=batch.position_ids, return_routing=True)
         ce = F.cross_entropy(out.logits.float().flatten(0, 1), batch.labels.flatten(),
                              ignore_index=sft_data.IGNORE_INDEX, reduction="sum")
-        (ce / n_targets + out.aux_loss / cfg.grad_accum).backward()
+        (ce / n_targets * world + out.aux_loss / cfg.grad_accum).backward()
         ce_sum += ce.item()
         aux_sum += out.aux_loss.item()
         for name, value in out.losses.items():
             losses[name] = losses.get(name, 0.0) + value.item() / cfg.grad_accum
         routing = out.routing or []
-        load += _real_load(routing, batch.real, n_experts)
-        dropped_sum += sum(float(r.dropped_fraction) for r in routing) / max(n_moe, 1)
-    loss, aux = ce_sum / n_targets, aux_sum / cfg.grad_accum
+        load += _real_load(routing, batch.real, load.shape[1])
+        dropped_sum += sum(float(r.dropped_fraction) for r in routing) / max(len(routing), 1)
+    loss = ddist.reduce_mean(ce_sum) * world / n_targets
+    aux = ddist.reduce_mean(aux_sum / cfg.grad_accum)
+    ddist.all_reduce_sum_(load)
+    losses = {name: ddist.reduce_mean(value) for name, value in losses.items()}
     if math.isfinite(loss) and math.isfinite(aux):
-        params = [p for group in optimizer.param_groups for p in group["params"]]
+        ddist.sync_gradients(model)
         if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            ddist.clip_grad_norm_(model, cfg.grad_clip)
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     tokens = sum(b.n_tokens for b in micro)
-    return loss, aux, losses, dropped_sum / cfg.grad_accum, load, tokens
-
-
-def _after_step(model: Transformer, cfg: FinetuneConfig) -> None:
-    """V3 bias balancing only when the routers train; otherwise just drop the counts."""
-    if cfg.full and not cfg.freeze_router:
-        model.update_router_biases()
-    else:
-        for layer in model.moe_layers():
-            layer.load_counts.zero_()
+    return StepStats(loss, aux, losses, ddist.reduce_mean(dropped_sum) / cfg.grad_accum, load,
+                     tokens)
 
 
 def _finish(model: Transformer, cfg: FinetuneConfig, out: Path, log: MetricsLog,

@@ -5,10 +5,8 @@ Design choices:
   a resumed run sees exactly the batches an uninterrupted run would.
 - The loss is cross-entropy + the MoE layers' balance losses; V3's bias update runs right
   after each optimizer step, from the loads the layers counted during that step.
-- Logged averages are accumulated in a small state that checkpoints carry too, so
-  ``metrics.jsonl`` of a killed-and-resumed run equals an uninterrupted run's, bit for bit.
-- SIGINT finishes the current step, saves a checkpoint and returns; a NaN/inf loss stops
-  before the optimizer step, keeping the last good checkpoint on disk.
+- What happens around a step (cadence, Ctrl-C, the NaN check, metrics, checkpoints, V3's
+  bias update) is ``train.runner.Runner``, shared with ``dsmoe finetune``.
 """
 
 from __future__ import annotations
@@ -18,8 +16,6 @@ import hashlib
 import json
 import math
 import os
-import signal
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -36,7 +32,8 @@ from dsmoe.model import Transformer
 from dsmoe.tokenizer import Tokenizer
 from dsmoe.train import checkpoint as ckpt
 from dsmoe.train.config import TrainConfig, build_model_config
-from dsmoe.train.metrics import MetricsLog, ProgressDisplay
+from dsmoe.train.metrics import ProgressDisplay
+from dsmoe.train.runner import Runner, StepStats, fill_from_log
 
 SAMPLE_PROMPTS = ("def ", "import ", "class ")
 
@@ -51,44 +48,6 @@ class TrainResult:
     unigram_entropy: float | None = None
     tokens_per_s: float | None = None
     samples: list[str] = field(default_factory=list)
-
-
-class _Interval:
-    """Running sums between two log lines (checkpointed, see module docstring)."""
-
-    def __init__(self, n_moe_layers: int, n_experts: int) -> None:
-        self.state: dict[str, Any] = {
-            "steps": 0, "loss": 0.0, "aux": 0.0, "losses": {}, "dropped": 0.0, "tokens": 0,
-            "seconds": 0.0, "load": torch.zeros(n_moe_layers, max(n_experts, 1)),
-        }
-
-    def add(self, loss: float, aux: float, losses: dict[str, float], dropped: float,
-            load: torch.Tensor, tokens: int, seconds: float) -> None:
-        s = self.state
-        s["steps"] += 1
-        s["loss"] += loss
-        s["aux"] += aux
-        for name, value in losses.items():
-            s["losses"][name] = s["losses"].get(name, 0.0) + value
-        s["dropped"] += dropped
-        s["load"] += load
-        s["tokens"] += tokens
-        s["seconds"] += seconds
-
-    def summary(self) -> dict[str, Any]:
-        s, n = self.state, max(self.state["steps"], 1)
-        load = s["load"]
-        per_layer = (load.max(dim=1).values / load.mean(dim=1).clamp_min(1e-9)).tolist() \
-            if load.numel() and load.sum() > 0 else []
-        return {
-            "train_loss": s["loss"] / n, "aux_loss": s["aux"] / n,
-            "losses": {k: v / n for k, v in s["losses"].items()},
-            "dropped_fraction": s["dropped"] / n,
-            "tokens_per_s": s["tokens"] / max(s["seconds"], 1e-9),
-            "expert_load": load.long().tolist() if per_layer else [],
-            "load_max_mean_per_layer": per_layer,
-            "load_max_mean": max(per_layer) if per_layer else 1.0,
-        }
 
 
 def cache_root(cfg: TrainConfig) -> Path:
@@ -155,28 +114,6 @@ def evaluate(model: Transformer, batches: Iterator[tuple[torch.Tensor, torch.Ten
     return ddist.reduce_mean(total / max(count, 1))
 
 
-class _SigintFlag:
-    """Turn Ctrl-C into a flag checked between steps (main thread only)."""
-
-    def __init__(self) -> None:
-        self.raised = False
-        self.previous = None
-
-    def __enter__(self) -> "_SigintFlag":
-        try:
-            self.previous = signal.signal(signal.SIGINT, self._handle)
-        except ValueError:  # not the main thread
-            self.previous = None
-        return self
-
-    def _handle(self, signum: int, frame: object) -> None:
-        self.raised = True
-
-    def __exit__(self, *exc: object) -> None:
-        if self.previous is not None:
-            signal.signal(signal.SIGINT, self.previous)
-
-
 def prepare(cfg: TrainConfig, out: Path) -> tuple[Corpus, Tokenizer, TokenStreams]:
     """Load text, get a tokenizer, tokenize (cached). Fails fast on bad data."""
     base = ModelConfig.preset(cfg.preset)
@@ -184,6 +121,40 @@ def prepare(cfg: TrainConfig, out: Path) -> tuple[Corpus, Tokenizer, TokenStream
     tokenizer = obtain_tokenizer(cfg, corpus, base.vocab_size, out)
     streams = tokenize_corpus(corpus, tokenizer, cache_root(cfg) / "tokens")
     return corpus, tokenizer, streams
+
+
+def _open_run(cfg: TrainConfig, out: Path, resume: bool, main: bool
+              ) -> tuple[TrainConfig, dict[str, Any] | None]:
+    """Check ``out`` and load its newest checkpoint (``resume``); returns the run's
+    settings (a resumed run's own, except how long to run) and the checkpoint."""
+    existing = ckpt.list_checkpoints(out)
+    if existing and not resume:
+        raise ValueError(f"{out} already holds checkpoints; pass --resume to continue it "
+                         "or choose another --out")
+    state = ckpt.load_latest(out) if resume else None
+    if state is not None:
+        cfg = TrainConfig.from_dict({**state["train_config"], "max_steps": cfg.max_steps})
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / "train_config.json", json.dumps(cfg.to_dict(), indent=2) + "\n")
+    return cfg, state
+
+
+def _build_model(cfg: TrainConfig, state: dict[str, Any] | None, vocab_size: int, ep: int
+                 ) -> tuple[Transformer, str]:
+    """The run's model (the checkpoint's on resume), parallelized over ``ep`` ranks, and a
+    line describing it."""
+    model_cfg = (ModelConfig.from_hf(state["model_config"]) if state is not None
+                 else build_model_config(cfg, vocab_size, devices=ep if ep > 1 else None))
+    model_cfg = ddist.ep_model_config(model_cfg, ep)
+    model = Transformer(model_cfg)
+    banner = (f"model: {model_cfg.num_hidden_layers} layers, "
+              f"{model.num_parameters() / 1e6:.2f}M params "
+              f"({model.num_parameters(active=True) / 1e6:.2f}M active), routing "
+              f"{'dense' if cfg.dense else cfg.routing}")
+    if state is not None:
+        model.load_state_dict(state["model"])
+    return ddist.parallelize(model, ep), banner
 
 
 def train(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False,
@@ -196,110 +167,46 @@ def train(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False,
     main = ddist.is_main_process()
     quiet = quiet or not main
     out = Path(cfg.out)
-    existing = ckpt.list_checkpoints(out)
-    if existing and not resume:
-        raise ValueError(f"{out} already holds checkpoints; pass --resume to continue it "
-                         "or choose another --out")
-    state = ckpt.load_latest(out) if resume else None
-    if state is not None:  # the run's own settings win, except how long to run
-        cfg = TrainConfig.from_dict({**state["train_config"], "max_steps": cfg.max_steps})
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out / "train_config.json", json.dumps(cfg.to_dict(), indent=2) + "\n")
-
+    cfg, state = _open_run(cfg, out, resume, main)
     torch.manual_seed(cfg.seed)
     with ddist.main_process_first():
         corpus, tokenizer, streams = prepare(cfg, out)
-    model_cfg = (ModelConfig.from_hf(state["model_config"]) if state is not None
-                 else build_model_config(cfg, tokenizer.vocab_size,
-                                         devices=ep if ep > 1 else None))
-    model_cfg = ddist.ep_model_config(model_cfg, ep)
-    model = Transformer(model_cfg)
-    n_params, n_active = model.num_parameters(), model.num_parameters(active=True)
-    if state is not None:
-        model.load_state_dict(state["model"])
-    model = ddist.parallelize(model, ep)
+    model, banner = _build_model(cfg, state, tokenizer.vocab_size, ep)
+    banner += f"; data: {corpus.source}, {len(streams.train):,} train tokens"
     optimizer = build_optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(cfg, s) / cfg.lr)
+    runner = Runner(out, cfg, model, optimizer, scheduler)
+    if state is not None:
+        runner.restore(state)
+    if main:
+        runner.log.truncate_after(runner.step)
     sampler = BatchSampler(streams.train, cfg.batch_size, cfg.seq_len, cfg.seed)
     val_sampler = BatchSampler(streams.val, cfg.batch_size, cfg.seq_len, cfg.seed)
-    n_moe = len(model.moe_layers())
-    interval = _Interval(n_moe, model_cfg.n_routed_experts or 0)
-    step = 0
-    if state is not None:
-        optimizer.load_state_dict(ddist.shard_optimizer_state(model, optimizer,
-                                                              state["optimizer"]))
-        scheduler.load_state_dict(state["scheduler"])
-        ckpt.set_rng_state(state["rng"])
-        interval.state = state["interval"]
-        step = state["step"]
-    log = MetricsLog(out / "metrics.jsonl")
-    if main:
-        log.truncate_after(step)
-    entropy = unigram_entropy(streams.val, tokenizer.vocab_size)
-
     forward = torch.compile(model) if cfg.compile else model
     autocast = (torch.autocast("cpu", dtype=torch.bfloat16) if cfg.dtype == "bfloat16"
                 else contextlib.nullcontext())
 
-    def save(at_step: int) -> None:
-        payload = {"step": at_step, "model": ddist.full_state_dict(model),
-                   "optimizer": ddist.full_optimizer_state(model, optimizer),
-                   "scheduler": scheduler.state_dict(),
-                   "rng": ckpt.rng_state(), "interval": interval.state,
-                   "train_config": cfg.to_dict(), "model_config": model_cfg.to_hf()}
-        if main:
-            ckpt.save_checkpoint(out, at_step, payload, cfg.keep_checkpoints)
-        ddist.barrier()
+    def validate() -> dict[str, float]:
+        return {"val_loss": evaluate(model, val_sampler.eval_batches(cfg.eval_batches),
+                                     autocast)}
 
-    result = TrainResult(out=out, step=step, status="finished", unigram_entropy=entropy)
+    result = TrainResult(out=out, step=runner.step, status="finished",
+                         unigram_entropy=unigram_entropy(streams.val, tokenizer.vocab_size))
     model.train()
-    with _SigintFlag() as sigint, ProgressDisplay(cfg.max_steps, step, quiet) as display:
-        display.print(f"model: {model_cfg.num_hidden_layers} layers, "
-                      f"{n_params / 1e6:.2f}M params "
-                      f"({n_active / 1e6:.2f}M active), routing "
-                      f"{'dense' if cfg.dense else cfg.routing}; data: {corpus.source}, "
-                      f"{len(streams.train):,} train tokens")
-        while step < cfg.max_steps:
-            started = time.perf_counter()
-            loss, aux, losses, dropped, load = _train_step(
-                forward, optimizer, sampler, cfg, step, autocast, n_moe, interval)
-            if not math.isfinite(loss) or not math.isfinite(aux):
-                display.print(f"loss became {loss} at step {step + 1}; stopping. The last good "
-                              f"checkpoint is kept in {ckpt.checkpoint_dir(out)}")
-                result.status = "diverged"
-                break
-            scheduler.step()
-            ddist.all_reduce_expert_load(model)
-            model.update_router_biases()
-            step += 1
-            interval.add(loss, aux, losses, dropped, load, cfg.batch_size * cfg.seq_len *
-                         cfg.grad_accum, time.perf_counter() - started)
-            record = None
-            if step % cfg.log_every == 0 or step == cfg.max_steps:
-                record = {"step": step, "lr": optimizer.param_groups[0]["lr"],
-                          **interval.summary()}
-                if step % cfg.eval_every == 0 or step == cfg.max_steps:
-                    record["val_loss"] = evaluate(
-                        model, val_sampler.eval_batches(cfg.eval_batches), autocast)
-                if main:
-                    log.write(record)
-                interval = _Interval(n_moe, model_cfg.n_routed_experts or 0)
-            stop = ddist.any_rank(sigint.raised)
-            if step % cfg.checkpoint_every == 0 or step == cfg.max_steps or stop:
-                save(step)
-            display.update(step, record)
-            if stop:
-                display.print(f"interrupted at step {step}; checkpoint saved. "
-                              f"Continue with: dsmoe train --out {out} --resume")
-                result.status = "interrupted"
-                break
-    result.step = step
-    _fill_from_log(result, log.read())
+    with ProgressDisplay(cfg.max_steps, runner.step, quiet) as display:
+        display.print(banner)
+        result.status = runner.run(
+            lambda step: _train_step(forward, optimizer, sampler, cfg, step, autocast,
+                                     runner.interval.state["load"]),
+            validate,
+            lambda: {"model": ddist.full_state_dict(model), "train_config": cfg.to_dict(),
+                     "model_config": model.config.to_hf()},
+            display, f"dsmoe train --out {out} --resume")
+    result.step = runner.step
+    fill_from_log(result, runner.log.read())
     if result.status == "finished":
         if result.val_loss is None:  # e.g. resumed past a lowered --max-steps
-            result.val_loss = evaluate(model, val_sampler.eval_batches(cfg.eval_batches),
-                                       autocast)
+            result.val_loss = validate()["val_loss"]
         single = ddist.gather_model(model) if ddist.is_distributed() else model
         if main:
             _finish(single, tokenizer, cfg, out, result, quiet)
@@ -309,13 +216,14 @@ def train(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False,
 
 def _train_step(forward: torch.nn.Module, optimizer: torch.optim.Optimizer,
                 sampler: BatchSampler, cfg: TrainConfig, step: int,
-                autocast: contextlib.AbstractContextManager, n_moe: int, interval: _Interval
-                ) -> tuple[float, float, dict[str, float], float, torch.Tensor]:
+                autocast: contextlib.AbstractContextManager, like_load: torch.Tensor
+                ) -> StepStats:
     """One optimizer step over ``grad_accum`` micro-batches (skipped when the loss is not
-    finite); returns (loss, aux loss, named losses, dropped fraction, load [L, E])."""
+    finite); ``like_load``: an [L, E] table of the load's shape."""
     loss_sum = aux_sum = dropped_sum = 0.0
     losses: dict[str, float] = {}
-    load = torch.zeros_like(interval.state["load"])
+    load = torch.zeros_like(like_load)  # [L, E]
+    n_moe = load.shape[0]
     for micro in range(cfg.grad_accum):
         inputs, targets = ddist.data_shard(sampler.batch(step * cfg.grad_accum + micro))
         with autocast:
@@ -333,24 +241,15 @@ def _train_step(forward: torch.nn.Module, optimizer: torch.optim.Optimizer,
     aux = ddist.reduce_mean(aux_sum / cfg.grad_accum)
     ddist.all_reduce_sum_(load)  # logged load: the global batch's
     losses = {name: ddist.reduce_mean(value) for name, value in losses.items()}
-    dropped_sum = ddist.reduce_mean(dropped_sum)
+    dropped = ddist.reduce_mean(dropped_sum) / cfg.grad_accum
     if math.isfinite(loss) and math.isfinite(aux):
         ddist.sync_gradients(forward)
         if cfg.grad_clip > 0:
             ddist.clip_grad_norm_(forward, cfg.grad_clip)
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return loss, aux, losses, dropped_sum / cfg.grad_accum, load
-
-
-def _fill_from_log(result: TrainResult, records: list[dict[str, Any]]) -> None:
-    """The final numbers come from metrics.jsonl, which covers the whole run: a resumed run
-    (even one resumed after it finished, which trains no step) reports what its steps did."""
-    for record in records:
-        if "train_loss" in record:
-            result.train_loss, result.tokens_per_s = record["train_loss"], record["tokens_per_s"]
-        if "val_loss" in record:
-            result.val_loss = record["val_loss"]
+    return StepStats(loss, aux, losses, dropped, load,
+                     cfg.batch_size * cfg.seq_len * cfg.grad_accum)
 
 
 def _finish(model: Transformer, tokenizer: Tokenizer, cfg: TrainConfig, out: Path,

@@ -73,6 +73,13 @@ class ProgressDisplay:
         else:
             self.progress.update(self.task, completed=step)
 
+    def warn(self, message: str) -> None:
+        """A line shown even with --quiet (on stderr): why a run stopped."""
+        if self.interactive:
+            self.progress.console.print(message)
+        else:
+            print(message, file=sys.stderr, flush=True)
+
     def print(self, message: str) -> None:
         if self.interactive:
             self.progress.console.print(message)
