@@ -300,3 +300,21 @@ def test_unigram_entropy_chunks_agree(monkeypatch: pytest.MonkeyPatch) -> None:
     p = np.bincount(tokens, minlength=300) / len(tokens)
     reference = float(-(p[p > 0] * np.log(p[p > 0])).sum())
     assert whole == pytest.approx(reference, rel=1e-12)
+
+
+def test_directory_includes_extensionless_text_and_says_what_it_skipped(tmp_path: Path) -> None:
+    root = _write_tree(tmp_path / "corpus", {
+        "a.txt": "alpha text\n",
+        "LICENSE": "Permission is hereby granted\n",
+        "docs/README": "read me first\n",
+        "blob": b"\x7fELF\0\0\1",  # binary: skipped
+        "latin": "caf\xe9\n".encode("latin-1"),  # not UTF-8: skipped
+        "image.png": b"\x89PNG\r\n\x1a\n\0\0",
+    })
+    found = [p.relative_to(root).as_posix() for p in find_text_files(root)]
+    assert found == ["LICENSE", "a.txt", "docs/README"]
+    corpus = load_corpus(str(root))
+    assert sorted(corpus.train + corpus.val) == sorted(
+        ["alpha text\n", "Permission is hereby granted\n", "read me first\n"])
+    assert ("skipped 2 file(s) without an extension that are not text (1 binary, "
+            "1 not UTF-8) and 1 file(s) with other extensions (.png)") in corpus.source

@@ -320,3 +320,21 @@ def test_nproc_2_gives_the_losses_of_one_process(task, tmp_path) -> None:
     ids = torch.randint(0, a.config.vocab_size, (2, 10))
     with torch.no_grad():
         assert_close(b(ids).logits, a(ids).logits, atol=1e-5, rtol=1e-4, what="adapters")
+
+
+def test_non_utf8_rows_name_their_line(tmp_path, task) -> None:
+    path = tmp_path / "latin.jsonl"
+    path.write_bytes(b'{"prompt": "a", "completion": "b"}\n{"prompt": "caf\xe9", '
+                     b'"completion": "x"}\n')
+    with pytest.raises(ValueError, match=r"latin.jsonl line 2: not UTF-8 text \(byte 16"):
+        sft_data.read_rows(path)
+
+
+def test_resume_refuses_changed_settings_and_allows_more_steps(task, tmp_path, capsys) -> None:
+    out = tmp_path / "run"
+    loop.finetune(_cfg(task, out, max_steps=2, checkpoint_every=1), quiet=True)
+    with pytest.raises(ValueError, match="--resume: --lora-r was 8 when this run started, "
+                                         "now 4"):
+        loop.finetune(_cfg(task, out, max_steps=2, lora_r=4), resume=True)
+    more = loop.finetune(_cfg(task, out, max_steps=3), resume=True)
+    assert more.step == 3 and "resume: max_steps 2 -> 3" in capsys.readouterr().out

@@ -3,6 +3,7 @@ export fidelity, and that every routing variant learns."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -275,3 +276,130 @@ def test_a_crafted_checkpoint_runs_no_code(corpus: Path, tmp_path: Path, capsys)
     with pytest.raises(ValueError, match="refusing to restart"):
         loop.train(cfg, resume=True, quiet=True)
     assert not marker.exists()
+
+
+_HOLD_LOCK = """
+import sys, time
+from pathlib import Path
+from dsmoe.train import rundir
+with rundir.locked(Path(sys.argv[1])):
+    print("locked", flush=True)
+    time.sleep(600)
+"""
+
+
+def test_one_live_run_per_directory(corpus: Path, tmp_path: Path) -> None:
+    """An OS lock: a second run names the first's pid; a SIGKILLed owner releases it."""
+    cfg = _cfg(corpus, tmp_path / "run", tmp_path / "cache", max_steps=2)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    owner = subprocess.Popen([sys.executable, "-c", _HOLD_LOCK, cfg.out], env=env,
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        assert owner.stdout.readline().strip() == "locked"
+        with pytest.raises(ValueError, match=f"in use by another dsmoe run \\(pid {owner.pid}\\)"):
+            loop.train(cfg, quiet=True)
+        with pytest.raises(ValueError, match=f"pid {owner.pid}"):
+            loop.train(cfg, resume=True, quiet=True)
+        assert not (Path(cfg.out) / "metrics.jsonl").exists()
+    finally:
+        owner.send_signal(signal.SIGKILL)
+        owner.wait()
+    assert loop.train(cfg, quiet=True).status == "finished"
+
+
+def test_resume_refuses_changed_model_or_data_and_allows_more_steps(
+        corpus: Path, tmp_path: Path, capsys) -> None:
+    cfg = _cfg(corpus, tmp_path / "run", tmp_path / "cache", max_steps=3)
+    loop.train(cfg, quiet=True)
+    other = _write_corpus(tmp_path / "other", n_files=3)
+    for change, flag in ((dict(routing="v3"), "--routing"), (dict(dense=True), "--dense"),
+                         (dict(seq_len=16), "--seq-len"), (dict(lr=1e-3), "--lr"),
+                         (dict(seed=1), "--seed"), (dict(data=str(other)), "--data"),
+                         (dict(overrides=cfg.overrides + ("hidden_size=32",)), "--set")):
+        with pytest.raises(ValueError, match=f"--resume: {flag} was .* when this run started"):
+            loop.train(dataclasses.replace(cfg, **change), resume=True, quiet=True)
+    capsys.readouterr()
+    # CLI semantics: flags not given keep the run's own settings.
+    more = loop.train(TrainConfig(out=cfg.out, max_steps=4, cache_dir=cfg.cache_dir),
+                      resume=True, given=frozenset({"max_steps"}))
+    assert more.step == 4 and "resume: max_steps 3 -> 4" in capsys.readouterr().out
+    assert [r["step"] for r in map(json.loads, (Path(cfg.out) / "metrics.jsonl")
+                                   .read_text().splitlines())] == [2, 3, 4]
+
+
+def test_leftovers_of_a_kill_are_handled_on_resume(corpus: Path, tmp_path: Path) -> None:
+    """Temp files of a killed write are removed; a metrics line cut short is dropped."""
+    cfg = _cfg(corpus, tmp_path / "run", tmp_path / "cache", max_steps=4, log_every=1,
+               checkpoint_every=2)
+    loop.train(cfg, quiet=True)
+    out = Path(cfg.out)
+    stale = [out / "checkpoints" / ".step_00000006.pt.k2j3.tmp", out / ".metrics.jsonl.x.tmp",
+             out / "tokenizer" / ".tokenizer.json.y.tmp"]
+    for path in stale:
+        path.write_bytes(b"\0" * 1000)
+    (out / ".model.tmp-abc").mkdir()
+    (out / ".model.tmp-abc" / "model.safetensors").write_bytes(b"x")
+    whole = (out / "metrics.jsonl").read_text()
+    (out / "metrics.jsonl").write_text(whole + '{"step": 5, "train_lo')
+    loop.train(dataclasses.replace(cfg, max_steps=5), resume=True, quiet=True)
+    assert not any(p.exists() for p in stale) and not (out / ".model.tmp-abc").exists()
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5]
+
+
+def test_out_is_a_file_and_seq_len_beyond_positions(corpus: Path, tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match="--out .*file is an existing file"):
+        loop.train(_cfg(corpus, tmp_path / "file", tmp_path / "cache"), quiet=True)
+    with pytest.raises(ValueError, match="--seq-len 128 is longer than the model's "
+                                         "max_position_embeddings=64"):
+        loop.train(_cfg(corpus, tmp_path / "run", tmp_path / "cache", seq_len=128), quiet=True)
+
+
+def test_disk_full_while_checkpointing(corpus: Path, tmp_path: Path, monkeypatch) -> None:
+    def full(obj, path):
+        Path(path).write_bytes(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full)
+    cfg = _cfg(corpus, tmp_path / "run", tmp_path / "cache")
+    with pytest.raises(ValueError, match=r"cannot write checkpoint .*step_00000003.pt "
+                                         r"\(No space left on device\); is the disk full"):
+        loop.train(cfg, quiet=True)
+    assert list((Path(cfg.out) / "checkpoints").iterdir()) == []  # no leftovers
+
+
+def test_tokenizer_samples_and_vocab_follow_the_data(corpus: Path, tmp_path: Path,
+                                                     capsys) -> None:
+    """A failed run's tokenizer is not reused on other data; samples start from the
+    validation text; --set vocab_size sizes the BPE, and a smaller result says so."""
+    prose = tmp_path / "prose"
+    prose.mkdir()
+    for i in range(6):
+        (prose / f"doc{i}.txt").write_text("".join(
+            f"Permission number {i * 50 + j} is hereby granted to everyone.\n"
+            for j in range(50)))
+    out = tmp_path / "run"
+    loop.train(_cfg(corpus, out, tmp_path / "cache", max_steps=1), quiet=True)
+    code_tokenizer = (out / "tokenizer" / "tokenizer.json").read_text()
+    import shutil
+    shutil.rmtree(out / "checkpoints")  # as if the run had failed before its first save
+    cfg = _cfg(prose, out, tmp_path / "cache", max_steps=1,
+               overrides=_cfg(corpus, out, out).overrides + ("vocab_size=5000",))
+    result = loop.train(cfg, quiet=True)
+    assert (out / "tokenizer" / "tokenizer.json").read_text() != code_tokenizer
+    assert '"Permission' in (out / "tokenizer" / "tokenizer.json").read_text()
+    assert all(s.startswith("Permission number ") for s in result.samples), result.samples
+    err = capsys.readouterr().err
+    assert "--set vocab_size=5000 is overridden by the tokenizer's" in err
+
+
+@pytest.mark.slow
+def test_nproc_bad_input_is_one_line(corpus: Path, tmp_path: Path, capsys) -> None:
+    from dsmoe.cli import main
+
+    (tmp_path / "file").write_text("x")
+    assert main(["train", "--data", str(corpus), "--out", str(tmp_path / "file"),
+                 "--nproc", "2", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "error: --out" in err and "is an existing file" in err and "Traceback" not in err

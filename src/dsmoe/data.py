@@ -9,6 +9,9 @@ Design choices:
 - Split by *document* (a file, or a .jsonl row) using a hash of its relative path: stable
   when files are added or removed, and no file is half in train and half in val. At least one
   document lands on each side; a lone document is cut at a line break near the end.
+- A directory gives its files with a text extension and its extensionless files that are
+  UTF-8 text (LICENSE, README); extensionless binaries and other extensions are skipped,
+  counted by reason in ``Corpus.source``.
 - Bad input fails in ``load_corpus``, before any tokenizer or model work: missing paths,
   no text, NUL bytes or invalid UTF-8 (naming file and offset), .jsonl rows without a
   "text" string (naming the line).
@@ -65,14 +68,54 @@ def default_corpus_files() -> list[Path]:
 
 def find_text_files(path: str | os.PathLike) -> list[Path]:
     """``path`` itself if it is a file (any extension), else the files under the directory
-    whose extension is in ``TEXT_EXTENSIONS``, recursively, sorted, skipping hidden
-    directories (``.git``, ``.venv``), ``__pycache__`` and ``node_modules``."""
+    whose extension is in ``TEXT_EXTENSIONS`` or that have no extension and are text
+    (LICENSE, README, COPYING), recursively, sorted, skipping hidden directories (``.git``,
+    ``.venv``), ``__pycache__`` and ``node_modules``."""
+    return scan_text_files(path)[0]
+
+
+def scan_text_files(path: str | os.PathLike) -> tuple[list[Path], str]:
+    """``find_text_files`` and a note on what a directory walk skipped and why ("" when
+    nothing was): extensionless files that are not text, files with other extensions."""
     path = Path(path)
     if path.is_file():
-        return [path]
-    if path.is_dir():
-        return [p for p in _walk(path, skip=_SKIP_DIRS) if p.suffix.lower() in TEXT_EXTENSIONS]
-    raise ValueError(f"data path does not exist: {path}")
+        return [path], ""
+    if not path.is_dir():
+        raise ValueError(f"data path does not exist: {path}")
+    files, not_text, other = [], {}, {}
+    for p in _walk(path, skip=_SKIP_DIRS):
+        suffix = p.suffix.lower()
+        if suffix in TEXT_EXTENSIONS:
+            files.append(p)
+        elif suffix:
+            other[suffix] = other.get(suffix, 0) + 1
+        elif (reason := _why_not_text(p)) is None:
+            files.append(p)
+        else:
+            not_text[reason] = not_text.get(reason, 0) + 1
+    notes = []
+    if not_text:
+        notes.append(f"{sum(not_text.values())} file(s) without an extension that are not "
+                     f"text ({', '.join(f'{n} {r}' for r, n in sorted(not_text.items()))})")
+    if other:
+        shown = ", ".join(sorted(other)[:5]) + (", ..." if len(other) > 5 else "")
+        notes.append(f"{sum(other.values())} file(s) with other extensions ({shown})")
+    return files, ("skipped " + " and ".join(notes)) if notes else ""
+
+
+def _why_not_text(path: Path) -> str | None:
+    """None for a UTF-8 text file; else why it is not (binary, not UTF-8, unreadable)."""
+    try:
+        data = path.read_bytes()
+    except OSError:
+        return "unreadable"
+    if b"\0" in data:
+        return "binary"
+    try:
+        data.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        return "not UTF-8"
+    return None
 
 
 def _walk(root: Path, *, skip: frozenset[str]) -> list[Path]:
@@ -177,10 +220,12 @@ def load_corpus(path: str | os.PathLike | None, *, val_fraction: float = 0.02) -
         label = f"Python {sysconfig.get_python_version()} standard library ({root})"
     else:
         root = Path(path)
-        files = find_text_files(root)
+        files, skipped = scan_text_files(root)
         if not files:
-            raise ValueError(f"no text files ({', '.join(TEXT_EXTENSIONS)}) found under {root}")
-        label = str(root)
+            raise ValueError(f"no text files ({', '.join(TEXT_EXTENSIONS)}, or text without "
+                             f"an extension) found under {root}"
+                             f"{f' ({skipped})' if skipped else ''}")
+        label = f"{root} ({skipped})" if skipped else str(root)
     docs = _documents(files, root)
     if not docs:
         raise ValueError(f"{label} contains no text (all {len(files)} file(s) empty)")

@@ -12,35 +12,43 @@ import argparse
 from dsmoe.train.config import DTYPES, ROUTINGS, TrainConfig
 
 _DEFAULTS = TrainConfig()
+_UNSET = argparse.SUPPRESS  # a TrainConfig option not given: absent from the namespace
+# every option that sets a TrainConfig field of the same name (but --out)
+_FIELDS = ("preset", "routing", "dense", "overrides", "data", "tokenizer", "cache_dir",
+           "max_steps", "batch_size", "seq_len", "grad_accum", "lr", "warmup_steps", "dtype",
+           "compile", "seed", "log_every", "eval_every", "checkpoint_every")
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--preset", default=_DEFAULTS.preset, help="model size (default: tiny)")
-    parser.add_argument("--data", default=None,
+    parser.add_argument("--preset", default=_UNSET,
+                        help=f"model size (default: {_DEFAULTS.preset})")
+    parser.add_argument("--data", default=_UNSET,
                         help="text file, directory of text files, or .jsonl with a 'text' field")
-    parser.add_argument("--tokenizer", default=None, help="reuse this tokenizer.json / directory")
+    parser.add_argument("--tokenizer", default=_UNSET,
+                        help="reuse this tokenizer.json / directory")
     parser.add_argument("--out", default=_DEFAULTS.out, help="run directory")
-    parser.add_argument("--max-steps", type=int, default=_DEFAULTS.max_steps)
-    parser.add_argument("--routing", choices=ROUTINGS, default=_DEFAULTS.routing,
+    parser.add_argument("--max-steps", type=int, default=_UNSET)
+    parser.add_argument("--routing", choices=ROUTINGS, default=_UNSET,
                         help="DeepSeek generation's routing and balancing")
-    parser.add_argument("--dense", action="store_true",
+    parser.add_argument("--dense", action="store_true", default=_UNSET,
                         help="train the dense model with the same active parameters instead")
     parser.add_argument("--resume", action="store_true", help="continue the run in --out")
-    parser.add_argument("--set", dest="overrides", action="append", default=[],
+    parser.add_argument("--set", dest="overrides", action="append", default=_UNSET,
                         metavar="KEY=VALUE", help="override a model config key (repeatable)")
-    parser.add_argument("--batch-size", type=int, default=_DEFAULTS.batch_size)
-    parser.add_argument("--seq-len", type=int, default=_DEFAULTS.seq_len)
-    parser.add_argument("--grad-accum", type=int, default=_DEFAULTS.grad_accum)
-    parser.add_argument("--lr", type=float, default=_DEFAULTS.lr)
-    parser.add_argument("--warmup-steps", type=int, default=_DEFAULTS.warmup_steps)
-    parser.add_argument("--dtype", choices=DTYPES, default=_DEFAULTS.dtype,
+    parser.add_argument("--batch-size", type=int, default=_UNSET)
+    parser.add_argument("--seq-len", type=int, default=_UNSET)
+    parser.add_argument("--grad-accum", type=int, default=_UNSET)
+    parser.add_argument("--lr", type=float, default=_UNSET)
+    parser.add_argument("--warmup-steps", type=int, default=_UNSET)
+    parser.add_argument("--dtype", choices=DTYPES, default=_UNSET,
                         help="autocast dtype of the forward pass")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the model")
-    parser.add_argument("--seed", type=int, default=_DEFAULTS.seed)
-    parser.add_argument("--log-every", type=int, default=_DEFAULTS.log_every)
-    parser.add_argument("--eval-every", type=int, default=_DEFAULTS.eval_every)
-    parser.add_argument("--checkpoint-every", type=int, default=_DEFAULTS.checkpoint_every)
-    parser.add_argument("--cache-dir", default=None, help="tokenizer/token cache directory")
+    parser.add_argument("--compile", action="store_true", default=_UNSET,
+                        help="torch.compile the model")
+    parser.add_argument("--seed", type=int, default=_UNSET)
+    parser.add_argument("--log-every", type=int, default=_UNSET)
+    parser.add_argument("--eval-every", type=int, default=_UNSET)
+    parser.add_argument("--checkpoint-every", type=int, default=_UNSET)
+    parser.add_argument("--cache-dir", default=_UNSET, help="tokenizer/token cache directory")
     parser.add_argument("--quiet", action="store_true", help="no progress output")
     parser.add_argument("--nproc", type=int, default=1,
                         help="spawn N local processes (as torchrun --nproc-per-node N would)")
@@ -49,16 +57,15 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    cfg = TrainConfig(
-        preset=args.preset, routing=args.routing, dense=args.dense,
-        overrides=tuple(args.overrides), data=args.data, tokenizer=args.tokenizer,
-        out=args.out, cache_dir=args.cache_dir, max_steps=args.max_steps,
-        batch_size=args.batch_size, seq_len=args.seq_len, grad_accum=args.grad_accum,
-        lr=args.lr, warmup_steps=args.warmup_steps, dtype=args.dtype, compile=args.compile,
-        seed=args.seed, log_every=args.log_every, eval_every=args.eval_every,
-        checkpoint_every=args.checkpoint_every)
     from dsmoe.train.loop import train
     from dsmoe.train.runner import spawn
 
-    result = spawn(train, args.nproc, cfg, resume=args.resume, quiet=args.quiet, ep=args.ep)
+    # Only the flags given on the command line: --resume keeps the run's own settings and
+    # must tell a changed one from a default.
+    given = {name: getattr(args, name) for name in _FIELDS if hasattr(args, name)}
+    if "overrides" in given:
+        given["overrides"] = tuple(given["overrides"])
+    cfg = TrainConfig(out=args.out, **given)
+    result = spawn(train, args.nproc, cfg, resume=args.resume, quiet=args.quiet, ep=args.ep,
+                   given=frozenset(given))
     return 3 if result.status == "diverged" else 0

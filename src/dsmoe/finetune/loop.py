@@ -24,6 +24,8 @@ Shapes: B batch, S row length, L MoE layers, E routed experts, K picks.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import math
 from dataclasses import dataclass, field
@@ -42,11 +44,14 @@ from dsmoe.io import atomic_write_text
 from dsmoe.model import Transformer
 from dsmoe.tokenizer import Tokenizer
 from dsmoe.train import checkpoint as ckpt
+from dsmoe.train import rundir
+from dsmoe.train.config import resumed_settings
 from dsmoe.train.loop import build_optimizer, lr_at
 from dsmoe.train.metrics import MetricsLog, ProgressDisplay
 from dsmoe.train.runner import Runner, StepStats, fill_from_log, load_balance
 
 ROUTING_SAMPLE_ROWS = 256
+_MOVABLE = frozenset({"model", "data", "val_data", "tokenizer"})  # checked by fingerprint
 
 
 @dataclass
@@ -193,20 +198,25 @@ def _drop_after_records(log: MetricsLog) -> None:
 
 
 # --- the loop ---------------------------------------------------------------------------
-def _open_run(cfg: FinetuneConfig, out: Path, resume: bool
-              ) -> tuple[FinetuneConfig, dict[str, Any] | None]:
-    """Check ``out`` and load its newest checkpoint (``resume``); returns the run's settings
-    (a resumed run's own, except paths and how long to run) and the checkpoint."""
+def _open_run(cfg: FinetuneConfig, out: Path, resume: bool, given: frozenset[str] | None,
+              quiet: bool) -> tuple[FinetuneConfig, dict[str, Any] | None]:
+    """Check ``out`` and load its newest checkpoint (``resume``); returns the settings the
+    run continues under and the checkpoint. Paths may change on resume (the base's and the
+    data's fingerprints must still match); ``given`` as in ``config.resumed_settings``
+    (None: every field of ``cfg`` that is set)."""
     if ckpt.list_checkpoints(out) and not resume:
         raise ValueError(f"{out} already holds checkpoints; pass --resume to continue it "
                          "or choose another --out")
     state = ckpt.load_latest(out) if resume else None
     if state is not None:
-        saved = state["finetune_config"]
-        cfg = FinetuneConfig.from_dict({
-            **saved, "model": cfg.model, "data": cfg.data, "val_data": cfg.val_data,
-            "tokenizer": cfg.tokenizer, "out": cfg.out,
-            "max_steps": cfg.max_steps or saved["max_steps"]})
+        if given is None:
+            given = frozenset(k for k, v in cfg.to_dict().items() if v is not None)
+        saved = FinetuneConfig.from_dict(state["finetune_config"])
+        cfg, changes = resumed_settings(saved, cfg, given, also=_MOVABLE)
+        if "epochs" in given and "max_steps" not in given:
+            cfg = dataclasses.replace(cfg, max_steps=None)  # resolve() recounts the steps
+        for line in changes if not quiet else ():
+            print(line, flush=True)
     return cfg, state
 
 
@@ -222,14 +232,22 @@ def _load_data(cfg: FinetuneConfig, model: Transformer, tokenizer: Tokenizer
     return data, batches, pad_id
 
 
-def finetune(cfg: FinetuneConfig, *, resume: bool = False, quiet: bool = False
-             ) -> FinetuneResult:
+def finetune(cfg: FinetuneConfig, *, resume: bool = False, quiet: bool = False,
+             given: frozenset[str] | None = None) -> FinetuneResult:
     """Run (or continue) a finetuning run in ``cfg.out`` (module docstring). Under torchrun
-    / ``--nproc`` every rank calls this and trains on its rows of each batch."""
+    / ``--nproc`` every rank calls this and trains on its rows of each batch; rank 0 holds
+    the run directory's lock throughout."""
+    out = Path(cfg.out)
+    rundir.check_out(out)
+    with rundir.locked(out) if ddist.is_main_process() else contextlib.nullcontext():
+        return _finetune(cfg, out, resume, quiet, given)
+
+
+def _finetune(cfg: FinetuneConfig, out: Path, resume: bool, quiet: bool,
+              given: frozenset[str] | None) -> FinetuneResult:
     main = ddist.is_main_process()
     quiet = quiet or not main
-    out = Path(cfg.out)
-    cfg, state = _open_run(cfg, out, resume)
+    cfg, state = _open_run(cfg, out, resume, given, quiet)
     torch.manual_seed(cfg.seed)
     model, tokenizer = load_base(cfg)
     base_fingerprint = weights_fingerprint(model)
@@ -238,7 +256,6 @@ def finetune(cfg: FinetuneConfig, *, resume: bool = False, quiet: bool = False
     if state is not None:
         _check_resumable(state, base_fingerprint, data.fingerprint())
     if main:
-        out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out / "finetune_config.json",
                           json.dumps(cfg.to_dict(), indent=2) + "\n")
         tokenizer.save(out / "tokenizer")

@@ -95,8 +95,13 @@ def read_rows(path: str | os.PathLike) -> list[tuple[int, list[dict[str, str]]]]
     if not path.is_file():
         raise FileNotFoundError(f"finetuning data not found: {path}")
     rows = []
-    with open(path, encoding="utf-8") as fh:
-        for number, line in enumerate(fh, start=1):
+    with open(path, "rb") as fh:  # bytes: a bad encoding is reported with its line
+        for number, raw in enumerate(fh, start=1):
+            try:
+                line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+            except UnicodeDecodeError as exc:
+                raise ValueError(f"{path} line {number}: not UTF-8 text (byte {exc.start + 1} "
+                                 "of the line); finetuning data must be UTF-8 jsonl") from None
             if not line.strip():
                 continue
             try:

@@ -63,7 +63,13 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 def save_checkpoint(out: Path, step: int, payload: dict[str, Any], keep: int) -> Path:
     path = checkpoint_dir(out) / f"step_{step:08d}.pt"
-    atomic_write(path, lambda tmp: torch.save(payload, tmp))
+    try:  # the temp file is removed on failure: a full disk leaves the last good one only
+        atomic_write(path, lambda tmp: torch.save(payload, tmp))
+    except (OSError, RuntimeError) as exc:  # torch's writer reports ENOSPC as RuntimeError
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else \
+            (str(exc).strip().splitlines() or [type(exc).__name__])[-1]
+        raise ValueError(f"cannot write checkpoint {path} ({reason}); is the disk full? "
+                         "The previous checkpoints are kept") from None
     for old in list_checkpoints(out)[:-keep]:
         old.unlink(missing_ok=True)
     return path

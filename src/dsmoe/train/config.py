@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -92,6 +93,47 @@ def settings_from_dict(cls: type, data: dict[str, Any], what: str) -> Any:
     return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
 
 
+# What a resumed run may change: how long it runs (and so the lr schedule's length), how
+# often it logs, evaluates and saves, and where caches live. Everything else shapes the
+# model, the data or the optimisation, which a checkpoint cannot be continued under.
+RESUMABLE = frozenset({"max_steps", "epochs", "log_every", "eval_every", "eval_batches",
+                       "eval_batch_size", "checkpoint_every", "keep_checkpoints", "cache_dir",
+                       "compile", "samples"})
+_PATHS = frozenset({"data", "tokenizer", "model", "val_data"})
+
+
+def _flag(name: str) -> str:
+    return "--set" if name == "overrides" else "--" + name.replace("_", "-")
+
+
+def _same(name: str, a: Any, b: Any) -> bool:
+    if name in _PATHS and a is not None and b is not None:
+        return os.path.abspath(a) == os.path.abspath(b)
+    return a == b
+
+
+def resumed_settings(saved: Any, asked: Any, given: frozenset[str] | None, *,
+                     also: frozenset[str] = frozenset()) -> tuple[Any, list[str]]:
+    """The settings a resumed run continues under: ``saved`` (from its checkpoint) with the
+    ``RESUMABLE`` (and ``also``) changes of ``asked``. ``given``: the fields the user set
+    (None: every field of ``asked``); any other change raises a ``ValueError`` naming the
+    flag. Returns the settings and one line per change made."""
+    names = [f.name for f in dataclasses.fields(saved) if f.name != "out"]
+    changes, lines = {}, []
+    for name in names if given is None else [n for n in names if n in given]:
+        old, new = getattr(saved, name), getattr(asked, name)
+        if _same(name, old, new):
+            continue
+        if name not in RESUMABLE | also:
+            raise ValueError(f"--resume: {_flag(name)} was {old!r} when this run started, "
+                             f"now {new!r}; a resumed run keeps its model, data and "
+                             "optimizer settings (drop the flag, or start a new run with "
+                             "another --out)")
+        changes[name] = new
+        lines.append(f"resume: {name} {old!r} -> {new!r}")
+    return dataclasses.replace(saved, **changes), lines
+
+
 def _devices_for(n_experts: int, top_k: int, devices: int | None = None) -> tuple[int, int]:
     """Devices D (the EP ranks when given, else simulated: a divisor of E, >= 2 experts
     each) and a limit M < D that still leaves room for top-k experts."""
@@ -135,6 +177,16 @@ def routing_overrides(routing: str, base: ModelConfig, devices: int | None = Non
 def build_model_config(cfg: TrainConfig, vocab_size: int, devices: int | None = None
                        ) -> ModelConfig:
     """preset -> routing recipe -> dense swap -> ``--set`` overrides -> tokenizer's vocab."""
+    return requested_model_config(cfg, devices).replace(vocab_size=vocab_size)
+
+
+def vocab_size_asked(cfg: TrainConfig) -> bool:
+    """Whether ``--set`` names vocab_size (which the tokenizer's then overrides)."""
+    return any(item.partition("=")[0].strip() == "vocab_size" for item in cfg.overrides)
+
+
+def requested_model_config(cfg: TrainConfig, devices: int | None = None) -> ModelConfig:
+    """The model the settings ask for, before the tokenizer fixes the vocabulary."""
     base = ModelConfig.preset(cfg.preset)
     model_cfg = base.replace(**routing_overrides(cfg.routing, base, devices))
     if cfg.dense and base.n_routed_experts is not None:
@@ -143,4 +195,4 @@ def build_model_config(cfg: TrainConfig, vocab_size: int, devices: int | None = 
             n_routed_experts=None, intermediate_size=active * base.moe_intermediate_size)
     if cfg.overrides:
         model_cfg = model_cfg.override(list(cfg.overrides))
-    return model_cfg.replace(vocab_size=vocab_size)
+    return model_cfg

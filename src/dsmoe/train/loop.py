@@ -16,6 +16,7 @@ import hashlib
 import json
 import math
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -31,11 +32,28 @@ from dsmoe.io import atomic_write_text
 from dsmoe.model import Transformer
 from dsmoe.tokenizer import Tokenizer
 from dsmoe.train import checkpoint as ckpt
-from dsmoe.train.config import TrainConfig, build_model_config
+from dsmoe.train import rundir
+from dsmoe.train.config import (TrainConfig, build_model_config, requested_model_config,
+                               resumed_settings, vocab_size_asked)
 from dsmoe.train.metrics import ProgressDisplay
 from dsmoe.train.runner import Runner, StepStats, fill_from_log
 
-SAMPLE_PROMPTS = ("def ", "import ", "class ")
+SAMPLE_PROMPTS = ("def ", "import ", "class ")  # only when the validation text has no line
+
+
+def sample_prompts(texts: list[str], n: int) -> list[str]:
+    """``n`` prompts from the validation text, so samples look like the data: lines spread
+    evenly through it, each cut to its first two words (or half of a one-word line)."""
+    lines = [line.strip() for text in texts for line in text.splitlines() if line.strip()]
+    if not lines:
+        return list(SAMPLE_PROMPTS[:n])
+    prompts = []
+    for i in range(min(n, len(lines))):
+        line = lines[i * len(lines) // n]
+        words = line.split()
+        prompts.append(" ".join(words[:2]) + " " if len(words) > 2
+                       else line[:max(1, len(line) // 2)])
+    return prompts
 
 
 @dataclass
@@ -55,11 +73,14 @@ def cache_root(cfg: TrainConfig) -> Path:
     return Path(root)
 
 
-def obtain_tokenizer(cfg: TrainConfig, corpus: Corpus, vocab_size: int, out: Path) -> Tokenizer:
-    """The run's tokenizer: ``--tokenizer``, the run's own copy (resume), or a byte-level
-    BPE trained on the training split (cached by corpus content and size)."""
+def obtain_tokenizer(cfg: TrainConfig, corpus: Corpus, vocab_size: int, out: Path, *,
+                     resumed: bool = True) -> Tokenizer:
+    """The run's tokenizer: the run's own copy (``resumed``: a checkpoint was loaded),
+    ``--tokenizer``, or a byte-level BPE trained on the training split (cached by corpus
+    content and size). A copy without a checkpoint is a failed run's, perhaps on other
+    data, and is replaced."""
     own = out / "tokenizer"
-    if (own / "tokenizer.json").exists():
+    if resumed and (own / "tokenizer.json").exists():
         return Tokenizer.from_file(own)
     if cfg.tokenizer:
         tokenizer = Tokenizer.from_file(cfg.tokenizer)
@@ -114,28 +135,40 @@ def evaluate(model: Transformer, batches: Iterator[tuple[torch.Tensor, torch.Ten
     return ddist.reduce_mean(total / max(count, 1))
 
 
-def prepare(cfg: TrainConfig, out: Path) -> tuple[Corpus, Tokenizer, TokenStreams]:
-    """Load text, get a tokenizer, tokenize (cached). Fails fast on bad data."""
-    base = ModelConfig.preset(cfg.preset)
+def prepare(cfg: TrainConfig, out: Path, *, resumed: bool = True
+            ) -> tuple[Corpus, Tokenizer, TokenStreams]:
+    """Load text, get a tokenizer, tokenize (cached). Fails fast on bad data and on a
+    ``--seq-len`` the model has no positions for."""
+    asked = requested_model_config(cfg)
+    if cfg.seq_len > asked.max_position_embeddings:
+        raise ValueError(f"--seq-len {cfg.seq_len} is longer than the model's "
+                         f"max_position_embeddings={asked.max_position_embeddings}; lower "
+                         "--seq-len or raise it with --set max_position_embeddings=N")
     corpus = load_corpus(cfg.data)
-    tokenizer = obtain_tokenizer(cfg, corpus, base.vocab_size, out)
+    tokenizer = obtain_tokenizer(cfg, corpus, asked.vocab_size, out, resumed=resumed)
+    if vocab_size_asked(cfg) and tokenizer.vocab_size != asked.vocab_size:
+        print(f"warning: --set vocab_size={asked.vocab_size} is overridden by the "
+              f"tokenizer's {tokenizer.vocab_size} tokens (the model's vocabulary is the "
+              "tokenizer's)", file=sys.stderr, flush=True)
     streams = tokenize_corpus(corpus, tokenizer, cache_root(cfg) / "tokens")
     return corpus, tokenizer, streams
 
 
-def _open_run(cfg: TrainConfig, out: Path, resume: bool, main: bool
-              ) -> tuple[TrainConfig, dict[str, Any] | None]:
-    """Check ``out`` and load its newest checkpoint (``resume``); returns the run's
-    settings (a resumed run's own, except how long to run) and the checkpoint."""
+def _open_run(cfg: TrainConfig, out: Path, resume: bool, given: frozenset[str] | None,
+              quiet: bool) -> tuple[TrainConfig, dict[str, Any] | None]:
+    """Check ``out`` and load its newest checkpoint (``resume``); returns the settings the
+    run continues under (``config.resumed_settings``) and the checkpoint."""
     existing = ckpt.list_checkpoints(out)
     if existing and not resume:
         raise ValueError(f"{out} already holds checkpoints; pass --resume to continue it "
                          "or choose another --out")
     state = ckpt.load_latest(out) if resume else None
     if state is not None:
-        cfg = TrainConfig.from_dict({**state["train_config"], "max_steps": cfg.max_steps})
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
+        cfg, changes = resumed_settings(TrainConfig.from_dict(state["train_config"]), cfg,
+                                        given)
+        for line in changes if not quiet else ():
+            print(line, flush=True)
+    if ddist.is_main_process():
         atomic_write_text(out / "train_config.json", json.dumps(cfg.to_dict(), indent=2) + "\n")
     return cfg, state
 
@@ -158,19 +191,28 @@ def _build_model(cfg: TrainConfig, state: dict[str, Any] | None, vocab_size: int
 
 
 def train(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False,
-          ep: int | None = None) -> TrainResult:
+          ep: int | None = None, given: frozenset[str] | None = None) -> TrainResult:
     """Run (or continue) a training run in ``cfg.out``; see the module docstring. Under
     torchrun / ``--nproc`` every rank calls this after ``ddist.init_distributed()``;
-    ``ep``: expert-parallel group size (default: every rank; 1 for ``--dense``)."""
+    ``ep``: expert-parallel group size (default: every rank; 1 for ``--dense``);
+    ``given``: the settings the user chose (None: all of ``cfg``), which ``--resume``
+    checks against the run's own. Rank 0 holds the run directory's lock throughout."""
+    out = Path(cfg.out)
+    rundir.check_out(out)
+    with rundir.locked(out) if ddist.is_main_process() else contextlib.nullcontext():
+        return _train(cfg, out, resume, quiet, ep, given)
+
+
+def _train(cfg: TrainConfig, out: Path, resume: bool, quiet: bool, ep: int | None,
+           given: frozenset[str] | None) -> TrainResult:
     if ep is None:
         ep = 1 if cfg.dense else ddist.get_world_size()
     main = ddist.is_main_process()
     quiet = quiet or not main
-    out = Path(cfg.out)
-    cfg, state = _open_run(cfg, out, resume, main)
+    cfg, state = _open_run(cfg, out, resume, given, quiet)
     torch.manual_seed(cfg.seed)
     with ddist.main_process_first():
-        corpus, tokenizer, streams = prepare(cfg, out)
+        corpus, tokenizer, streams = prepare(cfg, out, resumed=state is not None)
     model, banner = _build_model(cfg, state, tokenizer.vocab_size, ep)
     banner += f"; data: {corpus.source}, {len(streams.train):,} train tokens"
     optimizer = build_optimizer(model, cfg)
@@ -209,7 +251,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False,
             result.val_loss = validate()["val_loss"]
         single = ddist.gather_model(model) if ddist.is_distributed() else model
         if main:
-            _finish(single, tokenizer, cfg, out, result, quiet)
+            _finish(single, tokenizer, cfg, out, result, quiet,
+                    sample_prompts(corpus.val, cfg.samples))
         ddist.barrier()
     return result
 
@@ -253,13 +296,13 @@ def _train_step(forward: torch.nn.Module, optimizer: torch.optim.Optimizer,
 
 
 def _finish(model: Transformer, tokenizer: Tokenizer, cfg: TrainConfig, out: Path,
-            result: TrainResult, quiet: bool) -> None:
+            result: TrainResult, quiet: bool, prompts: list[str]) -> None:
     """Export the HF model, print samples, write report.md with plots."""
     from dsmoe.train.report import fmt, write_report
 
     model.eval()
     model.save_pretrained(out / "model", tokenizer_dir=out / "tokenizer")
-    for i, prompt in enumerate(SAMPLE_PROMPTS[: cfg.samples]):
+    for i, prompt in enumerate(prompts):
         ids = torch.tensor([tokenizer.encode(prompt)])
         new = model.generate(ids, max_new_tokens=48, temperature=0.8, top_k=40, seed=cfg.seed + i)
         result.samples.append(prompt + tokenizer.decode(new[0].tolist()))

@@ -16,28 +16,50 @@ from dsmoe.io import atomic_write_text
 
 class MetricsLog:
     """Append-only JSON lines; on resume, lines past the checkpoint's step are dropped so a
-    resumed run's file equals an uninterrupted run's."""
+    resumed run's file equals an uninterrupted run's. A kill can cut the last line short:
+    that line is dropped too; a bad line before it is an error naming the line."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
 
+    def _lines(self) -> list[tuple[str, dict[str, Any]]]:
+        if not self.path.exists():
+            return []
+        try:
+            lines = self.path.read_text(encoding="utf-8", errors="replace").splitlines()
+        except OSError as exc:
+            raise ValueError(f"cannot read {self.path}: {exc.strerror or exc}") from None
+        numbered = [(n, line) for n, line in enumerate(lines, start=1) if line.strip()]
+        records = []
+        for i, (n, line) in enumerate(numbered):
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                if i == len(numbered) - 1:  # cut short by a kill: the checkpoint has it
+                    break
+                raise ValueError(f"{self.path} line {n}: not a JSON record ({exc.msg}); "
+                                 "fix or remove the line") from None
+            if not isinstance(record, dict):
+                raise ValueError(f"{self.path} line {n}: not a JSON object")
+            records.append((line, record))
+        return records
+
     def truncate_after(self, step: int) -> None:
         if not self.path.exists():
             return
-        kept = [line for line in self.path.read_text(encoding="utf-8").splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= step]
+        kept = [line for line, record in self._lines() if record.get("step", 0) <= step]
         atomic_write_text(self.path, "".join(line + "\n" for line in kept))
 
     def write(self, record: dict[str, Any]) -> None:
-        with open(self.path, "a", encoding="utf-8") as fh:
-            fh.write(json.dumps(record) + "\n")
-            fh.flush()
+        try:
+            with open(self.path, "a", encoding="utf-8") as fh:
+                fh.write(json.dumps(record) + "\n")
+                fh.flush()
+        except OSError as exc:
+            raise ValueError(f"cannot write {self.path}: {exc.strerror or exc}") from None
 
     def read(self) -> list[dict[str, Any]]:
-        if not self.path.exists():
-            return []
-        return [json.loads(line) for line in self.path.read_text(encoding="utf-8").splitlines()
-                if line.strip()]
+        return [record for _, record in self._lines()]
 
 
 class ProgressDisplay:

@@ -231,6 +231,10 @@ def fill_from_log(result: Any, records: list[dict[str, Any]]) -> None:
             result.val_loss = record["val_loss"]
 
 
+# Errors that describe bad input (one line for the user, no traceback), by name.
+_USER_ERRORS = {"ValueError": ValueError, "FileNotFoundError": FileNotFoundError}
+
+
 def _in_process_group(fn: Callable[..., Any], args: tuple, kwargs: dict[str, Any]) -> Any:
     """One rank's run (or the only one): join the process group torchrun or --nproc
     described, run, leave."""
@@ -247,5 +251,13 @@ def spawn(fn: Callable[..., Any], nproc: int, *args: Any, **kwargs: Any) -> Any:
     if isinstance(nproc, bool) or not isinstance(nproc, int) or nproc < 1:
         raise ValueError(f"--nproc must be a positive integer, got {nproc!r}")
     if nproc > 1 and "WORLD_SIZE" not in os.environ:  # not already under torchrun
-        return ddist.launch(_in_process_group, nproc, fn, args, kwargs)[0]
+        from torch.multiprocessing import ProcessRaisedException
+
+        try:
+            return ddist.launch(_in_process_group, nproc, fn, args, kwargs)[0]
+        except ProcessRaisedException as exc:  # a rank's traceback: keep a user error's line
+            kind, _, message = str(exc).strip().splitlines()[-1].partition(": ")
+            if kind in _USER_ERRORS:
+                raise _USER_ERRORS[kind](message) from None
+            raise
     return _in_process_group(fn, args, kwargs)
