@@ -367,6 +367,15 @@ def test_disk_full_while_checkpointing(corpus: Path, tmp_path: Path, monkeypatch
                                          r"\(No space left on device\); is the disk full"):
         loop.train(cfg, quiet=True)
     assert list((Path(cfg.out) / "checkpoints").iterdir()) == []  # no leftovers
+    monkeypatch.undo()
+
+    def report_full(out, *args):
+        raise OSError(28, "No space left on device", str(out / "report.md"))
+
+    import dsmoe.train.report
+    monkeypatch.setattr(dsmoe.train.report, "write_report", report_full)
+    with pytest.raises(ValueError, match=r"no space left on the device writing .*report.md"):
+        loop.train(dataclasses.replace(cfg, out=str(tmp_path / "run2")), quiet=True)
 
 
 def test_tokenizer_samples_and_vocab_follow_the_data(corpus: Path, tmp_path: Path,
@@ -403,3 +412,11 @@ def test_nproc_bad_input_is_one_line(corpus: Path, tmp_path: Path, capsys) -> No
                  "--nproc", "2", "--quiet"]) == 2
     err = capsys.readouterr().err
     assert "error: --out" in err and "is an existing file" in err and "Traceback" not in err
+
+
+def test_nproc_must_be_positive(tmp_path: Path, capsys) -> None:
+    from dsmoe.cli import main
+
+    for command in (["train"], ["finetune", str(tmp_path), "--data", "x.jsonl"]):
+        assert main([*command, "--out", str(tmp_path / "run"), "--nproc", "0"]) == 2
+        assert "--nproc must be a positive integer, got 0" in capsys.readouterr().err

@@ -37,7 +37,8 @@ def check_out(out: Path) -> None:
 @contextlib.contextmanager
 def locked(out: Path) -> Iterator[Path]:
     """Create ``out`` if needed, own it for the block (or fail naming the owner's pid),
-    and clear the temp files a killed run left."""
+    and clear the temp files a killed run left. A full disk inside the block becomes a
+    one-line ``ValueError`` naming the file."""
     check_out(out)
     out.mkdir(parents=True, exist_ok=True)
     fd = os.open(out / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
@@ -53,7 +54,14 @@ def locked(out: Path) -> Iterator[Path]:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         remove_stale_temp(out)
-        yield out
+        try:
+            yield out
+        except OSError as exc:  # every write is atomic: a full disk leaves the old files
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            raise ValueError(f"no space left on the device writing {exc.filename or out}; "
+                             "free some and continue with --resume (the last checkpoint "
+                             "is kept)") from None
     finally:
         os.close(fd)  # closing drops the lock
 
