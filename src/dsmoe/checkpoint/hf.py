@@ -229,9 +229,13 @@ def hf_source(path: str | os.PathLike) -> Source:
         by_group: dict[str, list[str]] = defaultdict(list)
         for name in names:
             by_group[keys.layer_group(name)].append(name)
-        for group in by_group.values():  # FP8 weights dequantize straight to the model dtype
-            mapped = _read_dequantized(group, stored, scales, dtype or torch.float32)
-            yield keys.moe_from_hf(mapped, config.n_routed_experts)
+        for group in by_group.values():
+            # FP8 weights dequantize straight to the model dtype. NOTE: no local keeps the
+            # file views, so a group's mapping is released as soon as the filler is done
+            # with it, not when the next group has been read.
+            yield keys.moe_from_hf(_read_dequantized(group, stored, scales,
+                                                     dtype or torch.float32),
+                                   config.n_routed_experts)
 
     def check(model: nn.Module) -> None:
         check_stored_tensors(hf_shapes(model), stored, tied=tied,

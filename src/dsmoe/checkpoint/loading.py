@@ -122,45 +122,68 @@ def load_source(source: Source, *, dtype: torch.dtype | str | None, device: torc
 def fill(model: nn.Module, groups: Groups, *, dtype: torch.dtype | None,
          device: torch.device | str, owns_views: bool = False,
          progress: Callable[[int, int], None] | None = None, total: int = 0) -> None:
-    """Assign each group's tensors to the meta-built ``model`` (step 3)."""
+    """Assign each group's tensors to the meta-built ``model`` (step 3). ``dtype``: the
+    parameters' dtype (None: as stored); buffers keep their declared dtype."""
     from dsmoe.quant.convert import quantized_modules
 
-    matrices = quantized_modules(model)
-    declared = {k: v.dtype for k, v in model.state_dict().items()}
-    params = {n for n, _ in model.named_parameters(remove_duplicate=False)}
+    target = _Target(model, quantized_modules(model), dtype, device, owns_views)
     parts: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
     for done, group in enumerate(groups, start=1):
-        plain: dict[str, torch.Tensor] = {}
-        for name, tensor in group.items():
-            owner, _, leaf = name.rpartition(".")
-            if owner in matrices and leaf in matrices[owner].canonical_shapes():
-                parts[owner][leaf] = tensor  # stored quantized: used as it is
-                if len(parts[owner]) == len(matrices[owner].canonical_shapes()):
-                    matrices[owner].load_quantized_state(parts.pop(owner), device=device)
-            elif name in matrices or (leaf == "weight" and owner in matrices):
-                matrix = matrices[name] if name in matrices else matrices[owner]
-                matrix.set_float(tensor.to(device))  # quantized on arrival
-            elif name in declared:
-                plain[name] = _own(tensor, dtype if (dtype is not None and name in params)
-                                   else (tensor.dtype if name in params else declared[name]),
-                                   device, owns_views)
-            else:
-                raise ValueError(f"tensor {name} does not belong to the model")
-        result = model.load_state_dict(plain, strict=False, assign=True)
-        if result.unexpected_keys:  # names were checked by the source: this is a bug
-            raise RuntimeError(f"internal error: unexpected {result.unexpected_keys[:5]}")
-        del group, plain
+        target.fill_group(group, parts)
+        del group  # NOTE: the last reference to the group's file views (see the docstring)
         if progress is not None:
             progress(done, max(total, done))
     if parts:
         raise ValueError(f"incomplete quantized tensors for {sorted(parts)[:5]}")
 
 
+@dataclass
+class _Target:
+    """What ``fill`` needs of the model, computed once."""
+
+    model: nn.Module
+    matrices: dict  # name -> QuantMatrix (empty for a float model)
+    dtype: torch.dtype | None
+    device: torch.device | str
+    owns_views: bool
+
+    def __post_init__(self) -> None:
+        self.declared = {k: v.dtype for k, v in self.model.state_dict().items()}
+        self.params = {n for n, _ in self.model.named_parameters(remove_duplicate=False)}
+
+    def fill_group(self, group: dict[str, torch.Tensor],
+                   parts: dict[str, dict[str, torch.Tensor]]) -> None:
+        """One group; its locals (views of the file) die when it returns."""
+        plain: dict[str, torch.Tensor] = {}
+        for name, tensor in group.items():
+            owner, _, leaf = name.rpartition(".")
+            matrix = self.matrices.get(name) or (self.matrices.get(owner) if leaf == "weight"
+                                                 else None)
+            if owner in self.matrices and leaf in self.matrices[owner].canonical_shapes():
+                parts[owner][leaf] = tensor  # stored quantized: used as it is
+                if len(parts[owner]) == len(self.matrices[owner].canonical_shapes()):
+                    self.matrices[owner].load_quantized_state(parts.pop(owner),
+                                                              device=self.device)
+            elif matrix is not None:
+                matrix.set_float(tensor.to(self.device))  # quantized on arrival
+            elif name in self.declared:
+                want = (self.dtype if self.dtype is not None else tensor.dtype) \
+                    if name in self.params else self.declared[name]
+                plain[name] = _own(tensor, want, self.device, self.owns_views)
+            else:
+                raise ValueError(f"tensor {name} does not belong to the model")
+        result = self.model.load_state_dict(plain, strict=False, assign=True)
+        if result.unexpected_keys:  # names were checked by the source: this is a bug
+            raise RuntimeError(f"internal error: unexpected {result.unexpected_keys[:5]}")
+
+
 def _own(tensor: torch.Tensor, dtype: torch.dtype, device: torch.device | str,
          owns_views: bool) -> torch.Tensor:
     """``tensor`` in ``dtype`` on ``device``; copied out of its file mapping if asked."""
     out = tensor.to(device=device, dtype=dtype)
-    if owns_views and out.untyped_storage().data_ptr() == tensor.untyped_storage().data_ptr():
+    # A file view's storage is memory torch does not own (not resizable); a tensor the
+    # source built (stacked experts) or ``to`` converted is torch's already.
+    if owns_views and not out.untyped_storage().resizable():
         out = out.clone()  # own the memory, so the mapping can be released
     return out
 
