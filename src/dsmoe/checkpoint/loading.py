@@ -128,9 +128,13 @@ def fill(model: nn.Module, groups: Groups, *, dtype: torch.dtype | None,
 
     target = _Target(model, quantized_modules(model), dtype, device, owns_views)
     parts: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
-    for done, group in enumerate(groups, start=1):
+    done = 0
+    # NOTE: not enumerate(), whose reused result tuple keeps the previous group (and its
+    # file mapping) alive while the next one is read; ``del group`` drops the last reference.
+    for group in groups:
         target.fill_group(group, parts)
-        del group  # NOTE: the last reference to the group's file views (see the docstring)
+        del group
+        done += 1
         if progress is not None:
             progress(done, max(total, done))
     if parts:
