@@ -363,3 +363,26 @@ def test_one_load_chooses_the_format_and_model_imports_no_io(tmp_path: Path) -> 
     loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             check=True).stdout.strip()
     assert loaded == "['dsmoe.checkpoint.keys']", loaded  # the MoE layer's key mapping only
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads /proc/self/maps")
+def test_loading_releases_each_groups_file_mapping_before_reading_the_next(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Peak memory is the weights plus one layer: when a group is read, no earlier group's
+    memory map of the file is still alive (and none is once the model is loaded)."""
+    _model().save_pretrained(tmp_path / "m")
+    read_group = hf._read_group
+    live = []
+
+    def mapped_files() -> int:
+        return sum(str(tmp_path / "m") in line for line in
+                   Path("/proc/self/maps").read_text().splitlines())
+
+    def counting(names, stored):  # noqa: ANN001, ANN202 - hf._read_group's signature
+        live.append(mapped_files())
+        return read_group(names, stored)
+
+    monkeypatch.setattr(hf, "_read_group", counting)
+    Transformer.from_pretrained(tmp_path / "m")
+    assert len(live) == SMALL.num_hidden_layers + 1 and set(live) == {0}, live
+    assert mapped_files() == 0
