@@ -196,8 +196,10 @@ def test_deepseek_tokenizer_config_sets_special_ids(tmp_path: Path) -> None:
     assert (tk.bos_id, tk.eos_id, tk.pad_id) == (ids["bos"], ids["eos"], ids["eos"])
     assert tk.add_bos is True and tk.vocab_size == 8
     assert tk.encode("abc") == [ids["bos"], ids["abc"]]
-    # The special token text in the input maps to the special id, as in HF.
-    assert tk.encode(f"abc{EOS_TOKEN}", add_bos=False) == [ids["abc"], ids["eos"]]
+    # Special token text is parsed only when asked (trusted text); user text keeps it text.
+    assert tk.encode(f"abc{EOS_TOKEN}", add_bos=False, parse_special=True) == [ids["abc"],
+                                                                            ids["eos"]]
+    assert ids["eos"] not in tk.encode(f"abc{EOS_TOKEN}", add_bos=False)
     # Unused config keys survive a save, and the AddedToken dicts are kept as they were.
     tk.save(tmp_path / "saved")
     saved = json.loads((tmp_path / "saved" / "tokenizer_config.json").read_text())

@@ -12,7 +12,8 @@ Design choices:
   ``save`` writes DeepSeek's jinja chat template, so transformers' ``AutoTokenizer`` loads the
   saved directory and produces the same ids and chat strings.
 - Chat format: a ``chat_template`` from ``tokenizer_config.json`` is rendered with jinja2 (a
-  dependency of torch, so normally present) in a sandbox, as transformers does. Without a
+  dependency of torch, so normally present) in a sandbox, as transformers does, with a time
+  and output budget (``dsmoe.chat_template``: templates ship inside model files). Without a
   template -- or without jinja2 when the template is DeepSeek's own -- the built-in
   DeepSeek-MoE format is used: ``bos [system "\\n\\n"] ("User: {u}\\n\\n" "Assistant: {a}eos")*``
   ending in ``"Assistant:"`` when a generation prompt is asked for.
@@ -25,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
@@ -49,6 +51,10 @@ DEEPSEEK_CHAT_TEMPLATE = (
 )
 _DEEPSEEK_TEMPLATE_MARK = "'Assistant: ' + message['content'] + eos_token"
 _CHAT_ROLES = ("system", "user", "assistant")
+# Escapes for special-token text inside chat messages (Supplementary Private Use Area-A):
+# _ESC _ESC is a literal _ESC, _ESC chr(_ESC_BASE + i) the i-th special token's text.
+_ESC = "\U000F0000"
+_ESC_BASE = 0xF0001
 
 TOKENIZER_FILE = "tokenizer.json"
 CONFIG_FILE = "tokenizer_config.json"
@@ -63,6 +69,16 @@ class Tokenizer:
         """Prefer ``from_file`` / ``train_bpe``. ``config`` is a tokenizer_config.json dict;
         keys this class does not use are kept and written back by ``save``."""
         self._tok = tokenizer
+        # User text never becomes control tokens: "<｜end▁of▁sentence｜>" typed in a prompt,
+        # a chat or a data file is text. Only the chat template's own special tokens are
+        # parsed (``chat_text``/``encode_chat_text``), or ``encode(parse_special=True)``.
+        self._tok.encode_special_tokens = True
+        specials = sorted((t.content for t in tokenizer.get_added_tokens_decoder().values()
+                           if t.special), key=len, reverse=True)
+        self._specials: list[str] = specials
+        self._special_index = {text: i for i, text in enumerate(specials)}
+        self._special_split = (re.compile("(" + "|".join(map(re.escape, specials)) + ")")
+                               if specials else None)
         self._config: dict[str, Any] = dict(config or {})
         self.vocab_size: int = tokenizer.get_vocab_size(with_added_tokens=True)
         self.bos_token = _token_content(self._config.get("bos_token"), "bos_token")
@@ -166,10 +182,14 @@ class Tokenizer:
         return cls(tok, config)
 
     # ------------------------------------------------------------------ encode / decode
-    def encode(self, text: str, *, add_bos: bool | None = None) -> list[int]:
-        """Ids of ``text``; BOS first when ``add_bos`` (default: ``self.add_bos``)."""
+    def encode(self, text: str, *, add_bos: bool | None = None,
+               parse_special: bool = False) -> list[int]:
+        """Ids of ``text``; BOS first when ``add_bos`` (default: ``self.add_bos``). Special
+        token text in ``text`` is plain text unless ``parse_special`` (trusted text only)."""
         if not isinstance(text, str):
             raise ValueError(f"encode expects a str, got {type(text).__name__}")
+        if parse_special:
+            return self._with_bos(self._encode_parsed(text, unescape=False), add_bos)
         ids = self._tok.encode(text, add_special_tokens=False).ids
         return self._with_bos(ids, add_bos)
 
@@ -218,11 +238,58 @@ class Tokenizer:
                 return self._render_jinja(messages, add_generation_prompt)
         return self._render_deepseek(messages, add_generation_prompt)
 
+    def chat_text(self, messages: list[dict], *, add_generation_prompt: bool = True) -> str:
+        """``apply_chat_template`` with the special-token text inside every message escaped
+        (reversibly, into private-use characters), so the only special-token text left is
+        the template's own. For ``encode_chat_text``; prefixes of one conversation render
+        as prefixes, so turns can be located by string length as with the plain text."""
+        _check_messages(messages, roles=None)
+        escaped = [{**m, "content": self._escape(m["content"])} for m in messages]
+        return self.apply_chat_template(escaped, add_generation_prompt=add_generation_prompt)
+
+    def encode_chat_text(self, text: str) -> list[int]:
+        """Ids of (a piece of) ``chat_text``: the template's special tokens are control
+        tokens, the messages' text -- special-token look-alikes included -- is text."""
+        return self._encode_parsed(text, unescape=True)
+
     def encode_chat(self, messages: list[dict], *,
                     add_generation_prompt: bool = True) -> list[int]:
-        """Ids of ``apply_chat_template(...)`` with exactly one BOS."""
-        return self.encode(self.apply_chat_template(
-            messages, add_generation_prompt=add_generation_prompt), add_bos=False)
+        """Ids of the conversation in the chat format, with exactly one BOS (the template's);
+        nothing a message says becomes a control token."""
+        return self.encode_chat_text(self.chat_text(
+            messages, add_generation_prompt=add_generation_prompt))
+
+    def _escape(self, text: str) -> str:
+        if self._special_split is None:
+            return text
+        text = text.replace(_ESC, _ESC + _ESC)
+        return self._special_split.sub(
+            lambda m: _ESC + chr(_ESC_BASE + self._special_index[m.group()]), text)
+
+    def _unescape(self, text: str) -> str:
+        def back(m: re.Match) -> str:
+            code = ord(m.group(1)) - _ESC_BASE
+            if m.group(1) == _ESC:
+                return _ESC
+            return self._specials[code] if 0 <= code < len(self._specials) else m.group()
+
+        return re.sub(_ESC + "(.)", back, text, flags=re.S) if _ESC in text else text
+
+    def _encode_parsed(self, text: str, *, unescape: bool) -> list[int]:
+        """Split at special-token text (its ids), encode the rest as text. The same ids as
+        the library's own special-token parsing, which also encodes between them apart."""
+        if self._special_split is None:
+            pieces = [text]
+        else:
+            pieces = self._special_split.split(text)  # odd positions: the special tokens
+        ids: list[int] = []
+        for i, piece in enumerate(pieces):
+            if i % 2:
+                ids.append(self._tok.token_to_id(piece))
+            elif piece:
+                piece = self._unescape(piece) if unescape else piece
+                ids.extend(self._tok.encode(piece, add_special_tokens=False).ids)
+        return ids
 
     def _render_deepseek(self, messages: list[dict], add_generation_prompt: bool) -> str:
         parts = [self.bos_token or ""]
@@ -242,23 +309,16 @@ class Tokenizer:
         return "".join(parts)
 
     def _render_jinja(self, messages: list[dict], add_generation_prompt: bool) -> str:
-        from jinja2.exceptions import TemplateError
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
+        from dsmoe.chat_template import render
 
         def raise_exception(message: str) -> None:
             raise ValueError(f"chat template: {message}")
 
-        # Same environment options transformers uses, so templates render identically.
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-        env.globals["raise_exception"] = raise_exception
-        try:
-            template = env.from_string(self.chat_template)
-            return template.render(
-                messages=messages, add_generation_prompt=add_generation_prompt,
-                bos_token=self.bos_token or "", eos_token=self.eos_token or "",
-                pad_token=self._token_text(self.pad_id))
-        except TemplateError as exc:
-            raise ValueError(f"cannot render the tokenizer's chat_template: {exc}") from exc
+        return render(self.chat_template, inputs_chars=sum(len(m["content"]) for m in messages),
+                      globals_={"raise_exception": raise_exception}, messages=messages,
+                      add_generation_prompt=add_generation_prompt,
+                      bos_token=self.bos_token or "", eos_token=self.eos_token or "",
+                      pad_token=self._token_text(self.pad_id))
 
     # ------------------------------------------------------------------ persistence
     def save(self, directory: str | os.PathLike) -> None:
@@ -287,7 +347,9 @@ class Tokenizer:
     def fingerprint(self) -> str:
         """sha256 over everything that changes the ids this tokenizer produces."""
         h = hashlib.sha256(self._tok.to_str().encode("utf-8"))
-        h.update(json.dumps([self.bos_id, self.eos_id, self.add_bos]).encode("utf-8"))
+        # "specials as text": encode stopped parsing special-token text; older caches differ
+        h.update(json.dumps([self.bos_id, self.eos_id, self.add_bos, "specials as text"]
+                            ).encode("utf-8"))
         return h.hexdigest()
 
     def __repr__(self) -> str:

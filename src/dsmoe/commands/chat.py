@@ -66,7 +66,7 @@ def _prompt_ids(tokenizer, history: list[dict[str, str]], system: str | None,
     """The chat prompt's ids; the oldest turns are dropped while it exceeds ``budget``."""
     while True:
         messages = ([{"role": "system", "content": system}] if system else []) + history
-        ids = tokenizer.encode(tokenizer.apply_chat_template(messages), add_bos=False)
+        ids = tokenizer.encode_chat(messages)
         if len(ids) <= budget or len(history) <= 1:
             return ids
         del history[:2]  # one user turn and its reply

@@ -24,11 +24,9 @@ def run(args: argparse.Namespace) -> int:
 
     model, tokenizer = load_model_and_tokenizer(args)
     if args.chat:
-        text = tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}])
-        ids = tokenizer.encode(text, add_bos=False)
+        ids = tokenizer.encode_chat([{"role": "user", "content": args.prompt}])
     else:
-        text = args.prompt
-        ids = tokenizer.encode(text)
+        ids = tokenizer.encode(args.prompt)
     streamer = TextStreamer(tokenizer, args.stop)
     print(args.prompt if not args.chat else "", end="", flush=True)
     try:

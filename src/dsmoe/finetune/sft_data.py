@@ -157,20 +157,20 @@ def encode_example(tokenizer: Tokenizer, messages: list[dict[str, str]]) -> Exam
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        prompt = tokenizer.apply_chat_template(messages[:i], add_generation_prompt=True)
-        full = tokenizer.apply_chat_template(messages[: i + 1], add_generation_prompt=False)
+        prompt = tokenizer.chat_text(messages[:i], add_generation_prompt=True)
+        full = tokenizer.chat_text(messages[: i + 1], add_generation_prompt=False)
         if not prompt.startswith(done) or not full.startswith(prompt):
             raise ValueError("the tokenizer's chat template does not render conversations "
                              "turn by turn (a shorter conversation is not a prefix of a "
                              "longer one), so assistant turns cannot be located")
         for text, is_target in ((prompt[len(done):], False), (full[len(prompt):], True)):
-            piece = tokenizer.encode(text, add_bos=False) if text else []
+            piece = tokenizer.encode_chat_text(text) if text else []
             ids += piece
             targets += [is_target] * len(piece)
         done = full
-    rest = tokenizer.apply_chat_template(messages, add_generation_prompt=False)[len(done):]
+    rest = tokenizer.chat_text(messages, add_generation_prompt=False)[len(done):]
     if rest:  # turns after the last assistant one: context only
-        piece = tokenizer.encode(rest, add_bos=False)
+        piece = tokenizer.encode_chat_text(rest)
         ids += piece
         targets += [False] * len(piece)
     return Example(tuple(ids), tuple(targets))

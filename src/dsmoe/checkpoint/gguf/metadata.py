@@ -16,8 +16,9 @@ Design choices:
 from __future__ import annotations
 
 import json
+import math
 import warnings
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import gguf
 import numpy as np
@@ -28,6 +29,7 @@ ARCH = gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.DEEPSEEK]  # "deepseek"
 DSMOE_CONFIG_KEY = "dsmoe.hf_config"
 _K = gguf.Keys
 _MISSING = object()
+MAX_CONTEXT = 1 << 24  # 16M positions: beyond every released model; bounds the KV cache size
 
 Getter = Callable[..., Any]  # get(key, default=_MISSING) -> value; raises if missing w/o default
 
@@ -93,64 +95,73 @@ def write_metadata(writer: gguf.GGUFWriter, config: ModelConfig, *,
     writer.add_string(DSMOE_CONFIG_KEY, json.dumps(c.to_hf(), sort_keys=True))
 
 
-def read_config(get: Getter, tensor_names: set[str], source: str) -> ModelConfig:
+class _Metadata:
+    """Typed, bounded reads of one file's metadata: a value of the wrong type, or a size the
+    file's tensors cannot back, fails with one line naming the file, the key and the value."""
+
+    def __init__(self, get: Getter, tensor_shapes: Mapping[str, tuple[int, ...]],
+                 source: str) -> None:
+        self.get, self.source = get, source
+        self.n_tensors = len(tensor_shapes)
+        # Any real size (vocabulary, width, expert count) is some tensor's dimension.
+        self.largest_dim = max((max(s, default=0) for s in tensor_shapes.values()), default=0)
+
+    def fail(self, key: str, value: Any, why: str) -> ValueError:
+        return ValueError(f"{self.source}: metadata {key} = {_short(value)} {why}")
+
+    def number(self, key: str, default: Any = _MISSING, *, integer: bool) -> Any:
+        value = self.get(key) if default is _MISSING else self.get(key, default)
+        if value is None:
+            return value
+        value = _scalar(value, key, self.source)
+        kinds = (int,) if integer else (int, float)
+        if isinstance(value, bool) or not isinstance(value, kinds):
+            raise self.fail(key, value, f"must be {'an integer' if integer else 'a number'}, "
+                            f"not {type(value).__name__}")
+        if not integer and not math.isfinite(value):
+            raise self.fail(key, value, "must be a finite number")
+        return value
+
+    def size(self, key: str, default: Any = _MISSING) -> Any:
+        """A width or count: checked against the file before anything is sized by it."""
+        value = self.number(_key(key), default, integer=True)
+        if value is not None and not 0 <= value <= self.largest_dim:
+            raise self.fail(_key(key), value, "is larger than any tensor dimension in the file "
+                            f"({self.largest_dim}): the metadata is corrupt or hostile")
+        return value
+
+    def blocks(self) -> int:
+        key = _key(_K.LLM.BLOCK_COUNT)
+        value = self.number(key, integer=True)
+        if not 0 < value <= self.n_tensors:  # every block has tensors of its own
+            raise self.fail(key, value, f"but the file has only {self.n_tensors} tensors")
+        return value
+
+    def text(self, key: str, default: Any = None) -> Any:
+        value = self.get(key, default)
+        if value is not None and not isinstance(value, str):
+            raise self.fail(key, value, f"must be a string, not {type(value).__name__}")
+        return value
+
+
+def read_config(get: Getter, tensor_shapes: Mapping[str, tuple[int, ...]],
+                source: str) -> ModelConfig:
     """The ModelConfig a "deepseek" GGUF describes. ``get(key[, default])`` reads metadata;
-    ``tensor_names`` tells tied embeddings and attention biases apart."""
-    arch = get(_K.General.ARCHITECTURE, None)
+    ``tensor_shapes`` (name -> dims) tells tied embeddings and attention biases apart and
+    bounds every size the metadata claims."""
+    meta = _Metadata(get, tensor_shapes, source)
+    arch = meta.text(_K.General.ARCHITECTURE)
     if arch != ARCH:
         hint = (" (DeepSeek-V2/V3: dsmoe runs their MLA attention from HF directories, but "
                 "does not read llama.cpp's MLA GGUF layout yet)"
                 if arch in ("deepseek2", "deepseek3", "deepseek32") else "")
         raise ValueError(f"{source}: GGUF architecture {arch!r} is not supported; dsmoe reads "
                          f"llama.cpp's {ARCH!r} architecture (DeepSeekMoE){hint}")
-    heads = _scalar(get(_key(_K.Attention.HEAD_COUNT)), _key(_K.Attention.HEAD_COUNT), source)
-    values: dict[str, Any] = dict(
-        num_hidden_layers=get(_key(_K.LLM.BLOCK_COUNT)),
-        hidden_size=get(_key(_K.LLM.EMBEDDING_LENGTH)),
-        num_attention_heads=heads,
-        num_key_value_heads=_scalar(get(_key(_K.Attention.HEAD_COUNT_KV), heads),
-                                    _key(_K.Attention.HEAD_COUNT_KV), source),
-        max_position_embeddings=get(_key(_K.LLM.CONTEXT_LENGTH), 4096),
-        rms_norm_eps=_decimal(get(_key(_K.Attention.LAYERNORM_RMS_EPS), 1e-6)),
-        rope_theta=_decimal(get(_key(_K.Rope.FREQ_BASE), 10000.0)),
-        tie_word_embeddings="output.weight" not in tensor_names,
-        attention_bias="blk.0.attn_q.bias" in tensor_names,
-    )
-    vocab = get(_key(_K.LLM.VOCAB_SIZE), None)
-    if vocab is None:  # older converters: the token list's length is the vocabulary
-        tokens = get(_K.Tokenizer.LIST, None)
-        vocab = len(tokens) if tokens is not None else None
-    if vocab is not None:
-        values["vocab_size"] = vocab
-    n_experts = get(_key(_K.LLM.EXPERT_COUNT), 0) or None
-    values["n_routed_experts"] = n_experts
-    if n_experts is not None:
-        values.update(
-            num_experts_per_tok=get(_key(_K.LLM.EXPERT_USED_COUNT)),
-            n_shared_experts=get(_key(_K.LLM.EXPERT_SHARED_COUNT), 0),
-            moe_intermediate_size=get(_key(_K.LLM.EXPERT_FEED_FORWARD_LENGTH)),
-            first_k_dense_replace=get(_key(_K.LLM.LEADING_DENSE_BLOCK_COUNT), 0))
-    if n_experts is None or values["first_k_dense_replace"] > 0:
-        values["intermediate_size"] = get(_key(_K.LLM.FEED_FORWARD_LENGTH))
-    else:
-        values["intermediate_size"] = get(_key(_K.LLM.FEED_FORWARD_LENGTH),
-                                          values["moe_intermediate_size"])
-    scaling_type = get(_key(_K.Rope.SCALING_TYPE), "none")
-    if scaling_type == "linear":
-        values["rope_scaling"] = {"type": "linear",
-                                  "factor": _decimal(get(_key(_K.Rope.SCALING_FACTOR)))}
-    elif scaling_type not in ("none", None):
-        raise ValueError(f"{source}: rope scaling type {scaling_type!r} is not supported "
-                         "(dsmoe reads none or linear from llama.cpp metadata)")
-    for key, name in ((_K.Tokenizer.BOS_ID, "bos_token_id"), (_K.Tokenizer.EOS_ID, "eos_token_id")):
-        token_id = get(key, None)
-        if token_id is not None:
-            values[name] = token_id
-
-    stored = get(DSMOE_CONFIG_KEY, None)
+    values = _llama_cpp_values(meta, tensor_shapes)
+    stored = meta.text(DSMOE_CONFIG_KEY)
+    hf = None if stored is None else _stored_hf_config(meta, stored)
     try:
-        if stored is not None:
-            hf = json.loads(stored)
+        if hf is not None:
             for key, value in values.items():  # llama.cpp's keys win: llama.cpp runs them
                 if not _same_float32(hf.get(key), value):
                     hf[key] = value
@@ -163,14 +174,90 @@ def read_config(get: Getter, tensor_names: set[str], source: str) -> ModelConfig
             config = ModelConfig(**values, norm_topk_prob=False, scoring_func="softmax",
                                  topk_method="greedy", moe_layer_freq=1,
                                  routed_scaling_factor=1.0, torch_dtype="float32")
-    except ValueError as exc:
+    except (ValueError, TypeError) as exc:
         raise ValueError(f"{source}: the metadata describes an invalid model: {exc}") from exc
-    rope_dim = get(_key(_K.Rope.DIMENSION_COUNT), config.head_dim)
+    rope_dim = meta.number(_key(_K.Rope.DIMENSION_COUNT), config.head_dim, integer=True)
     if rope_dim != config.head_dim:
         raise ValueError(f"{source}: {_key(_K.Rope.DIMENSION_COUNT)}={rope_dim} but head_dim = "
                          f"embedding_length / head_count = {config.head_dim}; dsmoe rotates "
                          "whole heads only")
     return config
+
+
+def _llama_cpp_values(meta: _Metadata, tensor_shapes: Mapping[str, Any]) -> dict[str, Any]:
+    """ModelConfig fields from llama.cpp's keys, each type- and bounds-checked."""
+    heads = meta.size(_K.Attention.HEAD_COUNT)
+    values: dict[str, Any] = dict(
+        num_hidden_layers=meta.blocks(),
+        hidden_size=meta.size(_K.LLM.EMBEDDING_LENGTH),
+        num_attention_heads=heads,
+        num_key_value_heads=meta.size(_K.Attention.HEAD_COUNT_KV, heads),
+        max_position_embeddings=_context_length(meta),
+        rms_norm_eps=_decimal(meta.number(_key(_K.Attention.LAYERNORM_RMS_EPS), 1e-6,
+                                          integer=False)),
+        rope_theta=_decimal(meta.number(_key(_K.Rope.FREQ_BASE), 10000.0, integer=False)),
+        tie_word_embeddings="output.weight" not in tensor_shapes,
+        attention_bias="blk.0.attn_q.bias" in tensor_shapes,
+    )
+    vocab = meta.size(_K.LLM.VOCAB_SIZE, None)
+    if vocab is None:  # older converters: the token list's length is the vocabulary
+        tokens = meta.get(_K.Tokenizer.LIST, None)
+        vocab = len(tokens) if isinstance(tokens, list) else None
+    if vocab is not None:
+        values["vocab_size"] = vocab
+    n_experts = meta.size(_K.LLM.EXPERT_COUNT, 0) or None
+    values["n_routed_experts"] = n_experts
+    if n_experts is not None:
+        values.update(
+            num_experts_per_tok=meta.size(_K.LLM.EXPERT_USED_COUNT),
+            n_shared_experts=meta.size(_K.LLM.EXPERT_SHARED_COUNT, 0),
+            moe_intermediate_size=meta.size(_K.LLM.EXPERT_FEED_FORWARD_LENGTH),
+            first_k_dense_replace=meta.size(_K.LLM.LEADING_DENSE_BLOCK_COUNT, 0))
+    if n_experts is None or values["first_k_dense_replace"] > 0:
+        values["intermediate_size"] = meta.size(_K.LLM.FEED_FORWARD_LENGTH)
+    else:
+        values["intermediate_size"] = meta.size(_K.LLM.FEED_FORWARD_LENGTH,
+                                                values["moe_intermediate_size"])
+    scaling_type = meta.text(_key(_K.Rope.SCALING_TYPE), "none")
+    if scaling_type == "linear":
+        values["rope_scaling"] = {"type": "linear", "factor": _decimal(meta.number(
+            _key(_K.Rope.SCALING_FACTOR), integer=False))}
+    elif scaling_type not in ("none", None):
+        raise ValueError(f"{meta.source}: rope scaling type {scaling_type!r} is not supported "
+                         "(dsmoe reads none or linear from llama.cpp metadata)")
+    for key, name in ((_K.Tokenizer.BOS_ID, "bos_token_id"), (_K.Tokenizer.EOS_ID, "eos_token_id")):
+        token_id = meta.number(key, None, integer=True)
+        if token_id is not None and not 0 <= token_id < values.get("vocab_size", token_id + 1):
+            raise meta.fail(key, token_id, f"is outside the vocabulary ({vocab} tokens)")
+        if token_id is not None:
+            values[name] = token_id
+    return values
+
+
+def _context_length(meta: _Metadata) -> int:
+    """Generation sizes its KV cache by the context: a claim beyond any real model's is
+    refused rather than trusted."""
+    key = _key(_K.LLM.CONTEXT_LENGTH)
+    value = meta.number(key, 4096, integer=True)
+    if not 0 < value <= MAX_CONTEXT:
+        raise meta.fail(key, value, f"must lie in [1, {MAX_CONTEXT}]")
+    return value
+
+
+def _stored_hf_config(meta: _Metadata, stored: str) -> dict[str, Any]:
+    try:
+        hf = json.loads(stored)
+    except json.JSONDecodeError as exc:
+        raise meta.fail(DSMOE_CONFIG_KEY, stored, f"is not valid JSON ({exc})") from None
+    if not isinstance(hf, dict):
+        raise meta.fail(DSMOE_CONFIG_KEY, stored,
+                        f"must be a JSON object (an HF config), not a JSON {type(hf).__name__}")
+    return hf
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + f"... ({len(text)} characters)"
 
 
 def _decimal(value: Any) -> float:
@@ -191,8 +278,8 @@ def _same_float32(stored: Any, value: Any) -> bool:
 def _scalar(value: Any, key: str, source: str) -> Any:
     """Some architectures store per-layer arrays; DeepSeekMoE needs one value."""
     if isinstance(value, list):
-        if len(set(value)) != 1:
-            raise ValueError(f"{source}: {key} varies per layer ({value}); "
+        if not value or any(v != value[0] for v in value):
+            raise ValueError(f"{source}: {key} varies per layer ({_short(value)}); "
                              "dsmoe needs the same value for every layer")
         return value[0]
     return value

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from dsmoe.checkpoint.gguf import metadata
+from dsmoe.checkpoint.gguf.header import check_header
 from dsmoe.checkpoint.gguf.names import TensorSpec, from_llama_rope_rows, tensor_specs
 from dsmoe.checkpoint.gguf.vocab import TokenizerData
 from dsmoe.config import ModelConfig
@@ -60,6 +61,7 @@ class GGUFFile:
                              "expected b'GGUF')")
         if size < _HEADER_BYTES:
             raise ValueError(f"{self.path}: truncated GGUF file ({size} bytes)")
+        check_header(self.path)  # before GGUFReader, which believes every count it reads
         try:
             self.reader = gguf.GGUFReader(self.path)
         except ValueError as exc:
@@ -92,7 +94,8 @@ class GGUFFile:
         return field.contents()
 
     def config(self) -> ModelConfig:
-        return metadata.read_config(self.get, set(self.tensors), str(self.path))
+        shapes = {name: tuple(int(n) for n in t.shape.tolist()) for name, t in self.tensors.items()}
+        return metadata.read_config(self.get, shapes, str(self.path))
 
     def tokenizer_data(self) -> TokenizerData | None:
         try:

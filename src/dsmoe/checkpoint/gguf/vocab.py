@@ -33,18 +33,37 @@ from dsmoe.tokenizer import Tokenizer
 _K = gguf.Keys.Tokenizer
 TT = gguf.TokenType
 
-# DeepSeek LLM's pre-tokenizer: split (isolating matches) by each regex in turn.
+# llama.cpp's pre-tokenizers (llama-vocab.cpp, ``llm_tokenizer_bpe``): the text is split by each
+# regex in turn, every match and every gap between matches becoming its own piece (tokenizers'
+# ``Split(behavior="isolated")``), then mapped to byte-level symbols. "gpt-2" is GPT-2's regex,
+# which ``ByteLevel(use_regex=True)`` applies.
+# NOTE: six letters below are \u escapes because Unicode normalisation (an editor, a copy)
+# turns them into other code points (U+1F7D -> U+03CE, U+212A KELVIN SIGN -> K, ...), which
+# silently empties or widens the ranges they end.
 DEEPSEEK_LLM_REGEXES = (
     "[\r\n]",
     "\\s?[A-Za-zµÀ-ÖØ-öø-ƺƼ-ƿǄ-ʓʕ-ʯͰ-ͳͶͷͻ-ͽͿΆΈ-ΊΌΎ-ΡΣ-ϵϷ-ҁҊ-ԯԱ-ՖႠ-ჅᎠ-Ᏽᏸ-ᏽᲐ-ᲺᲽ-Ჿᴀ-ᴫᵫ-ᵷᵹ-ᶚḀ-ἕἘ-Ἕἠ-ὅὈ-Ὅὐ-"
-    "ὗὙὛὝὟ-ώᾀ-ᾴᾶ-ᾼιῂ-ῄῆ-ῌῐ-ΐῖ-Ίῠ-Ῥῲ-ῴῶ-ῼℂℇℊ-ℓℕℙ-ℝℤΩℨK-ℭℯ-ℴℹℼ-ℿⅅ-ⅉⅎↃↄⰀ-ⱻⱾ-ⳤⳫ-ⳮⳲⳳꙀ-ꙭꚀ-ꚛꜢ-ꝯꝱ-ꞇꞋ-ꞎꭰ-ꮿﬀ-ﬆﬓ-"
+    "ὗὙὛὝὟ-\u1f7dᾀ-ᾴᾶ-ᾼ\u1fbeῂ-ῄῆ-ῌῐ-\u1fd3ῖ-\u1fdbῠ-Ῥῲ-ῴῶ-ῼℂℇℊ-ℓℕℙ-ℝℤ\u2126ℨ\u212a-ℭℯ-ℴℹℼ-ℿⅅ-ⅉⅎↃↄⰀ-ⱻⱾ-ⳤⳫ-ⳮⳲⳳꙀ-ꙭꚀ-ꚛꜢ-ꝯꝱ-ꞇꞋ-ꞎꭰ-ꮿﬀ-ﬆﬓ-"
     "ﬗＡ-Ｚａ-ｚ𐐀-𐑏𐒰-𐓓𐓘-𐓻𐲀-𐲲𐳀-𐳲𑢠-𑣟𞤀-𞥃]+",
     "\\s?[!-/:-~！-／：-～‘-‟　-。]+",
     "\\s+$",
     "[一-龥ࠀ-一가-퟿]+",
     "\\p{N}+",
 )
-_GPT2_NAMES = ("gpt-2", "gpt2", "default")
+_GPT2_REGEX = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"
+PRE_TOKENIZER_REGEXES: dict[str, tuple[str, ...]] = {
+    # llama.cpp's fallback: punctuation runs first, GPT-2's rule, then digit runs cut into
+    # groups of three from the left ("12345" -> "123", "45").
+    "default": (r"[\p{P}\$\+<=>\^~\|]+", _GPT2_REGEX, r"\p{N}+", "[0-9][0-9][0-9]"),
+    "deepseek-llm": DEEPSEEK_LLM_REGEXES,
+    "deepseek-coder": ("[\r\n]", r"\s?\p{L}+", r"\s?\p{P}+", "[一-龥ࠀ-一가-퟿]+", r"\p{N}"),
+    "deepseek-v3": (
+        r"\p{N}{1,3}", "[一-龥぀-ゟ゠-ヿ]+",
+        r"""[!"#$%&'()*+,\-./:;<=>?@\[\\\]^_`{|}~][A-Za-z]+|[^\r\n\p{L}\p{P}\p{S}]?[\p{L}\p{M}]+"""
+        r"""| ?[\p{P}\p{S}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""),
+}
+_GPT2_NAMES = ("gpt-2", "gpt2")
+_NAMES = (*_GPT2_NAMES, *PRE_TOKENIZER_REGEXES)
 
 
 @dataclass
@@ -157,32 +176,58 @@ class TokenizerData:
 
     @classmethod
     def read(cls, get: Callable[..., Any]) -> "TokenizerData | None":
-        """From metadata (``get(key, default)``); None when the file has no token list."""
-        tokens = get(_K.LIST, None)
+        """From metadata (``get(key, default)``); None when the file has no token list. Each
+        value's type is checked, and the special token ids must name tokens of the list."""
+        tokens = _typed(get, _K.LIST, list, None, of=str)
         if tokens is None:
             return None
-        types = get(_K.TOKEN_TYPE, None) or [int(TT.NORMAL)] * len(tokens)
+        types = _typed(get, _K.TOKEN_TYPE, list, None, of=int) or [int(TT.NORMAL)] * len(tokens)
         if len(types) != len(tokens):
             raise ValueError(f"{_K.TOKEN_TYPE} has {len(types)} entries for {len(tokens)} tokens")
-        return cls(tokens=tokens, token_types=[int(t) for t in types],
-                   merges=get(_K.MERGES, None) or [], pre=get(_K.PRE, "default"),
-                   model=get(_K.MODEL, "gpt2"), bos_id=get(_K.BOS_ID, None),
-                   eos_id=get(_K.EOS_ID, None), pad_id=get(_K.PAD_ID, None),
-                   add_bos=bool(get(_K.ADD_BOS, False)), add_eos=bool(get(_K.ADD_EOS, False)),
-                   chat_template=get(_K.CHAT_TEMPLATE, None), hf_json=get(_K.HF_JSON, None))
+        ids = {}
+        for name, key in (("bos_id", _K.BOS_ID), ("eos_id", _K.EOS_ID), ("pad_id", _K.PAD_ID)):
+            ids[name] = _typed(get, key, int, None)
+            if ids[name] is not None and not 0 <= ids[name] < len(tokens):
+                raise ValueError(f"{key} = {ids[name]} is outside the vocabulary "
+                                 f"({len(tokens)} tokens)")
+        return cls(tokens=tokens, token_types=types,
+                   merges=_typed(get, _K.MERGES, list, None, of=str) or [],
+                   pre=_typed(get, _K.PRE, str, "default"),
+                   model=_typed(get, _K.MODEL, str, "gpt2"),
+                   add_bos=_typed(get, _K.ADD_BOS, bool, False),
+                   add_eos=_typed(get, _K.ADD_EOS, bool, False),
+                   chat_template=_typed(get, _K.CHAT_TEMPLATE, str, None),
+                   hf_json=_typed(get, _K.HF_JSON, str, None), **ids)
+
+
+def _typed(get: Callable[..., Any], key: str, kind: type, default: Any, *,
+           of: type | None = None) -> Any:
+    """``get(key, default)``, refused unless it is a ``kind`` (of ``of`` items)."""
+    value = get(key, default)
+    if value is None or value is default:
+        return value
+    wrong = (isinstance(value, bool) and kind is not bool) or not isinstance(value, kind)
+    if not wrong and of is not None:
+        bad = next((v for v in value if isinstance(v, bool) or not isinstance(v, of)), None)
+        if bad is not None:
+            raise ValueError(f"{key} must hold {of.__name__} values, found "
+                             f"{type(bad).__name__} {str(bad)[:40]!r}")
+    if wrong:
+        raise ValueError(f"{key} must be {kind.__name__}, not {type(value).__name__} "
+                         f"{str(value)[:40]!r}")
+    return value
 
 
 def _pre_tokenizer(name: str) -> pre_tokenizers.PreTokenizer:
     if name in _GPT2_NAMES:
         return pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    if name == "deepseek-llm":
+    if name in PRE_TOKENIZER_REGEXES:
         splits = [pre_tokenizers.Split(tokenizers.Regex(r), behavior="isolated")
-                  for r in DEEPSEEK_LLM_REGEXES]
+                  for r in PRE_TOKENIZER_REGEXES[name]]
         return pre_tokenizers.Sequence(
             [*splits, pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-    raise ValueError(f"GGUF pre-tokenizer {name!r} is not supported (dsmoe knows "
-                     f"{', '.join(_GPT2_NAMES)} and deepseek-llm); the file carries no "
-                     "tokenizer.huggingface.json to fall back on")
+    raise ValueError(f"{_K.PRE} {name!r} is not supported (dsmoe knows {', '.join(_NAMES)}); "
+                     f"the file carries no {_K.HF_JSON} to fall back on")
 
 
 def _pre_name(pre: dict[str, Any] | None) -> str:
@@ -192,8 +237,9 @@ def _pre_name(pre: dict[str, Any] | None) -> str:
     if isinstance(pre, dict) and pre.get("type") == "Sequence":
         parts = pre.get("pretokenizers") or []
         regexes = tuple((p.get("pattern") or {}).get("Regex") for p in parts[:-1])
-        if regexes == DEEPSEEK_LLM_REGEXES and parts[-1].get("type") == "ByteLevel":
-            return "deepseek-llm"
+        for name, known in PRE_TOKENIZER_REGEXES.items():
+            if regexes == known and parts and parts[-1].get("type") == "ByteLevel":
+                return name
     warnings.warn("the tokenizer's pre-tokenizer has no llama.cpp name; writing 'default' "
                   "(llama.cpp may split text differently, dsmoe reads the exact tokenizer back)",
                   stacklevel=3)
