@@ -149,7 +149,7 @@ def test_info_reports_a_checkpoint_that_does_not_match(tmp_path: Path,
     config = json.loads((tmp_path / "m" / "config.json").read_text())
     config["num_hidden_layers"] = 3
     (tmp_path / "m" / "config.json").write_text(json.dumps(config))
-    assert main(["info", str(tmp_path / "m")]) == 0
+    assert main(["info", str(tmp_path / "m")]) == 1  # a checkpoint that would not load fails
     assert "DOES NOT match the config" in capsys.readouterr().out
 
 
@@ -175,8 +175,8 @@ def _gguf_config(**overrides) -> ModelConfig:  # noqa: ANN003
         moe_layer_freq=1, **overrides)
 
 
-def _info_json(model: Path, capsys: pytest.CaptureFixture[str]) -> dict:
-    assert main(["info", str(model), "--json"]) == 0
+def _info_json(model: Path, capsys: pytest.CaptureFixture[str], status: int = 0) -> dict:
+    assert main(["info", str(model), "--json"]) == status
     return json.loads(capsys.readouterr().out)
 
 
@@ -258,7 +258,7 @@ def test_info_on_a_gguf_with_tied_embeddings_and_an_extension_less_name(
 
 def test_info_reports_a_gguf_whose_tensors_contradict_its_metadata(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """Like a directory whose config does not match its weights: reported, not fatal."""
+    """Like a directory whose config does not match its weights: reported, exit status 1."""
     cfg = _gguf_config()
     write_model_gguf(Transformer(cfg).eval(), tmp_path / "m.gguf", quant="f32")
     data = (tmp_path / "m.gguf").read_bytes()
@@ -267,12 +267,12 @@ def test_info_reports_a_gguf_whose_tensors_contradict_its_metadata(
     assert int.from_bytes(data[at + 4:at + 8], "little") == cfg.moe_intermediate_size
     patched = data[:at + 4] + (64).to_bytes(4, "little") + data[at + 8:]
     (tmp_path / "m.gguf").write_bytes(patched)
-    assert main(["info", str(tmp_path / "m.gguf")]) == 0
+    assert main(["info", str(tmp_path / "m.gguf")]) == 1
     out = capsys.readouterr().out
     assert "width 64; routing" in out, "the config is the metadata's, as llama.cpp reads it"
     assert "DOES NOT match the config: metadata contradicts tensor shapes: " \
            "blk.1.ffn_gate_exps.weight is [8, 32, 64] in the file" in out
-    info = _info_json(tmp_path / "m.gguf", capsys)
+    info = _info_json(tmp_path / "m.gguf", capsys, status=1)
     assert info["checkpoint"]["parameters"] == count_parameters(cfg).total
     assert info["parameters"]["total"] == count_parameters(cfg.replace(
         moe_intermediate_size=64)).total

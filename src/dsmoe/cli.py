@@ -5,6 +5,10 @@ arguments and ``run(args) -> int``. Only the module of the command being run is 
 (the others' one-line summaries are read from their source), so ``dsmoe --help`` and a
 mistyped command answer without loading torch. Bad input ends with one ``error:`` line
 and exit code 2.
+
+Arguments are checked here, before any work starts: every float flag must be finite (a
+``--temperature nan`` is refused, not sampled with), every ``--seed`` must fit torch's
+64-bit seed, and count flags use ``positive_int`` / ``non_negative_int``.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import argparse
 import ast
 import importlib
 import importlib.util
+import math
 import sys
 
 COMMANDS: dict[str, str] = {
@@ -41,6 +46,50 @@ def _docstring(module_name: str) -> str:
         return ast.get_docstring(ast.parse(fh.read())) or ""
 
 
+USER_ERRORS = (CommandError, ValueError, FileNotFoundError, NotADirectoryError,
+               PermissionError, RuntimeError)
+
+
+def _bounded_int(low: int, high: int | None, what: str):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+        if value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"must be {what}, got {value}")
+        return value
+
+    parse.__name__ = what  # argparse names the type in some messages
+    return parse
+
+
+positive_int = _bounded_int(1, None, "a positive integer")
+non_negative_int = _bounded_int(0, None, "an integer >= 0")
+seed_int = _bounded_int(-(1 << 63), (1 << 64) - 1,
+                        "an integer in [-2**63, 2**64 - 1] (torch's seeds)")
+
+
+def finite_float(text: str) -> float:
+    """argparse type: a float that is neither nan nor infinite."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
+
+
+def _check_types(parser: argparse.ArgumentParser) -> None:
+    """Every float flag finite, every --seed a valid seed: no command can forget."""
+    for action in parser._actions:
+        if action.type is float:
+            action.type = finite_float
+        elif action.dest == "seed" and action.type is int:
+            action.type = seed_int
+
+
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The parser: every command with its help text, and the arguments of ``command``
     only (the one module imported)."""
@@ -54,6 +103,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         if name == command:
             module = importlib.import_module(module_name)
             module.configure(parser_for)
+            _check_types(parser_for)
             parser_for.set_defaults(_run=module.run)
     return parser
 
@@ -72,8 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except (CommandError, ValueError, FileNotFoundError, NotADirectoryError,
-            PermissionError, RuntimeError) as exc:
+    except USER_ERRORS as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

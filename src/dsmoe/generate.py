@@ -15,6 +15,7 @@ Shapes: B batch, P prompt length (padded), N new tokens, V vocab.
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
@@ -76,17 +77,22 @@ def next_tokens(logits: torch.Tensor, *, temperature: float, top_k: int | None,
 
 
 def _validate(max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None,
-              repetition_penalty: float | None) -> None:
+              repetition_penalty: float | None, seed: int | None) -> None:
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    # written so that nan fails every check (nan compares false to everything)
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise ValueError(f"temperature must be a finite number >= 0, got {temperature}")
     if top_k is not None and top_k < 1:
         raise ValueError(f"top_k must be >= 1, got {top_k}")
     if top_p is not None and not 0 < top_p <= 1:
         raise ValueError(f"top_p must lie in (0, 1], got {top_p}")
-    if repetition_penalty is not None and repetition_penalty <= 0:
-        raise ValueError(f"repetition_penalty must be > 0, got {repetition_penalty}")
+    if repetition_penalty is not None and not (math.isfinite(repetition_penalty)
+                                               and repetition_penalty > 0):
+        raise ValueError(f"repetition_penalty must be a finite number > 0, "
+                         f"got {repetition_penalty}")
+    if seed is not None and not -(1 << 63) <= seed < (1 << 64):
+        raise ValueError(f"seed must lie in [-2**63, 2**64 - 1] (torch's seeds), got {seed}")
 
 
 @torch.inference_mode()
@@ -106,7 +112,7 @@ def generate(model: "Transformer", input_ids: torch.Tensor | Sequence[Sequence[i
     ``cuda_graph``: decode by replaying one captured CUDA graph per step (``dsmoe.decode``);
     None picks it on CUDA. ``compile``: also ``torch.compile`` that step.
     """
-    _validate(max_new_tokens, temperature, top_k, top_p, repetition_penalty)
+    _validate(max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed)
     cfg = model.config
     eos = cfg.eos_token_id if eos_token_id is None else eos_token_id
     pad = cfg.pad_token_id if cfg.pad_token_id is not None else (eos if eos is not None else 0)

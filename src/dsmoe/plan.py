@@ -195,6 +195,11 @@ def make_plan(config: ModelConfig, devices: int, *, ep: int | None = None,
               max_devices: int | None = None, tokens_per_step: int | None = None,
               dtype: str = "bf16", seq_len: int | None = None) -> Plan:
     """Plan training of ``config`` on ``devices`` ranks (EP ``ep``, default all of them)."""
+    for flag, value in (("--devices", devices), ("--ep", ep), ("--seq-len", seq_len),
+                        ("--tokens-per-step", tokens_per_step)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                  or value < 1):  # 0 must not mean "the default"
+            raise ValueError(f"{flag} must be a positive integer, got {value!r}")
     E = config.n_routed_experts
     ep = (devices if E is not None and E % devices == 0 else 1) if ep is None else ep
     seq_len = seq_len or config.max_position_embeddings

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator, Mapping
+
+from dsmoe.cli import non_negative_int, positive_int
 
 if TYPE_CHECKING:
     import torch
@@ -73,9 +76,10 @@ def resolve_device(name: str, *, quant: str | None = None) -> torch.device:
 
 
 def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--max-new-tokens", type=non_negative_int, default=128,
+                        help="at most this many (capped at the model's context)")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    parser.add_argument("--top-k", type=int, default=None)
+    parser.add_argument("--top-k", type=positive_int, default=None)
     parser.add_argument("--top-p", type=float, default=None)
     parser.add_argument("--repetition-penalty", type=float, default=None)
     parser.add_argument("--seed", type=int, default=None)
@@ -111,3 +115,20 @@ def sampling_kwargs(args: argparse.Namespace) -> dict:
     return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                 top_k=args.top_k, top_p=args.top_p,
                 repetition_penalty=args.repetition_penalty, seed=args.seed)
+
+
+def new_token_budget(prompt_len: int, max_new_tokens: int, context: int) -> int:
+    """``max_new_tokens`` capped so the prompt and the reply fit the model's context (the KV
+    cache is allocated for all of it up front: 10^8 tokens would ask for hundreds of GB).
+    A prompt that alone fills the context is refused."""
+    from dsmoe.cli import CommandError
+
+    if prompt_len >= context:
+        raise CommandError(f"the prompt is {prompt_len} tokens, but the model's context "
+                           f"(max_position_embeddings) is {context} tokens: shorten it")
+    room = context - prompt_len
+    if max_new_tokens > room:
+        print(f"note: --max-new-tokens {max_new_tokens} capped at {room}: the model's "
+              f"context is {context} tokens and the prompt takes {prompt_len}", file=sys.stderr)
+        return room
+    return max_new_tokens

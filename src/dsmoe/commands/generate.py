@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from dsmoe.commands._common import (add_model_arguments, add_sampling_arguments,
-                                    load_model_and_tokenizer, sampling_kwargs)
+                                    load_model_and_tokenizer, new_token_budget, sampling_kwargs)
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -27,11 +27,14 @@ def run(args: argparse.Namespace) -> int:
         ids = tokenizer.encode_chat([{"role": "user", "content": args.prompt}])
     else:
         ids = tokenizer.encode(args.prompt)
+    sampling = sampling_kwargs(args)
+    sampling["max_new_tokens"] = new_token_budget(len(ids), args.max_new_tokens,
+                                                  model.config.max_position_embeddings)
     streamer = TextStreamer(tokenizer, args.stop)
     print(args.prompt if not args.chat else "", end="", flush=True)
     try:
         generate(model, torch.tensor([ids]), eos_token_id=tokenizer.eos_id, streamer=streamer,
-                 **sampling_kwargs(args))
+                 **sampling)
     finally:
         streamer.finish()
         print(flush=True)

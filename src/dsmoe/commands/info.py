@@ -14,6 +14,10 @@ DeepSeekMoE paper's 16.4B total / 2.8B active); DeepSeek-V2's papers leave the i
 embedding out (V2-Lite: 15.7B / 2.4B), and that figure is printed beside it. V3's
 multi-token-prediction module is stored but not run: it is reported apart (671B + 14B).
 Memory is for the weights alone.
+
+The stored tensors are checked as loading checks them (names, shapes, stored dtypes: an
+int32 or fp8 safetensors file is flagged, not called fine); a checkpoint that DOES NOT match
+its config exits with status 1.
 """
 
 from __future__ import annotations
@@ -25,8 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dsmoe.config import ModelConfig
-from dsmoe.params import (WEIGHT_FORMATS, ParameterCount, count_parameters, mtp_parameters,
-                          weight_bytes)
+from dsmoe.params import WEIGHT_FORMATS, count_parameters, mtp_parameters, weight_bytes
 from dsmoe.presets import PRESETS
 
 if TYPE_CHECKING:
@@ -82,12 +85,34 @@ def _type_counts(types: list[str]) -> dict[str, int]:
     return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
 
 
+def _load_problem(directory: Path) -> str | None:
+    """Why loading would refuse the directory (names, shapes, stored dtypes such as int32 or
+    fp8), from the check loading itself makes; None when it would load."""
+    import torch
+
+    from dsmoe.checkpoint.hf import hf_source
+    from dsmoe.model import Transformer
+    from dsmoe.quant.checkpoint import is_quantized_checkpoint
+
+    if is_quantized_checkpoint(directory):  # int8/int4 and scales by design: its own
+        return None                         # loader checks that layout
+    try:
+        source = hf_source(directory)
+        with torch.device("meta"):
+            model = Transformer(source.config)
+        source.check(model)  # what loading runs before reading a byte of weights
+    except ValueError as exc:
+        return str(exc).removeprefix("checkpoint does not match the config: ")
+    return None
+
+
 def _checkpoint(directory: Path, config: ModelConfig) -> dict[str, Any] | None:
     """What the directory stores, from safetensors headers; None without weights. V3's
     multi-token-prediction tensors are counted apart (``mtp_*``): loading ignores them.
     Stored buffers (V3's routing bias) and FP8 block scales are not parameters and not
     counted."""
     from dsmoe.checkpoint import fp8, hf, keys
+    from dsmoe.quant.checkpoint import is_quantized_checkpoint
 
     try:
         stored = hf.stored_tensors(directory)
@@ -100,8 +125,9 @@ def _checkpoint(directory: Path, config: ModelConfig) -> dict[str, Any] | None:
     numel = sum(math.prod(t.shape) for name, t in decoder.items()
                 if not name.endswith(keys.BUFFER_SUFFIXES))
     total = count_parameters(config).total
-    problem = (None if numel == total else
-               f"{numel} stored parameters, the config implies {total}")
+    problem = _load_problem(directory)
+    if problem is None and numel != total and not is_quantized_checkpoint(directory):
+        problem = f"{numel} stored parameters, the config implies {total}"
     return {"format": "safetensors", "files": len(files),
             "mtp_tensors": len(mtp), "mtp_parameters": sum(math.prod(t.shape) for t in mtp),
             "bytes": sum(f.stat().st_size for f in files),
@@ -263,4 +289,5 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps({"source": source, **info}, indent=2))
     else:
         print(_text(source, info))
-    return 0
+    # A checkpoint that would not load is a failure, for scripts as for people.
+    return 1 if (info.get("checkpoint") or {}).get("matches_config") is False else 0

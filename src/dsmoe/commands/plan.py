@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 
+from dsmoe.cli import positive_int
 from dsmoe.plan import DTYPE_BYTES
 
 
@@ -21,15 +22,15 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", default="deepseek-moe-16b",
                         help="model size (tiny, deepseek-moe-2b, -16b, -145b)")
     parser.add_argument("--config", default=None, help="an HF config.json instead of --preset")
-    parser.add_argument("--devices", type=int, required=True, help="total ranks (GPUs)")
-    parser.add_argument("--ep", type=int, default=None,
+    parser.add_argument("--devices", type=positive_int, required=True, help="total ranks (GPUs)")
+    parser.add_argument("--ep", type=positive_int, default=None,
                         help="expert-parallel group size (default: --devices when it "
                              "divides the expert count, else 1)")
-    parser.add_argument("--max-devices-per-token", type=int, default=None, metavar="M",
+    parser.add_argument("--max-devices-per-token", type=positive_int, default=None, metavar="M",
                         help="device-limited routing: show only this M (default: every M)")
-    parser.add_argument("--tokens-per-step", type=int, default=None,
+    parser.add_argument("--tokens-per-step", type=positive_int, default=None,
                         help="global tokens per optimizer step (default: one sequence per rank)")
-    parser.add_argument("--seq-len", type=int, default=None,
+    parser.add_argument("--seq-len", type=positive_int, default=None,
                         help="sequence length (default: the config's max_position_embeddings)")
     parser.add_argument("--dtype", choices=sorted(DTYPE_BYTES), default="bf16")
 

@@ -8,6 +8,7 @@ plots/. Ctrl-C saves a checkpoint; --resume continues a run exactly where it sto
 from __future__ import annotations
 
 import argparse
+import os
 
 from dsmoe.train.config import DTYPES, ROUTINGS, TrainConfig
 
@@ -66,6 +67,10 @@ def run(args: argparse.Namespace) -> int:
     if "overrides" in given:
         given["overrides"] = tuple(given["overrides"])
     cfg = TrainConfig(out=args.out, **given)
+    if args.nproc > 1 and "WORLD_SIZE" not in os.environ:  # ranks to launch: check here,
+        from dsmoe.distributed import check_world          # once, not in every rank
+
+        check_world(args.nproc, args.ep or args.nproc)
     result = spawn(train, args.nproc, cfg, resume=args.resume, quiet=args.quiet, ep=args.ep,
                    given=frozenset(given))
     return 3 if result.status == "diverged" else 0
