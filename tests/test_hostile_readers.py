@@ -114,6 +114,15 @@ def test_sizes_no_tensor_backs_are_refused(tmp_path: Path, memory_cap, key: str,
         load_gguf(path)
 
 
+def test_sizes_that_multiply_into_an_absurd_model_are_refused(tmp_path: Path,
+                                                              memory_cap) -> None:
+    path = tmp_path / "experts.gguf"  # 300 experts pass "<= the largest dimension" (320)
+    write_llama_cpp_style(path, make_model(), None, overrides={"expert_count": 300})
+    with pytest.raises(ValueError, match=r"the metadata describes a model of \d+ parameters, "
+                                         r"but the file's tensors hold \d+"):
+        load_gguf(path)
+
+
 # --- wrong types -----------------------------------------------------------------------------
 def _add_value(w: gguf.GGUFWriter, key: str, value: object) -> None:
     """Metadata typed by the Python value: str, list (array), float (f32) or int (i32)."""
@@ -180,6 +189,17 @@ def tok() -> Tokenizer:
     return Tokenizer.train_bpe(["hello world 123, it's fine!"] * 20, vocab_size=280)
 
 
+def _tokenizer_gguf(path: Path, meta: dict[str, object]) -> Path:
+    """A GGUF with only tokenizer metadata (no tensors)."""
+    w = gguf.GGUFWriter(str(path), "deepseek")
+    for key, value in meta.items():
+        _add_value(w, key, value)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.close()
+    return path
+
+
 def _tokenizer_meta(tok: Tokenizer, **changes: object) -> dict[str, object]:
     data = TokenizerData.from_tokenizer(tok, 320)
     meta = {"tokenizer.ggml.tokens": data.tokens, "tokenizer.ggml.token_type": data.token_types,
@@ -199,13 +219,7 @@ def _tokenizer_meta(tok: Tokenizer, **changes: object) -> dict[str, object]:
 ])
 def test_tokenizer_metadata_is_checked(tmp_path: Path, tok: Tokenizer, changes: dict,
                                        message: str) -> None:
-    path = tmp_path / "tok.gguf"
-    w = gguf.GGUFWriter(str(path), "deepseek")
-    for key, value in _tokenizer_meta(tok, **changes).items():
-        _add_value(w, key, value)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.close()
+    path = _tokenizer_gguf(tmp_path / "tok.gguf", _tokenizer_meta(tok, **changes))
     with pytest.raises(ValueError, match=f"{path}: {message}"):
         load_tokenizer(path)
 
@@ -269,3 +283,33 @@ def test_shard_index_inside_the_directory_and_symlinked_shards_still_load(tmp_pa
     loaded = Transformer.from_pretrained(model_dir)
     ids = torch.randint(0, 320, (1, 5))
     assert torch.equal(loaded(ids).logits, model(ids).logits)
+
+
+def test_tensor_claiming_more_elements_than_the_file_holds(tmp_path: Path, memory_cap) -> None:
+    record = _string("token_embd.weight") + struct.pack("<I", 2) + struct.pack(
+        "<QQ", 1 << 40, 1 << 30) + struct.pack("<IQ", 0, 0)
+    path = tmp_path / "dims.gguf"
+    path.write_bytes(b"GGUF" + struct.pack("<IQQ", 3, 1, 0) + record + b"\0" * 64)
+    with pytest.raises(ValueError, match=r"tensor 'token_embd.weight' claims dimensions "
+                                         r"\[1099511627776, 1073741824\]"):
+        GGUFFile(path)
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"tokenizer.huggingface.json": "{not json"},
+     "tokenizer.huggingface.json does not describe a valid tokenizer"),
+    ({"tokenizer.ggml.merges": ["nosuch token"]},
+     "tokenizer.ggml.tokens/tokenizer.ggml.merges does not describe a valid tokenizer"),
+])
+def test_tokenizer_contents_that_tokenizers_rejects(tmp_path: Path, tok: Tokenizer,
+                                                    changes: dict, message: str) -> None:
+    path = _tokenizer_gguf(tmp_path / "tok.gguf", _tokenizer_meta(tok, **changes))
+    with pytest.raises(ValueError, match=f"{path}: {message}"):
+        load_tokenizer(path)
+
+
+def test_a_chat_template_file_that_is_not_utf8(tmp_path: Path, tok: Tokenizer) -> None:
+    tok.save(tmp_path)
+    (tmp_path / "chat_template.jinja").write_bytes(b"{{ bos_token }}\xff\xfe")
+    with pytest.raises(ValueError, match="cannot read .*chat_template.jinja"):
+        Tokenizer.from_file(tmp_path)

@@ -136,8 +136,11 @@ class Tokenizer:
                 if token in vocab:
                     config[key] = token
         template_path = directory / CHAT_TEMPLATE_FILE
-        template = (template_path.read_text(encoding="utf-8") if template_path.is_file()
-                    else None)
+        try:
+            template = (template_path.read_text(encoding="utf-8") if template_path.is_file()
+                        else None)
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ValueError(f"cannot read {template_path}: {exc}") from exc
         bos = _token_content(config.get("bos_token"), "bos_token")
         return cls(tok, config, chat_template=template,
                    default_add_bos=_post_processor_prepends(json.loads(raw), bos))

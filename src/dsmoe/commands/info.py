@@ -148,7 +148,7 @@ def _gguf_checkpoint(f: GGUFFile, config: ModelConfig) -> dict[str, Any]:
     if file_type is not None:
         try:
             file_type = gguf.LlamaFileType(int(file_type)).name
-        except ValueError:
+        except (ValueError, TypeError):  # a newer type, or metadata of the wrong type
             file_type = f"unknown ({file_type})"
     try:
         f.check_tensors(config)

@@ -14,6 +14,7 @@ count, elements); per tensor: name string, u32 dimension count, u64 dims, u32 ty
 
 from __future__ import annotations
 
+import math
 import struct
 from pathlib import Path
 
@@ -85,7 +86,11 @@ def check_header(path: Path) -> None:
         if n_dims > _MAX_DIMS:
             raise ValueError(f"{path}: tensor {name!r} claims {n_dims} dimensions; GGUF tensors "
                              f"have at most {_MAX_DIMS} (corrupt file)")
-        cur.skip(8 * n_dims + 4 + 8, f"tensor {name!r}")
+        dims = [cur.uint(8, f"tensor {name!r}") for _ in range(n_dims)]
+        if math.prod(dims) > 8 * len(data):  # no GGML type stores a weight in under a bit
+            raise ValueError(f"{path}: tensor {name!r} claims dimensions {dims}, more elements "
+                             f"than a {len(data)}-byte file can hold (corrupt file)")
+        cur.skip(4 + 8, f"tensor {name!r}")
 
 
 def _skip_value(cur: _Cursor, value_type: int, what: str, depth: int) -> None:

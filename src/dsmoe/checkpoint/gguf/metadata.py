@@ -176,6 +176,7 @@ def read_config(get: Getter, tensor_shapes: Mapping[str, tuple[int, ...]],
                                  routed_scaling_factor=1.0, torch_dtype="float32")
     except (ValueError, TypeError) as exc:
         raise ValueError(f"{source}: the metadata describes an invalid model: {exc}") from exc
+    _check_model_size(config, tensor_shapes, source)
     rope_dim = meta.number(_key(_K.Rope.DIMENSION_COUNT), config.head_dim, integer=True)
     if rope_dim != config.head_dim:
         raise ValueError(f"{source}: {_key(_K.Rope.DIMENSION_COUNT)}={rope_dim} but head_dim = "
@@ -232,6 +233,20 @@ def _llama_cpp_values(meta: _Metadata, tensor_shapes: Mapping[str, Any]) -> dict
         if token_id is not None:
             values[name] = token_id
     return values
+
+
+def _check_model_size(config: ModelConfig, tensor_shapes: Mapping[str, tuple[int, ...]],
+                      source: str) -> None:
+    """Sizes that each pass alone can still multiply into an absurd model (4096 experts of a
+    real width); the tensors' element count is what the file really holds, so a config
+    claiming far more is refused before per-expert names or shapes are built for it."""
+    from dsmoe.params import count_parameters
+
+    implied = count_parameters(config).total
+    held = sum(math.prod(shape) for shape in tensor_shapes.values())
+    if implied > 2 * held + (1 << 20):  # slack: the metadata decides, check_tensors reports
+        raise ValueError(f"{source}: the metadata describes a model of {implied} parameters, "
+                         f"but the file's tensors hold {held}: corrupt or hostile metadata")
 
 
 def _context_length(meta: _Metadata) -> int:

@@ -114,10 +114,14 @@ class TokenizerData:
 
     def to_tokenizer(self) -> Tokenizer:
         """A dsmoe Tokenizer: from the HF JSON when present, else rebuilt from the lists."""
-        if self.hf_json is not None:
-            tok = tokenizers.Tokenizer.from_str(self.hf_json)
-        else:
-            tok = self._build_bpe()
+        try:
+            tok = (tokenizers.Tokenizer.from_str(self.hf_json) if self.hf_json is not None
+                   else self._build_bpe())
+        except ValueError:
+            raise
+        except Exception as exc:  # tokenizers raises bare Exceptions for bad JSON or merges
+            what = _K.HF_JSON if self.hf_json is not None else f"{_K.LIST}/{_K.MERGES}"
+            raise ValueError(f"{what} does not describe a valid tokenizer: {exc}") from exc
         config: dict[str, Any] = {"add_bos_token": self.add_bos, "add_eos_token": self.add_eos}
         for key, token_id in (("bos_token", self.bos_id), ("eos_token", self.eos_id),
                               ("pad_token", self.pad_id)):
