@@ -5,6 +5,7 @@ parser, never unbounded memory)."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import resource
 import struct
@@ -136,10 +137,10 @@ def _add_value(w: gguf.GGUFWriter, key: str, value: object) -> None:
         w.add_int32(key, value)
 
 
-def _with_metadata(path: Path, extra: dict[str, object]) -> Path:
+def _with_metadata(path: Path, extra: dict[str, object], tok: Tokenizer | None = None) -> Path:
     """A valid llama.cpp-layout GGUF whose listed keys are (re)written with other types."""
     base = path.with_suffix(".base.gguf")
-    write_llama_cpp_style(base, make_model(), None)
+    write_llama_cpp_style(base, make_model(), tok)
     source = gguf.GGUFReader(base)
     w = gguf.GGUFWriter(str(path), "deepseek")
     for field in source.fields.values():
@@ -259,6 +260,28 @@ def _pieces(name: str, text: str) -> list[str]:
 ])
 def test_pre_tokenizers_split_like_llama_cpp(name: str, text: str, expected: list[str]) -> None:
     assert _pieces(name, text) == expected
+
+
+PRE_SAMPLES = ["Hello, world!!! 12345 $100", "don't 1234567", "a+=b|c", "x_y \u03a9mega 12 ok!",
+               "\u65e5\u672c\u8a9e text 3.14159", "  spaces\n\ttabs  "]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None,
+                    reason="llama-cpp-python is not installed")
+@pytest.mark.parametrize("pre", ["default", "gpt-2", "deepseek-llm", "deepseek-coder",
+                                 "deepseek-v3"])
+def test_pre_tokenizers_tokenize_like_llama_cpp(tmp_path: Path, pre: str) -> None:
+    """The same GGUF (no tokenizer.huggingface.json, so the pre name decides) tokenized by
+    llama.cpp and by dsmoe."""
+    import llama_cpp
+
+    tok = Tokenizer.train_bpe(PRE_SAMPLES * 20, vocab_size=300)
+    path = _with_metadata(tmp_path / f"{pre}.gguf", {"tokenizer.ggml.pre": pre}, tok)
+    ours = load_tokenizer(path)
+    llm = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
+    for text in PRE_SAMPLES:
+        assert llm.tokenize(text.encode(), add_bos=False, special=False) == ours.encode(
+            text, add_bos=False), text
 
 
 def test_every_pre_tokenizer_compiles() -> None:
