@@ -111,7 +111,7 @@ def test_chat_survives_binary_stdin_and_refuses_an_overlong_turn(model_dir: Path
     monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(raw), encoding="utf-8"))
     assert main(["chat", str(model_dir), "--max-new-tokens", "100000000"]) == 0
     captured = capsys.readouterr()
-    assert f"capped at {CONTEXT // 2}" in captured.err  # half the context stays for the conversation
+    assert f"capped at {CONTEXT // 2}" in captured.err  # half the context: the prompt
     assert "error: the prompt is" in captured.err  # the long turn, and the session goes on
     assert captured.out.count("Assistant:") == 2
     assert "Traceback" not in captured.err

@@ -291,7 +291,7 @@ def test_every_pre_tokenizer_compiles() -> None:
         assert "".join(_pieces(name, "ok, 1 ünï 日本")) == "ok, 1 ünï 日本", name
 
 
-# --- HF shard index (names outside the directory: test_checkpoint_hf) -------------------------------------------------------------------------
+# --- HF shard index (names outside the directory: test_checkpoint_hf) -------------------
 def test_shard_index_inside_the_directory_and_symlinked_shards_still_load(tmp_path: Path) -> None:
     model = make_model()
     model_dir = tmp_path / "model"
