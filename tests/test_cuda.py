@@ -9,6 +9,7 @@ bf16 reference (a few bf16 ulps on outputs of order 1).
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -303,3 +304,41 @@ def test_mla_model_parity_with_transformers_on_cuda(case: str, tmp_path: Path) -
     expected = ref.generate(ids[:1], max_new_tokens=32, do_sample=False, min_new_tokens=32,
                             pad_token_id=0)[:, ids.shape[1]:]
     assert torch.equal(new, expected), f"{case}: {new.tolist()} != {expected.tolist()}"
+
+
+# --- training and finetuning on the GPU --------------------------------------------------------
+def test_training_on_cuda_matches_cpu_and_exports(tmp_path: Path) -> None:
+    import json
+
+    from dsmoe.train import loop
+    from test_train import _cfg, _write_corpus
+
+    corpus = _write_corpus(tmp_path / "corpus")
+
+    def losses(out: Path) -> list[float]:
+        return [json.loads(line)["train_loss"]
+                for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+    runs = {}
+    for device in ("cpu", "cuda"):
+        out = tmp_path / device
+        result = loop.train(_cfg(corpus, out, tmp_path / "cache", max_steps=4, device=device),
+                            quiet=True)
+        assert result.status == "finished"
+        runs[device] = losses(out)
+    assert runs["cuda"] == pytest.approx(runs["cpu"], rel=1e-3)
+    bf16 = loop.train(_cfg(corpus, tmp_path / "bf16", tmp_path / "cache", max_steps=4,
+                           device="cuda", dtype="bfloat16", activation_checkpointing=True),
+                      quiet=True)
+    assert bf16.status == "finished" and all(map(math.isfinite, losses(tmp_path / "bf16")))
+    Transformer.from_pretrained(tmp_path / "bf16" / "model", device="cuda")
+
+
+def test_lora_finetuning_on_cuda_learns(tmp_path_factory, tmp_path: Path) -> None:
+    from dsmoe.finetune import loop
+    from test_finetune import _cfg, task
+
+    data = task.__wrapped__(tmp_path_factory)
+    result = loop.finetune(_cfg(data, tmp_path / "run", device="cuda"), quiet=True)
+    assert result.status == "finished"
+    assert result.val_loss < 0.25 * result.probe_loss_before

@@ -25,7 +25,8 @@ _DEFAULTS = FinetuneConfig(model="", data="")
 _UNSET = argparse.SUPPRESS  # a FinetuneConfig option not given: absent from the namespace
 # every option that sets a FinetuneConfig field of the same name (but MODEL, --data, --out)
 _FIELDS = ("val_data", "val_fraction", "tokenizer", "full", "freeze_router", "freeze_experts",
-           "lora_r", "lora_alpha", "lora_dropout", "targets", "quant", "dtype", "max_seq_len",
+           "lora_r", "lora_alpha", "lora_dropout", "targets", "quant", "dtype", "device",
+           "max_seq_len",
            "packing", "batch_size", "grad_accum", "max_steps", "epochs", "lr", "warmup_steps",
            "weight_decay", "seed", "log_every", "eval_every", "checkpoint_every")
 
@@ -72,6 +73,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--weight-decay", type=float, default=_UNSET)
     parser.add_argument("--dtype", choices=DTYPES, default=_UNSET,
                         help="dtype of the base model's float weights")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default=_UNSET,
+                        help="where finetuning runs (cuda: each rank its local GPU, NCCL)")
     parser.add_argument("--seed", type=int, default=_UNSET)
     parser.add_argument("--log-every", type=int, default=_UNSET)
     parser.add_argument("--eval-every", type=int, default=_UNSET)

@@ -17,7 +17,8 @@ _UNSET = argparse.SUPPRESS  # a TrainConfig option not given: absent from the na
 # every option that sets a TrainConfig field of the same name (but --out)
 _FIELDS = ("preset", "routing", "dense", "overrides", "data", "tokenizer", "cache_dir",
            "max_steps", "batch_size", "seq_len", "grad_accum", "lr", "warmup_steps", "dtype",
-           "compile", "seed", "log_every", "eval_every", "checkpoint_every")
+           "compile", "device", "activation_checkpointing", "seed", "log_every", "eval_every",
+           "checkpoint_every")
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -45,6 +46,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="autocast dtype of the forward pass")
     parser.add_argument("--compile", action="store_true", default=_UNSET,
                         help="torch.compile the model")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default=_UNSET,
+                        help="where training runs (cuda: each rank its local GPU, NCCL)")
+    parser.add_argument("--activation-checkpointing", action="store_true", default=_UNSET,
+                        help="recompute each block's activations in backward (less memory "
+                             "for long sequences, about a third more compute)")
     parser.add_argument("--seed", type=int, default=_UNSET)
     parser.add_argument("--log-every", type=int, default=_UNSET)
     parser.add_argument("--eval-every", type=int, default=_UNSET)

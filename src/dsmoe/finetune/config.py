@@ -41,6 +41,7 @@ class FinetuneConfig:
     targets: tuple[str, ...] = DEFAULT_TARGETS
     quant: str | None = None  # QLoRA: quantize the frozen base to int8 / int4
     dtype: str = "float32"  # dtype of the (float parts of the) base model
+    device: str = "cpu"  # cpu or cuda (under NCCL each rank takes its local GPU)
     max_seq_len: int = 1024
     packing: bool = False
     batch_size: int = 8
@@ -67,6 +68,11 @@ class FinetuneConfig:
             raise ValueError(f"--quant must be one of {QUANTS}, got {self.quant!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"--dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.device not in ("cpu", "cuda"):
+            raise ValueError(f"--device must be cpu or cuda, got {self.device!r}")
+        if self.device == "cuda" and self.quant:
+            raise ValueError(f"--quant {self.quant} runs on dsmoe's CPU kernels; it cannot be "
+                             "combined with --device cuda (use --dtype bfloat16 there)")
         if self.full and self.quant:
             raise ValueError("--quant freezes a quantized base for LoRA; it cannot be combined "
                              "with --full")

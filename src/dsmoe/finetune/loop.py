@@ -46,12 +46,12 @@ from dsmoe.tokenizer import Tokenizer
 from dsmoe.train import checkpoint as ckpt
 from dsmoe.train import rundir
 from dsmoe.train.config import resumed_settings
-from dsmoe.train.loop import build_optimizer, lr_at
+from dsmoe.train.loop import build_optimizer, lr_at, training_device
 from dsmoe.train.metrics import MetricsLog, ProgressDisplay
 from dsmoe.train.runner import Runner, StepStats, fill_from_log, load_balance
 
 ROUTING_SAMPLE_ROWS = 256
-_MOVABLE = frozenset({"model", "data", "val_data", "tokenizer"})  # checked by fingerprint
+_MOVABLE = frozenset({"model", "data", "val_data", "tokenizer", "device"})  # checked by fingerprint
 
 
 @dataclass
@@ -80,7 +80,7 @@ def load_base(cfg: FinetuneConfig) -> tuple[Transformer, Tokenizer]:
 
         model = load_model(path, dtype=dtype, quant=cfg.quant)
     else:
-        model = Transformer.from_pretrained(path, dtype=dtype)
+        model = Transformer.from_pretrained(path, dtype=dtype, device=training_device(cfg))
     if cfg.tokenizer is not None:
         tokenizer = Tokenizer.from_file(cfg.tokenizer)
     elif path.suffix == ".gguf":
@@ -141,9 +141,12 @@ def load_trainable_state(model: Transformer, state: dict[str, torch.Tensor]) -> 
 def _real_load(routing: list, real: torch.Tensor, n_experts: int) -> torch.Tensor:
     """[L, E] assignments per expert over the real (non-padding) tokens."""
     mask = real.reshape(-1)  # [B*S]
-    rows = [torch.bincount(r.topk_idx[mask].reshape(-1), minlength=n_experts).float()
-            for r in routing]
-    return torch.stack(rows) if rows else torch.zeros(0, max(n_experts, 1))
+    rows = []
+    for r in routing:  # a masked scatter-add: no host sync (see balance.expert_counts)
+        idx = r.topk_idx.reshape(mask.shape[0], -1)  # [B*S, K]
+        weight = mask.unsqueeze(-1).expand_as(idx).reshape(-1).float()
+        rows.append(torch.zeros(n_experts, device=idx.device).scatter_add_(0, idx.reshape(-1), weight))
+    return torch.stack(rows) if rows else torch.zeros(0, max(n_experts, 1), device=mask.device)
 
 
 @torch.no_grad()
@@ -155,12 +158,14 @@ def evaluate(model: Transformer, examples: list[sft_data.Example], batch_size: i
     E = model.config.n_routed_experts or 0
     total, count = 0.0, 0
     load = torch.zeros(len(model.moe_layers()), max(E, 1))
+    device = model.embed_tokens.weight.device
     for batch in sft_data.eval_batches(examples, batch_size, pad_id):
+        batch = batch.to(device)
         out = model(batch.input_ids, return_routing=True)
         total += F.cross_entropy(out.logits.float().flatten(0, 1), batch.labels.flatten(),
                                  ignore_index=sft_data.IGNORE_INDEX, reduction="sum").item()
         count += batch.n_targets
-        load += _real_load(out.routing or [], batch.real, E)
+        load += _real_load(out.routing or [], batch.real, E).cpu()
     model.train(was_training)
     return total / max(count, 1), load
 
@@ -338,10 +343,12 @@ def _train_step(model: Transformer, optimizer: torch.optim.Optimizer,
     world = ddist.get_world_size()  # sync_gradients averages: undo it for the CE sum
     ce_sum = aux_sum = dropped_sum = 0.0
     losses: dict[str, float] = {}
-    load = torch.zeros_like(like_load)  # [L, E]
+    device = model.embed_tokens.weight.device
+    load = torch.zeros(like_load.shape, device=device)  # [L, E]
     for batch in map(_my_rows, micro):
         if not batch.input_ids.numel():
             continue
+        batch = batch.to(device)
         out = model(batch.input_ids, position_ids=batch.position_ids, return_routing=True)
         ce = F.cross_entropy(out.logits.float().flatten(0, 1), batch.labels.flatten(),
                              ignore_index=sft_data.IGNORE_INDEX, reduction="sum")
@@ -352,10 +359,11 @@ def _train_step(model: Transformer, optimizer: torch.optim.Optimizer,
             losses[name] = losses.get(name, 0.0) + value.item() / cfg.grad_accum
         routing = out.routing or []
         load += _real_load(routing, batch.real, load.shape[1])
-        dropped_sum += sum(float(r.dropped_fraction) for r in routing) / max(len(routing), 1)
+        if routing:
+            dropped_sum += float(torch.stack([r.dropped_fraction for r in routing]).mean())
     loss = ddist.reduce_mean(ce_sum) * world / n_targets
     aux = ddist.reduce_mean(aux_sum / cfg.grad_accum)
-    ddist.all_reduce_sum_(load)
+    load = ddist.all_reduce_sum_(load).cpu()
     losses = {name: ddist.reduce_mean(value) for name, value in losses.items()}
     if math.isfinite(loss) and math.isfinite(aux):
         ddist.sync_gradients(model)

@@ -62,6 +62,11 @@ class Batch:
     real: torch.Tensor  # [B, S] bool: not padding
     position_ids: torch.Tensor | None = None  # [B, S] (packing), None = 0..S-1
 
+    def to(self, device: torch.device) -> "Batch":
+        """The same batch on ``device``."""
+        return Batch(self.input_ids.to(device), self.labels.to(device), self.real.to(device),
+                     None if self.position_ids is None else self.position_ids.to(device))
+
     @property
     def n_targets(self) -> int:
         return int((self.labels != IGNORE_INDEX).sum())

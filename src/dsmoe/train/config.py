@@ -53,6 +53,8 @@ class TrainConfig:
     seed: int = 0
     dtype: str = "float32"  # autocast dtype for the forward pass
     compile: bool = False
+    device: str = "cpu"  # cpu or cuda (under NCCL each rank takes its local GPU)
+    activation_checkpointing: bool = False  # recompute each block in backward
     samples: int = 3  # text samples printed at the end
 
     def __post_init__(self) -> None:
@@ -60,6 +62,8 @@ class TrainConfig:
             raise ValueError(f"--routing must be one of {ROUTINGS}, got {self.routing!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"--dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.device not in ("cpu", "cuda"):
+            raise ValueError(f"--device must be cpu or cuda, got {self.device!r}")
         for name in ("max_steps", "batch_size", "seq_len", "grad_accum", "log_every",
                      "eval_every", "eval_batches", "checkpoint_every", "keep_checkpoints"):
             if getattr(self, name) < 1:
@@ -98,7 +102,7 @@ def settings_from_dict(cls: type, data: dict[str, Any], what: str) -> Any:
 # model, the data or the optimisation, which a checkpoint cannot be continued under.
 RESUMABLE = frozenset({"max_steps", "epochs", "log_every", "eval_every", "eval_batches",
                        "eval_batch_size", "checkpoint_every", "keep_checkpoints", "cache_dir",
-                       "compile", "samples"})
+                       "compile", "samples", "device", "activation_checkpointing"})
 _PATHS = frozenset({"data", "tokenizer", "model", "val_data"})
 
 

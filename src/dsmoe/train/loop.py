@@ -36,6 +36,7 @@ from dsmoe.train import rundir
 from dsmoe.train.config import (TrainConfig, build_model_config, requested_model_config,
                                resumed_settings, vocab_size_asked)
 from dsmoe.train.metrics import ProgressDisplay
+from dsmoe.train.activation_checkpointing import apply_activation_checkpointing
 from dsmoe.train.runner import Runner, StepStats, fill_from_log
 
 SAMPLE_PROMPTS = ("def ", "import ", "class ")  # only when the validation text has no line
@@ -109,12 +110,26 @@ def lr_at(cfg: TrainConfig, step: int) -> float:
 
 
 def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW; matrices (and stacked expert tensors) decay, vectors (norms, biases) do not."""
+    """AdamW; matrices (and stacked expert tensors) decay, vectors (norms, biases) do not.
+    Fused on CUDA (one kernel for all parameters), the plain loop on CPU."""
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), foreach=False)
+    on_cuda = all(p.is_cuda for p in decay + no_decay)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                             foreach=False, fused=on_cuda or None)
+
+
+def training_device(cfg: Any) -> torch.device:
+    """Where this process trains (``cfg.device`` of a training or finetuning config): the
+    CPU, or its GPU (its local one under NCCL)."""
+    if cfg.device == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is available here "
+                         f"(torch {torch.__version__})")
+    return ddist.device() if ddist.is_distributed() else torch.device("cuda")
 
 
 @torch.no_grad()
@@ -124,8 +139,9 @@ def evaluate(model: Transformer, batches: Iterator[tuple[torch.Tensor, torch.Ten
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
+    device = model.embed_tokens.weight.device
     for inputs, targets in batches:
-        inputs, targets = ddist.data_shard((inputs, targets))
+        inputs, targets = ddist.data_shard((inputs.to(device), targets.to(device)))
         with autocast:
             logits = model(inputs).logits
         total += F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(),
@@ -175,8 +191,8 @@ def _open_run(cfg: TrainConfig, out: Path, resume: bool, given: frozenset[str] |
 
 def _build_model(cfg: TrainConfig, state: dict[str, Any] | None, vocab_size: int, ep: int
                  ) -> tuple[Transformer, str]:
-    """The run's model (the checkpoint's on resume), parallelized over ``ep`` ranks, and a
-    line describing it."""
+    """The run's model (the checkpoint's on resume) on its device, parallelized over ``ep``
+    ranks (activation checkpointing applied after), and a line describing it."""
     model_cfg = (ModelConfig.from_hf(state["model_config"]) if state is not None
                  else build_model_config(cfg, vocab_size, devices=ep if ep > 1 else None))
     model_cfg = ddist.ep_model_config(model_cfg, ep)
@@ -187,7 +203,10 @@ def _build_model(cfg: TrainConfig, state: dict[str, Any] | None, vocab_size: int
               f"{'dense' if cfg.dense else cfg.routing}")
     if state is not None:
         model.load_state_dict(state["model"])
-    return ddist.parallelize(model, ep), banner
+    model = ddist.parallelize(model.to(training_device(cfg)), ep)
+    if cfg.activation_checkpointing:
+        apply_activation_checkpointing(model)
+    return model, banner
 
 
 def train(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False,
@@ -225,7 +244,8 @@ def _train(cfg: TrainConfig, out: Path, resume: bool, quiet: bool, ep: int | Non
     sampler = BatchSampler(streams.train, cfg.batch_size, cfg.seq_len, cfg.seed)
     val_sampler = BatchSampler(streams.val, cfg.batch_size, cfg.seq_len, cfg.seed)
     forward = torch.compile(model) if cfg.compile else model
-    autocast = (torch.autocast("cpu", dtype=torch.bfloat16) if cfg.dtype == "bfloat16"
+    device = model.embed_tokens.weight.device
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if cfg.dtype == "bfloat16"
                 else contextlib.nullcontext())
 
     def validate() -> dict[str, float]:
@@ -262,27 +282,33 @@ def _train_step(forward: torch.nn.Module, optimizer: torch.optim.Optimizer,
                 autocast: contextlib.AbstractContextManager, like_load: torch.Tensor
                 ) -> StepStats:
     """One optimizer step over ``grad_accum`` micro-batches (skipped when the loss is not
-    finite); ``like_load``: an [L, E] table of the load's shape."""
-    loss_sum = aux_sum = dropped_sum = 0.0
-    losses: dict[str, float] = {}
-    load = torch.zeros_like(like_load)  # [L, E]
+    finite); ``like_load``: an [L, E] table of the load's shape. The numbers the log needs
+    stay on the model's device until the step ends and reach the host in one read."""
+    device = next(forward.parameters()).device
+    sums = torch.zeros(3, device=device)  # cross-entropy, aux loss, dropped fraction
+    named: dict[str, torch.Tensor] = {}  # balance loss name -> sum over micro-batches
+    load = torch.zeros(like_load.shape, device=device)  # [L, E]
     n_moe = load.shape[0]
     for micro in range(cfg.grad_accum):
-        inputs, targets = ddist.data_shard(sampler.batch(step * cfg.grad_accum + micro))
+        batch = sampler.batch(step * cfg.grad_accum + micro)
+        inputs, targets = ddist.data_shard(tuple(t.to(device) for t in batch))
         with autocast:
             out = forward(inputs, return_routing=True)
         ce = F.cross_entropy(out.logits.float().flatten(0, 1), targets.flatten())
         ((ce + out.aux_loss) / cfg.grad_accum).backward()
-        loss_sum += ce.item()
-        aux_sum += out.aux_loss.item()
+        sums[0] += ce.detach()
+        sums[1] += out.aux_loss.detach().float()
         for name, value in out.losses.items():
-            losses[name] = losses.get(name, 0.0) + value.item() / cfg.grad_accum
+            named[name] = named.get(name, 0.0) + value.detach().float() / cfg.grad_accum
         for i, routing in enumerate(out.routing or []):
             load[i] += routing.expert_counts.float()
-            dropped_sum += float(routing.dropped_fraction) / max(n_moe, 1)
+            sums[2] += routing.dropped_fraction.float() / max(n_moe, 1)
+    values = torch.cat([sums, torch.stack(list(named.values()))] if named else [sums]).tolist()
+    loss_sum, aux_sum, dropped_sum = values[:3]
+    losses = dict(zip(named, values[3:]))
     loss = ddist.reduce_mean(loss_sum / cfg.grad_accum)  # NaN anywhere -> NaN everywhere
     aux = ddist.reduce_mean(aux_sum / cfg.grad_accum)
-    ddist.all_reduce_sum_(load)  # logged load: the global batch's
+    load = ddist.all_reduce_sum_(load).cpu()  # logged load: the global batch's
     losses = {name: ddist.reduce_mean(value) for name, value in losses.items()}
     dropped = ddist.reduce_mean(dropped_sum) / cfg.grad_accum
     if math.isfinite(loss) and math.isfinite(aux):
