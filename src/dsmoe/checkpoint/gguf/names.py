@@ -87,28 +87,34 @@ def tensor_specs(config: ModelConfig, *, tied: bool | None = None) -> list[Tenso
             specs.append(spec(T.ATTN_OUT, ".bias", (D,), "self_attn.o_proj.bias", keep_f32=True))
         specs.append(spec(T.FFN_NORM, ".weight", (D,), "post_attention_layernorm.weight",
                           keep_f32=True))
-        if not c.is_moe_layer(i):
-            Fd = c.intermediate_size
-            specs += [spec(T.FFN_GATE, ".weight", (Fd, D), "mlp.gate_proj.weight"),
-                      spec(T.FFN_DOWN, ".weight", (D, Fd), "mlp.down_proj.weight"),
-                      spec(T.FFN_UP, ".weight", (Fd, D), "mlp.up_proj.weight")]
-            continue
-        E, F = c.n_routed_experts, c.moe_intermediate_size
-        assert E is not None
-        specs.append(spec(T.FFN_GATE_INP, ".weight", (E, D), "mlp.gate.weight", keep_f32=True))
-        if c.uses_bias_balancing:
-            specs.append(spec(T.FFN_EXP_PROBS_B, ".bias", (E,), "mlp.gate.e_score_correction_bias",
-                              keep_f32=True))
-        for tensor, proj, shape in ((T.FFN_GATE_EXP, "gate_proj", (E, F, D)),
-                                    (T.FFN_DOWN_EXP, "down_proj", (E, D, F)),
-                                    (T.FFN_UP_EXP, "up_proj", (E, F, D))):
-            names = tuple(f"{p}mlp.experts.{e}.{proj}.weight" for e in range(E))
-            specs.append(TensorSpec(_name(tensor, ".weight", i), shape, names))
-        Fs = F * (c.n_shared_experts or 0)
-        if Fs:
-            specs += [spec(T.FFN_GATE_SHEXP, ".weight", (Fs, D), "mlp.shared_experts.gate_proj.weight"),
-                      spec(T.FFN_DOWN_SHEXP, ".weight", (D, Fs), "mlp.shared_experts.down_proj.weight"),
-                      spec(T.FFN_UP_SHEXP, ".weight", (Fs, D), "mlp.shared_experts.up_proj.weight")]
+        specs += _ffn_specs(c, i, p, spec)
+    return specs
+
+
+def _ffn_specs(c: ModelConfig, i: int, p: str, spec) -> list[TensorSpec]:  # noqa: ANN001
+    """Layer ``i``'s feed-forward tensors: a dense MLP, or router + experts + shared."""
+    D = c.hidden_size
+    if not c.is_moe_layer(i):
+        Fd = c.intermediate_size
+        return [spec(T.FFN_GATE, ".weight", (Fd, D), "mlp.gate_proj.weight"),
+                spec(T.FFN_DOWN, ".weight", (D, Fd), "mlp.down_proj.weight"),
+                spec(T.FFN_UP, ".weight", (Fd, D), "mlp.up_proj.weight")]
+    E, F = c.n_routed_experts, c.moe_intermediate_size
+    assert E is not None
+    specs = [spec(T.FFN_GATE_INP, ".weight", (E, D), "mlp.gate.weight", keep_f32=True)]
+    if c.uses_bias_balancing:
+        specs.append(spec(T.FFN_EXP_PROBS_B, ".bias", (E,), "mlp.gate.e_score_correction_bias",
+                          keep_f32=True))
+    for tensor, proj, shape in ((T.FFN_GATE_EXP, "gate_proj", (E, F, D)),
+                                (T.FFN_DOWN_EXP, "down_proj", (E, D, F)),
+                                (T.FFN_UP_EXP, "up_proj", (E, F, D))):
+        names = tuple(f"{p}mlp.experts.{e}.{proj}.weight" for e in range(E))
+        specs.append(TensorSpec(_name(tensor, ".weight", i), shape, names))
+    Fs = F * (c.n_shared_experts or 0)
+    if Fs:
+        specs += [spec(T.FFN_GATE_SHEXP, ".weight", (Fs, D), "mlp.shared_experts.gate_proj.weight"),
+                  spec(T.FFN_DOWN_SHEXP, ".weight", (D, Fs), "mlp.shared_experts.down_proj.weight"),
+                  spec(T.FFN_UP_SHEXP, ".weight", (Fs, D), "mlp.shared_experts.up_proj.weight")]
     return specs
 
 
