@@ -420,3 +420,14 @@ def test_nproc_must_be_positive(tmp_path: Path, capsys) -> None:
     for command in (["train"], ["finetune", str(tmp_path), "--data", "x.jsonl"]):
         assert main([*command, "--out", str(tmp_path / "run"), "--nproc", "0"]) == 2
         assert "--nproc must be a positive integer, got 0" in capsys.readouterr().err
+
+
+def test_routing_defaults_to_the_presets_generation() -> None:
+    """A V2/V3 preset trains with its own routing unless --routing says otherwise (it used to
+    get V1's softmax routing silently)."""
+    assert TrainConfig(preset="tiny").routing == "v1"
+    assert TrainConfig(preset="tiny-v2").routing == "v2"
+    assert TrainConfig(preset="tiny-v3").routing == "v3"
+    assert TrainConfig(preset="deepseek-v3").routing == "v3"
+    assert TrainConfig(preset="tiny-v3", routing="v1").routing == "v1"
+    assert TrainConfig.from_dict(TrainConfig(preset="tiny-v3").to_dict()).routing == "v3"

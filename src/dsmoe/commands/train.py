@@ -31,7 +31,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default=_DEFAULTS.out, help="run directory")
     parser.add_argument("--max-steps", type=int, default=_UNSET)
     parser.add_argument("--routing", choices=ROUTINGS, default=_UNSET,
-                        help="DeepSeek generation's routing and balancing")
+                        help="DeepSeek generation's routing and balancing (default: the "
+                             "preset's own: v2/v3 for the V2/V3 presets, else v1)")
     parser.add_argument("--dense", action="store_true", default=_UNSET,
                         help="train the dense model with the same active parameters instead")
     parser.add_argument("--resume", action="store_true", help="continue the run in --out")

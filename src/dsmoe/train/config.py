@@ -27,7 +27,7 @@ class TrainConfig:
     """Everything about a training run except the model's shape (which the preset gives)."""
 
     preset: str = "tiny"
-    routing: str = "v1"
+    routing: str | None = None  # None: the preset's generation (v2/v3 for MLA presets, else v1)
     dense: bool = False
     overrides: tuple[str, ...] = ()  # ModelConfig ``key=value`` strings (--set)
     data: str | None = None  # None: the built-in corpus (Python's standard library)
@@ -58,6 +58,8 @@ class TrainConfig:
     samples: int = 3  # text samples printed at the end
 
     def __post_init__(self) -> None:
+        if self.routing is None:
+            object.__setattr__(self, "routing", preset_routing(self.preset))
         if self.routing not in ROUTINGS:
             raise ValueError(f"--routing must be one of {ROUTINGS}, got {self.routing!r}")
         if self.dtype not in DTYPES:
@@ -147,6 +149,15 @@ def _devices_for(n_experts: int, top_k: int, devices: int | None = None) -> tupl
             limit = max(devices // 2, math.ceil(top_k / per_device))
             return devices, min(limit, devices)
     return 1, 1
+
+
+def preset_routing(preset: str) -> str:
+    """The routing recipe a preset trains with by default: its own generation's (a
+    DeepSeek-V2 / V3 preset keeps V2 / V3 routing), V1 for everything else."""
+    from dsmoe.presets import PRESETS
+
+    model_type = PRESETS.get(preset, {}).get("model_type", "deepseek")
+    return {"deepseek_v2": "v2", "deepseek_v3": "v3"}.get(model_type, "v1")
 
 
 def routing_overrides(routing: str, base: ModelConfig, devices: int | None = None
