@@ -269,3 +269,15 @@ def test_total_counts_frequencies_over_the_whole_batch() -> None:
         parts = [loss(p, i, lambda c: summed.clone()) for p, i in halves]
         torch.testing.assert_close((parts[0] + parts[1]) / 2, loss(probs, idx, None),
                                    atol=1e-7, rtol=1e-6)
+
+
+def test_expert_counts_with_keep_count_only_kept_tokens() -> None:
+    """``keep`` (the finetuning loop's real-token mask) equals counting the kept rows alone."""
+    expert_counts = balance.expert_counts
+    gen = torch.Generator().manual_seed(3)
+    idx = torch.randint(0, 8, (2, 5, 3), generator=gen)  # [B, S, K]
+    keep = torch.rand(2, 5, generator=gen) > 0.4  # [B, S]
+    assert torch.equal(expert_counts(idx, 8, keep=keep), expert_counts(idx[keep], 8))
+    assert torch.equal(expert_counts(idx, 8, keep=torch.ones(2, 5, dtype=torch.bool)),
+                       expert_counts(idx, 8))
+    assert int(expert_counts(idx, 8, keep=torch.zeros(2, 5, dtype=torch.bool)).sum()) == 0

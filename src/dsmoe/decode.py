@@ -80,6 +80,13 @@ def graph_unsupported_reason(model: "Transformer") -> str | None:
     return None
 
 
+def _last_logits(model: "Transformer", input_ids: torch.Tensor, positions: torch.Tensor,
+                 attention_mask: torch.Tensor, cache: KVCache | LatentCache) -> torch.Tensor:
+    """One ``Transformer.forward`` into ``cache``: fp32 logits of the last position [B, V]."""
+    return model(input_ids, position_ids=positions, attention_mask=attention_mask,
+                 cache=cache, logits_to_keep=1).logits[:, -1].float()
+
+
 class EagerDecoder:
     """Prefill and decode through ``Transformer.forward`` with a growing ``KVCache`` view:
     any model, any device. Same protocol as ``StaticDecoder``."""
@@ -94,15 +101,13 @@ class EagerDecoder:
                 attention_mask: torch.Tensor) -> torch.Tensor:
         self.cache.reset()
         self.mask, self.next_pos = attention_mask, positions[:, -1:] + 1
-        return self.model(input_ids, position_ids=positions, attention_mask=attention_mask,
-                          cache=self.cache, logits_to_keep=1).logits[:, -1].float()
+        return _last_logits(self.model, input_ids, positions, attention_mask, self.cache)
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         B = tokens.shape[0]
         self.mask = torch.cat([self.mask, self.mask.new_ones(B, 1)], dim=1)
-        logits = self.model(tokens.view(B, 1), position_ids=self.next_pos,
-                            attention_mask=self.mask, cache=self.cache,
-                            logits_to_keep=1).logits[:, -1].float()
+        logits = _last_logits(self.model, tokens.view(B, 1), self.next_pos, self.mask,
+                              self.cache)
         self.next_pos = self.next_pos + 1
         return logits
 
@@ -139,10 +144,7 @@ def make_decoder(model: "Transformer", batch_size: int, max_seq_len: int, *,
     else the eager one. Graph decoders are captured once and reused."""
     if cuda_graph is None:
         cuda_graph = graph_unsupported_reason(model) is None
-    if cuda_graph:
-        reason = graph_unsupported_reason(model)
-        if reason is not None:
-            raise ValueError(f"cannot decode with a CUDA graph: {reason}")
+    if cuda_graph:  # StaticDecoder refuses a model it cannot capture, naming why
         return _graph_decoder(model, batch_size, max_seq_len, compile)
     if compile:
         raise ValueError("compile=True needs the CUDA-graph decoder (cuda_graph=True)")
@@ -200,8 +202,7 @@ class StaticDecoder:
             raise ValueError(f"this decoder holds {self.batch_size} rows of "
                              f"{self.cache.max_seq_len} positions; got prompts {B} x {P}")
         self.cache.reset()
-        logits = self.model(input_ids, position_ids=positions, attention_mask=attention_mask,
-                            cache=self.cache, logits_to_keep=1).logits[:, -1].float()
+        logits = _last_logits(self.model, input_ids, positions, attention_mask, self.cache)
         self.valid.fill_(True)
         self.valid[:, :P] = attention_mask.bool()
         self.positions.copy_(positions[:, -1:] + 1)
@@ -235,8 +236,8 @@ class StaticDecoder:
 
     def _capture(self) -> None:
         """Warm up (kernel choices, autotuning, lazy inits) and capture one step."""
-        experts = [layer.mlp.experts for layer in self.model.layers
-                   if hasattr(getattr(layer.mlp, "experts", None), "kernel")]
+        experts = [layer.experts for layer in self.model.moe_layers()
+                   if hasattr(layer.experts, "kernel")]  # quantized experts have no choice
         graph_kernel = graph_expert_kernel(self.model.embed_tokens.weight.dtype)
         saved = [(e, e.kernel) for e in experts]
         slot, positions = self.slot.clone(), self.positions.clone()

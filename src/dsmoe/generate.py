@@ -138,10 +138,9 @@ def generate(model: "Transformer", input_ids: torch.Tensor | Sequence[Sequence[i
     done = torch.zeros(B, dtype=torch.bool, device=device)
     try:
         for i in range(max_new_tokens):
-            step_logits = logits  # [B, V]
             if seen is not None:
-                step_logits = apply_repetition_penalty(step_logits, seen, repetition_penalty)
-            token = next_tokens(step_logits, temperature=temperature, top_k=top_k, top_p=top_p,
+                logits = apply_repetition_penalty(logits, seen, repetition_penalty)
+            token = next_tokens(logits, temperature=temperature, top_k=top_k, top_p=top_p,
                                 generator=generator)
             token = torch.where(done, torch.full_like(token, pad), token)
             out[:, i] = token

@@ -17,6 +17,8 @@ Shapes: M rows, K in features, N out features.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -64,10 +66,10 @@ def fp32_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     out = _native_rows(x, weight)
     if out is not None:
         return out
-    if torch.is_autocast_enabled(x.device.type):  # autocast would run it in bf16
-        with torch.autocast(x.device.type, enabled=False):
-            return F.linear(x.float(), weight.float())
-    return F.linear(x.float(), weight.float())
+    device = x.device.type
+    with (torch.autocast(device, enabled=False) if torch.is_autocast_enabled(device)
+          else contextlib.nullcontext()):  # autocast would run it in bf16
+        return F.linear(x.float(), weight.float())
 
 
 class Linear(nn.Linear):

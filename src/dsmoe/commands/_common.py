@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Iterator, Mapping
 
 from dsmoe.cli import non_negative_int, positive_int
+from dsmoe.devices import resolve_device
 
 if TYPE_CHECKING:
     import torch
@@ -49,30 +50,6 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 def add_device_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu",
                         help="where the model runs: cpu, cuda or cuda:N (default: cpu)")
-
-
-def resolve_device(name: str, *, quant: str | None = None) -> torch.device:
-    """``--device`` as a torch device, or a ValueError that says what is wrong with it."""
-    import torch
-
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"--device {name!r} is not a device (expected cpu, cuda or cuda:N)"
-                         ) from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"--device {name}: no CUDA device is available here "
-                             f"(torch {torch.__version__})")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ValueError(f"--device {name}: only {torch.cuda.device_count()} CUDA "
-                             f"device(s) here")
-        if quant is not None:
-            raise ValueError(f"--quant {quant} uses dsmoe's CPU kernels; drop --quant to "
-                             f"run on {name} (use --dtype bfloat16 there)")
-    elif device.type != "cpu":
-        raise ValueError(f"--device {name}: dsmoe runs on cpu or cuda")
-    return device
 
 
 def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:

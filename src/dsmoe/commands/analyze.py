@@ -13,6 +13,8 @@ from pathlib import Path
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
+    from dsmoe.commands._common import add_device_argument
+
     parser.add_argument("model", help="HF model directory (with tokenizer.json) or .gguf file")
     parser.add_argument("--data", default=None,
                         help="text file / directory / .jsonl (default: the built-in corpus); "
@@ -20,7 +22,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--max-tokens", type=int, default=16384)
     parser.add_argument("--seq-len", type=int, default=128)
-    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
+    add_device_argument(parser)
 
 
 def run(args: argparse.Namespace) -> int:

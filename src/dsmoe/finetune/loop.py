@@ -42,6 +42,7 @@ from dsmoe.finetune.config import FinetuneConfig
 from dsmoe.finetune.lora import apply_lora, lora_modules, make_quant_trainable
 from dsmoe.io import atomic_write_text
 from dsmoe.model import Transformer
+from dsmoe.moe.balance import expert_counts
 from dsmoe.tokenizer import Tokenizer
 from dsmoe.train import checkpoint as ckpt
 from dsmoe.train import rundir
@@ -140,13 +141,9 @@ def load_trainable_state(model: Transformer, state: dict[str, torch.Tensor]) -> 
 # --- measuring ----------------------------------------------------------------------------
 def _real_load(routing: list, real: torch.Tensor, n_experts: int) -> torch.Tensor:
     """[L, E] assignments per expert over the real (non-padding) tokens."""
-    mask = real.reshape(-1)  # [B*S]
-    rows = []
-    for r in routing:  # a masked scatter-add: no host sync (see balance.expert_counts)
-        idx = r.topk_idx.reshape(mask.shape[0], -1)  # [B*S, K]
-        weight = mask.unsqueeze(-1).expand_as(idx).reshape(-1).float()
-        rows.append(torch.zeros(n_experts, device=idx.device).scatter_add_(0, idx.reshape(-1), weight))
-    return torch.stack(rows) if rows else torch.zeros(0, max(n_experts, 1), device=mask.device)
+    keep = real.reshape(-1)  # [B*S]
+    rows = [expert_counts(r.topk_idx, n_experts, keep=keep).float() for r in routing]
+    return torch.stack(rows) if rows else torch.zeros(0, max(n_experts, 1), device=keep.device)
 
 
 @torch.no_grad()

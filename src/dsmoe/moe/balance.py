@@ -32,15 +32,20 @@ import torch
 Total = Callable[[torch.Tensor], torch.Tensor]
 
 
-def expert_counts(topk_idx: torch.Tensor, n_experts: int) -> torch.Tensor:
-    """[..., K] expert ids -> [E] number of (token, expert) assignments per expert.
+def expert_counts(topk_idx: torch.Tensor, n_experts: int,
+                  keep: torch.Tensor | None = None) -> torch.Tensor:
+    """[..., K] expert ids -> [E] number of (token, expert) assignments per expert; with
+    ``keep`` ([...] bool, one per token) only the kept tokens' assignments count.
 
-    A scatter-add, not ``torch.bincount``: CUDA's bincount reads the largest id on the host
-    to size its output, a device sync per MoE layer that also breaks CUDA-graph capture.
-    Integer adds are exact, so the counts are deterministic on every device."""
+    A scatter-add, not ``torch.bincount`` (or boolean indexing by ``keep``): CUDA's bincount
+    reads the largest id on the host to size its output, a device sync per MoE layer that
+    also breaks CUDA-graph capture. Integer adds are exact, so the counts are deterministic
+    on every device."""
     flat = topk_idx.reshape(-1)  # [A]
+    ones = (torch.ones_like(flat) if keep is None
+            else keep.unsqueeze(-1).expand(topk_idx.shape).reshape(-1).long())  # [A]
     counts = torch.zeros(n_experts, dtype=torch.long, device=flat.device)  # [E]
-    return counts.scatter_add_(0, flat, torch.ones_like(flat, dtype=torch.long))
+    return counts.scatter_add_(0, flat, ones)
 
 
 def expert_balance_loss(probs: torch.Tensor, topk_idx: torch.Tensor, n_experts: int,

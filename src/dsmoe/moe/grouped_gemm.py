@@ -45,7 +45,7 @@ from __future__ import annotations
 import functools
 import itertools
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Callable, ClassVar
 
 import torch
 
@@ -247,13 +247,18 @@ class Kernel:
                 blocks = expert_blocks(counts_list)
         return GroupedGEMM(cls.name, counts, rows=n_rows, decode_blocks=blocks)
 
-    @staticmethod
-    def mm(plan: "GroupedGEMM", x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+    # the kernel's products on sorted rows: (x [A, k], w [E, k, n], counts) -> [A, n] and
+    # (a [A, n], b [A, k], counts) -> [E, n, k]
+    rows_mm: ClassVar[Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]]
+    rows_mm_weight: ClassVar[Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]]
 
-    @staticmethod
-    def mm_weight(plan: "GroupedGEMM", a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+    @classmethod
+    def mm(cls, plan: "GroupedGEMM", x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return cls.rows_mm(x, w, plan.counts)
+
+    @classmethod
+    def mm_weight(cls, plan: "GroupedGEMM", a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return cls.rows_mm_weight(a, b, plan.counts)
 
     @staticmethod
     def per_row(plan: "GroupedGEMM", values: torch.Tensor) -> torch.Tensor:
@@ -278,15 +283,13 @@ def register(cls: type[Kernel]) -> type[Kernel]:
 @register
 class LoopKernel(Kernel):
     name, cpu_decode = "loop", True
-    mm = staticmethod(lambda plan, x, w: _loop_mm(x, w, plan.counts))
-    mm_weight = staticmethod(lambda plan, a, b: _loop_mm_weight(a, b, plan.counts))
+    rows_mm, rows_mm_weight = _loop_mm, _loop_mm_weight
 
 
 @register
 class GroupedMMKernel(Kernel):
     name = "grouped_mm"
-    mm = staticmethod(lambda plan, x, w: _grouped_mm(x, w, plan.counts))
-    mm_weight = staticmethod(lambda plan, a, b: _grouped_mm_weight(a, b, plan.counts))
+    rows_mm, rows_mm_weight = _grouped_mm, _grouped_mm_weight
 
     @classmethod
     def plan(cls, counts: torch.Tensor, n_rows: int) -> "GroupedGEMM":
@@ -298,8 +301,7 @@ class GroupedMMKernel(Kernel):
 @register
 class GatherKernel(Kernel):
     name = "gather"
-    mm = staticmethod(lambda plan, x, w: _gather_mm(x, w, plan.counts))
-    mm_weight = staticmethod(lambda plan, a, b: _gather_mm_weight(a, b, plan.counts))
+    rows_mm, rows_mm_weight = _gather_mm, _gather_mm_weight
 
 
 @register

@@ -28,15 +28,16 @@ from dsmoe import distributed as ddist
 from dsmoe.config import ModelConfig
 from dsmoe.data import (BatchSampler, Corpus, TokenStreams, load_corpus, tokenize_corpus,
                         unigram_entropy)
+from dsmoe.devices import resolve_device
 from dsmoe.io import atomic_write_text
 from dsmoe.model import Transformer
 from dsmoe.tokenizer import Tokenizer
 from dsmoe.train import checkpoint as ckpt
 from dsmoe.train import rundir
+from dsmoe.train.activation_checkpointing import apply_activation_checkpointing
 from dsmoe.train.config import (TrainConfig, build_model_config, requested_model_config,
                                resumed_settings, vocab_size_asked)
 from dsmoe.train.metrics import ProgressDisplay
-from dsmoe.train.activation_checkpointing import apply_activation_checkpointing
 from dsmoe.train.runner import Runner, StepStats, fill_from_log
 
 SAMPLE_PROMPTS = ("def ", "import ", "class ")  # only when the validation text has no line
@@ -124,12 +125,8 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opt
 def training_device(cfg: Any) -> torch.device:
     """Where this process trains (``cfg.device`` of a training or finetuning config): the
     CPU, or its GPU (its local one under NCCL)."""
-    if cfg.device == "cpu":
-        return torch.device("cpu")
-    if not torch.cuda.is_available():
-        raise ValueError("--device cuda: no CUDA device is available here "
-                         f"(torch {torch.__version__})")
-    return ddist.device() if ddist.is_distributed() else torch.device("cuda")
+    device = resolve_device(cfg.device)
+    return ddist.device() if device.type == "cuda" and ddist.is_distributed() else device
 
 
 @torch.no_grad()
