@@ -12,9 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from dsmoe import plan
+from dsmoe import distributed as ddist
+from dsmoe import plan, plan_memory, plan_search
 from dsmoe.cli import main
 from dsmoe.config import ModelConfig
+from dsmoe.finetune import lora
+from dsmoe.model import Transformer
 from dsmoe.moe.router import select_group_limited
 from dsmoe.params import count_parameters
 
@@ -136,3 +139,200 @@ def test_plan_command_reads_an_hf_config(tmp_path: Path, capsys: pytest.CaptureF
     assert main(["plan", "--preset", "deepseek-moe-16b", "--devices", "8"]) == 0
     from_preset = capsys.readouterr().out
     assert from_file.splitlines()[1:] == from_preset.splitlines()[1:]  # all but the title
+
+
+# --- layouts: FSDP x EP, activation checkpointing, offload, finetuning -------------------------
+def _state(p: plan.Plan) -> float:
+    return p.memory["parameters"] + p.memory["gradients"] + p.memory["optimizer"]
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny-v2", "deepseek-moe-16b", "deepseek-v3"])
+def test_fsdp_units_add_up_to_the_parameter_count(preset: str) -> None:
+    cfg = ModelConfig.preset(preset)
+    counts = count_parameters(cfg)
+    units = plan_memory.unit_parameters(cfg)
+    assert sum(u.total for u in units) == counts.total
+    assert sum(u.experts for u in units) == counts.routed_experts
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
+@pytest.mark.parametrize("devices, ep", [(8, 1), (8, 2), (8, 8), (16, 4)])
+def test_fsdp_keeps_one_nth_of_everything(dtype: str, devices: int, ep: int) -> None:
+    """ZeRO-3: 16 bytes per parameter (2 + 2 + 12 or 4 + 4 + 8) over N ranks, whatever
+    the EP split; the all-gathered unit (2 with prefetch) + its gradients on top."""
+    cfg = ModelConfig.preset("deepseek-moe-16b")
+    total = count_parameters(cfg).total
+    p = plan.make_plan(cfg, devices, ep=ep, dtype=dtype, fsdp=True)
+    assert _state(p) == pytest.approx(16 * total / devices)
+    b = plan.DTYPE_BYTES[dtype]
+    units = plan_memory.unit_parameters(cfg)
+    largest = max(u.dense + u.experts / ep for u in units)
+    assert p.memory["fsdp_transient"] == pytest.approx(3 * largest * b)
+    ddp = plan.make_plan(cfg, devices, ep=ep, dtype=dtype)
+    assert _state(ddp) > _state(p) and ddp.memory["fsdp_transient"] == 0
+    assert p.memory["activations"] == ddp.memory["activations"]
+
+
+def test_cpu_offload_moves_the_optimizer_state_to_the_host() -> None:
+    cfg = ModelConfig.preset("deepseek-moe-16b")
+    on, off = (plan.make_plan(cfg, 8, fsdp=True, cpu_offload=o) for o in (False, True))
+    assert off.memory["optimizer"] == 0 and off.host_memory == on.memory["optimizer"]
+    assert on.host_memory == 0
+    assert off.device_bytes == pytest.approx(on.device_bytes - on.memory["optimizer"])
+
+
+def test_activation_checkpointing_keeps_block_inputs_and_one_block() -> None:
+    cfg = ModelConfig.preset("deepseek-moe-16b")
+    b, D, V = 2, cfg.hidden_size, cfg.vocab_size
+    full, ckpt = (plan.make_plan(cfg, 8, activation_checkpointing=a) for a in (False, True))
+    blocks = [plan_memory.block_activation_bytes(cfg, i, b) for i in range(28)]
+    head = (D + V) * b + V * 4
+    assert full.memory["activations"] == pytest.approx(4096 * (sum(blocks) + head))
+    assert ckpt.memory["activations"] == pytest.approx(4096 * (28 * D * b + max(blocks) + head))
+    assert ckpt.memory["activations"] < full.memory["activations"] / 4
+
+
+def test_micro_batch_sizes_activations_and_the_step() -> None:
+    cfg = ModelConfig.preset("deepseek-moe-16b")
+    one = plan.make_plan(cfg, 8, seq_len=1024)
+    two = plan.make_plan(cfg, 8, seq_len=1024, micro_batch=2)
+    assert two.micro_batch_tokens == 2048 and two.tokens_per_step == 8 * 2048
+    assert two.memory["activations"] == pytest.approx(2 * one.memory["activations"])
+    accumulated = plan.make_plan(cfg, 8, seq_len=1024, micro_batch=1, tokens_per_step=8 * 4096)
+    assert accumulated.memory["activations"] == pytest.approx(one.memory["activations"])
+    with pytest.raises(ValueError, match="--micro-batch 3 x --seq-len 1024"):
+        plan.make_plan(cfg, 8, seq_len=1024, micro_batch=3, tokens_per_step=8 * 4096)
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny-v2", "tiny-v3"])
+@pytest.mark.parametrize("targets", [lora.DEFAULT_TARGETS, lora.TARGETS])
+def test_lora_adapter_counts_match_apply_lora(preset: str, targets: tuple[str, ...]) -> None:
+    """The planner's adapter shapes against finetune's own adapters on a built model."""
+    cfg = ModelConfig.preset(preset)
+    model = Transformer(cfg)
+    lora.apply_lora(model, lora.LoRASettings(r=4, targets=targets))
+    adapters = lora.lora_parameters(model)
+    expected = plan_memory.lora_unit_parameters(cfg, 4, targets)
+    assert sum(p.numel() for p in adapters.values()) == sum(u.total for u in expected)
+    expert_adapters = sum(p.numel() for name, p in adapters.items() if ".experts." in name)
+    assert expert_adapters == sum(u.experts for u in expected)
+
+
+def test_lora_plan_trains_adapters_only() -> None:
+    cfg = ModelConfig.preset("deepseek-moe-16b")
+    counts = count_parameters(cfg)
+    p = plan.make_plan(cfg, 8, ep=8, dtype="bf16", method="lora", lora_r=8)
+    adapters = sum(plan_memory.lora_unit_parameters(cfg, 8, lora.DEFAULT_TARGETS),
+                   plan_memory.Split())
+    per_rank = adapters.dense + adapters.experts / 8
+    assert p.trainable_params_per_rank == pytest.approx(per_rank)
+    assert p.memory["gradients"] == pytest.approx(4 * per_rank)  # fp32 adapters
+    assert p.memory["optimizer"] == pytest.approx(8 * per_rank)  # moments, no master
+    base = counts.total - counts.routed_experts + counts.routed_experts / 8
+    assert p.memory["parameters"] == pytest.approx(2 * base + 4 * per_rank)
+    full = plan.make_plan(cfg, 8, ep=8, dtype="bf16", method="full")
+    assert _state(p) < _state(full) / 5
+
+
+# --- sizes and the layout search ---------------------------------------------------------------
+@pytest.mark.parametrize("text, size", [("80GB", 80 * 10**9), ("80GiB", 80 * 2**30),
+                                        ("24G", 24 * 2**30), ("24g", 24 * 2**30),
+                                        ("1.5 TB", 1.5e12), ("512MiB", 512 * 2**20),
+                                        ("4096", 4096)])
+def test_parse_size(text: str, size: float) -> None:
+    assert plan_search.parse_size(text) == int(size)
+
+
+@pytest.mark.parametrize("text", ["80 GBs", "GB", "-1GB", "80XB", "1e9", "0GB", ""])
+def test_parse_size_rejects(text: str) -> None:
+    with pytest.raises(ValueError, match="--memory"):
+        plan_search.parse_size(text)
+
+
+def test_search_picks_the_cheapest_layout_that_fits() -> None:
+    cfg = ModelConfig.preset("deepseek-moe-16b")
+    found = plan_search.search_layouts(cfg, 8, 80 * 10**9, method="full")
+    assert len(found.ranked) == 4 * 8  # EP 1, 2, 4, 8 x FSDP x AC x offload
+    best = found.fitting[0]
+    assert best.device_bytes <= 80e9
+    assert (best.layout.cpu_offload, best.layout.activation_checkpointing) == (False, False)
+    cheaper = [p for p in found.ranked if p.step_communication_bytes
+               < best.step_communication_bytes and not p.layout.cpu_offload
+               and not p.layout.activation_checkpointing]
+    assert all(p.device_bytes > 80e9 for p in cheaper)
+    tight = plan_search.search_layouts(cfg, 8, 24 * 2**30, method="full")
+    assert all(p.layout.cpu_offload for p in tight.fitting)  # ~30 GiB of state on device
+    assert tight.fitting[0].layout.activation_checkpointing
+    fixed = plan_search.search_layouts(cfg, 8, 80 * 10**9, ep=2, fsdp=True, method="full")
+    assert {(p.layout.ep, p.layout.fsdp) for p in fixed.ranked} == {(2, True)}
+
+
+def test_plan_memory_command(capsys: pytest.CaptureFixture) -> None:
+    assert main(["plan", "--preset", "deepseek-moe-16b", "--devices", "8", "--memory", "80GB",
+                 "--full-finetune"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("Chosen layout for 74.51 GiB (80.0 GB) per device: **EP ")
+    assert "full finetuning on 8 device(s)" in out and "| 1 | EP " in out
+    assert "Layouts considered" in out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--devices", "8", "--memory", "8GB"], "no layout fits 7.45 GiB (8.0 GB) per device; "
+                                            "the closest, EP 8, FSDP, activation "
+                                            "checkpointing, CPU offload, needs"),
+    (["--devices", "8", "--memory", "eighty"], "--memory 'eighty' is not a size"),
+    (["--devices", "8", "--lora-r", "4"], "--lora-r and --targets size LoRA adapters"),
+    (["--devices", "8", "--lora", "--targets", "q,zz"], "unknown LoRA target(s) 'zz'"),
+    (["--devices", "8", "--micro-batch", "2", "--tokens-per-step", "32768"],
+     "--micro-batch 2 x --seq-len 4096"),
+])
+def test_plan_layout_errors(argv: list[str], message: str,
+                            capsys: pytest.CaptureFixture) -> None:
+    assert main(["plan", "--preset", "deepseek-moe-16b", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
+
+
+def test_plan_command_layout_flags(capsys: pytest.CaptureFixture) -> None:
+    assert main(["plan", "--preset", "deepseek-moe-16b", "--devices", "8", "--ep", "4",
+                 "--fsdp", "--activation-checkpointing", "--cpu-offload", "--lora",
+                 "--lora-r", "16", "--micro-batch", "2", "--seq-len", "2048"]) == 0
+    out = capsys.readouterr().out
+    assert ("LoRA finetuning on 8 device(s): EP 4 x 2 FSDP shard(s), bf16, activation "
+            "checkpointing, CPU offload") in out
+    assert "activations (4,096 tokens, activation checkpointing)" in out
+    assert "| host memory (offloaded optimizer state) |" in out and "FSDP per step" in out
+
+
+# --- the plan against measured ranks ------------------------------------------------------------
+STATE_KINDS = ("parameters", "gradients", "optimizer")
+
+
+def _state_after_a_step(cfg: ModelConfig, ep: int) -> dict[str, int]:
+    """One AdamW training step under EP ``ep`` on this gloo rank; its state's bytes."""
+    rank, _ = ddist.init_distributed()
+    try:
+        torch.manual_seed(0)
+        model = ddist.parallelize(Transformer(cfg), ep).train()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, foreach=False)
+        gen = torch.Generator().manual_seed(rank)
+        ids = torch.randint(0, cfg.vocab_size, (2, 17), generator=gen)
+        logits = model(ids[:, :-1]).logits
+        torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten()).backward()
+        ddist.sync_gradients(model)
+        optimizer.step()
+        return plan_memory.measured_state_bytes(model, optimizer)
+    finally:
+        ddist.teardown()
+
+
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_measured_state_matches_the_plan(nproc: int) -> None:
+    """Each rank's parameters, gradients and AdamW state (fp32) within 1% of the plan
+    (the issue asks 10%; the optimizer's per-tensor step counters are the difference)."""
+    cfg = ddist.ep_model_config(ModelConfig.preset("tiny"), nproc)
+    predicted = plan.make_plan(cfg, nproc, ep=nproc, dtype="fp32").memory
+    for rank, measured in enumerate(ddist.launch(_state_after_a_step, nproc, cfg, nproc,
+                                                 threads=1)):
+        for kind in STATE_KINDS:
+            assert measured[kind] == pytest.approx(predicted[kind], rel=0.01), (rank, kind)

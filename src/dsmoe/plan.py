@@ -2,22 +2,12 @@
 and all-to-all traffic, from a ModelConfig alone (nothing is built or allocated).
 
 Models (stated so the numbers can be checked and argued with):
-- Parameters come from ``dsmoe.params.count_parameters``. Routed experts are split over
-  the EP group (E/ep per rank); everything else is replicated on every rank (DDP).
-- Training state per parameter: ``bf16``/``fp16``: 2-byte weights and gradients plus an
-  fp32 master copy and fp32 AdamW moments (2 + 2 + 4 + 8 = 16 bytes); ``fp32``: 4-byte
-  weights and gradients plus fp32 moments (4 + 4 + 8 = 16 bytes). No optimizer sharding.
-- Activations kept for backward, per token, without recomputation, with a fused (flash)
-  attention that stores no S x S scores; in the compute dtype unless noted:
-    attention block   2D (residual, norm) + q + k + v + o (``params.attention_widths``:
-                      MHA 2 q_out + 2 kv_out; MLA its expanded per-head keys and values)
-    FFN block         2D (residual, norm) +
-      dense           3 I (gate, up, act(gate) * up)
-      MoE             2E fp32 (logits, scores) + 3 F n_shared + K (2D + 3F) (each routed
-                      assignment: gathered input, gate/up, product, expert output)
-    head              D (final norm) + V (logits) + V fp32 (the loss's upcast)
-  Each rank holds its tokens' activations; under balanced routing the assignments it
-  computes for other ranks equal the ones others compute for it.
+- Memory per rank (parameters, gradients, AdamW state, activations, FSDP's transient
+  gathers) for a layout of expert parallelism, FSDP, activation checkpointing and CPU
+  offload, for training, full or LoRA finetuning: ``dsmoe.plan_memory``. Parameters
+  come from ``dsmoe.params.count_parameters``.
+- Activations are for one micro-batch (``micro_batch`` sequences of ``seq_len`` per
+  rank; by default all the rank's tokens of a step, no gradient accumulation).
 - FLOPs per token, forward: 2 x the active matmul parameters (all active parameters but
   the embedding and norms) + 2 x L x (q + o) x S for attention scores and values (S the
   sequence length, causal masking not discounted, as in PaLM's 6N + 12 L H Q T).
@@ -32,7 +22,8 @@ Models (stated so the numbers can be checked and argued with):
   K fp32 gate weights + K expert ids (+ K affinities when dropping), forward and back,
   plus the (ep - 1)(E/ep + 2) int64 counts per layer.
 - Gradient all-reduce (ring): 2 (W - 1)/W x replicated gradient bytes over all W ranks,
-  2 (R - 1)/R x expert gradient bytes over the R = W/ep replicas of each expert block.
+  2 (R - 1)/R x expert gradient bytes over the R = W/ep replicas of each expert block;
+  FSDP's all-gathers and reduce-scatter instead (``dsmoe.plan_memory``).
 
 Shapes: E experts, K picks, D hidden, F expert width, I dense width, V vocab, L layers.
 """
@@ -45,8 +36,9 @@ from dataclasses import dataclass, field
 
 from dsmoe.config import ModelConfig, check_expert_split
 from dsmoe.params import attention_widths, count_parameters
+from dsmoe.plan_memory import (DTYPE_BYTES, Layout, Split, activation_bytes_per_token,
+                               memory_per_rank, sync_bytes, training_state)
 
-DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 MONTE_CARLO_SAMPLES = 20_000
 
 
@@ -123,12 +115,19 @@ class Plan:
     seq_len: int
     total_params: int
     active_params: int
-    replicated_params: int  # per rank
-    expert_params_per_rank: int
-    memory: dict[str, float]  # bytes per rank: parameters, gradients, optimizer, activations
+    replicated_params: float  # per rank: all but the routed experts (sharded under FSDP)
+    expert_params_per_rank: float
+    memory: dict[str, float]  # bytes per device: parameters, gradients, optimizer,
+    #                           activations, fsdp_transient
     flops_forward_per_token: float
     traffic: list[RoutingTraffic] = field(default_factory=list)
-    allreduce_bytes: float = 0.0  # gradient all-reduce per step per rank (ring)
+    allreduce_bytes: float = 0.0  # weight + gradient collectives per step per rank
+    layout: Layout = Layout()
+    method: str = "train"  # train | full | lora (METHODS)
+    micro_batch_tokens: int = 0  # per rank per forward: what activations are sized for
+    host_memory: float = 0.0  # bytes per rank off the device (--cpu-offload)
+    sync: dict[str, float] = field(default_factory=dict)  # allreduce_bytes by collective
+    trainable_params_per_rank: float = 0.0
 
     @property
     def replicas(self) -> int:
@@ -137,6 +136,18 @@ class Plan:
     @property
     def tokens_per_rank(self) -> int:
         return self.tokens_per_step // self.devices
+
+    @property
+    def device_bytes(self) -> float:
+        return sum(self.memory.values())
+
+    @property
+    def step_communication_bytes(self) -> float:
+        """Per rank per step: weight/gradient collectives + the all-to-all of unrestricted
+        top-K routing (layouts compare on the same routing)."""
+        a2a = self.traffic[0].payload_bytes + self.traffic[0].metadata_bytes \
+            if self.traffic else 0.0
+        return self.allreduce_bytes + a2a
 
 
 def validate(config: ModelConfig, devices: int, ep: int, max_devices: int | None,
@@ -166,24 +177,6 @@ def validate(config: ModelConfig, devices: int, ep: int, max_devices: int | None
         raise ValueError(f"--dtype must be one of {sorted(DTYPE_BYTES)}, got {dtype!r}")
 
 
-def activation_bytes_per_token(config: ModelConfig, dtype: str) -> float:
-    """Bytes kept for backward per token (module docstring's model)."""
-    c, b = config, DTYPE_BYTES[dtype]
-    D, V = c.hidden_size, c.vocab_size
-    attention = (2 * D + sum(attention_widths(c))) * b
-    ffn_common = 2 * D * b
-    dense = 3 * c.intermediate_size * b
-    total = 0.0
-    for i in range(c.num_hidden_layers):
-        total += attention + ffn_common
-        if c.is_moe_layer(i):
-            E, K, F = c.n_routed_experts, c.num_experts_per_tok, c.moe_intermediate_size
-            total += 2 * E * 4 + (3 * F * (c.n_shared_experts or 0) + K * (2 * D + 3 * F)) * b
-        else:
-            total += dense
-    return total + (D + V) * b + V * 4
-
-
 def forward_flops_per_token(config: ModelConfig, seq_len: int) -> float:
     counts = count_parameters(config)
     matmul = counts.active - counts.embedding - counts.norms
@@ -193,37 +186,57 @@ def forward_flops_per_token(config: ModelConfig, seq_len: int) -> float:
 
 def make_plan(config: ModelConfig, devices: int, *, ep: int | None = None,
               max_devices: int | None = None, tokens_per_step: int | None = None,
-              dtype: str = "bf16", seq_len: int | None = None) -> Plan:
-    """Plan training of ``config`` on ``devices`` ranks (EP ``ep``, default all of them)."""
+              dtype: str = "bf16", seq_len: int | None = None, fsdp: bool = False,
+              activation_checkpointing: bool = False, cpu_offload: bool = False,
+              micro_batch: int | None = None, method: str = "train", lora_r: int = 8,
+              lora_targets: tuple[str, ...] | None = None) -> Plan:
+    """Plan training (``method`` "train"), full (``"full"``) or LoRA (``"lora"``, rank
+    ``lora_r`` on ``lora_targets``, default finetune's) finetuning of ``config`` on
+    ``devices`` ranks (EP ``ep``, default all of them) in the given layout."""
     for flag, value in (("--devices", devices), ("--ep", ep), ("--seq-len", seq_len),
-                        ("--tokens-per-step", tokens_per_step)):
+                        ("--tokens-per-step", tokens_per_step), ("--micro-batch", micro_batch),
+                        ("--lora-r", lora_r)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int)
                                   or value < 1):  # 0 must not mean "the default"
             raise ValueError(f"{flag} must be a positive integer, got {value!r}")
     E = config.n_routed_experts
     ep = (devices if E is not None and E % devices == 0 else 1) if ep is None else ep
     seq_len = seq_len or config.max_position_embeddings
-    tokens_per_step = tokens_per_step or devices * seq_len
+    tokens_per_step = tokens_per_step or devices * seq_len * (micro_batch or 1)
     validate(config, devices, ep, max_devices, tokens_per_step, dtype)
+    micro_tokens = _micro_batch_tokens(tokens_per_step // devices, seq_len, micro_batch)
+    if method == "lora" and lora_targets is None:
+        from dsmoe.finetune.lora import DEFAULT_TARGETS  # here: it loads torch
+
+        lora_targets = DEFAULT_TARGETS
+    layout = Layout(ep, fsdp, activation_checkpointing, cpu_offload)
+    state = training_state(config, dtype, method, lora_r, tuple(lora_targets or ()))
+    memory, host = memory_per_rank(state, devices, layout)
+    lora = (lora_r, tuple(lora_targets)) if state.lora else None
+    memory["activations"] = micro_tokens * activation_bytes_per_token(
+        config, dtype, activation_checkpointing=activation_checkpointing, lora=lora)
     counts = count_parameters(config)
-    expert_per_rank = counts.routed_experts // ep
-    replicated = counts.total - counts.routed_experts
-    per_rank = replicated + expert_per_rank
-    b = DTYPE_BYTES[dtype]
-    tokens_per_rank = tokens_per_step // devices
-    memory = {
-        "parameters": per_rank * b,
-        "gradients": per_rank * b,
-        "optimizer": per_rank * (8 + (4 if b < 4 else 0)),
-        "activations": tokens_per_rank * activation_bytes_per_token(config, dtype),
-    }
-    traffic = _traffic(config, ep, max_devices, tokens_per_rank, b)
-    W, R = devices, devices // ep
-    allreduce = (2 * (W - 1) / W * replicated * b if W > 1 else 0.0) + (
-        2 * (R - 1) / R * expert_per_rank * b if R > 1 else 0.0)
+    sync = sync_bytes(state, devices, layout)
+    traffic = _traffic(config, ep, max_devices, tokens_per_step // devices, DTYPE_BYTES[dtype])
     return Plan(config, devices, ep, dtype, tokens_per_step, seq_len, counts.total,
-                counts.active, replicated, expert_per_rank, memory,
-                forward_flops_per_token(config, seq_len), traffic, allreduce)
+                counts.active, Split(counts.total - counts.routed_experts).per_rank(
+                    devices, layout), Split(0, counts.routed_experts).per_rank(devices, layout),
+                memory,
+                forward_flops_per_token(config, seq_len), traffic, sum(sync.values()),
+                layout, method, micro_tokens, host, sync,
+                state.trainable.per_rank(devices, layout))
+
+
+def _micro_batch_tokens(tokens_per_rank: int, seq_len: int, micro_batch: int | None) -> int:
+    """Tokens one forward pass holds activations for; the step accumulates the rest."""
+    if micro_batch is None:
+        return tokens_per_rank
+    tokens = micro_batch * seq_len
+    if tokens_per_rank % tokens:
+        raise ValueError(f"--micro-batch {micro_batch} x --seq-len {seq_len} = {tokens:,} "
+                         f"tokens must divide the {tokens_per_rank:,} tokens per rank per step "
+                         "(the step accumulates whole micro-batches)")
+    return tokens
 
 
 def _traffic(config: ModelConfig, ep: int, max_devices: int | None, tokens_per_rank: int,
@@ -269,36 +282,67 @@ def format_count(n: float, unit: str = "") -> str:
     return f"{n:,.0f}{' ' + unit if unit else ''}"
 
 
+METHOD_NAMES = {"train": "training", "full": "full finetuning", "lora": "LoRA finetuning"}
+
+
+def _memory_rows(plan: Plan) -> list[str]:
+    """The per-device memory table (markdown rows)."""
+    m, layout = plan.memory, plan.layout
+    lora = plan.method == "lora"
+    weights = f"{plan.dtype}, frozen + fp32 adapters" if lora else plan.dtype
+    optimizer = "AdamW m, v fp32" + (" + fp32 master" if plan.dtype != "fp32" and not lora
+                                     else "")
+    recompute = "activation checkpointing" if layout.activation_checkpointing \
+        else "no recomputation"
+    rows = [
+        "| memory per device | bytes |",
+        "|---|---:|",
+        f"| parameters ({weights}) | {format_bytes(m['parameters'])} |",
+        f"| gradients ({'fp32 adapters' if lora else plan.dtype}) | "
+        f"{format_bytes(m['gradients'])} |",
+        f"| optimizer ({optimizer}{', on the host' if layout.cpu_offload else ''}) | "
+        f"{format_bytes(m['optimizer'])} |",
+        f"| activations ({plan.micro_batch_tokens:,} tokens, {recompute}) | "
+        f"{format_bytes(m['activations'])} |",
+    ]
+    if layout.fsdp:
+        rows.append(f"| FSDP all-gathered weights + unsharded gradients (largest unit) | "
+                    f"{format_bytes(m['fsdp_transient'])} |")
+    rows.append(f"| **total** | **{format_bytes(plan.device_bytes)}** |")
+    if layout.cpu_offload:
+        rows.append(f"| host memory (offloaded optimizer state) | "
+                    f"{format_bytes(plan.host_memory)} |")
+    return rows
+
+
 def format_plan(plan: Plan, name: str = "") -> str:
     """A markdown report of ``plan``."""
     c = plan.config
     n_moe = len(c.moe_layer_indices)
     E = c.n_routed_experts or 0
     flops = plan.flops_forward_per_token
+    extras = "".join(f", {part}" for part in plan.layout.label.split(", ")[2:])
+    split = "non-expert (FSDP shard) +" if plan.layout.fsdp else "replicated +"
     lines = [
-        f"## {name or 'model'} on {plan.devices} device(s): EP {plan.ep} x {plan.replicas} "
-        f"replica(s), {plan.dtype}",
+        f"## {name or 'model'} {METHOD_NAMES[plan.method]} on {plan.devices} device(s): "
+        f"EP {plan.ep} x {plan.replicas} {'FSDP shard' if plan.layout.fsdp else 'replica'}(s), "
+        f"{plan.dtype}{extras}",
         "",
         f"- parameters: {format_count(plan.total_params)} total, "
         f"{format_count(plan.active_params)} active per token; per rank "
-        f"{format_count(plan.replicated_params)} replicated + "
+        f"{format_count(plan.replicated_params)} {split} "
         f"{format_count(plan.expert_params_per_rank)} routed experts "
-        f"({E // plan.ep} of {E} per MoE layer)",
+        f"({E // plan.ep} of {E} per MoE layer per EP rank"
+        f"{', sharded over ' + str(plan.replicas) + ' rank(s)' if plan.layout.fsdp else ''})"
+        + (f"; {format_count(plan.trainable_params_per_rank)} trainable adapter parameters "
+           "per rank" if plan.method == "lora" else ""),
         f"- tokens per step: {plan.tokens_per_step:,} ({plan.tokens_per_rank:,} per rank), "
         f"sequence length {plan.seq_len:,}",
         f"- FLOPs per token: {format_count(flops, 'FLOP')} forward, "
         f"{format_count(3 * flops, 'FLOP')} training; per step per rank "
         f"{format_count(3 * flops * plan.tokens_per_rank, 'FLOP')}",
         "",
-        "| memory per rank | bytes |",
-        "|---|---:|",
-        f"| parameters ({plan.dtype}) | {format_bytes(plan.memory['parameters'])} |",
-        f"| gradients ({plan.dtype}) | {format_bytes(plan.memory['gradients'])} |",
-        "| optimizer (AdamW m, v fp32" + (" + fp32 master" if plan.dtype != "fp32" else "")
-        + f") | {format_bytes(plan.memory['optimizer'])} |",
-        f"| activations ({plan.tokens_per_rank:,} tokens, no recomputation) | "
-        f"{format_bytes(plan.memory['activations'])} |",
-        f"| **total** | **{format_bytes(sum(plan.memory.values()))}** |",
+        *_memory_rows(plan),
     ]
     if plan.traffic:
         lines += [
@@ -315,6 +359,10 @@ def format_plan(plan: Plan, name: str = "") -> str:
                          f"{row.fraction_per_remote_rank:.3f} | "
                          f"{format_bytes(row.payload_bytes)} | "
                          f"{format_bytes(row.metadata_bytes)} |")
-    lines += ["", "Gradient all-reduce per step per rank (ring): "
-              f"{format_bytes(plan.allreduce_bytes)}"]
+    if plan.layout.fsdp:
+        lines += ["", "FSDP per step per rank: " + ", ".join(
+            f"{kind} {format_bytes(n)}" for kind, n in plan.sync.items())]
+    else:
+        lines += ["", "Gradient all-reduce per step per rank (ring): "
+                  f"{format_bytes(plan.allreduce_bytes)}"]
     return "\n".join(lines)
