@@ -5,7 +5,9 @@ Sections (each prints a markdown table):
   kernels  one matmul with a deepseek-moe-16b expert's weights ([2816, 2048] gate_up and
            [2048, 1408] down) at several row counts M: dense fp32 and bf16 GEMMs, torch's
            int8 kernel (``_weight_int8pack_mm``), int8 converted to bf16 then a GEMM, and
-           torch's int4 kernel (``_weight_int4pack_mm_for_cpu``, groups of 32 and 128).
+           torch's int4 kernel (``_weight_int4pack_mm_for_cpu``, groups of 32 and 128),
+           dsmoe's native int4 kernel (int8 activations per 32, integer dot products) and
+           its prefill path (the weight dequantized by the native code, then a GEMM).
            Decoding sends 1 row through attention and each picked expert; prefill of P
            tokens sends P rows through attention and ~P*K/E rows through each expert.
   model    a random model of --preset (default deepseek-moe-2b, ~2.0B parameters) saved
@@ -75,7 +77,8 @@ def bench_kernels(rows: list[int], repeat: int) -> list[dict]:
         int4 = {}
         for g in (32, 128):
             q4, sc, zr = kernels.quantize_int4(w, g)
-            int4[g] = (kernels.kernel_pack_int4(q4), kernels.scales_and_zeros(sc, zr))
+            int4[g] = (kernels.kernel_pack_int4(q4), kernels.scales_and_zeros(sc, zr),
+                       (q4, sc, zr))
         for m in rows:
             x = torch.randn(m, K)
             xb = x.bfloat16()
@@ -88,9 +91,17 @@ def bench_kernels(rows: list[int], repeat: int) -> list[dict]:
                                                  repeat)
             row["int8->bf16 GEMM"] = _best(
                 lambda: F.linear(xb, q8.to(torch.bfloat16)) * s8, repeat)
-            for g, (packed, sz) in int4.items():
+            for g, (packed, sz, canonical) in int4.items():
                 row[f"int4 g{g} kernel"] = _best(
                     lambda: torch._weight_int4pack_mm_for_cpu(xb, packed, g, sz), repeat)
+                if native.library() is None:
+                    continue
+                if m <= 2 * kernels.INT4_KERNEL_MAX_ROWS:  # past the crossover too
+                    stack = [t.unsqueeze(0) for t in canonical]  # [1, N, ...]
+                    row[f"int4 g{g} dsmoe native"] = _best(
+                        lambda: native.int4_blocks_matmul(x, *stack, g, [(0, 0, m)]), repeat)
+                row[f"int4 g{g} dequant+GEMM"] = _best(
+                    lambda: F.linear(x, native.int4_dequantize(*canonical, g, x.dtype)), repeat)
             results.append(row)
     return results
 

@@ -38,7 +38,7 @@ def _seed() -> None:
     torch.manual_seed(0)
 
 
-@pytest.fixture(params=["avx512", "avx2", "portable C"])
+@pytest.fixture(params=["avx512vnni", "avx512", "avx2", "portable C"])
 def native_isa(request):
     """Each code path of dsmoe's native kernels this CPU can run, in turn (the others are
     skipped, as is everything when the kernels cannot be built here)."""

@@ -158,7 +158,10 @@ def test_quant_experts_keep_the_dispatch_contract(bits: int) -> None:
         reference.down_proj.copy_(qe.down_proj.dequantize())
     counts = torch.tensor([3, 0, 5, 1, 0, 0, 7, 2])
     x = torch.randn(int(counts.sum()), 64)
-    assert_close(qe(x, counts), reference(x, counts), atol=2e-3, rtol=2e-2,
+    # int4's native kernel rounds activations to int8 per block of 32 (as llama.cpp's
+    # Q4_0 x Q8_0 does): up to 1/254 of a block's largest value per element
+    atol = 2e-3 if bits == 8 else 3e-2
+    assert_close(qe(x, counts), reference(x, counts), atol=atol, rtol=2e-2,
                  what=f"int{bits} experts vs float experts with the same weights")
 
     layer = MoELayer(small_config()).eval()
@@ -171,7 +174,7 @@ def test_quant_experts_keep_the_dispatch_contract(bits: int) -> None:
     out_q, out_f = quantized(h), layer(h)
     assert torch.equal(out_q.topk_idx, out_f.topk_idx)
     assert torch.equal(out_q.expert_counts, out_f.expert_counts)
-    assert_close(out_q.hidden_states, out_f.hidden_states, atol=2e-3, rtol=2e-2,
+    assert_close(out_q.hidden_states, out_f.hidden_states, atol=atol, rtol=2e-2,
                  what="MoELayer with quantized experts")
 
 

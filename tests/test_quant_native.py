@@ -192,3 +192,143 @@ def test_quantized_experts_decode_in_one_call_per_matrix(monkeypatch):
         monkeypatch.setattr(native, "int8_blocks_matmul", lambda *a: None)
         loop = experts(x, counts)  # the per-expert loop of torch's kernel
     torch.testing.assert_close(fast, loop, atol=2e-2, rtol=2e-2)  # bf16 activations there
+
+
+# --- int4 (csrc/int4_matmul.c) -----------------------------------------------------------
+def _int4_stack(E: int, N: int, K: int, group: int, seed: int, symmetric: bool = False):
+    g = torch.Generator().manual_seed(seed)
+    parts = [kernels.quantize_int4(torch.randn(N, K, generator=g), group) for _ in range(E)]
+    q, scale, zero = (torch.stack([p[i] for p in parts]) for i in range(3))
+    return q, scale, (None if symmetric else zero)
+
+
+def _int4_weight(q, scale, zero):  # [N, K] float64, what the kernel must multiply by
+    zero = torch.zeros_like(scale) if zero is None else zero
+    return kernels.dequantize_int4(q, scale, zero).double()
+
+
+def _int4_bound(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """The int8 activation rounding bound per output (half a step of each block of 32,
+    step = the block's max / 127), plus fp32 accumulation slack: [M, N]."""
+    M, K = x.shape
+    step = x.double().reshape(M, K // 32, 32).abs().amax(-1) / 127  # [M, K/32]
+    half_steps = (step / 2).repeat_interleave(32, dim=1)  # [M, K]
+    exact = (x.double() @ weight.T).abs()
+    return half_steps @ weight.abs().T + 1e-5 * (exact + 1e-3) * K ** 0.5
+
+
+@settings(max_examples=20, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])  # the path is constant
+@given(M=st.integers(1, 9), N=st.integers(1, 40), blocks32=st.integers(1, 11),
+       group=st.sampled_from([32, 64, 128]), symmetric=st.booleans(),
+       seed=st.integers(0, 2**16), spread=st.sampled_from([1.0, 1e-3, 1e3]))
+def test_native_int4_is_within_the_int8_activation_bound(native_isa, M, N, blocks32, group,
+                                                         symmetric, seed, spread):
+    K = 32 * blocks32 * (group // 32)  # odd multiples of 32 too (the avx512 tail block)
+    q, scale, zero = _int4_stack(2, N, K, group, seed, symmetric)
+    x = torch.randn(M, K, generator=torch.Generator().manual_seed(seed + 1)) * spread
+    split = M // 2
+    blocks = [(1, 0, split), (0, split, M - split)]
+    out = native.int4_blocks_matmul(x, q, scale, zero, group, blocks)
+    assert out is not None and out.shape == (M, N) and out.dtype == torch.float32
+    for e, first, rows in blocks:
+        w = _int4_weight(q[e], scale[e], None if zero is None else zero[e])
+        xs = x[first:first + rows]
+        err = (out[first:first + rows].double() - xs.double() @ w.T).abs()
+        bound = _int4_bound(xs, w)
+        assert (err <= bound).all(), f"max excess {(err - bound).max().item():.3g}"
+
+
+def test_native_int4_dequantize_is_exact(native_isa):
+    q, scale, zero = _int4_stack(1, 24, 256, 64, seed=5)
+    expected = kernels.dequantize_int4(q[0], scale[0], zero[0])
+    assert torch.equal(native.int4_dequantize(q[0], scale[0], zero[0], 64, torch.float32),
+                       expected)
+    assert torch.equal(native.int4_dequantize(q[0], scale[0], zero[0], 64, torch.bfloat16),
+                       expected.bfloat16())
+
+
+@needs_native
+def test_native_int4_rejects_groups_it_cannot_take():
+    q, scale, zero = _int4_stack(1, 8, 192, 32, seed=0)
+    x = torch.randn(1, 192)
+    with pytest.raises(ValueError, match="do not fit"):
+        native.int4_blocks_matmul(x, q, scale, zero, 64, [(0, 0, 1)])
+    with pytest.raises(ValueError, match="group_size 96"):
+        native.int4_blocks_matmul(x, q, scale[..., :2], zero[..., :2], 96, [(0, 0, 1)])
+    x[0, 5] = float("nan")
+    assert native.int4_blocks_matmul(x, q, scale, zero, 32, [(0, 0, 1)]) is None
+
+
+@needs_native
+def test_int4_matrices_keep_the_canonical_tensors_and_convert_back():
+    """No torch packing: the buffers are the checkpoint's tensors, so a matrix converts
+    back exactly (torch's packed layout could not be, cheaply)."""
+    from dsmoe.quant.matrix import QuantMatrix
+
+    m = QuantMatrix(48, 128, bits=4, group_size=32, stack=(3,))
+    m.set_float(torch.randn(3, 48, 128))
+    assert not m.packed and not hasattr(m, "scale_zero")
+    state = m.quantized_state()
+    assert state["qweight"].data_ptr() == m.qweight.data_ptr()
+    again = QuantMatrix(48, 128, bits=4, group_size=32, stack=(3,))
+    again.load_quantized_state({k: v.clone() for k, v in state.items()})
+    assert all(torch.equal(again.quantized_state()[k], v) for k, v in state.items())
+
+
+@needs_native
+def test_int4_matmul_decodes_natively_and_prefills_with_a_gemm(monkeypatch):
+    calls = []
+    real = native.int4_blocks_matmul
+    monkeypatch.setattr(native, "int4_blocks_matmul",
+                        lambda x, *a: calls.append(x.shape[0]) or real(x, *a))
+    q, scale, zero = _int4_stack(1, 48, 128, 32, seed=2)
+    w = _int4_weight(q[0], scale[0], zero[0])
+    for M in (1, kernels.INT4_KERNEL_MAX_ROWS, kernels.INT4_KERNEL_MAX_ROWS + 1):
+        x = torch.randn(M, 128)
+        out = kernels.int4_matmul(x, q[0], scale[0], zero[0], 32)
+        bound = _int4_bound(x, w)
+        assert ((out.double() - x.double() @ w.T).abs() <= bound).all()
+    assert calls == [1, kernels.INT4_KERNEL_MAX_ROWS]
+    x = torch.randn(2, 128, requires_grad=True)  # a ctypes call would cut the graph
+    kernels.int4_matmul(x, q[0], scale[0], zero[0], 32).sum().backward()
+    torch.testing.assert_close(x.grad.double(), w.sum(0).expand(2, -1))
+    assert calls == [1, kernels.INT4_KERNEL_MAX_ROWS]
+
+
+def test_int4_falls_back_to_torchs_packed_kernel_without_the_library(monkeypatch):
+    from dsmoe.quant.matrix import QuantMatrix
+
+    weight = torch.randn(32, 64)
+    try:
+        monkeypatch.setenv("DSMOE_NATIVE_KERNELS", "0")
+        native.library.cache_clear()
+        m = QuantMatrix(32, 64, bits=4, group_size=32)
+        m.set_float(weight)
+        assert m.packed and hasattr(m, "scale_zero")
+        x = torch.randn(2, 64)
+        expected = x @ m.dequantize().T
+        torch.testing.assert_close(m.matmul(x), expected, atol=5e-2, rtol=1e-2)
+    finally:
+        native.library.cache_clear()
+
+
+@needs_native
+def test_int4_experts_decode_in_one_call_per_matrix(monkeypatch):
+    from dsmoe.moe.experts import SwiGLUExperts
+    from dsmoe.quant.experts import QuantSwiGLUExperts
+
+    experts = QuantSwiGLUExperts.from_experts(SwiGLUExperts(6, 64, 32, init_std=0.1), bits=4,
+                                              group_size=32)
+    counts = torch.tensor([1, 0, 2, 0, 1, 3])
+    x = torch.randn(int(counts.sum()), 64)
+    calls = []
+    real = native.int4_blocks_matmul
+    monkeypatch.setattr(native, "int4_blocks_matmul",
+                        lambda *a: calls.append(len(a[5])) or real(*a))
+    with torch.no_grad():
+        fast = experts(x, counts)
+        assert calls == [4, 4]  # gate_up and down, four experts each
+        monkeypatch.setattr(native, "int4_blocks_matmul", lambda *a: None)
+        loop = experts(x, counts)  # the per-expert loop, dequantized GEMMs
+    torch.testing.assert_close(fast, loop, atol=3e-2, rtol=2e-2)  # int8 activations there

@@ -31,7 +31,9 @@ from pathlib import Path
 import torch
 
 SOURCE = "rows_matmul.c"
-ISA_NAMES = {2: "avx512", 1: "avx2", 0: "portable C"}
+SOURCES = (SOURCE, "int4_matmul.c")  # one library; the int4 kernels have their own file
+# int4 has a level of its own (vpdpbusd); the other kernels run "avx512" at level 3.
+ISA_NAMES = {3: "avx512vnni", 2: "avx512", 1: "avx2", 0: "portable C"}
 _ENV_SWITCH = "DSMOE_NATIVE_KERNELS"
 
 
@@ -57,17 +59,19 @@ def _cpu_signature() -> str:
     return "\n".join(dict.fromkeys(keep))
 
 
-def _build(source: bytes, target: Path) -> None:
-    """Compile ``source`` into the shared library ``target`` (atomically: temp + rename)."""
+def _build(sources: dict[str, bytes], target: Path) -> None:
+    """Compile ``sources`` (name -> text) into the shared library ``target`` (atomically:
+    temp + rename)."""
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
         raise RuntimeError("no C compiler found (set CC)")
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        src = Path(tmp) / SOURCE
-        src.write_bytes(source)
+        files = [Path(tmp) / name for name in sources]
+        for file, text in zip(files, sources.values()):
+            file.write_bytes(text)
         out = Path(tmp) / target.name
-        base = [compiler, "-O3", "-shared", "-fPIC", str(src), "-o", str(out)]
+        base = [compiler, "-O3", "-shared", "-fPIC", *map(str, files), "-o", str(out)]
         errors = []
         for extra in (["-fopenmp"], []):  # OpenMP only splits rows between threads
             result = subprocess.run(base + extra + ["-lm"], capture_output=True, text=True)
@@ -84,12 +88,13 @@ def library() -> ctypes.CDLL | None:
     if not enabled():
         return None
     try:
-        source = resources.files("dsmoe").joinpath("csrc", SOURCE).read_bytes()
-        key = hashlib.sha256(source + _cpu_signature().encode() +
+        sources = {name: resources.files("dsmoe").joinpath("csrc", name).read_bytes()
+                   for name in SOURCES}
+        key = hashlib.sha256(b"".join(sources.values()) + _cpu_signature().encode() +
                              (os.environ.get("CC") or "").encode()).hexdigest()[:16]
         path = cache_dir() / f"rows_matmul-{platform.machine()}-{key}.so"
         if not path.exists():
-            _build(source, path)
+            _build(sources, path)
         lib = ctypes.CDLL(str(path))
     except (OSError, RuntimeError) as exc:
         warnings.warn(f"dsmoe: the native decode kernels are unavailable, using torch's "
@@ -105,13 +110,22 @@ def library() -> ctypes.CDLL | None:
     lib.dsmoe_rows_isa.restype = ctypes.c_int
     lib.dsmoe_rows_limit_isa.argtypes = [ctypes.c_int]
     lib.dsmoe_rows_limit_isa.restype = ctypes.c_int
+    lib.dsmoe_int4_blocks_matmul.argtypes = [ptr, ptr, ptr, ptr, ptr, i64, ptr, i64, i64, i64,
+                                             i64, ctypes.c_int]
+    lib.dsmoe_int4_blocks_matmul.restype = ctypes.c_int
+    lib.dsmoe_int4_dequantize.argtypes = [ptr, ptr, ptr, ptr, ctypes.c_int, i64, i64, i64,
+                                          ctypes.c_int]
+    lib.dsmoe_int4_dequantize.restype = ctypes.c_int
+    lib.dsmoe_int4_isa.restype = ctypes.c_int
+    lib.dsmoe_int4_limit_isa.argtypes = [ctypes.c_int]
+    lib.dsmoe_int4_limit_isa.restype = ctypes.c_int
     return lib
 
 
 def isa() -> str | None:
     """The instruction set the kernels run on this CPU, or None when they are unavailable."""
     lib = library()
-    return None if lib is None else ISA_NAMES[lib.dsmoe_rows_isa()]
+    return None if lib is None else ISA_NAMES[max(lib.dsmoe_rows_isa(), lib.dsmoe_int4_isa())]
 
 
 def limit_isa(name: str) -> str:
@@ -123,7 +137,8 @@ def limit_isa(name: str) -> str:
     levels = {v: k for k, v in ISA_NAMES.items()}
     if name not in levels:
         raise ValueError(f"isa must be one of {sorted(levels)}, got {name!r}")
-    return ISA_NAMES[lib.dsmoe_rows_limit_isa(levels[name])]
+    rows = lib.dsmoe_rows_limit_isa(levels[name])
+    return ISA_NAMES[max(rows, lib.dsmoe_int4_limit_isa(levels[name]))]
 
 
 Block = tuple[int, int, int]  # (matrix of the stack, first row, rows)
@@ -217,4 +232,57 @@ def float_blocks_matmul(x: torch.Tensor, weight: torch.Tensor, blocks: list[Bloc
     lib.dsmoe_float_blocks_matmul(xf.data_ptr(), weight.data_ptr(),
                                   int(weight.dtype == torch.bfloat16), out.data_ptr(),
                                   table.data_ptr(), len(blocks), N, K, torch.get_num_threads())
+    return out
+
+
+def int4_blocks_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
+                       zero: torch.Tensor | None, group_size: int, blocks: list[Block]
+                       ) -> torch.Tensor | None:
+    """``int8_blocks_matmul`` for int4 stacks in dsmoe's canonical layout (see
+    quant/kernels.py): q uint8 [E, N, K/2], scale and zero bf16 [E, N, G] (zero None:
+    symmetric). fp32 [P, N], zeros outside the blocks; None when the kernel is unavailable
+    or x is not finite."""
+    lib = library()
+    if lib is None or x.device.type != "cpu" or q.device.type != "cpu" or x.dim() != 2:
+        return None
+    E, N, half = q.shape
+    K = 2 * half
+    G = K // group_size if group_size > 0 else 0
+    if (x.shape[1] != K or scale.shape != (E, N, G) or G * group_size != K
+            or (zero is not None and zero.shape != scale.shape)):
+        raise ValueError(f"int4 matmul: rows {list(x.shape)}, weight {list(q.shape)}, scale "
+                         f"{list(scale.shape)}, group_size {group_size} do not fit together")
+    xf = x.detach().to(torch.float32).contiguous()
+    q, scale = q.contiguous(), scale.contiguous()
+    zero = None if zero is None else zero.contiguous()
+    table = _block_table(blocks, E, xf.shape[0])
+    out = _result(blocks, xf.shape[0], N)
+    status = lib.dsmoe_int4_blocks_matmul(
+        xf.data_ptr(), q.data_ptr(), scale.data_ptr(), None if zero is None else zero.data_ptr(),
+        out.data_ptr(), xf.shape[0], table.data_ptr(), len(blocks), N, K, group_size,
+        torch.get_num_threads())
+    if status == -2:
+        raise MemoryError("int4 matmul: out of memory for the activation buffer")
+    if status == -3:
+        raise ValueError(f"int4 matmul: group_size {group_size} must be 32 or a multiple of 64")
+    return out if status == 0 else None
+
+
+def int4_dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
+                    group_size: int, dtype: torch.dtype) -> torch.Tensor | None:
+    """The float weight [N, K] (fp32 or bf16) of one canonical int4 matrix q [N, K/2],
+    scale / zero [N, G]; None when the kernels are unavailable or dtype is another."""
+    lib = library()
+    if lib is None or dtype not in FLOAT_WEIGHT_DTYPES or q.device.type != "cpu":
+        return None
+    N, K = q.shape[0], 2 * q.shape[1]
+    q, scale = q.contiguous(), scale.contiguous()
+    zero = None if zero is None else zero.contiguous()
+    out = torch.empty(N, K, dtype=dtype)
+    status = lib.dsmoe_int4_dequantize(q.data_ptr(), scale.data_ptr(),
+                                       None if zero is None else zero.data_ptr(),
+                                       out.data_ptr(), int(dtype == torch.bfloat16), N, K,
+                                       group_size, torch.get_num_threads())
+    if status:
+        raise ValueError(f"int4 dequantize: group_size {group_size} does not divide {K}")
     return out

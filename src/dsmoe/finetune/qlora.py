@@ -21,22 +21,13 @@ import torch
 from torch import nn
 
 from dsmoe.autograd import records_grad
-from dsmoe.quant import kernels
 from dsmoe.quant.linear import QuantLinear
 from dsmoe.quant.matrix import QuantMatrix
 
 
 def dequantized(matrix: QuantMatrix, index: int | None, dtype: torch.dtype) -> torch.Tensor:
     """The float weight [N, K] of ``matrix`` (matrix ``index`` of a stack)."""
-    if matrix.bits == 8:
-        q = matrix.qweight if index is None else matrix.qweight[index]
-        scale = matrix.scale if index is None else matrix.scale[index]
-        return kernels.dequantize_int8(q, scale, dtype)
-    packed = matrix.qweight if index is None else matrix.qweight[index]
-    sz = matrix.scale_zero if index is None else matrix.scale_zero[index]  # [G, N, 2]
-    q = kernels.kernel_unpack_int4(packed, matrix.out_features, matrix.in_features)
-    sz = sz.transpose(0, 1)  # [N, G, 2]
-    return kernels.dequantize_int4(q, sz[..., 0], sz[..., 1], dtype)
+    return matrix.dequantize(dtype, index)
 
 
 class QuantMatmul(torch.autograd.Function):

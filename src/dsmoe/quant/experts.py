@@ -3,8 +3,8 @@
 forward(x_sorted [A, D], counts [E]) -> [A, D], rows grouped by expert exactly as the MoE
 dispatch hands them over, so ``MoELayer``'s router, dispatch and combine run unchanged.
 Each expert with rows is two kernel calls on its slice of the stacks (no grouped int
-kernel exists in torch on CPU); a decode step of int8 experts is instead two calls of
-dsmoe's native kernel for all experts at once (``QuantMatrix.matmul_blocks``):
+kernel exists in torch on CPU); a decode step is instead two calls of
+dsmoe's native kernel (int8 or int4) for all experts at once (``QuantMatrix.matmul_blocks``):
   gate_up = x_e @ gate_up_proj[e].T   [n_e, 2F]  (gate rows first, then up, as in fp)
   out_e   = (act(gate) * up) @ down_proj[e].T   [n_e, D]
 
@@ -19,7 +19,6 @@ from torch import nn
 from dsmoe.mlp import ACTIVATIONS
 from dsmoe.moe.experts import Experts, SwiGLUExperts
 from dsmoe.moe.grouped_gemm import expert_blocks
-from dsmoe.quant.kernels import INT8_KERNEL_MAX_ROWS
 from dsmoe.quant.matrix import QuantMatrix
 
 
@@ -64,10 +63,10 @@ class QuantSwiGLUExperts(Experts):
         return out
 
     def _decode_step(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor | None:
-        """A decode step (at most ``INT8_KERNEL_MAX_ROWS`` rows per expert) in two native
+        """A decode step (at most ``kernel_max_rows`` rows per expert) in two native
         calls for all experts instead of two kernel calls per expert; None otherwise."""
         counts_list = counts.tolist()
-        if not counts_list or max(counts_list) > INT8_KERNEL_MAX_ROWS:
+        if not counts_list or max(counts_list) > self.gate_up_proj.kernel_max_rows:
             return None
         blocks = expert_blocks(counts_list)
         gate_up = self.gate_up_proj.matmul_blocks(x, blocks)  # fp32 [A, 2F]

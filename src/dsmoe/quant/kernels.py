@@ -16,12 +16,16 @@ Kernels (measured in ``benchmarks/quantized.py``; see its table):
         loud. For more rows (prefill) the weight is converted to
         the activation dtype and run as a GEMM with the scale applied to the output
         columns: the row kernels fall behind a GEMM past ~12 rows.
-  int4  ``torch._weight_int4pack_mm_for_cpu`` on a weight repacked once by
-        ``torch._convert_weight_to_int4pack_for_cpu`` (an opaque, CPU-specific layout), for
-        any number of rows: as fast as int8 when decoding, ~3x slower than a bf16 GEMM at
-        64 rows (the packed layout cannot be converted back cheaply, and keeping a second,
-        plain copy would cost the memory int4 is for).
-  NOTE: both kernels are fast only with bf16 activations (with fp32 they fall back to
+  int4  for few rows (<= INT4_KERNEL_MAX_ROWS) dsmoe's native kernel (csrc/int4_matmul.c:
+        activations rounded to int8 per block of 32 as llama.cpp's Q8_0 activations,
+        u8 x s8 integer dot products on the unpacked nibbles, AVX512-VNNI where the CPU
+        has it), reading the canonical layout below directly, so the weights are the
+        checkpoint's tensors (used in place from the file) and convert back for free. For
+        more rows the weight is dequantized (native code) for one GEMM.
+        Without the native library: ``torch._weight_int4pack_mm_for_cpu`` on a weight
+        repacked once by ``torch._convert_weight_to_int4pack_for_cpu`` (an opaque,
+        CPU-specific layout that cannot be converted back cheaply), for any rows.
+  NOTE: torch's kernels are fast only with bf16 activations (with fp32 they fall back to
   scalar code, ~10x slower), so rows are cast to bf16 for them and the result back.
   NOTE: ``_weight_int8pack_mm`` reads activations and weights with aligned vector loads and
   crashes (SIGSEGV) on pointers that are not 64-byte aligned, e.g. a row slice of a bf16
@@ -51,6 +55,8 @@ INT4_ROW_MULTIPLE = 16  # torch's int4 packing needs N % 16 == 0
 # with the rows past 4 (a GEMV per row), the conversion is a fixed ~1.2 ms for a 2816 x 2048
 # expert; they cross between 12 and 16 rows (benchmarks/quantized.py, kernels table).
 INT8_KERNEL_MAX_ROWS = 12
+# The same for the native int4 kernel against dequantize + GEMM (benchmarks/quantized.py).
+INT4_KERNEL_MAX_ROWS = 12
 _KERNEL_DTYPE = torch.bfloat16
 
 
@@ -180,6 +186,26 @@ def _kernel_layout(N: int, K: int) -> torch.Tensor:
 def scales_and_zeros(scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
     """[..., N, G] scale and zero -> the kernel's [..., G, N, 2] bf16 tensor."""
     return torch.stack([scale, zero], dim=-1).transpose(-3, -2).contiguous().to(_KERNEL_DTYPE)
+
+
+def int4_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
+                zero: torch.Tensor | None, group_size: int) -> torch.Tensor:
+    """x [..., K] @ W.T -> [..., N] for W in the canonical int4 layout (q [N, K/2], scale
+    and zero [N, G]; zero None: symmetric). Few rows without a gradient: dsmoe's native
+    kernel; otherwise (or without it) the weight dequantized for one GEMM."""
+    rows = x.reshape(-1, x.shape[-1])  # [M, K]
+    out = None
+    if rows.shape[0] <= INT4_KERNEL_MAX_ROWS and not records_grad(rows):
+        out = native.int4_blocks_matmul(rows, q.unsqueeze(0), scale.unsqueeze(0),
+                                        None if zero is None else zero.unsqueeze(0),
+                                        group_size, [(0, 0, rows.shape[0])])
+    if out is None:
+        weight = native.int4_dequantize(q, scale, zero, group_size, x.dtype)
+        if weight is None:
+            weight = dequantize_int4(q, scale, torch.zeros_like(scale) if zero is None else zero,
+                                     x.dtype)
+        out = F.linear(rows, weight)
+    return out.to(x.dtype).reshape(*x.shape[:-1], q.shape[0])
 
 
 def int4_linear(x: torch.Tensor, packed: torch.Tensor, scale_zero: torch.Tensor,

@@ -9,7 +9,11 @@ three conversions:
 
 Buffers (persistent, so ``.to()`` moves them):
   int8  qweight int8 [..., N, K], scale bf16 [..., N]
-  int4  qweight uint8 [..., N, K/2] in torch's packed CPU layout, scale_zero bf16 [..., G, N, 2]
+  int4  with dsmoe's native kernels (``native.library()``): the canonical tensors themselves,
+        qweight uint8 [..., N, K/2] nibbles, scale bf16 [..., N, G], zero bf16 [..., N, G];
+        without them (no C compiler): qweight in torch's packed CPU layout and
+        scale_zero bf16 [..., G, N, 2], for ``torch._weight_int4pack_mm_for_cpu``.
+        The choice is made once, at construction (``self.packed``).
 
 Shapes: N out features, K in features, G groups per row, M rows.
 """
@@ -41,6 +45,8 @@ class QuantMatrix(nn.Module):
             else:
                 group_size = group
         self.bits, self.group_size = bits, group_size if bits == 4 else None
+        # int4 in torch's packed layout only when dsmoe's kernels cannot be built
+        self.packed = bits == 4 and native.library() is None
         N, K = out_features, in_features
         if bits == 8:
             self.register_buffer("qweight", torch.empty(*stack, N, K, dtype=torch.int8,
@@ -51,8 +57,13 @@ class QuantMatrix(nn.Module):
             G = K // group_size
             self.register_buffer("qweight", torch.empty(*stack, N, K // 2, dtype=torch.uint8,
                                                         device=device))
-            self.register_buffer("scale_zero", torch.empty(*stack, G, N, 2,
-                                                           dtype=torch.bfloat16, device=device))
+            if self.packed:
+                self.register_buffer("scale_zero", torch.empty(
+                    *stack, G, N, 2, dtype=torch.bfloat16, device=device))
+            else:
+                for name in ("scale", "zero"):
+                    self.register_buffer(name, torch.empty(*stack, N, G, dtype=torch.bfloat16,
+                                                           device=device))
 
     # --- matmul -------------------------------------------------------------------------
     def matmul(self, x: torch.Tensor, index: int | None = None) -> torch.Tensor:
@@ -61,6 +72,10 @@ class QuantMatrix(nn.Module):
         if self.bits == 8:
             scale = self.scale if index is None else self.scale[index]
             return kernels.int8_linear(x, q, scale)
+        if not self.packed:
+            scale, zero = ((self.scale, self.zero) if index is None
+                           else (self.scale[index], self.zero[index]))
+            return kernels.int4_matmul(x, q, scale, zero, self.group_size)
         sz = self.scale_zero if index is None else self.scale_zero[index]
         return kernels.int4_linear(x, q, sz, self.group_size, self.out_features)
 
@@ -68,13 +83,23 @@ class QuantMatrix(nn.Module):
                       ) -> torch.Tensor | None:
         """For a stack: rows [first, first + rows) of ``x [P, K]`` times matrix e, per
         ``(e, first, rows)`` block, in one native call -> fp32 [P, N] (zeros outside the
-        blocks). None where that call does not apply: int4, rows needing a gradient, or
-        the native kernel unavailable; the caller then loops over ``matmul``."""
-        if self.bits != 8 or not self.stack or records_grad(x):
+        blocks). None where that call does not apply: rows needing a gradient, or the
+        native kernels unavailable; the caller then loops over ``matmul``."""
+        if not self.stack or records_grad(x) or self.packed:
             return None
-        q = self.qweight.reshape(-1, self.out_features, self.in_features)  # [E, N, K]
-        scale = self.scale.reshape(-1, self.out_features)  # [E, N]
-        return native.int8_blocks_matmul(x, q, scale, blocks)
+        N, K = self.out_features, self.in_features
+        if self.bits == 8:
+            q = self.qweight.reshape(-1, N, K)  # [E, N, K]
+            return native.int8_blocks_matmul(x, q, self.scale.reshape(-1, N), blocks)
+        G = K // self.group_size
+        return native.int4_blocks_matmul(x, self.qweight.reshape(-1, N, K // 2),
+                                         self.scale.reshape(-1, N, G),
+                                         self.zero.reshape(-1, N, G), self.group_size, blocks)
+
+    @property
+    def kernel_max_rows(self) -> int:
+        """Rows per matrix up to which ``matmul_blocks``' row kernels beat a GEMM."""
+        return kernels.INT8_KERNEL_MAX_ROWS if self.bits == 8 else kernels.INT4_KERNEL_MAX_ROWS
 
     # --- conversions ----------------------------------------------------------------------
     @torch.no_grad()
@@ -111,6 +136,8 @@ class QuantMatrix(nn.Module):
         """Canonical tensors: int8 {qweight, scale}; int4 {qweight (nibbles), scale, zero}."""
         if self.bits == 8:
             return {"qweight": self.qweight, "scale": self.scale}
+        if not self.packed:
+            return {"qweight": self.qweight, "scale": self.scale, "zero": self.zero}
         N, K = self.out_features, self.in_features
         flat_q = self.qweight.reshape(-1, *self.qweight.shape[-2:])
         q = torch.stack([kernels.kernel_unpack_int4(p, N, K) for p in flat_q])
@@ -129,14 +156,23 @@ class QuantMatrix(nn.Module):
             self.qweight = kernels.aligned(state["qweight"].to(device=device, dtype=torch.int8))
             self.scale = kernels.aligned(state["scale"].to(device=device, dtype=torch.bfloat16))
             return
+        if not self.packed:  # used in place: the native kernel reads any alignment
+            self.qweight = state["qweight"].to(device=device, dtype=torch.uint8).contiguous()
+            self.scale = state["scale"].to(device=device, dtype=torch.bfloat16).contiguous()
+            self.zero = state["zero"].to(device=device, dtype=torch.bfloat16).contiguous()
+            return
         q = state["qweight"].reshape(-1, N, K // 2)
         packed = torch.stack([kernels.kernel_pack_int4(p.to("cpu")) for p in q])
         self.qweight = packed.reshape(*lead, *packed.shape[1:]).to(device)
         self.scale_zero = kernels.scales_and_zeros(state["scale"], state["zero"]).to(device)
 
-    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """The float weight [..., N, K] this matrix represents (for tests and debugging)."""
+    def dequantize(self, dtype: torch.dtype = torch.float32, index: int | None = None
+                   ) -> torch.Tensor:
+        """The float weight [..., N, K] this matrix represents (matrix ``index`` of a stack:
+        [N, K]), for QLoRA's backward, tests and debugging."""
         state = self.quantized_state()
+        if index is not None:
+            state = {k: v[index] for k, v in state.items()}
         if self.bits == 8:
             return kernels.dequantize_int8(state["qweight"], state["scale"], dtype)
         return kernels.dequantize_int4(state["qweight"], state["scale"], state["zero"], dtype)

@@ -1,0 +1,437 @@
+/* int4 weights times a few activation rows, for decoding on CPU, and their dequantizer.
+ *
+ *   out[m, n] = sum_k x[m, k] * w[n, k],   w[n, k] = (q[n, k] - 8) * s[n, k/g] + z[n, k/g]
+ *   q: dsmoe's canonical nibbles uint8 [N, K/2] (element 2j in the low nibble of byte j,
+ *      2j+1 in the high one), s, z bf16 [N, G], g = K / G a multiple of 32; z may be NULL
+ *      (symmetric, Q4_0-like: w = (q - 8) * s). x fp32 [M, K], out fp32 [M, N].
+ *
+ * Why this form: reading the on-disk layout directly means no second, kernel-specific copy
+ * of the weights (torch's int4 kernel needs its own opaque packing, which cannot be turned
+ * back cheaply). The dot products run in integers, the way llama.cpp's Q4_0 x Q8_0 does:
+ * each activation row is quantized per block of 32 to int8 (x ~ dx[b] * xi[k], |xi| <= 127)
+ * and the unsigned nibbles meet the signed activations in one u8 x s8 multiply-add
+ * (vpdpbusd with AVX512-VNNI; vpmaddubsw + vpmaddwd without). Splitting the weight,
+ *   sum_k x w = sum_b s dx[b] sum_{k in b} q xi  +  sum_g (z - 8 s) sum_{k in g} x,
+ * the first term is integer per block, the second uses the exact float sums of x per group
+ * (computed once per activation row), so the only approximation is the int8 activation
+ * (at most dx[b] / 2 per element, the same as llama.cpp's Q8_0 activations).
+ * The activations are stored in the order the unpacked nibbles come out of a vector (low
+ * nibbles of 16 or 32 bytes, then the high ones), so unpacking a weight vector is two ANDs
+ * and a shift: no shuffles in the inner loop.
+ * Overflow: a u8 x s8 product is at most 15 * 127; vpmaddubsw adds two (< 2^15) and every
+ * int32 lane is converted to float per block of 32, so nothing can overflow.
+ *
+ * Rows are taken four at a time per weight row (each unpacked weight vector serves four
+ * activation rows), and the weight row (K/2 bytes) stays in L1 across them.
+ * Code paths: 3 avx512vnni, 2 avx512 (f+bw), 1 avx2, 0 portable; picked at run time like
+ * rows_matmul.c's (dsmoe/native.py builds both files into one library).
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#define QMAX 127.f
+#define TILE 4 /* activation rows per pass over a weight row */
+
+static inline float bf16f(uint16_t v) {
+    uint32_t u = (uint32_t)v << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+static inline uint16_t f_to_bf16(float f) { /* round to nearest even; NaN stays NaN */
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);
+    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+/* The activation rows, quantized: xi int8 [M, K] in the code path's order, dx [M, K/32] the
+ * block scales, dxe [M, K/4] those scales spread over the avx512 int32 lanes (see wide
+ * order below), xs [M, G] the exact sums per weight group. */
+typedef struct {
+    int8_t *xi;
+    float *dx, *dxe, *xs;
+    int64_t K, G;
+} acts_t;
+
+/* Position of element c + 32 * half + 2 * j + odd in the stored order. Narrow (one block of
+ * 32: 16 bytes of weights): low nibbles are the even elements, so [even j..., odd j...].
+ * Wide (two blocks, 32 bytes, avx512): [even of block 0, even of block 1, odd of 0, odd of 1];
+ * int32 lanes 0-3 and 8-11 then belong to block 0, lanes 4-7 and 12-15 to block 1. */
+static inline int64_t stored_at(int wide, int64_t half, int64_t j, int64_t odd) {
+    return wide ? odd * 32 + half * 16 + j : odd * 16 + j;
+}
+
+static int quantize_acts(const float *x, int64_t M, int64_t K, int64_t g, int wide_isa,
+                         acts_t *a) {
+    int64_t nb = K / 32;
+    a->K = K;
+    a->G = K / g;
+    for (int64_t m = 0; m < M; m++) {
+        const float *xm = x + m * K;
+        int8_t *xi = a->xi + m * K;
+        float *dx = a->dx + m * nb;
+        for (int64_t b = 0; b < nb; b++) {
+            float amax = 0.f;
+            for (int64_t k = 32 * b; k < 32 * b + 32; k++) amax = fmaxf(amax, fabsf(xm[k]));
+            if (!isfinite(amax)) return -1;
+            dx[b] = amax / QMAX;
+        }
+        for (int64_t grp = 0; grp < a->G; grp++) {
+            float sum = 0.f;
+            for (int64_t k = grp * g; k < (grp + 1) * g; k++) sum += xm[k];
+            if (!isfinite(sum)) return -1; /* fmaxf above passes NaN by */
+            a->xs[m * a->G + grp] = sum;
+        }
+        for (int64_t c = 0; c < K;) {
+            int wide = wide_isa && c + 64 <= K;
+            for (int64_t half = 0; half < 1 + wide; half++) {
+                int64_t b = c / 32 + half;
+                float inv = dx[b] > 0.f ? 1.f / dx[b] : 0.f;
+                for (int64_t j = 0; j < 16; j++)
+                    for (int64_t odd = 0; odd < 2; odd++)
+                        xi[c + stored_at(wide, half, j, odd)] =
+                            (int8_t)lrintf(xm[c + 32 * half + 2 * j + odd] * inv);
+            }
+            if (wide && a->dxe)
+                for (int lane = 0; lane < 16; lane++)
+                    a->dxe[m * (K / 4) + c / 4 + lane] = dx[c / 32 + (lane / 4) % 2];
+            c += wide ? 64 : 32;
+        }
+    }
+    return 0;
+}
+
+/* The weight-side scalars of group grp: scale, and the offset z - 8 s. */
+static inline float group_scale(const uint16_t *s, int64_t grp) { return bf16f(s[grp]); }
+static inline float group_low(const uint16_t *s, const uint16_t *z, int64_t grp) {
+    return (z ? bf16f(z[grp]) : 0.f) - 8.f * bf16f(s[grp]);
+}
+
+/* res[r] += sum_g (z - 8 s) * xs[m0 + r, g] over groups [g0, G) (the vector paths do the
+ * groups below g0 themselves). Local sums: accumulating in res would go through memory. */
+static void offset_terms(const uint16_t *s, const uint16_t *z, const acts_t *a, int64_t m0,
+                         int R, int64_t g0, float *res) {
+    float sum[TILE] = {0.f};
+    for (int64_t grp = g0; grp < a->G; grp++) {
+        float low = group_low(s, z, grp);
+        for (int r = 0; r < R; r++) sum[r] += low * a->xs[(m0 + r) * a->G + grp];
+    }
+    for (int r = 0; r < R; r++) res[r] += sum[r];
+}
+
+/* One weight row (q [K/2], s, z [G]) against rows m0 .. m0 + R - 1: res[r] = its dot. */
+typedef void (*row_fn)(const uint8_t *q, const uint16_t *s, const uint16_t *z, const acts_t *a,
+                       int64_t m0, int R, int64_t g, float *res);
+
+static void row_portable(const uint8_t *q, const uint16_t *s, const uint16_t *z,
+                         const acts_t *a, int64_t m0, int R, int64_t g, float *res) {
+    int64_t K = a->K, nb = K / 32;
+    for (int r = 0; r < R; r++) res[r] = 0.f;
+    offset_terms(s, z, a, m0, R, 0, res);
+    for (int64_t b = 0; b < nb; b++) {
+        float sc = group_scale(s, b / (g / 32));
+        const uint8_t *qb = q + 16 * b;
+        for (int r = 0; r < R; r++) {
+            const int8_t *xb = a->xi + (m0 + r) * K + 32 * b;
+            int32_t isum = 0;
+            for (int j = 0; j < 16; j++)
+                isum += (qb[j] & 15) * xb[j] + (qb[j] >> 4) * xb[16 + j];
+            res[r] += sc * a->dx[(m0 + r) * nb + b] * (float)isum;
+        }
+    }
+}
+
+#if defined(__x86_64__)
+/* One block of 32 (16 bytes of weights) with 256-bit vectors: the avx2 path, and the avx512
+ * paths' last block when K is an odd multiple of 32. */
+#define NARROW_BLOCK(q, a, m0, R, b, sc, res)                                                \
+    do {                                                                                     \
+        __m128i v = _mm_loadu_si128((const __m128i *)((q) + 16 * (b)));                     \
+        __m128i m4 = _mm_set1_epi8(0x0F);                                                    \
+        __m256i w = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(v, 4), m4),               \
+                                     _mm_and_si128(v, m4));                                  \
+        for (int r = 0; r < (R); r++) {                                                      \
+            __m256i xv = _mm256_loadu_si256(                                                 \
+                (const __m256i *)((a)->xi + ((m0) + r) * (a)->K + 32 * (b)));                \
+            __m256i d = _mm256_madd_epi16(_mm256_maddubs_epi16(w, xv), _mm256_set1_epi16(1)); \
+            __m128i h = _mm_add_epi32(_mm256_castsi256_si128(d), _mm256_extracti128_si256(d, 1)); \
+            h = _mm_add_epi32(h, _mm_shuffle_epi32(h, 0x4E));                                \
+            h = _mm_add_epi32(h, _mm_shuffle_epi32(h, 0xB1));                                \
+            (res)[r] += (sc) * (a)->dx[((m0) + r) * ((a)->K / 32) + (b)] *                   \
+                        (float)_mm_cvtsi128_si32(h);                                         \
+        }                                                                                    \
+    } while (0)
+
+__attribute__((target("avx2,fma")))
+static inline float hsum8(__m256 v) {
+    __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    return _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
+}
+
+/* avx2: per block, the 8 int32 lanes all belong to that block, so the float accumulators
+ * take one fused multiply-add with the block's combined scale. */
+__attribute__((target("avx2,fma")))
+static inline __m256 bf16x8(const uint16_t *p) {
+    __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
+}
+
+__attribute__((target("avx2,fma"), always_inline))
+static inline void row_avx2_r(const uint8_t *q, const uint16_t *s, const uint16_t *z,
+                              const acts_t *a, int64_t m0, const int R, int64_t g, float *res) {
+    int64_t K = a->K, nb = K / 32, grp = 0;
+    __m256 acc[TILE];
+    for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
+    for (; grp + 8 <= a->G; grp += 8) { /* the offsets, eight groups at a time */
+        __m256 sc = bf16x8(s + grp);
+        __m256 low = _mm256_fnmadd_ps(_mm256_set1_ps(8.f), sc,
+                                      z ? bf16x8(z + grp) : _mm256_setzero_ps());
+        for (int r = 0; r < R; r++)
+            acc[r] = _mm256_fmadd_ps(low, _mm256_loadu_ps(a->xs + (m0 + r) * a->G + grp), acc[r]);
+    }
+    for (int r = 0; r < R; r++) res[r] = 0.f;
+    offset_terms(s, z, a, m0, R, grp, res);
+    const __m128i m4 = _mm_set1_epi8(0x0F);
+    const __m256i ones = _mm256_set1_epi16(1);
+    for (int64_t b = 0, grp = 0; grp < a->G; grp++) {
+      float sc = group_scale(s, grp);
+      for (int64_t end = b + g / 32; b < end; b++) {
+        __m128i v = _mm_loadu_si128((const __m128i *)(q + 16 * b));
+        __m256i w = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(v, 4), m4), _mm_and_si128(v, m4));
+        for (int r = 0; r < R; r++) {
+            __m256i xv = _mm256_loadu_si256((const __m256i *)(a->xi + (m0 + r) * K + 32 * b));
+            __m256i d = _mm256_madd_epi16(_mm256_maddubs_epi16(w, xv), ones);
+            __m256 f = _mm256_set1_ps(sc * a->dx[(m0 + r) * nb + b]);
+            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), f, acc[r]);
+        }
+      }
+    }
+    for (int r = 0; r < R; r++) res[r] += hsum8(acc[r]);
+}
+
+/* A constant R for each call lets the compiler keep the accumulators in registers. */
+#define BY_ROWS(NAME, TARGET)                                                                \
+    __attribute__((target(TARGET)))                                                          \
+    static void NAME(const uint8_t *q, const uint16_t *s, const uint16_t *z, const acts_t *a, \
+                     int64_t m0, int R, int64_t g, float *res) {                             \
+        switch (R) {                                                                         \
+            case 1: NAME##_r(q, s, z, a, m0, 1, g, res); break;                              \
+            case 2: NAME##_r(q, s, z, a, m0, 2, g, res); break;                              \
+            case 3: NAME##_r(q, s, z, a, m0, 3, g, res); break;                              \
+            default: NAME##_r(q, s, z, a, m0, TILE, g, res); break;                          \
+        }                                                                                    \
+    }
+BY_ROWS(row_avx2, "avx2,fma")
+
+/* avx512: two blocks (64 weights, 32 bytes) per step in the wide order; the int32 lanes
+ * are scaled by the block scales spread over them (dxe) times the weight scales (the same
+ * for both blocks unless g == 32). DOT is vpdpbusd or vpmaddubsw + vpmaddwd. */
+#define ROW_AVX512(NAME, TARGET, DOT)                                                        \
+    __attribute__((target(TARGET), always_inline))                                           \
+    static inline void NAME##_r(const uint8_t *q, const uint16_t *s, const uint16_t *z,      \
+                                const acts_t *a, int64_t m0, const int R, int64_t g,         \
+                                float *res) {                                                \
+        int64_t K = a->K, c = 0, G = a->G;                                                   \
+        __m512 acc[TILE];                                                                    \
+        for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();                            \
+        for (int64_t grp = 0; grp < G; grp += 16) { /* the offsets, 16 groups at a time */   \
+            __mmask16 in = G - grp >= 16 ? 0xFFFF : (__mmask16)((1u << (G - grp)) - 1);      \
+            __m512 sc = bf16x16_masked(s + grp, in);                                         \
+            __m512 low = _mm512_fnmadd_ps(_mm512_set1_ps(8.f), sc,                           \
+                                          z ? bf16x16_masked(z + grp, in) : _mm512_setzero_ps()); \
+            for (int r = 0; r < R; r++)                                                      \
+                acc[r] = _mm512_fmadd_ps(                                                    \
+                    low, _mm512_maskz_loadu_ps(in, a->xs + (m0 + r) * G + grp), acc[r]);     \
+        }                                                                                    \
+        for (int r = 0; r < R; r++) res[r] = 0.f;                                            \
+        const __m256i m4 = _mm256_set1_epi8(0x0F);                                           \
+        const __m512i pair = _mm512_set_epi32(1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0); \
+        int64_t span = g == 32 ? 64 : g; /* weights sharing one scale vector */           \
+        for (int64_t grp = 0; c + span <= K; grp++) {                                        \
+            __m512 sv;                                                                       \
+            if (g == 32) {                                                                   \
+                __m128 two = _mm_setr_ps(bf16f(s[2 * grp]), bf16f(s[2 * grp + 1]), 0.f, 0.f); \
+                sv = _mm512_permutexvar_ps(pair, _mm512_castps128_ps512(two));               \
+            } else {                                                                         \
+                sv = _mm512_set1_ps(group_scale(s, grp));                                    \
+            }                                                                                \
+          for (int64_t end = c + span; c < end; c += 64) {                                   \
+            __m256i v = _mm256_loadu_si256((const __m256i *)(q + c / 2));                    \
+            __m512i w = _mm512_inserti64x4(                                                  \
+                _mm512_castsi256_si512(_mm256_and_si256(v, m4)),                             \
+                _mm256_and_si256(_mm256_srli_epi16(v, 4), m4), 1);                           \
+            for (int r = 0; r < R; r++) {                                                    \
+                __m512i xv = _mm512_loadu_si512(a->xi + (m0 + r) * K + c);                   \
+                __m512 dx = _mm512_loadu_ps(a->dxe + (m0 + r) * (K / 4) + c / 4);            \
+                acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(DOT(w, xv)),                     \
+                                         _mm512_mul_ps(dx, sv), acc[r]);                     \
+            }                                                                                \
+          }                                                                                  \
+        }                                                                                    \
+        for (int r = 0; r < R; r++) res[r] += _mm512_reduce_add_ps(acc[r]);                  \
+        if (c < K) /* one block left (then g == 32) */                                       \
+            NARROW_BLOCK(q, a, m0, R, c / 32, group_scale(s, c / 32), res);                  \
+    }
+
+__attribute__((target("avx512f,avx512bw")))
+static inline __m512 bf16x16_masked(const uint16_t *p, __mmask16 in) {
+    __m256i half = _mm512_castsi512_si256(_mm512_maskz_loadu_epi16((__mmask32)in, p));
+    __m512i wide = _mm512_cvtepu16_epi32(half);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+}
+
+#define DOT_VNNI(w, x) _mm512_dpbusd_epi32(_mm512_setzero_si512(), w, x)
+#define DOT_BW(w, x) _mm512_madd_epi16(_mm512_maddubs_epi16(w, x), _mm512_set1_epi16(1))
+ROW_AVX512(row_avx512vnni, "avx512f,avx512bw,avx512vnni,avx2,fma", DOT_VNNI)
+ROW_AVX512(row_avx512, "avx512f,avx512bw,avx2,fma", DOT_BW)
+BY_ROWS(row_avx512vnni, "avx512f,avx512bw,avx512vnni,avx2,fma")
+BY_ROWS(row_avx512, "avx512f,avx512bw,avx2,fma")
+#endif
+
+/* --- code path choice (as in rows_matmul.c, with its own level 3) ------------------- */
+static int pick4(int limit) {
+#if defined(__x86_64__)
+    __builtin_cpu_init();
+    int avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");
+    if (limit >= 3 && avx512 && __builtin_cpu_supports("avx512vnni")) return 3;
+    if (limit >= 2 && avx512) return 2;
+    if (limit >= 1 && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return 1;
+#endif
+    (void)limit;
+    return 0;
+}
+
+static int isa4 = -1;
+
+int dsmoe_int4_isa(void) {
+    if (isa4 < 0) isa4 = pick4(3);
+    return isa4;
+}
+
+/* Restrict the code path to at most `limit`; returns the path now in use. Not
+ * thread-safe: call it before any matmul. */
+int dsmoe_int4_limit_isa(int limit) {
+    isa4 = pick4(limit);
+    return isa4;
+}
+
+static row_fn row_kernel(int level) {
+#if defined(__x86_64__)
+    if (level == 3) return row_avx512vnni;
+    if (level == 2) return row_avx512;
+    if (level == 1) return row_avx2;
+#endif
+    (void)level;
+    return row_portable;
+}
+
+/* --- blocks matmul -------------------------------------------------------------------- */
+typedef struct {
+    const int64_t *blocks;
+    int64_t nb, N, K, g;
+    const uint8_t *q;
+    const uint16_t *s, *z;
+    const acts_t *a;
+    row_fn row;
+    float *out;
+} job4_t;
+
+/* Outputs [n0, n1) of every block (expert, first row, rows), as in rows_matmul.c. */
+static void int4_slice(const job4_t *j, int64_t n0, int64_t n1) {
+    int64_t G = j->K / j->g;
+    for (int64_t b = 0; b < j->nb; b++) {
+        int64_t e = j->blocks[3 * b], first = j->blocks[3 * b + 1], rows = j->blocks[3 * b + 2];
+        for (int64_t n = n0; n < n1; n++) {
+            int64_t wrow = e * j->N + n;
+            const uint8_t *q = j->q + wrow * (j->K / 2);
+            const uint16_t *s = j->s + wrow * G, *z = j->z ? j->z + wrow * G : NULL;
+            for (int64_t m = 0; m < rows; m += TILE) {
+                int R = rows - m < TILE ? (int)(rows - m) : TILE;
+                float res[TILE];
+                j->row(q, s, z, j->a, first + m, R, j->g, res);
+                for (int r = 0; r < R; r++) j->out[(first + m + r) * j->N + n] = res[r];
+            }
+        }
+    }
+}
+
+/* q [E, N, K/2], s and z [E, N, G] (z may be NULL), x [P, K]; `blocks` as in
+ * rows_matmul.c. Returns 0, -1 when x is not finite, -2 out of memory, -3 bad shape. */
+int dsmoe_int4_blocks_matmul(const float *x, const uint8_t *q, const uint16_t *s,
+                             const uint16_t *z, float *out, int64_t P, const int64_t *blocks,
+                             int64_t nb, int64_t N, int64_t K, int64_t g, int threads) {
+    if (g < 32 || (g != 32 && g % 64) || K % g) return -3; /* a 64-step is in one group */
+    int level = dsmoe_int4_isa();
+    int64_t rows = P > 0 ? P : 1;
+    acts_t a = {0};
+    a.xi = aligned_alloc(64, (size_t)(rows * K + 64));
+    a.dx = malloc((size_t)(rows * (K / 32)) * sizeof(float));
+    a.dxe = level >= 2 ? malloc((size_t)(rows * (K / 4)) * sizeof(float)) : NULL;
+    a.xs = malloc((size_t)(rows * (K / g)) * sizeof(float));
+    int status = (!a.xi || !a.dx || !a.xs || (level >= 2 && !a.dxe)) ? -2 : 0;
+    if (status == 0) status = quantize_acts(x, P, K, g, level >= 2, &a);
+    if (status == 0) {
+        job4_t job = {.blocks = blocks, .nb = nb, .N = N, .K = K, .g = g, .q = q, .s = s,
+                      .z = z, .a = &a, .row = row_kernel(level), .out = out};
+#ifdef _OPENMP
+        if (threads > 1 && N >= 64 * threads) {
+#pragma omp parallel num_threads(threads)
+            {
+                int64_t t = omp_get_thread_num(), T = omp_get_num_threads();
+                int4_slice(&job, N * t / T, N * (t + 1) / T);
+            }
+        } else
+#endif
+            int4_slice(&job, 0, N);
+    }
+    (void)threads;
+    free(a.xi);
+    free(a.dx);
+    free(a.dxe);
+    free(a.xs);
+    return status;
+}
+
+/* The float weight [N, K] (fp32, or bf16 when out_bf16) of q, s, z: prefill runs a GEMM on
+ * it, one matrix at a time. Returns 0, or -3 for a bad group. */
+int dsmoe_int4_dequantize(const uint8_t *q, const uint16_t *s, const uint16_t *z, void *out,
+                          int out_bf16, int64_t N, int64_t K, int64_t g, int threads) {
+    if (g < 2 || g % 2 || K % g) return -3;
+    int64_t G = K / g;
+    (void)threads;
+#ifdef _OPENMP
+#pragma omp parallel for num_threads(threads > 0 ? threads : 1) schedule(static)
+#endif
+    for (int64_t n = 0; n < N; n++) {
+        float row[64];
+        for (int64_t grp = 0; grp < G; grp++) {
+            float sc = group_scale(s + n * G, grp), low = group_low(s + n * G, z ? z + n * G : NULL, grp);
+            for (int64_t k0 = grp * g; k0 < (grp + 1) * g; k0 += 64) {
+                int64_t len = (grp + 1) * g - k0 < 64 ? (grp + 1) * g - k0 : 64;
+                const uint8_t *qb = q + n * (K / 2) + k0 / 2;
+                for (int64_t j = 0; j < len / 2; j++) {
+                    row[2 * j] = low + sc * (float)(qb[j] & 15);
+                    row[2 * j + 1] = low + sc * (float)(qb[j] >> 4);
+                }
+                if (out_bf16) {
+                    uint16_t *o = (uint16_t *)out + n * K + k0;
+                    for (int64_t j = 0; j < len; j++) o[j] = f_to_bf16(row[j]);
+                } else {
+                    memcpy((float *)out + n * K + k0, row, (size_t)len * sizeof(float));
+                }
+            }
+        }
+    }
+    return 0;
+}
