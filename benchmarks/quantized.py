@@ -18,6 +18,8 @@ Sections (each prints a markdown table):
            greedy steps after the prompt).
   llama    with llama-cpp-python importable: the bf16 checkpoint exported to GGUF Q8_0 (and
            Q4_0) by ``dsmoe export``'s code path and timed the same way in llama.cpp.
+  quality  KL divergence, top-1 agreement and perplexity against fp32 of dsmoe int8 / int4
+           and llama.cpp Q8_0 / Q4_0 (and F32, as a check) on one small trained model.
   16b      with --big: a random deepseek-moe-16b-shaped int8 checkpoint written directly to
            disk in quantized form (its fp32 form, 65 GB, never exists), loaded and decoded
            like the others, then deleted.
@@ -117,6 +119,109 @@ def print_kernels(results: list[dict]) -> None:
         cells = [f"{r[c] * 1e3:.2f} ({base / r[c]:.1f}x)" if c in r else "-" for c in columns]
         print(f"| {r['matrix']} | {r['rows']} | " + " | ".join(cells) + " |")
     print("\n(x = speed relative to the bf16 GEMM on the same rows)")
+
+
+# --- quality -------------------------------------------------------------------------------
+QUALITY_VOCAB = 300  # a BPE with merges (llama.cpp refuses a tokenizer without any)
+
+
+def _affine_batch(n: int, length: int, seed: int):
+    """Sequences of a small learnable language, x[t+1] = (a x[t] + 1) mod 256 with a per
+    sequence from {3, 5, 7, 11}: confident predictions after a few seconds of training."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    mult = torch.tensor([3, 5, 7, 11])[torch.randint(0, 4, (n, 1), generator=g)]
+    steps = torch.arange(length)
+    ids = torch.randint(0, 256, (n, 1), generator=g).expand(n, length).clone()
+    for t in steps[1:]:
+        ids[:, t] = (ids[:, t - 1] * mult[:, 0] + 1) % 256
+    return ids  # [n, length]
+
+
+def bench_quality(root: Path, llama: bool, steps: int = 150) -> dict:
+    """KL(fp32 || format) per token, top-1 agreement and perplexity of dsmoe int8/int4 and
+    llama.cpp F32/Q8_0/Q4_0 on one small trained model (D=64, E=8, 2 layers), against
+    dsmoe's fp32 logits on held-out sequences. llama.cpp F32 checks that both run the same
+    model (its KL should be ~0)."""
+    import copy
+
+    import torch
+    import torch.nn.functional as F
+
+    from dsmoe import ModelConfig
+    from dsmoe.checkpoint import gguf, hf
+    from dsmoe.model import Transformer
+    from dsmoe.quant import quantize_model
+
+    torch.manual_seed(0)
+    config = ModelConfig(vocab_size=QUALITY_VOCAB, hidden_size=64, intermediate_size=128,
+                         moe_intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, n_routed_experts=8, num_experts_per_tok=2,
+                         n_shared_experts=1, first_k_dense_replace=1,
+                         max_position_embeddings=128, bos_token_id=None, eos_token_id=None)
+    model = Transformer(config)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for step in range(steps):
+        ids = _affine_batch(16, 33, seed=step)
+        loss = F.cross_entropy(model(ids[:, :-1]).logits.flatten(0, 1), ids[:, 1:].flatten())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    held_out = _affine_batch(8, 49, seed=10**6)
+    inputs, targets = held_out[:, :-1], held_out[:, 1:]
+    with torch.no_grad():
+        ref = model(inputs).logits.float()  # [8, 48, V]
+
+    def scores(logits: torch.Tensor) -> dict:
+        kl = F.kl_div(logits.log_softmax(-1), ref.log_softmax(-1), log_target=True,
+                      reduction="none").sum(-1).mean().item()
+        ppl = F.cross_entropy(logits.flatten(0, 1), targets.flatten()).exp().item()
+        top1 = (logits.argmax(-1) == ref.argmax(-1)).float().mean().item()
+        return {"kl": kl, "ppl": ppl, "top1": top1}
+
+    results = {"fp32": scores(ref)}
+    for bits, group in ((8, 128), (4, 32), (4, 128)):
+        quantized = quantize_model(copy.deepcopy(model), bits, group)
+        with torch.no_grad():
+            results[f"dsmoe int{bits}" + (f" g{group}" if bits == 4 else "")] = scores(
+                quantized(inputs).logits.float())
+    if llama:
+        hf_dir = root / "quality-hf"
+        model.save_pretrained(hf_dir)
+        tokenizer = _tokenizer(QUALITY_VOCAB)
+        for quant in ("f32", "q8_0", "q4_0"):
+            path = root / f"quality-{quant}.gguf"
+            gguf.write_gguf(path, hf.read_config(hf_dir), gguf.HFDirectoryState(hf_dir),
+                            tokenizer, quant=quant)
+            results[f"llama.cpp {quant.upper()}"] = scores(_llama_logits(path, inputs))
+    return results
+
+
+def _llama_logits(path: Path, inputs) -> "torch.Tensor":  # noqa: F821 - lazy import
+    import llama_cpp
+    import numpy as np
+    import torch
+
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=inputs.shape[1] + 8,
+                          n_batch=inputs.shape[1], logits_all=True, n_threads=1, verbose=False)
+    rows = []
+    for seq in inputs.tolist():
+        llm.reset()
+        llm.eval(seq)
+        rows.append(torch.from_numpy(np.array(llm.scores[:len(seq)], dtype=np.float32)))
+    return torch.stack(rows)  # [n, T, V]
+
+
+def print_quality(results: dict) -> None:
+    print(f"\n### Quality vs fp32 (small trained model; load average {_load_average()})\n")
+    print("| format | KL(fp32 \\|\\| q) per token | top-1 agreement | perplexity |")
+    print("|---|---:|---:|---:|")
+    base = results["fp32"]["ppl"]
+    for name, r in results.items():
+        print(f"| {name} | {r['kl']:.2e} | {r['top1'] * 100:.1f}% | {r['ppl']:.4f} "
+              f"({(r['ppl'] / base - 1) * 100:+.2f}%) |")
 
 
 # --- model setup -----------------------------------------------------------------------------
@@ -350,6 +455,7 @@ def main() -> None:
     parser.add_argument("--big-decode", type=int, default=8)
     parser.add_argument("--skip-kernels", action="store_true")
     parser.add_argument("--skip-model", action="store_true")
+    parser.add_argument("--skip-quality", action="store_true")
     parser.add_argument("--no-llama", action="store_true", help="skip llama.cpp even if present")
     parser.add_argument("--workdir", default=None,
                         help="keep the checkpoints here and reuse them in later runs "
@@ -385,6 +491,9 @@ def main() -> None:
     root = Path(args.workdir) if keep else Path(tempfile.mkdtemp(prefix="dsmoe-quant-bench-"))
     root.mkdir(parents=True, exist_ok=True)
     try:
+        if not args.skip_quality:
+            results["quality"] = bench_quality(root, llama)
+            print_quality(results["quality"])
         if not args.skip_model:
             info = make_checkpoints(args.preset, root, args.formats, llama)
             results["setup"] = info

@@ -175,23 +175,26 @@ def test_blocks_equal_one_call_per_matrix_and_leave_other_rows_zero():
 
 
 @needs_native
-def test_quantized_experts_decode_in_one_call_per_matrix(monkeypatch):
+@pytest.mark.parametrize("bits, kernel, table_arg", [(8, "int8_blocks_matmul", 3),
+                                                     (4, "int4_blocks_matmul", 5)])
+def test_quantized_experts_decode_in_one_call_per_matrix(monkeypatch, bits, kernel, table_arg):
     from dsmoe.moe.experts import SwiGLUExperts
     from dsmoe.quant.experts import QuantSwiGLUExperts
 
-    experts = QuantSwiGLUExperts.from_experts(SwiGLUExperts(6, 64, 32, init_std=0.1), bits=8)
+    experts = QuantSwiGLUExperts.from_experts(SwiGLUExperts(6, 64, 32, init_std=0.1),
+                                              bits=bits, group_size=32)
     counts = torch.tensor([1, 0, 2, 0, 1, 3])
     x = torch.randn(int(counts.sum()), 64)
     calls = []
-    real = native.int8_blocks_matmul
-    monkeypatch.setattr(native, "int8_blocks_matmul",
-                        lambda *a: calls.append(len(a[3])) or real(*a))
+    real = getattr(native, kernel)
+    monkeypatch.setattr(native, kernel, lambda *a: calls.append(len(a[table_arg])) or real(*a))
     with torch.no_grad():
         fast = experts(x, counts)
         assert calls == [4, 4]  # gate_up and down, four experts each
-        monkeypatch.setattr(native, "int8_blocks_matmul", lambda *a: None)
-        loop = experts(x, counts)  # the per-expert loop of torch's kernel
-    torch.testing.assert_close(fast, loop, atol=2e-2, rtol=2e-2)  # bf16 activations there
+        monkeypatch.setattr(native, kernel, lambda *a: None)
+        loop = experts(x, counts)  # the per-expert loop (torch's kernel / dequantized GEMMs)
+    # bf16 activations in torch's int8 kernel; int8 activations in both int4 paths
+    torch.testing.assert_close(fast, loop, atol=2e-2 if bits == 8 else 3e-2, rtol=2e-2)
 
 
 # --- int4 (csrc/int4_matmul.c) -----------------------------------------------------------
@@ -311,24 +314,3 @@ def test_int4_falls_back_to_torchs_packed_kernel_without_the_library(monkeypatch
         torch.testing.assert_close(m.matmul(x), expected, atol=5e-2, rtol=1e-2)
     finally:
         native.library.cache_clear()
-
-
-@needs_native
-def test_int4_experts_decode_in_one_call_per_matrix(monkeypatch):
-    from dsmoe.moe.experts import SwiGLUExperts
-    from dsmoe.quant.experts import QuantSwiGLUExperts
-
-    experts = QuantSwiGLUExperts.from_experts(SwiGLUExperts(6, 64, 32, init_std=0.1), bits=4,
-                                              group_size=32)
-    counts = torch.tensor([1, 0, 2, 0, 1, 3])
-    x = torch.randn(int(counts.sum()), 64)
-    calls = []
-    real = native.int4_blocks_matmul
-    monkeypatch.setattr(native, "int4_blocks_matmul",
-                        lambda *a: calls.append(len(a[5])) or real(*a))
-    with torch.no_grad():
-        fast = experts(x, counts)
-        assert calls == [4, 4]  # gate_up and down, four experts each
-        monkeypatch.setattr(native, "int4_blocks_matmul", lambda *a: None)
-        loop = experts(x, counts)  # the per-expert loop, dequantized GEMMs
-    torch.testing.assert_close(fast, loop, atol=3e-2, rtol=2e-2)  # int8 activations there
