@@ -144,13 +144,18 @@ def _llama_permute(w: np.ndarray, n_head: int) -> np.ndarray:
         .reshape(w.shape)
 
 
-def write_llama_cpp_style(path: Path, model, tok: Tokenizer | None, *, arch: str = "deepseek",
+def write_llama_cpp_style(path: Path, model, tok: Tokenizer | None, *, arch: str | None = None,
                           overrides: dict | None = None,
-                          raw: dict[str, tuple[np.ndarray, gguf.GGMLQuantizationType]] | None = None
-                          ) -> None:
-    """A GGUF as llama.cpp's convert_hf_to_gguf.py lays out DeepseekForCausalLM, built here
-    with gguf.GGUFWriter and hand-written names: no dsmoe.hf_config, no HF tokenizer JSON."""
+                          raw: dict[str, tuple[np.ndarray, gguf.GGMLQuantizationType]] | None = None,
+                          kv_b: str = "split", drop: tuple[str, ...] = ()) -> None:
+    """A GGUF as llama.cpp's convert_hf_to_gguf.py lays out DeepseekForCausalLM ("deepseek")
+    or DeepseekV2/V3ForCausalLM ("deepseek2", MLA: kv_b_proj split per head, or kept whole
+    with ``kv_b="whole"`` as older converters did), built here with gguf.GGUFWriter and
+    hand-written names: no dsmoe.hf_config, no HF tokenizer JSON. ``drop``: metadata keys
+    (without the architecture prefix) left out."""
     c = model.config
+    mla = c.kv_lora_rank is not None
+    arch = arch or ("deepseek2" if mla else "deepseek")
     sd = hf_state(model)
     w = gguf.GGUFWriter(str(path), arch)
     kv = {"context_length": c.max_position_embeddings, "embedding_length": c.hidden_size,
@@ -162,13 +167,29 @@ def write_llama_cpp_style(path: Path, model, tok: Tokenizer | None, *, arch: str
           "expert_feed_forward_length": c.moe_intermediate_size,
           "expert_count": c.n_routed_experts, "expert_used_count": c.num_experts_per_tok,
           "expert_shared_count": c.n_shared_experts}
+    if mla:
+        kv.update(_deepseek2_keys(c, kv_b))
     kv.update(overrides or {})
     for key, value in kv.items():
-        w.add_uint32(f"{arch}.{key}", value)
+        if key not in drop:
+            w.add_uint32(f"{arch}.{key}", value)
     w.add_float32(f"{arch}.rope.freq_base", float(c.rope_theta))
     w.add_float32(f"{arch}.attention.layer_norm_rms_epsilon", float(c.rms_norm_eps))
-    w.add_float32(f"{arch}.expert_weights_scale", 1.0)
-    w.add_string(f"{arch}.rope.scaling.type", "none")
+    w.add_float32(f"{arch}.expert_weights_scale", float(c.routed_scaling_factor) if mla else 1.0)
+    if mla and c.norm_topk_prob:
+        w.add_bool(f"{arch}.expert_weights_norm", True)
+    scaling = c.rope_scaling or {}
+    if mla and scaling.get("type") == "yarn":
+        w.add_string(f"{arch}.rope.scaling.type", "yarn")
+        w.add_float32(f"{arch}.rope.scaling.factor", float(scaling["factor"]))
+        w.add_uint32(f"{arch}.rope.scaling.original_context_length",
+                     scaling["original_max_position_embeddings"])
+        for beta in ("beta_fast", "beta_slow"):
+            if beta in scaling:
+                w.add_float32(f"{arch}.rope.scaling.yarn_{beta}", float(scaling[beta]))
+        w.add_float32(f"{arch}.rope.scaling.yarn_log_multiplier", 0.1 * scaling["mscale_all_dim"])
+    else:
+        w.add_string(f"{arch}.rope.scaling.type", "none")
     if tok is not None:
         data = TokenizerData.from_tokenizer(tok, c.vocab_size)
         w.add_string("tokenizer.ggml.model", "gpt2")
@@ -185,27 +206,25 @@ def write_llama_cpp_style(path: Path, model, tok: Tokenizer | None, *, arch: str
             blocks, qtype = raw[name]
             w.add_tensor(name, blocks, raw_dtype=qtype)
         else:
-            w.add_tensor(name, value.float().numpy())
+            w.add_tensor(name, value.float().contiguous().numpy())
 
-    H, Hkv = c.num_attention_heads, c.num_key_value_heads
     add("token_embd.weight", sd["model.embed_tokens.weight"])
     add("output_norm.weight", sd["model.norm.weight"])
-    add("output.weight", sd["lm_head.weight"])
+    if "lm_head.weight" in sd and not c.tie_word_embeddings:
+        add("output.weight", sd["lm_head.weight"])
     for i in range(c.num_hidden_layers):
         p = f"model.layers.{i}."
         add(f"blk.{i}.attn_norm.weight", sd[p + "input_layernorm.weight"])
-        add(f"blk.{i}.attn_q.weight",
-            torch.from_numpy(_llama_permute(sd[p + "self_attn.q_proj.weight"].numpy(), H)))
-        add(f"blk.{i}.attn_k.weight",
-            torch.from_numpy(_llama_permute(sd[p + "self_attn.k_proj.weight"].numpy(), Hkv)))
-        add(f"blk.{i}.attn_v.weight", sd[p + "self_attn.v_proj.weight"])
-        add(f"blk.{i}.attn_output.weight", sd[p + "self_attn.o_proj.weight"])
+        for name, value in (_mla_tensors(c, sd, p, kv_b) if mla else _mha_tensors(c, sd, p)):
+            add(f"blk.{i}.{name}.weight", value)
         add(f"blk.{i}.ffn_norm.weight", sd[p + "post_attention_layernorm.weight"])
         if i < c.first_k_dense_replace:
             for proj in ("gate", "down", "up"):
                 add(f"blk.{i}.ffn_{proj}.weight", sd[p + f"mlp.{proj}_proj.weight"])
             continue
         add(f"blk.{i}.ffn_gate_inp.weight", sd[p + "mlp.gate.weight"])
+        if p + "mlp.gate.e_score_correction_bias" in sd:
+            add(f"blk.{i}.exp_probs_b.bias", sd[p + "mlp.gate.e_score_correction_bias"])
         for proj in ("gate", "down", "up"):
             add(f"blk.{i}.ffn_{proj}_exps.weight", torch.stack(
                 [sd[p + f"mlp.experts.{e}.{proj}_proj.weight"] for e in range(c.n_routed_experts)]))
@@ -215,6 +234,53 @@ def write_llama_cpp_style(path: Path, model, tok: Tokenizer | None, *, arch: str
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
+
+
+def _deepseek2_keys(c, kv_b: str) -> dict:
+    """DeepseekV2Model.set_gguf_parameters: MQA over the latent, per-head sizes as _mla."""
+    C, n, r, v = c.kv_lora_rank, c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim
+    keys = {"attention.head_count_kv": 1, "rope.dimension_count": r, "attention.kv_lora_rank": C,
+            "expert_gating_func": {"softmax": 1, "sigmoid": 2}[c.scoring_func],
+            "expert_group_count": c.n_group, "expert_group_used_count": c.topk_group}
+    if kv_b == "split":
+        keys.update({"attention.key_length": C + r, "attention.value_length": C,
+                     "attention.key_length_mla": n + r, "attention.value_length_mla": v})
+    else:  # before the split: plain per-head sizes
+        keys.update({"attention.key_length": n + r, "attention.value_length": v})
+    if c.q_lora_rank is not None:
+        keys["attention.q_lora_rank"] = c.q_lora_rank
+    return keys
+
+
+def _mha_tensors(c, sd: dict, p: str) -> list[tuple[str, torch.Tensor]]:
+    H, Hkv = c.num_attention_heads, c.num_key_value_heads
+    a = p + "self_attn."
+    return [("attn_q", torch.from_numpy(_llama_permute(sd[a + "q_proj.weight"].numpy(), H))),
+            ("attn_k", torch.from_numpy(_llama_permute(sd[a + "k_proj.weight"].numpy(), Hkv))),
+            ("attn_v", sd[a + "v_proj.weight"]), ("attn_output", sd[a + "o_proj.weight"])]
+
+
+def _mla_tensors(c, sd: dict, p: str, kv_b: str) -> list[tuple[str, torch.Tensor]]:
+    """MLA as DeepseekV2Model.modify_tensors writes it: no rope permutation (the checkpoint's
+    rope dims are already interleaved pairs); kv_b_proj viewed [H, n+v, C] and split into
+    k_b (transposed to [H, C, n]) and v_b [H, v, C]."""
+    a = p + "self_attn."
+    if c.q_lora_rank is None:
+        out = [("attn_q", sd[a + "q_proj.weight"])]
+    else:
+        out = [("attn_q_a", sd[a + "q_a_proj.weight"]),
+               ("attn_q_a_norm", sd[a + "q_a_layernorm.weight"]),
+               ("attn_q_b", sd[a + "q_b_proj.weight"])]
+    out += [("attn_kv_a_mqa", sd[a + "kv_a_proj_with_mqa.weight"]),
+            ("attn_kv_a_norm", sd[a + "kv_a_layernorm.weight"])]
+    whole = sd[a + "kv_b_proj.weight"]
+    if kv_b == "split":
+        per_head = whole.view(c.num_attention_heads, -1, c.kv_lora_rank)
+        k_b, v_b = per_head.split([c.qk_nope_head_dim, c.v_head_dim], dim=1)
+        out += [("attn_k_b", k_b.transpose(1, 2)), ("attn_v_b", v_b)]
+    else:
+        out.append(("attn_kv_b", whole))
+    return out + [("attn_output", sd[a + "o_proj.weight"])]
 
 
 def test_llama_cpp_layout_file_loads_to_the_same_weights(tmp_path: Path, tokenizer) -> None:
@@ -358,8 +424,9 @@ def test_truncated_file(tmp_path: Path) -> None:
 
 def test_unsupported_architecture(tmp_path: Path) -> None:
     path = tmp_path / "llama.gguf"
-    write_llama_cpp_style(path, make_model(), None, arch="deepseek2")
-    with pytest.raises(ValueError, match="architecture 'deepseek2' is not supported.*MLA"):
+    write_llama_cpp_style(path, make_model(), None, arch="deepseek32")
+    with pytest.raises(ValueError, match="architecture 'deepseek32' is not supported; dsmoe "
+                                         "reads llama.cpp's 'deepseek' .* and 'deepseek2'"):
         load_gguf(path)
 
 

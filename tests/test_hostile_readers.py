@@ -185,6 +185,47 @@ def test_metadata_of_the_wrong_type_names_file_and_key(tmp_path: Path, extra: di
     assert capsys.readouterr().err.startswith(f"error: {path}: ")
 
 
+# --- hostile deepseek2 (MLA) headers ------------------------------------------------------------
+def _mla_model():
+    from test_gguf_mla import mla_model
+
+    return mla_model("v3_yarn")
+
+
+@pytest.mark.parametrize("overrides, drop, message", [
+    ({"attention.kv_lora_rank": 16}, (),  # the latent width the tensors do not have
+     r"metadata contradicts tensor shapes: blk\.0\.attn_kv_a_mqa\.weight is \[40, 64\] in the "
+     r"file, the metadata \(attention\.kv_lora_rank, .*\) implies \[24, 64\]"),
+    ({"attention.q_lora_rank": 48}, (), r"blk\.0\.attn_q_a\.weight is \[32, 64\] in the file, "
+                                        r"the metadata \(attention\.q_lora_rank"),
+    ({}, ("attention.kv_lora_rank",),
+     "required metadata key 'deepseek2.attention.kv_lora_rank' is missing"),
+    ({}, ("rope.dimension_count",),
+     "required metadata key 'deepseek2.rope.dimension_count' is missing"),
+    ({"attention.key_length_mla": 8}, (), r"metadata deepseek2\.attention\.key_length_mla = 8 "
+                                          r"must exceed deepseek2\.rope\.dimension_count = 8"),
+    ({"expert_count": 4096}, (), "metadata deepseek2.expert_count = 4096 is larger than any "
+                                 "tensor dimension"),
+    ({"expert_count": 300}, (), r"the metadata describes a model of \d+ parameters"),
+    ({"expert_used_count": 9}, (), "the metadata describes an invalid model: .*"
+                                   "num_experts_per_tok"),
+    ({"expert_gating_func": 7}, (), "metadata deepseek2.expert_gating_func = 7 is not a gating "
+                                    "function dsmoe knows"),
+])
+def test_hostile_deepseek2_headers_name_file_and_key(tmp_path: Path, overrides: dict,
+                                                     drop: tuple, message: str, capsys) -> None:
+    path = tmp_path / "mla.gguf"
+    write_llama_cpp_style(path, _mla_model(), None, overrides=overrides, drop=drop)
+    with pytest.raises(ValueError, match=f"{path}: .*{message}"):
+        load_gguf(path)
+    code = main(["info", str(path)])  # tensors against the metadata: reported, exit 1
+    out, err = capsys.readouterr()
+    if "blk" in message:
+        assert code == 1 and "metadata contradicts tensor shapes" in out
+    else:
+        assert code == 2 and err.startswith(f"error: {path}: ") and err.count("\n") == 1, err
+
+
 @pytest.fixture(scope="module")
 def tok() -> Tokenizer:
     return Tokenizer.train_bpe(["hello world 123, it's fine!"] * 20, vocab_size=280)

@@ -1,7 +1,8 @@
 """Export a model as an HF directory or as a llama.cpp GGUF file.
 
 MODEL is an HF model directory or a .gguf file. --format gguf writes llama.cpp's "deepseek"
-architecture (llama.cpp and llama-cpp-python load it), tokenizer included when MODEL has
+architecture (V1) or "deepseek2" (DeepSeek-V2/V3's MLA; a V3 multi-token-prediction layer is
+left out), which llama.cpp and llama-cpp-python load, tokenizer included when MODEL has
 one; --quant picks the tensor type (norms and routers always stay f32). An HF directory is
 converted tensor by tensor without loading the model, so checkpoints larger than memory
 export too. --format hf writes config.json, safetensors with DeepSeek's tensor names and

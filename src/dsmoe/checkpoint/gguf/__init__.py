@@ -6,10 +6,11 @@
     load_gguf(path, dtype=, device=) -> Transformer   (alias: load_gguf_model)
     load_tokenizer(path)          -> dsmoe.tokenizer.Tokenizer
 
-Files use llama.cpp's "deepseek" architecture (LLM_ARCH_DEEPSEEK), so llama.cpp loads what
-dsmoe writes and dsmoe loads what llama.cpp's converter writes. Modules: ``names`` (tensor
-map, q/k row order), ``metadata`` (config keys), ``vocab`` (tokenizer keys), ``reader``,
-``writer``, ``loader``.
+Files use llama.cpp's "deepseek" architecture (LLM_ARCH_DEEPSEEK) for V1 models and
+"deepseek2" (LLM_ARCH_DEEPSEEK2) for MLA models (DeepSeek-V2 / V2-Lite / V3), so llama.cpp
+loads what dsmoe writes and dsmoe loads what llama.cpp's converter writes. Modules:
+``names`` (tensor map, q/k row order, MLA's per-head kv_b), ``metadata`` (config keys),
+``mla`` (deepseek2's keys), ``vocab`` (tokenizer keys), ``reader``, ``writer``, ``loader``.
 """
 
 from dsmoe.checkpoint.gguf.loader import load_gguf, load_gguf_model, load_tokenizer

@@ -31,7 +31,7 @@ _FILE_DTYPES = {QUANT_TYPES[name][1]: DTYPES[name] for name in ("f32", "f16", "b
 
 def load_gguf(path: str | os.PathLike, *, dtype: torch.dtype | str | None = torch.float32,
               device: torch.device | str = "cpu") -> nn.Module:
-    """A ``Transformer`` with the weights of a llama.cpp "deepseek" GGUF, in eval mode.
+    """A ``Transformer`` with the weights of a llama.cpp "deepseek"/"deepseek2" GGUF, in eval mode.
     ``dtype=None``: the file's float type (F32/F16/BF16 files), else float32."""
     return load_source(gguf_source(path), dtype=dtype, device=device)
 

@@ -25,7 +25,8 @@ import torch
 
 from dsmoe.checkpoint.gguf import metadata
 from dsmoe.checkpoint.gguf.header import check_header
-from dsmoe.checkpoint.gguf.names import TensorSpec, from_llama_rope_rows, tensor_specs
+from dsmoe.checkpoint.gguf.names import (TensorSpec, from_llama_rope_rows, join_kv_b,
+                                         tensor_specs)
 from dsmoe.checkpoint.gguf.vocab import TokenizerData
 from dsmoe.config import ModelConfig
 
@@ -35,10 +36,19 @@ _HEADER_BYTES = 24  # magic, version, tensor count, kv count
 # Which metadata keys fix the shape of each kind of tensor (for error messages).
 _SHAPE_KEYS = {
     "token_embd": "vocab_size, embedding_length", "output": "vocab_size, embedding_length",
-    "attn_q": "attention.head_count, embedding_length",
+    "attn_q": "attention.head_count, embedding_length (MLA: key_length_mla)",
     "attn_k": "attention.head_count_kv, embedding_length",
     "attn_v": "attention.head_count_kv, embedding_length",
-    "attn_output": "attention.head_count, embedding_length",
+    "attn_output": "attention.head_count, embedding_length (MLA: value_length_mla)",
+    "attn_q_a": "attention.q_lora_rank, embedding_length",
+    "attn_q_a_norm": "attention.q_lora_rank",
+    "attn_q_b": "attention.head_count, key_length_mla, attention.q_lora_rank",
+    "attn_kv_a_mqa": "attention.kv_lora_rank, rope.dimension_count, embedding_length",
+    "attn_kv_a_norm": "attention.kv_lora_rank",
+    "attn_k_b": "attention.head_count, attention.kv_lora_rank, key_length_mla, "
+                "rope.dimension_count",
+    "attn_v_b": "attention.head_count, value_length_mla, attention.kv_lora_rank",
+    "attn_kv_b": "attention.head_count, key_length, value_length, attention.kv_lora_rank",
     "ffn_gate_inp": "expert_count, embedding_length", "exp_probs_b": "expert_count",
     "exps": "expert_count, expert_feed_forward_length, embedding_length",
     "shexp": "expert_shared_count, expert_feed_forward_length, embedding_length",
@@ -106,7 +116,9 @@ class GGUFFile:
     def check_tensors(self, config: ModelConfig) -> list[TensorSpec]:
         """The file's tensors against what the metadata implies; one ValueError lists all
         missing, unexpected and misshapen tensors. Returns the specs in file order."""
-        specs = tensor_specs(config)
+        # llama.cpp's converter splits MLA's kv_b per head; older files keep it whole
+        whole = any(name.endswith(".attn_kv_b.weight") for name in self.tensors)
+        specs = tensor_specs(config, kv_b="whole" if whole else "split")
         expected = {s.gguf_name: s for s in specs}
         found = {name: tuple(int(n) for n in reversed(t.shape.tolist()))
                  for name, t in self.tensors.items()}
@@ -140,8 +152,13 @@ class GGUFFile:
     def hf_tensors(self, spec: TensorSpec, dtype: torch.dtype, *, copy_experts: bool = True
                    ) -> Iterator[tuple[str, torch.Tensor]]:
         """(HF name, tensor) pairs of one GGUF tensor: stacked experts come out per expert
-        (views of one buffer unless ``copy_experts``)."""
+        (views of one buffer unless ``copy_experts``); MLA's per-head ``attn_k_b`` and
+        ``attn_v_b`` come out as one kv_b_proj, with the first."""
+        if spec.kv_b_part == "v":
+            return
         value = self.load(spec, dtype)
+        if spec.partner is not None:
+            value = join_kv_b(value, self.load(spec.partner, dtype))
         if not spec.stacked:
             yield spec.hf_names[0], value
             return
@@ -184,7 +201,7 @@ def dequantize(data: np.ndarray, qtype: gguf.GGMLQuantizationType, shape: tuple[
 def read_gguf(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32
               ) -> tuple[ModelConfig, dict[str, torch.Tensor], TokenizerData | None]:
     """(config, state dict with HF DeepSeek names, tokenizer facts or None) of a "deepseek"
-    GGUF. Tensors are dequantised to ``dtype``; q/k rows are back in HF order."""
+    or "deepseek2" GGUF. Tensors are dequantised to ``dtype``; q/k rows are back in HF order."""
     f = GGUFFile(path)
     config = f.config()
     specs = f.check_tensors(config)

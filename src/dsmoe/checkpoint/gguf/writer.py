@@ -1,4 +1,4 @@
-"""Writing llama.cpp "deepseek" GGUF files from HF-named weights or a dsmoe model.
+"""Writing llama.cpp "deepseek" / "deepseek2" GGUF files from HF-named weights or a model.
 
 Design choices:
 - Streaming: all tensor infos are declared first (their sizes follow from shape and type),
@@ -10,6 +10,9 @@ Design choices:
   take the requested type; a row length that is not a multiple of the 32-element block
   falls back to F16. For ``q4_0`` the embedding and output matrices are written as Q8_0
   (llama.cpp's q4_0 presets also keep ``output`` at higher precision).
+- V3's multi-token-prediction layer (``num_nextn_predict_layers``, stored as layer L of an
+  HF checkpoint) is skipped with a warning: dsmoe does not run it and llama.cpp's converter
+  leaves it out too.
 - Quantisation uses ``gguf.quants`` (the reference implementation of llama.cpp's formats);
   BF16 and F16 are plain casts.
 """
@@ -27,8 +30,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from dsmoe.checkpoint import keys
 from dsmoe.checkpoint.gguf import metadata
-from dsmoe.checkpoint.gguf.names import TensorSpec, tensor_specs, to_llama_rope_rows
+from dsmoe.checkpoint.gguf.names import TensorSpec, kv_b_half, tensor_specs, to_llama_rope_rows
 from dsmoe.checkpoint.gguf.vocab import TokenizerData
 from dsmoe.config import ModelConfig
 from dsmoe.io import atomic_path, disk_errors
@@ -77,7 +81,8 @@ def write_gguf(path: str | os.PathLike, config: ModelConfig,
                tokenizer: Tokenizer | TokenizerData | None = None, *, quant: str = "f16",
                name: str = "dsmoe", progress: Callable[[int, int], None] | None = None) -> None:
     """Write ``hf_state_dict`` (HF DeepSeek names, per-expert tensors) as a llama.cpp
-    "deepseek" GGUF with tensors of type ``quant`` (f32, f16, bf16, q8_0, q4_0).
+    "deepseek" (V1) or "deepseek2" (MLA) GGUF with tensors of type ``quant`` (f32, f16,
+    bf16, q8_0, q4_0).
     ``hf_state_dict`` may be lazy (``HFDirectoryState``): each tensor is read when written.
     ``progress(done, total)`` is called after each GGUF tensor."""
     if quant not in QUANT_TYPES:
@@ -100,7 +105,7 @@ def write_gguf(path: str | os.PathLike, config: ModelConfig,
     if path.is_dir():
         raise ValueError(f"{path} is a directory; a GGUF is written as a file")
     with atomic_path(path) as tmp, disk_errors(path, lambda: _file_size(specs, types)):
-        writer = gguf.GGUFWriter(tmp, metadata.ARCH)
+        writer = gguf.GGUFWriter(tmp, metadata.architecture(config).name)
         try:
             metadata.write_metadata(writer, config, file_type=QUANT_TYPES[quant][1], name=name)
             if tokenizer is not None:
@@ -205,8 +210,14 @@ def _check_sources(specs: list[TensorSpec], state: Mapping[str, torch.Tensor],
     needed = {n: s for s in specs for n in s.hf_names}
     optional = {"lm_head.weight"} if config.tie_word_embeddings else set()
     missing = [n for n in needed if n not in state]
-    unexpected = [n for n in state if n not in needed and n not in optional]
-    per_tensor = {n: tuple(s.shape[1:]) if s.stacked else s.shape for n, s in needed.items()}
+    others, mtp = keys.split_mtp([n for n in state if n not in needed and n not in optional],
+                                 config.num_hidden_layers, config.num_nextn_predict_layers)
+    if mtp:
+        warnings.warn(f"the multi-token-prediction layer ({len(mtp)} tensors of layer "
+                      f"{config.num_hidden_layers}) is not exported: dsmoe does not run it and "
+                      "llama.cpp's deepseek2 files leave it out", stacklevel=3)
+    unexpected = others
+    per_tensor = {n: s.source_shape for n, s in needed.items()}
     mismatched = [f"{n} (expected {list(per_tensor[n])}, got {list(state[n].shape)})"
                   for n in needed if n in state and tuple(state[n].shape) != per_tensor[n]]
     problems = [f"{label}: {', '.join(items[:5])}" + (f" and {len(items) - 5} more"
@@ -229,11 +240,14 @@ def _declare(writer: gguf.GGUFWriter, spec: TensorSpec, qtype: gguf.GGMLQuantiza
 
 
 def _gguf_tensor(spec: TensorSpec, state: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    """The tensor GGUF stores for ``spec``: experts stacked, q/k rows in llama.cpp order."""
+    """The tensor GGUF stores for ``spec``: experts stacked, q/k rows in llama.cpp order,
+    MLA's kv_b_proj split per head."""
     if spec.stacked:
         value = torch.stack([state[n].detach() for n in spec.hf_names])
     else:
         value = state[spec.hf_names[0]].detach()
+    if spec.kv_b_part is not None:
+        value = kv_b_half(value, spec)
     if spec.rope_heads is not None:
         value = to_llama_rope_rows(value, spec.rope_heads)
     return value
