@@ -138,11 +138,13 @@ def test_yarn_frequencies_and_scales_match_transformers() -> None:
         assert softmax_scale(12, scaling) == pytest.approx(yarn_apply_mscale(params, 12 ** -0.5))
 
 
-def test_gguf_refuses_mla_with_one_clear_line() -> None:
+def test_gguf_maps_mla_to_llama_cpp_deepseek2_tensors() -> None:
+    """MLA models are GGUF's "deepseek2" (tests/test_gguf_mla.py has the round trips)."""
     from dsmoe.checkpoint.gguf.names import tensor_specs
 
-    with pytest.raises(ValueError, match=r"Multi-head Latent Attention .*--format hf"):
-        tensor_specs(ModelConfig(**MLA))
+    names = {s.gguf_name for s in tensor_specs(ModelConfig(**MLA))}
+    assert {"blk.0.attn_kv_a_mqa.weight", "blk.0.attn_k_b.weight", "blk.0.attn_v_b.weight"} <= names
+    assert "blk.0.attn_k.weight" not in names
 
 
 def test_quantized_mla_decodes_absorbed_with_the_dequantized_kv_b(monkeypatch) -> None:
