@@ -142,7 +142,8 @@ def test_mtp_layer_is_skipped_on_export_with_a_warning(tmp_path: Path, tokenizer
                      "--quant", "f32"]) == 0
     loaded = load_gguf(out)
     assert loaded.config == cfg.replace(num_nextn_predict_layers=0,  # ids: the tokenizer's
-                                        bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id)
+                                        bos_token_id=tokenizer.bos_id,
+                                        eos_token_id=tokenizer.eos_id)
     ids = torch.randint(0, 320, (2, 20))
     assert torch.equal(loaded(ids).logits, model(ids).logits)
 
