@@ -324,3 +324,62 @@ def test_quantize_command(tmp_path: Path, trained: Transformer, capsys) -> None:
     assert main(["quantize", str(tmp_path / "hf"), "--bits", "8", "--out",
                  str(tmp_path / "busy")]) == 2
     assert "not empty and is not a dsmoe quantized checkpoint" in capsys.readouterr().err
+
+
+def test_int4_from_a_q4_0_gguf_takes_the_blocks_as_stored(tmp_path: Path, trained: Transformer,
+                                                          monkeypatch) -> None:
+    """A Q4_0 GGUF loads as symmetric int4 with groups of 32 holding the file's 4-bit values:
+    no Q4_0 tensor is dequantized on the way, the weights equal llama.cpp's up to the bf16
+    rounding of the block scales, and the result saves and reloads as a dsmoe checkpoint."""
+    from dsmoe.checkpoint.gguf import reader
+
+    path = tmp_path / "m.gguf"
+    write_model_gguf(trained, path, quant="q4_0")
+    floats = load_model(path)  # what llama.cpp computes with (dequantized Q4_0)
+    real = reader.dequantize
+
+    def no_q4_0(data, qtype, *rest):
+        assert qtype != reader.Q.Q4_0, "a Q4_0 tensor was dequantized"
+        return real(data, qtype, *rest)
+
+    monkeypatch.setattr(reader, "dequantize", no_q4_0)
+    model = load_model(path, quant="int4")
+    qc = model.quant_config
+    assert (qc.bits, qc.group_size, qc.symmetric) == (4, 32, True)
+    experts = model.layers[1].mlp.experts.gate_up_proj
+    assert experts.symmetric and experts.group_size == 32 and not hasattr(experts, "zero")
+    reference = floats.layers[1].mlp.experts.gate_up_proj.detach()
+    assert_close(experts.dequantize(), reference, atol=1e-7,
+                 rtol=2 ** -8, what="int4 from Q4_0 vs the Q4_0 values")
+    q_proj = model.layers[0].self_attn.q_proj  # llama.cpp's q/k row order undone
+    assert_close(q_proj.dequantize(), floats.layers[0].self_attn.q_proj.weight.detach(),
+                 atol=1e-7, rtol=2 ** -8, what="q_proj from Q4_0")
+    ids = torch.randint(0, V, (2, 10))
+    with torch.no_grad():
+        out = model(ids).logits
+        assert mean_kl(floats(ids).logits, out) < 1e-2
+        save_quantized(model, tmp_path / "q")
+        assert torch.equal(load_quantized(tmp_path / "q")(ids).logits, out)
+
+
+def test_symmetric_int4_follows_llama_cpps_q4_0_rule() -> None:
+    """Quantizing in dsmoe (symmetric, groups of 32) picks the 4-bit values llama.cpp's
+    Q4_0 picks (up to rounding ties moved by the bf16 scale), with scales within one bf16
+    step of its fp16 ones (rounded once from fp32 here, twice there)."""
+    import gguf as gguf_py
+
+    from dsmoe.checkpoint.gguf.reader import q4_0_as_int4
+
+    w = torch.randn(16, 256) * torch.logspace(-3, 0, 16).unsqueeze(1)
+    q, scale = kernels.quantize_int4_symmetric(w, 32)
+    blocks = gguf_py.quants.quantize(w.numpy(), gguf_py.GGMLQuantizationType.Q4_0)
+    q_ref, scale_ref = q4_0_as_int4(blocks, (16, 256))
+    torch.testing.assert_close(scale.float(), scale_ref.float(), rtol=2 ** -7, atol=0)
+    diff = (kernels.unpack_nibbles(q).int() - kernels.unpack_nibbles(q_ref).int()).abs()
+    assert diff.max() <= 1 and (diff == 0).float().mean() > 0.99
+    deq = kernels.dequantize_int4(q, scale, torch.zeros_like(scale))
+    step = scale.float().abs().repeat_interleave(32, dim=1)
+    # half a step, but a whole one for values beyond +7 steps on the side opposite the
+    # group's extreme (-8 steps), which Q4_0 clamps; plus the bf16 scale rounding
+    assert bool(((deq - w).abs() <= step + w.abs() * 2 ** -8 + 1e-7).all())
+    assert (deq - w).abs().le(step * 0.5 + w.abs() * 2 ** -8 + 1e-7).float().mean() > 0.95

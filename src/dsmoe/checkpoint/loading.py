@@ -9,7 +9,8 @@
      is read), and its tensors as groups under dsmoe's names (experts stacked), one group
      per layer plus one for the embedding, final norm and output.
   2. build the model on ``meta``; quantize its matrices (still on meta) when the source is
-     quantized or ``quant`` asks for it
+     quantized or ``quant`` asks for it (int4 from a Q4_0 GGUF: symmetric, groups of 32,
+     its Q4_0 matrices taken as stored)
   3. ``fill``: per group, float tensors are cast (parameters to ``dtype``, buffers keep
      their declared dtype) and assigned (``load_state_dict(assign=True)``); quantized
      matrices take their stored tensors as they are, or quantize float weights on arrival
@@ -29,7 +30,7 @@ from __future__ import annotations
 
 import os
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -51,6 +52,8 @@ class Source:
     stored_dtype: torch.dtype | None  # the float dtype for dtype=None (None: per tensor)
     quant: object | None = None  # the stored QuantConfig of a quantized directory
     owns_views: bool = False  # copy float tensors out of the file mapping
+    # a Q4_0 GGUF: groups whose Q4_0 matrices come as symmetric int4 (group 32) tensors
+    int4_groups: Callable[[torch.dtype | None], Groups] | None = None
 
 
 def open_source(path: str | os.PathLike) -> Source:
@@ -89,6 +92,10 @@ def load(path: str | os.PathLike, *, dtype: torch.dtype | str | None = torch.flo
             source.quant.bits, source.quant.group_size):
         raise ValueError(f"{path} is already quantized ({source.quant.bits}-bit); it cannot "
                          f"be re-quantized to {qc.bits}-bit")
+    if qc is not None and qc.bits == 4 and source.int4_groups is not None:
+        # int4 from Q4_0 blocks as they are stored (no float detour, no requantizing)
+        qc = replace(qc, group_size=32, symmetric=True)
+        source = replace(source, groups=source.int4_groups)
     return load_source(source, dtype=dtype, device=device, quant=source.quant or qc,
                        progress=progress, model_cls=model_cls)
 
@@ -111,7 +118,8 @@ def load_source(source: Source, *, dtype: torch.dtype | str | None, device: torc
     if source.quant is None:
         source.check(model)  # a float checkpoint is checked against the float model
     if quant is not None:
-        quantize_model(model, quant.bits, quant.group_size, lm_head_bits=quant.lm_head_bits)
+        quantize_model(model, quant.bits, quant.group_size, lm_head_bits=quant.lm_head_bits,
+                       symmetric=quant.symmetric)
     if source.quant is not None:
         source.check(model)
     fill(model, source.groups(target), dtype=target, device=device, owns_views=source.owns_views,

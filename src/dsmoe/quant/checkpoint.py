@@ -2,7 +2,8 @@
 
 A quantized checkpoint is an HF-style directory:
   config.json        the model's HF config plus ``quantization_config``
-                     ({"quant_method": "dsmoe", "bits", "group_size", "lm_head_bits", ...})
+                     ({"quant_method": "dsmoe", "bits", "group_size", "lm_head_bits",
+                     "symmetric" (int4 without zeros, from Q4_0 GGUFs; absent: false), ...})
   model.safetensors  (or shards + model.safetensors.index.json) with dsmoe's native names:
                      float tensors as they are (``embed_tokens.weight``, norms, routers),
                      quantized matrices as ``<module>.qweight`` / ``.scale`` (/ ``.zero``),
@@ -15,7 +16,8 @@ over, which are views of a private memory map of the file. The writer lays every
 on a 64-byte boundary (``save_aligned``), the alignment torch's int8 kernel needs, so int8
 weights are used in place: they are file-backed pages (loaded on first use, evictable under
 memory pressure, like llama.cpp's mmap), not a copy in anonymous memory. int4 weights are
-repacked into torch's kernel layout matrix by matrix. No float copy of the weights ever
+used in place the same way (dsmoe's native int4 kernel reads the canonical layout; only
+without it are they repacked into torch's kernel layout). No float copy of the weights ever
 exists. ``load_model(path, quant=...)`` quantizes a float HF directory or GGUF layer by
 layer the same way (peak: quantized model + one float layer). Writing goes through the one
 model-directory writer (``checkpoint.directory``): the directory is replaced as a whole.

@@ -37,6 +37,7 @@ class QuantConfig:
     bits: int = 8
     group_size: int = 128  # int4 only: inputs per (scale, zero) group
     lm_head_bits: int = 8
+    symmetric: bool = False  # int4 only: no zeros (llama.cpp's Q4_0 form, from Q4_0 GGUFs)
     quant_method: str = "dsmoe"
     format_version: int = 1
 
@@ -59,15 +60,17 @@ class QuantConfig:
         if data.get("format_version", 1) != 1:
             raise ValueError(f"quantization format_version {data['format_version']} is newer "
                              "than this dsmoe understands (1)")
-        known = {"bits", "group_size", "lm_head_bits", "quant_method", "format_version"}
+        known = {"bits", "group_size", "lm_head_bits", "quant_method", "format_version",
+                 "symmetric"}
         return cls(**{k: v for k, v in data.items() if k in known})
 
 
 def quantize_model(model: nn.Module, bits: int = 8, group_size: int = 128, *,
-                   lm_head_bits: int = 8) -> nn.Module:
+                   lm_head_bits: int = 8, symmetric: bool = False) -> nn.Module:
     """Replace ``model``'s linear layers and routed experts in place (see module docstring);
     returns the model, with ``model.quant_config`` set."""
-    qc = QuantConfig(bits=bits, group_size=group_size, lm_head_bits=lm_head_bits)
+    qc = QuantConfig(bits=bits, group_size=group_size, lm_head_bits=lm_head_bits,
+                     symmetric=symmetric)
     config = getattr(model, "config", None)
     tied = bool(getattr(config, "tie_word_embeddings", False))
     hidden_act = getattr(config, "hidden_act", "silu")
@@ -79,11 +82,13 @@ def quantize_model(model: nn.Module, bits: int = 8, group_size: int = 128, *,
                     continue
                 child_bits = qc.lm_head_bits if full == "lm_head" else qc.bits
                 new: nn.Module = QuantLinear.from_linear(child, bits=child_bits,
-                                                         group_size=qc.group_size)
+                                                         group_size=qc.group_size,
+                                                         symmetric=qc.symmetric)
             elif isinstance(child, SwiGLUExperts):
                 new = QuantSwiGLUExperts.from_experts(child, bits=qc.bits,
                                                       group_size=qc.group_size,
-                                                      hidden_act=hidden_act)
+                                                      hidden_act=hidden_act,
+                                                      symmetric=qc.symmetric)
             else:
                 continue
             setattr(module, child_name, new)

@@ -24,24 +24,25 @@ from dsmoe.quant.matrix import QuantMatrix
 
 class QuantSwiGLUExperts(Experts):
     def __init__(self, n_experts: int, hidden_size: int, expert_size: int, *, bits: int,
-                 group_size: int = 128, hidden_act: str = "silu",
+                 group_size: int = 128, hidden_act: str = "silu", symmetric: bool = False,
                  device: torch.device | str | None = None) -> None:
         super().__init__()
         self.num_experts, self.expert_size, self.hidden_act = n_experts, expert_size, hidden_act
         E, D, F = n_experts, hidden_size, expert_size
-        self.gate_up_proj = QuantMatrix(2 * F, D, bits=bits, group_size=group_size,
-                                        stack=(E,), device=device)  # [E, 2F, D]
-        self.down_proj = QuantMatrix(D, F, bits=bits, group_size=group_size, stack=(E,),
-                                     device=device)  # [E, D, F]
+        common = dict(bits=bits, group_size=group_size, stack=(E,), symmetric=symmetric,
+                      device=device)
+        self.gate_up_proj = QuantMatrix(2 * F, D, **common)  # [E, 2F, D]
+        self.down_proj = QuantMatrix(D, F, **common)  # [E, D, F]
         self.act = ACTIVATIONS[hidden_act]
 
     @classmethod
     def from_experts(cls, experts: SwiGLUExperts, *, bits: int, group_size: int = 128,
-                     hidden_act: str = "silu") -> "QuantSwiGLUExperts":
+                     hidden_act: str = "silu", symmetric: bool = False
+                     ) -> "QuantSwiGLUExperts":
         """Quantise ``experts`` (on meta: an empty shell of the right shapes)."""
         E, twoF, D = experts.gate_up_proj.shape
         out = cls(E, D, twoF // 2, bits=bits, group_size=group_size, hidden_act=hidden_act,
-                  device=experts.gate_up_proj.device)
+                  symmetric=symmetric, device=experts.gate_up_proj.device)
         if not experts.gate_up_proj.is_meta:
             out.gate_up_proj.set_float(experts.gate_up_proj)
             out.down_proj.set_float(experts.down_proj)

@@ -5,6 +5,8 @@ Formats (one matrix W [N, K]: N outputs, K inputs; experts add a leading E):
   int4  asymmetric, one (scale, zero) per group of ``g`` inputs of a row:
         W ~ (q[n, k] - 8) * scale[n, k // g] + zero[n, k // g],  q in [0, 15]
         (``zero`` is the group's minimum plus 8 * scale: the form torch's int4 kernel takes)
+        or symmetric (no zero, W ~ (q - 8) * scale, g = 32: llama.cpp's Q4_0 with the
+        scale in bf16; a Q4_0 GGUF loads into it without requantizing)
   Scales and zeros are bf16, the precision the kernels compute with.
 
 Kernels (measured in ``benchmarks/quantized.py``; see its table):
@@ -130,6 +132,22 @@ def quantize_int4(weight: torch.Tensor, group_size: int
     q = torch.round((w - zero.float().unsqueeze(-1)) / scale.float().unsqueeze(-1) + 8.0)
     q = q.clamp_(0, 15).to(torch.uint8).reshape(*lead, N, K)
     return pack_nibbles(q), scale, zero
+
+
+def quantize_int4_symmetric(weight: torch.Tensor, group_size: int
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """W [..., N, K] -> (q uint8 [..., N, K/2], scale bf16 [..., N, G]) with
+    W ~ (q - 8) * scale: llama.cpp's Q4_0 rule (the value of largest magnitude maps to
+    q = 0, so the scale is signed), against the bf16-rounded scale."""
+    *lead, N, K = weight.shape
+    if K % group_size or K % 2:
+        raise ValueError(f"int4: in_features={K} is not a multiple of group_size={group_size}")
+    w = weight.detach().float().reshape(*lead, N, K // group_size, group_size)
+    extreme = w.gather(-1, w.abs().argmax(dim=-1, keepdim=True)).squeeze(-1)  # [..., N, G]
+    scale = (extreme / -8.0).to(_KERNEL_DTYPE)
+    safe = torch.where(scale == 0, torch.ones_like(scale), scale).float().unsqueeze(-1)
+    q = torch.round(w / safe + 8.0).clamp_(0, 15).to(torch.uint8).reshape(*lead, N, K)
+    return pack_nibbles(q), scale
 
 
 def dequantize_int4(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,

@@ -18,19 +18,20 @@ class QuantLinear(QuantMatrix):
     """y = x @ W.T (+ bias) with W [N, K] quantized; forward(x [..., K]) -> [..., N]."""
 
     def __init__(self, in_features: int, out_features: int, *, bits: int, group_size: int = 128,
-                 bias: bool = False, device: torch.device | str | None = None,
+                 symmetric: bool = False, bias: bool = False, device: torch.device | str | None = None,
                  dtype: torch.dtype | None = None) -> None:
         super().__init__(out_features, in_features, bits=bits, group_size=group_size,
-                         device=device)
+                         symmetric=symmetric, device=device)
         self.bias = (nn.Parameter(torch.empty(out_features, device=device, dtype=dtype))
                      if bias else None)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, *, bits: int, group_size: int = 128) -> "QuantLinear":
+    def from_linear(cls, linear: nn.Linear, *, bits: int, group_size: int = 128,
+                    symmetric: bool = False) -> "QuantLinear":
         """Quantise ``linear`` (on meta: an empty shell of the right shapes)."""
         weight = linear.weight
         out = cls(linear.in_features, linear.out_features, bits=bits, group_size=group_size,
-                  bias=linear.bias is not None, device=weight.device, dtype=weight.dtype)
+                  symmetric=symmetric, bias=linear.bias is not None, device=weight.device, dtype=weight.dtype)
         if not weight.is_meta:
             out.set_float(weight)
             if linear.bias is not None:

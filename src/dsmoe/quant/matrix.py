@@ -13,7 +13,8 @@ Buffers (persistent, so ``.to()`` moves them):
         qweight uint8 [..., N, K/2] nibbles, scale bf16 [..., N, G], zero bf16 [..., N, G];
         without them (no C compiler): qweight in torch's packed CPU layout and
         scale_zero bf16 [..., G, N, 2], for ``torch._weight_int4pack_mm_for_cpu``.
-        The choice is made once, at construction (``self.packed``).
+        The choice is made once, at construction (``self.packed``). ``symmetric``: no
+        zero (w = (q - 8) * scale, llama.cpp's Q4_0 form), as loaded from Q4_0 GGUFs.
 
 Shapes: N out features, K in features, G groups per row, M rows.
 """
@@ -32,7 +33,7 @@ BITS = (4, 8)
 
 class QuantMatrix(nn.Module):
     def __init__(self, out_features: int, in_features: int, *, bits: int,
-                 group_size: int = 128, stack: tuple[int, ...] = (),
+                 group_size: int = 128, stack: tuple[int, ...] = (), symmetric: bool = False,
                  device: torch.device | str | None = None) -> None:
         super().__init__()
         if bits not in BITS:
@@ -47,6 +48,7 @@ class QuantMatrix(nn.Module):
         self.bits, self.group_size = bits, group_size if bits == 4 else None
         # int4 in torch's packed layout only when dsmoe's kernels cannot be built
         self.packed = bits == 4 and native.library() is None
+        self.symmetric = bits == 4 and symmetric  # int4 without zeros: llama.cpp's Q4_0 form
         N, K = out_features, in_features
         if bits == 8:
             self.register_buffer("qweight", torch.empty(*stack, N, K, dtype=torch.int8,
@@ -61,7 +63,7 @@ class QuantMatrix(nn.Module):
                 self.register_buffer("scale_zero", torch.empty(
                     *stack, G, N, 2, dtype=torch.bfloat16, device=device))
             else:
-                for name in ("scale", "zero"):
+                for name in ("scale",) if self.symmetric else ("scale", "zero"):
                     self.register_buffer(name, torch.empty(*stack, N, G, dtype=torch.bfloat16,
                                                            device=device))
 
@@ -73,8 +75,9 @@ class QuantMatrix(nn.Module):
             scale = self.scale if index is None else self.scale[index]
             return kernels.int8_linear(x, q, scale)
         if not self.packed:
-            scale, zero = ((self.scale, self.zero) if index is None
-                           else (self.scale[index], self.zero[index]))
+            scale, zero = self.scale, None if self.symmetric else self.zero
+            if index is not None:
+                scale, zero = scale[index], None if zero is None else zero[index]
             return kernels.int4_matmul(x, q, scale, zero, self.group_size)
         sz = self.scale_zero if index is None else self.scale_zero[index]
         return kernels.int4_linear(x, q, sz, self.group_size, self.out_features)
@@ -92,9 +95,10 @@ class QuantMatrix(nn.Module):
             q = self.qweight.reshape(-1, N, K)  # [E, N, K]
             return native.int8_blocks_matmul(x, q, self.scale.reshape(-1, N), blocks)
         G = K // self.group_size
+        zero = None if self.symmetric else self.zero.reshape(-1, N, G)
         return native.int4_blocks_matmul(x, self.qweight.reshape(-1, N, K // 2),
-                                         self.scale.reshape(-1, N, G),
-                                         self.zero.reshape(-1, N, G), self.group_size, blocks)
+                                         self.scale.reshape(-1, N, G), zero, self.group_size,
+                                         blocks)
 
     @property
     def kernel_max_rows(self) -> int:
@@ -114,6 +118,9 @@ class QuantMatrix(nn.Module):
         if self.bits == 8:
             parts = [kernels.quantize_int8(w) for w in flat]
             names = ("qweight", "scale")
+        elif self.symmetric:
+            parts = [kernels.quantize_int4_symmetric(w, self.group_size) for w in flat]
+            names = ("qweight", "scale")
         else:
             parts = [kernels.quantize_int4(w, self.group_size) for w in flat]
             names = ("qweight", "scale", "zero")
@@ -128,22 +135,27 @@ class QuantMatrix(nn.Module):
             return {"qweight": ((*lead, N, K), torch.int8),
                     "scale": ((*lead, N), torch.bfloat16)}
         G = K // self.group_size
-        return {"qweight": ((*lead, N, K // 2), torch.uint8),
-                "scale": ((*lead, N, G), torch.bfloat16),
-                "zero": ((*lead, N, G), torch.bfloat16)}
+        shapes = {"qweight": ((*lead, N, K // 2), torch.uint8),
+                  "scale": ((*lead, N, G), torch.bfloat16),
+                  "zero": ((*lead, N, G), torch.bfloat16)}
+        if self.symmetric:
+            del shapes["zero"]
+        return shapes
 
     def quantized_state(self) -> dict[str, torch.Tensor]:
-        """Canonical tensors: int8 {qweight, scale}; int4 {qweight (nibbles), scale, zero}."""
+        """Canonical tensors: int8 {qweight, scale}; int4 {qweight (nibbles), scale, zero}
+        (no zero when symmetric)."""
         if self.bits == 8:
             return {"qweight": self.qweight, "scale": self.scale}
         if not self.packed:
-            return {"qweight": self.qweight, "scale": self.scale, "zero": self.zero}
+            return {name: getattr(self, name) for name in self.canonical_shapes()}
         N, K = self.out_features, self.in_features
         flat_q = self.qweight.reshape(-1, *self.qweight.shape[-2:])
         q = torch.stack([kernels.kernel_unpack_int4(p, N, K) for p in flat_q])
         sz = self.scale_zero.transpose(-3, -2)  # [..., N, G, 2]
-        return {"qweight": q.reshape(*self.stack, N, K // 2),
-                "scale": sz[..., 0].contiguous(), "zero": sz[..., 1].contiguous()}
+        state = {"qweight": q.reshape(*self.stack, N, K // 2),
+                 "scale": sz[..., 0].contiguous(), "zero": sz[..., 1].contiguous()}
+        return {name: state[name] for name in self.canonical_shapes()}
 
     @torch.no_grad()
     def load_quantized_state(self, state: dict[str, torch.Tensor], *,
@@ -158,13 +170,15 @@ class QuantMatrix(nn.Module):
             return
         if not self.packed:  # used in place: the native kernel reads any alignment
             self.qweight = state["qweight"].to(device=device, dtype=torch.uint8).contiguous()
-            self.scale = state["scale"].to(device=device, dtype=torch.bfloat16).contiguous()
-            self.zero = state["zero"].to(device=device, dtype=torch.bfloat16).contiguous()
+            for name in self.canonical_shapes().keys() - {"qweight"}:
+                setattr(self, name, state[name].to(device=device, dtype=torch.bfloat16)
+                        .contiguous())
             return
         q = state["qweight"].reshape(-1, N, K // 2)
         packed = torch.stack([kernels.kernel_pack_int4(p.to("cpu")) for p in q])
         self.qweight = packed.reshape(*lead, *packed.shape[1:]).to(device)
-        self.scale_zero = kernels.scales_and_zeros(state["scale"], state["zero"]).to(device)
+        zero = torch.zeros_like(state["scale"]) if self.symmetric else state["zero"]
+        self.scale_zero = kernels.scales_and_zeros(state["scale"], zero).to(device)
 
     def dequantize(self, dtype: torch.dtype = torch.float32, index: int | None = None
                    ) -> torch.Tensor:
@@ -175,10 +189,12 @@ class QuantMatrix(nn.Module):
             state = {k: v[index] for k, v in state.items()}
         if self.bits == 8:
             return kernels.dequantize_int8(state["qweight"], state["scale"], dtype)
-        return kernels.dequantize_int4(state["qweight"], state["scale"], state["zero"], dtype)
+        zero = state.get("zero", torch.zeros_like(state["scale"]))
+        return kernels.dequantize_int4(state["qweight"], state["scale"], zero, dtype)
 
     def extra_repr(self) -> str:
         group = f", group_size={self.group_size}" if self.bits == 4 else ""
+        group += ", symmetric=True" if self.symmetric else ""
         stack = f", stack={list(self.stack)}" if self.stack else ""
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bits={self.bits}{group}{stack}")

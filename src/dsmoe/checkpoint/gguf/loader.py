@@ -18,6 +18,7 @@ from torch import nn
 
 from dsmoe.checkpoint import keys
 from dsmoe.checkpoint.dtypes import DTYPES
+from dsmoe.checkpoint.gguf.names import TensorSpec
 from dsmoe.checkpoint.gguf.reader import GGUFFile
 from dsmoe.checkpoint.gguf.writer import QUANT_TYPES
 from dsmoe.checkpoint.hf import hf_shapes, native_name
@@ -42,8 +43,11 @@ def gguf_source(path: str | os.PathLike) -> Source:
     f = GGUFFile(path)
     config = f.config()
     stored = _FILE_DTYPES.get(f.get("general.file_type", 0), torch.float32)
+    q4_0 = f.get("general.file_type", 0) == QUANT_TYPES["q4_0"][1]
     return Source(config, lambda model: _check_against_model(f, config, model),
-                  lambda dtype: native_groups(f, config, torch.float32), stored)
+                  lambda dtype: native_groups(f, config, torch.float32), stored,
+                  int4_groups=(lambda dtype: native_groups(f, config, torch.float32, True))
+                  if q4_0 else None)
 
 
 def load_gguf_model(path: str | os.PathLike, *, dtype: torch.dtype | str | None = torch.float32,
@@ -64,18 +68,51 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
         raise ValueError(f"{f.path}: {exc}") from exc
 
 
-def native_groups(f: GGUFFile, config: ModelConfig, dtype: torch.dtype
+def native_groups(f: GGUFFile, config: ModelConfig, dtype: torch.dtype, int4: bool = False
                   ) -> Iterator[dict[str, torch.Tensor]]:
     """The file's tensors under dsmoe's native names (experts stacked), one dict per layer
-    (plus one for the embedding, final norm and output)."""
+    (plus one for the embedding, final norm and output). ``int4``: Q4_0 weight matrices
+    come as a symmetric int4 matrix's ``<module>.qweight`` / ``.scale`` (never as floats)."""
     specs = f.check_tensors(config)
     groups: dict[str, list] = defaultdict(list)
     for spec in specs:
         groups[keys.layer_group(spec.hf_names[0])].append(spec)
     for group in groups.values():
-        hf = {native_name(n): t for spec in group
+        direct = [spec for spec in group if int4 and _int4_as_stored(f, spec)]
+        hf = {native_name(n): t for spec in group if spec not in direct
               for n, t in f.hf_tensors(spec, dtype, copy_experts=False)}
-        yield keys.moe_from_hf(hf, config.n_routed_experts)
+        out = keys.moe_from_hf(hf, config.n_routed_experts)
+        if direct:
+            out.update(_int4_tensors(f, direct, config.n_routed_experts))
+        yield out
+
+
+def _int4_as_stored(f: GGUFFile, spec: TensorSpec) -> bool:
+    """Whether ``spec`` loads straight into an int4 matrix: a Q4_0 weight matrix of a
+    module ``quantize_model`` makes int4 (not the embedding or the output, whose bits are
+    lm_head_bits) of a shape the int4 format takes with groups of 32."""
+    from dsmoe.quant.kernels import int4_group_size
+
+    if f.tensors[spec.gguf_name].tensor_type != QUANT_TYPES["q4_0"][0] or spec.keep_f32:
+        return False
+    if spec.gguf_name in ("token_embd.weight", "output.weight") or len(spec.shape) < 2:
+        return False
+    return int4_group_size(spec.shape[-1], spec.shape[-2], 32) == 32
+
+
+def _int4_tensors(f: GGUFFile, specs: list[TensorSpec], n_experts: int
+                  ) -> dict[str, torch.Tensor]:
+    """``<module>.qweight`` and ``.scale`` of the Q4_0 ``specs`` (experts stacked the way
+    ``moe_from_hf`` stacks float weights: a row split of a matrix splits its scales too)."""
+    loaded = {spec.gguf_name: f.load_int4(spec) for spec in specs}
+    out = {}
+    for i, leaf in enumerate(("qweight", "scale")):
+        per_name = {native_name(n): piece for spec in specs for n, piece in zip(
+            spec.hf_names, loaded[spec.gguf_name][i].unbind(0) if spec.stacked
+            else [loaded[spec.gguf_name][i]])}
+        for name, tensor in keys.moe_from_hf(per_name, n_experts).items():
+            out[f"{name.removesuffix('.weight')}.{leaf}"] = tensor
+    return out
 
 
 def _check_against_model(f: GGUFFile, config: ModelConfig, model: nn.Module) -> None:

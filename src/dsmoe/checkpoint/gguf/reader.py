@@ -149,6 +149,17 @@ class GGUFFile:
             out = from_llama_rope_rows(out, spec.rope_heads)
         return out
 
+    def load_int4(self, spec: TensorSpec) -> tuple[torch.Tensor, torch.Tensor]:
+        """A Q4_0 tensor as dsmoe's symmetric int4 (``q4_0_as_int4``), rows in HF order."""
+        t = self.tensors[spec.gguf_name]
+        if Q(t.tensor_type) != Q.Q4_0:
+            raise ValueError(f"{self.path}: {spec.gguf_name} is {Q(t.tensor_type).name}, "
+                             "not Q4_0")
+        q, scale = q4_0_as_int4(t.data, spec.shape)
+        if spec.rope_heads is not None:
+            q, scale = (from_llama_rope_rows(v, spec.rope_heads) for v in (q, scale))
+        return q, scale
+
     def hf_tensors(self, spec: TensorSpec, dtype: torch.dtype, *, copy_experts: bool = True
                    ) -> Iterator[tuple[str, torch.Tensor]]:
         """(HF name, tensor) pairs of one GGUF tensor: stacked experts come out per expert
@@ -196,6 +207,23 @@ def dequantize(data: np.ndarray, qtype: gguf.GGMLQuantizationType, shape: tuple[
         raise ValueError(f"{what}: tensor type {qtype.name} cannot be dequantised by the "
                          "installed gguf package") from exc
     return torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32)).reshape(shape)
+
+
+def q4_0_as_int4(data: np.ndarray, shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q4_0 data of a tensor ``shape`` [..., N, K] -> dsmoe's symmetric int4 without
+    dequantizing: q uint8 [..., N, K/2] (the same 4-bit values, in the canonical nibble
+    order) and scale bf16 [..., N, K/32] (the fp16 block scales rounded to bf16: a relative
+    change of at most 2^-9, far below the 4-bit step)."""
+    from dsmoe.quant.kernels import pack_nibbles
+
+    with warnings.catch_warnings():  # torch warns that the memory map is read-only
+        warnings.simplefilter("ignore", UserWarning)
+        blocks = torch.from_numpy(np.ascontiguousarray(data).reshape(-1)).view(-1, 18)
+    d = blocks[:, :2].contiguous().view(torch.float16)  # [n, 1]
+    values = torch.cat([blocks[:, 2:] & 0x0F, blocks[:, 2:] >> 4], dim=1)  # [n, 32] in order
+    *lead, N, K = shape
+    return (pack_nibbles(values).reshape(*lead, N, K // 2),
+            d.to(torch.bfloat16).reshape(*lead, N, K // 32))
 
 
 def read_gguf(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32
