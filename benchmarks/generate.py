@@ -73,6 +73,7 @@ import torch
 from torch import nn
 
 from dsmoe import ModelConfig
+from dsmoe.config import MLA_MODEL_TYPES
 from dsmoe.generate import generate
 from dsmoe.model import Transformer
 
@@ -124,6 +125,15 @@ def reference_moe_config(cfg: ModelConfig, experts_impl: str):  # noqa: ANN201
 
 
 def build_reference(model: Transformer, experts_impl: str) -> nn.Module:
+    """transformers' model holding ``model``'s parameter tensors (shared): the native
+    ``DeepseekV2ForCausalLM`` / ``DeepseekV3ForCausalLM`` for MLA configs, else the Llama +
+    DeepseekV2Moe composite."""
+    if model.config.model_type in MLA_MODEL_TYPES:
+        return build_native_reference(model, experts_impl)
+    return build_composite_reference(model, experts_impl)
+
+
+def build_composite_reference(model: Transformer, experts_impl: str) -> nn.Module:
     """transformers' Llama + DeepseekV2Moe holding ``model``'s parameter tensors (shared)."""
     from transformers import LlamaConfig, LlamaForCausalLM
     from transformers.models.deepseek_v2.modeling_deepseek_v2 import DeepseekV2Moe
@@ -148,16 +158,45 @@ def build_reference(model: Transformer, experts_impl: str) -> nn.Module:
         ref = LlamaForCausalLM(llama)
         for i in cfg.moe_layer_indices:
             ref.model.layers[i].mlp = DeepseekV2Moe(moe_cfg)
+    return _share_weights(ref, model, LlamaRotaryEmbedding(config=llama))
+
+
+def build_native_reference(model: Transformer, experts_impl: str) -> nn.Module:
+    """transformers' own DeepSeek-V2/V3 model (eager attention, its per-head ``DynamicCache``)
+    from ``model``'s HF config, holding ``model``'s parameter tensors (shared)."""
+    import transformers
+
+    family = {"deepseek_v2": "DeepseekV2", "deepseek_v3": "DeepseekV3"}[model.config.model_type]
+    module = getattr(transformers.models, model.config.model_type)
+    hf = {k: v for k, v in model.config.to_hf().items() if k not in ("architectures", "auto_map")}
+    config = getattr(transformers, f"{family}Config")(**hf)
+    config._attn_implementation = "eager"
+    config._experts_implementation = experts_impl
+    with torch.device("meta"):
+        ref = getattr(transformers, f"{family}ForCausalLM")(config)
+    rotary = getattr(module, f"modeling_{model.config.model_type}")
+    return _share_weights(ref, model, getattr(rotary, f"{family}RotaryEmbedding")(config=config))
+
+
+def _share_weights(ref: nn.Module, model: Transformer, rotary: nn.Module) -> nn.Module:
+    """Put ``model``'s Parameter objects (not copies) into the meta-built ``ref`` under HF's
+    names (dsmoe's without the "model." prefix); ``rotary`` replaces ``ref``'s rotary
+    embedding, whose buffers are not parameters."""
     ours = dict(model.named_parameters(remove_duplicate=False))
     theirs = [name for name, _ in ref.named_parameters(remove_duplicate=False)]
     names = {name: name.removeprefix("model.") for name in theirs}
     if set(names.values()) != set(ours):
         raise RuntimeError(f"reference weights do not line up: "
                            f"{sorted(set(names.values()) ^ set(ours))[:4]}")
-    for name, our_name in names.items():  # the same Parameter objects, not copies
+    for name, our_name in names.items():
         owner, leaf = name.rsplit(".", 1)
         ref.get_submodule(owner)._parameters[leaf] = ours[our_name]
-    ref.model.rotary_emb = LlamaRotaryEmbedding(config=llama)  # non-persistent buffers
+    our_buffers = dict(model.named_buffers())
+    for name, buf in list(ref.named_buffers()):  # V3's e_score_correction_bias
+        if buf.is_meta and name.removeprefix("model.") in our_buffers:
+            owner, leaf = name.rsplit(".", 1)
+            ref.get_submodule(owner)._buffers[leaf] = our_buffers[name.removeprefix("model.")]
+    ref.model.rotary_emb = rotary
     left = [n for n, t in [*ref.named_parameters(), *ref.named_buffers()] if t.is_meta]
     if left:
         raise RuntimeError(f"reference tensors left on the meta device: {left[:4]}")
@@ -302,9 +341,38 @@ def check_same_tokens(impls: dict[str, Callable[[int], Run]], n: int, dtype: str
     return f"{dtype}: greedy steps identical to transformers ({shape}): {', '.join(lines)}{note}"
 
 
+@dataclass
+class CacheSize:
+    dtype: str
+    layers: int
+    ours: float  # bytes per token of one row, all layers
+    theirs: float
+
+
+@torch.no_grad()
+def cache_bytes_per_token(model: Transformer, ref: nn.Module, ids: torch.Tensor, dtype: str
+                          ) -> CacheSize:
+    """What each library's cache holds per token after a prefill of ``ids`` [B, P], read
+    from the cache objects themselves: dsmoe's preallocated ``KVCache`` / ``LatentCache``
+    (its tensors over B x capacity) and transformers' ``DynamicCache`` (its layers' tensors
+    over B x P)."""
+    B, P = ids.shape
+    model.set_matmul_layout("output_major")
+    cache = model.new_cache(B, P)
+    model(ids, cache=cache)
+    ours = sum(t.nbytes for t in vars(cache).values() if isinstance(t, torch.Tensor))
+    out = ref(ids, attention_mask=torch.ones_like(ids), use_cache=True, logits_to_keep=1)
+    theirs = sum(t.nbytes for layer in out.past_key_values.layers
+                 for t in (layer.keys, layer.values))
+    return CacheSize(dtype, model.config.num_hidden_layers, ours / (B * cache.max_seq_len),
+                     theirs / (B * P))
+
+
 def run(cfg: ModelConfig, dtypes: list[str], batches: list[int], prompt_len: int,
-        new_tokens: int, repeats: int, experts_impl: str, seed: int) -> list[Row]:
+        new_tokens: int, repeats: int, experts_impl: str, seed: int
+        ) -> tuple[list[Row], list[CacheSize]]:
     rows: list[Row] = []
+    caches: list[CacheSize] = []
     t0 = time.perf_counter()
     model = build_dsmoe(cfg, seed)
     print(f"# built {model.num_parameters() / 1e9:.2f}B parameters in "
@@ -318,6 +386,7 @@ def run(cfg: ModelConfig, dtypes: list[str], batches: list[int], prompt_len: int
             check_ids = torch.randint(0, cfg.vocab_size, (2, prompt_len), generator=gen)
             print(f"# {check_same_tokens(runners(model, ref, check_ids, dtype), 8, dtype)}",
                   flush=True)
+            caches.append(cache_bytes_per_token(model, ref, check_ids, dtype))
             for batch in batches:
                 ids = torch.randint(0, cfg.vocab_size, (batch, prompt_len), generator=gen)
                 results = measure(runners(model, ref, ids, dtype), new_tokens, repeats)
@@ -329,7 +398,7 @@ def run(cfg: ModelConfig, dtypes: list[str], batches: list[int], prompt_len: int
                       f"elapsed, load {os.getloadavg()[0]:.2f}", flush=True)
         del ref
         gc.collect()
-    return rows
+    return rows, caches
 
 
 def format_table(rows: list[Row], markdown: bool) -> str:
@@ -345,6 +414,20 @@ def format_table(rows: list[Row], markdown: bool) -> str:
             f"{r.best_ttft:.3f} ({statistics.median(r.ttft):.3f})",
             f"{r.best_tps:.2f} ({statistics.median(r.decode_tps):.2f})",
             f"{b.best_ttft / r.best_ttft:.2f}x", f"{r.best_tps / b.best_tps:.2f}x"])
+    return _render(header, lines, markdown)
+
+
+def format_cache_table(caches: list[CacheSize], markdown: bool) -> str:
+    """KV-cache bytes per token (one row of the batch), all layers and per layer."""
+    header = ["dtype", "layers", "dsmoe B/token", "transformers B/token",
+              "dsmoe B/token/layer", "transformers B/token/layer", "transformers / dsmoe"]
+    lines = [[c.dtype, str(c.layers), f"{c.ours:,.0f}", f"{c.theirs:,.0f}",
+              f"{c.ours / c.layers:,.0f}", f"{c.theirs / c.layers:,.0f}",
+              f"{c.theirs / c.ours:.2f}x"] for c in caches]
+    return _render(header, lines, markdown)
+
+
+def _render(header: list[str], lines: list[list[str]], markdown: bool) -> str:
     if markdown:
         out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         out += ["| " + " | ".join(line) + " |" for line in lines]
@@ -376,7 +459,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.new_tokens < 2:
         parser.error("--new-tokens must be >= 2 (decode speed needs two tokens)")
-    preset = "tiny" if args.quick else args.preset
+    preset = args.preset
+    if args.quick:  # the tiny preset with the requested attention kind
+        mla = ModelConfig.preset(args.preset).model_type in MLA_MODEL_TYPES
+        preset = "tiny-v2" if mla else "tiny"
     cfg = ModelConfig.preset(preset).replace(eos_token_id=None, bos_token_id=None)
     if args.layers is not None:
         cfg = cfg.replace(num_hidden_layers=args.layers)
@@ -387,10 +473,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# {preset}, {cfg.num_hidden_layers} layers, prompt {args.prompt_len}, "
           f"{args.new_tokens} new tokens, {args.repeats} repeats, {torch.get_num_threads()} "
           f"threads, torch {torch.__version__}, load {load:.2f}", flush=True)
-    rows = run(cfg, args.dtype, args.batch, args.prompt_len, args.new_tokens, args.repeats,
-               args.hf_experts, args.seed)
+    rows, caches = run(cfg, args.dtype, args.batch, args.prompt_len, args.new_tokens,
+                       args.repeats, args.hf_experts, args.seed)
     print(f"# load average at the end: {os.getloadavg()[0]:.2f}")
     print(format_table(rows, args.markdown))
+    print()
+    print(format_cache_table(caches, args.markdown))
     return 0
 
 
