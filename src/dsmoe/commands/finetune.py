@@ -8,9 +8,11 @@ expert, run through the grouped expert matmul), on a frozen base that --quant in
 can quantize; --full trains every weight instead. --out gets metrics.jsonl (with the
 expert load before and after and how much it shifted), checkpoints/, tokenizer/, and
 adapter/ (adapter_model.safetensors + adapter_config.json, PEFT layout, + dsmoe_adapter.json)
-or model/ (--full). Routed-expert and router LoRA are applied by dsmoe, DeepSeek's own
-modeling code and llama.cpp; PEFT on transformers' native DeepSeek models drops them (the
-output and dsmoe_adapter.json say so); `dsmoe merge` bakes every part into the weights.
+or model/ (--full). DeepSeek-V2/V3 adapters load whole with PEFT on transformers' native
+classes (experts and routers through target_parameters, so --lora-dropout is 0 there); for
+V1 routed-expert and router LoRA are applied by dsmoe, DeepSeek's own modeling code and
+llama.cpp, and PEFT drops them (the output and dsmoe_adapter.json say so); `dsmoe merge`
+bakes every part into the weights.
 Ctrl-C saves a checkpoint; --resume continues exactly where the run stopped.
 """
 

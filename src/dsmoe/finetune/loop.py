@@ -37,7 +37,8 @@ import torch.nn.functional as F
 
 from dsmoe import distributed as ddist
 from dsmoe.finetune import sft_data
-from dsmoe.finetune.adapter import save_adapter, weights_fingerprint
+from dsmoe.finetune.adapter import (check_peft_dropout, peft_layout, save_adapter,
+                                    weights_fingerprint)
 from dsmoe.finetune.config import FinetuneConfig
 from dsmoe.finetune.lora import apply_lora, lora_modules, make_quant_trainable
 from dsmoe.io import atomic_write_text
@@ -121,6 +122,29 @@ def prepare_model(model: Transformer, cfg: FinetuneConfig) -> str:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     return f"{what}: {trainable / 1e6:.3f}M trainable of {total / 1e6:.2f}M parameters"
+
+
+def dropout_for_peft(cfg: FinetuneConfig, model: Transformer, given: frozenset[str] | None,
+                     quiet: bool) -> FinetuneConfig:
+    """PEFT reads the feed-forward adapters (MLPs, shared and routed experts, routers) of a
+    DeepSeek-V2/V3 model through target_parameters, which allow no dropout
+    (``adapter.check_peft_dropout``): there an unset lora_dropout becomes 0 (with a note)
+    and one the user set is refused.
+    ``given`` as in ``_open_run``; None (the Python API): a value other than the default
+    counts as set."""
+    if cfg.full or cfg.lora_dropout == 0:
+        return cfg
+    settings = cfg.lora_settings()
+    if not peft_layout(model.config, settings).stacked:
+        return cfg
+    default = FinetuneConfig.__dataclass_fields__["lora_dropout"].default
+    if ("lora_dropout" in given) if given is not None else cfg.lora_dropout != default:
+        check_peft_dropout(model.config, settings)
+    if not quiet and ddist.is_main_process():
+        print(f"finetune: lora dropout 0, not {cfg.lora_dropout:g}: PEFT reads the feed-forward "
+              f"adapters of {model.config.model_type} models through target_parameters, "
+              "which allow no dropout", flush=True)
+    return dataclasses.replace(cfg, lora_dropout=0.0)
 
 
 def trainable_state(model: Transformer) -> dict[str, torch.Tensor]:
@@ -252,6 +276,7 @@ def _finetune(cfg: FinetuneConfig, out: Path, resume: bool, quiet: bool,
     cfg, state = _open_run(cfg, out, resume, given, quiet)
     torch.manual_seed(cfg.seed)
     model, tokenizer = load_base(cfg)
+    cfg = dropout_for_peft(cfg, model, given, quiet)
     base_fingerprint = weights_fingerprint(model)
     data, batches, pad_id = _load_data(cfg, model, tokenizer)
     cfg = cfg.resolve(batches.batches_per_epoch)
