@@ -159,15 +159,18 @@ def test_fsdp_units_add_up_to_the_parameter_count(preset: str) -> None:
 @pytest.mark.parametrize("devices, ep", [(8, 1), (8, 2), (8, 8), (16, 4)])
 def test_fsdp_keeps_one_nth_of_everything(dtype: str, devices: int, ep: int) -> None:
     """ZeRO-3: 16 bytes per parameter (2 + 2 + 12 or 4 + 4 + 8) over N ranks, whatever
-    the EP split; the all-gathered unit (2 with prefetch) + its gradients on top."""
+    the EP split. On top: the root (embedding, norm, lm_head) gathered with its gradients
+    through the step, the largest block gathered twice (prefetch) + its gradients; an
+    expert block with one holder (ep = N) is not gathered."""
     cfg = ModelConfig.preset("deepseek-moe-16b")
-    total = count_parameters(cfg).total
+    counts = count_parameters(cfg)
     p = plan.make_plan(cfg, devices, ep=ep, dtype=dtype, fsdp=True)
-    assert _state(p) == pytest.approx(16 * total / devices)
+    assert _state(p) == pytest.approx(16 * counts.total / devices)
     b = plan.DTYPE_BYTES[dtype]
-    units = plan_memory.unit_parameters(cfg)
-    largest = max(u.dense + u.experts / ep for u in units)
-    assert p.memory["fsdp_transient"] == pytest.approx(3 * largest * b)
+    root = counts.embedding + counts.lm_head + cfg.hidden_size
+    blocks = [plan_memory.block_parameters(cfg, i) for i in range(cfg.num_hidden_layers)]
+    gathered = max(u.dense + (u.experts / ep if ep < devices else 0) for u in blocks)
+    assert p.memory["fsdp_transient"] == pytest.approx((2 * root + 3 * gathered) * b)
     ddp = plan.make_plan(cfg, devices, ep=ep, dtype=dtype)
     assert _state(ddp) > _state(p) and ddp.memory["fsdp_transient"] == 0
     assert p.memory["activations"] == ddp.memory["activations"]
@@ -175,10 +178,14 @@ def test_fsdp_keeps_one_nth_of_everything(dtype: str, devices: int, ep: int) -> 
 
 def test_cpu_offload_moves_the_optimizer_state_to_the_host() -> None:
     cfg = ModelConfig.preset("deepseek-moe-16b")
+    """FSDP2's CPUOffloadPolicy: every sharded tensor on the host; only what is gathered
+    and the activations stay on the device."""
     on, off = (plan.make_plan(cfg, 8, fsdp=True, cpu_offload=o) for o in (False, True))
-    assert off.memory["optimizer"] == 0 and off.host_memory == on.memory["optimizer"]
-    assert on.host_memory == 0
-    assert off.device_bytes == pytest.approx(on.device_bytes - on.memory["optimizer"])
+    assert off.memory["parameters"] == off.memory["gradients"] == off.memory["optimizer"] == 0
+    assert off.host_memory == pytest.approx(_state(on)) and on.host_memory == 0
+    assert off.device_bytes == pytest.approx(on.device_bytes - _state(on))
+    with pytest.raises(ValueError, match="--cpu-offload needs --fsdp"):
+        plan.make_plan(cfg, 8, cpu_offload=True)
 
 
 def test_activation_checkpointing_keeps_block_inputs_and_one_block() -> None:
@@ -252,7 +259,7 @@ def test_parse_size_rejects(text: str) -> None:
 def test_search_picks_the_cheapest_layout_that_fits() -> None:
     cfg = ModelConfig.preset("deepseek-moe-16b")
     found = plan_search.search_layouts(cfg, 8, 80 * 10**9, method="full")
-    assert len(found.ranked) == 4 * 8  # EP 1, 2, 4, 8 x FSDP x AC x offload
+    assert len(found.ranked) == 4 * 3 * 2  # EP 1, 2, 4, 8 x DDP|FSDP|FSDP+offload x AC
     best = found.fitting[0]
     assert best.device_bytes <= 80e9
     assert (best.layout.cpu_offload, best.layout.activation_checkpointing) == (False, False)
@@ -262,7 +269,7 @@ def test_search_picks_the_cheapest_layout_that_fits() -> None:
     assert all(p.device_bytes > 80e9 for p in cheaper)
     tight = plan_search.search_layouts(cfg, 8, 24 * 2**30, method="full")
     assert all(p.layout.cpu_offload for p in tight.fitting)  # ~30 GiB of state on device
-    assert tight.fitting[0].layout.activation_checkpointing
+    assert not tight.fitting[0].layout.activation_checkpointing
     fixed = plan_search.search_layouts(cfg, 8, 80 * 10**9, ep=2, fsdp=True, method="full")
     assert {(p.layout.ep, p.layout.fsdp) for p in fixed.ranked} == {(2, True)}
 
@@ -277,7 +284,7 @@ def test_plan_memory_command(capsys: pytest.CaptureFixture) -> None:
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--devices", "8", "--memory", "8GB"], "no layout fits 7.45 GiB (8.0 GB) per device; "
+    (["--devices", "8", "--memory", "4GB"], "no layout fits 3.73 GiB (4.0 GB) per device; "
                                             "the closest, EP 8, FSDP, activation "
                                             "checkpointing, CPU offload, needs"),
     (["--devices", "8", "--memory", "eighty"], "--memory 'eighty' is not a size"),
@@ -301,7 +308,8 @@ def test_plan_command_layout_flags(capsys: pytest.CaptureFixture) -> None:
     assert ("LoRA finetuning on 8 device(s): EP 4 x 2 FSDP shard(s), bf16, activation "
             "checkpointing, CPU offload") in out
     assert "activations (4,096 tokens, activation checkpointing)" in out
-    assert "| host memory (offloaded optimizer state) |" in out and "FSDP per step" in out
+    assert "| host memory (sharded weights, gradients, optimizer state) |" in out
+    assert "FSDP per step" in out
 
 
 # --- the plan against measured ranks ------------------------------------------------------------

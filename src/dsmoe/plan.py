@@ -205,6 +205,9 @@ def make_plan(config: ModelConfig, devices: int, *, ep: int | None = None,
     tokens_per_step = tokens_per_step or devices * seq_len * (micro_batch or 1)
     validate(config, devices, ep, max_devices, tokens_per_step, dtype)
     micro_tokens = _micro_batch_tokens(tokens_per_step // devices, seq_len, micro_batch)
+    if cpu_offload and not fsdp:
+        raise ValueError("--cpu-offload needs --fsdp: dsmoe offloads through FSDP2's "
+                         "CPUOffloadPolicy (dsmoe train --fsdp --offload-optimizer)")
     if method == "lora" and lora_targets is None:
         from dsmoe.finetune.lora import DEFAULT_TARGETS  # here: it loads torch
 
@@ -294,14 +297,14 @@ def _memory_rows(plan: Plan) -> list[str]:
                                      else "")
     recompute = "activation checkpointing" if layout.activation_checkpointing \
         else "no recomputation"
+    where = ", on the host" if layout.cpu_offload else ""
     rows = [
         "| memory per device | bytes |",
         "|---|---:|",
-        f"| parameters ({weights}) | {format_bytes(m['parameters'])} |",
-        f"| gradients ({'fp32 adapters' if lora else plan.dtype}) | "
+        f"| parameters ({weights}{where}) | {format_bytes(m['parameters'])} |",
+        f"| gradients ({'fp32 adapters' if lora else plan.dtype}{where}) | "
         f"{format_bytes(m['gradients'])} |",
-        f"| optimizer ({optimizer}{', on the host' if layout.cpu_offload else ''}) | "
-        f"{format_bytes(m['optimizer'])} |",
+        f"| optimizer ({optimizer}{where}) | {format_bytes(m['optimizer'])} |",
         f"| activations ({plan.micro_batch_tokens:,} tokens, {recompute}) | "
         f"{format_bytes(m['activations'])} |",
     ]
@@ -310,7 +313,7 @@ def _memory_rows(plan: Plan) -> list[str]:
                     f"{format_bytes(m['fsdp_transient'])} |")
     rows.append(f"| **total** | **{format_bytes(plan.device_bytes)}** |")
     if layout.cpu_offload:
-        rows.append(f"| host memory (offloaded optimizer state) | "
+        rows.append(f"| host memory (sharded weights, gradients, optimizer state) | "
                     f"{format_bytes(plan.host_memory)} |")
     return rows
 

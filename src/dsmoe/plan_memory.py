@@ -18,12 +18,14 @@ Bytes per parameter (b = bytes of the compute dtype):
   with no gradient or optimizer state; the adapters (``dsmoe.finetune.lora``: A [r, in],
   B [out, r] per targeted linear, one pair per routed expert) are fp32 whatever b:
   4 + 4 + 8. Expert adapters are split with their experts.
-- ``cpu_offload`` moves the optimizer state (moments and master) to host memory; the
-  device keeps weights and gradients.
-- FSDP's transient memory: the unsharded weights of the largest FSDP unit (a block with
-  its EP-local experts, the embedding, or the final norm + lm_head) twice (the one
-  computing and the one prefetched) plus that unit's unsharded gradients before the
-  reduce-scatter.
+- ``cpu_offload`` (FSDP only: FSDP2's ``CPUOffloadPolicy``, ``dsmoe train --fsdp
+  --offload-optimizer``) keeps the sharded weights, gradients and optimizer state in host
+  memory and steps there; the device holds only what is gathered and the activations.
+- FSDP's transient memory, with units as ``dsmoe.distributed.fsdp`` wraps them: the root
+  (embedding, final norm, lm_head) stays gathered from its forward to the end of
+  backward, with its unsharded gradients; the largest block (with its EP-local expert
+  block, itself a unit unless ep = N) twice (the one computing and the one prefetched),
+  plus one block's unsharded gradients before their reduce-scatter.
 
 Activations kept for backward, per token, in the compute dtype unless noted (a fused
 attention stores no S x S scores):
@@ -42,9 +44,10 @@ balanced routing the assignments it computes for other ranks equal the ones othe
 compute for it.
 
 Communication per step per rank (to rank layouts, not to time them): DDP all-reduces
-trainable gradients (ring: 2 (W - 1)/W bytes over W ranks); FSDP all-gathers weights in
-forward and again in backward and reduce-scatters gradients ((S - 1)/S each, S the
-ranks sharing a shard); expert parallelism adds the all-to-all (``dsmoe.plan``).
+trainable gradients (ring: 2 (W - 1)/W bytes over W ranks); FSDP all-gathers each
+block's weights in forward and again in backward (the root's once) and reduce-scatters
+gradients ((S - 1)/S each, S the ranks sharing a shard); expert parallelism adds the
+all-to-all (``dsmoe.plan``).
 
 Shapes: D hidden, E experts, K picks, F expert width, I dense width, V vocab, L layers,
 r LoRA rank, N devices.
@@ -122,13 +125,13 @@ def block_parameters(config: ModelConfig, layer: int) -> Split:
 
 
 def unit_parameters(config: ModelConfig) -> list[Split]:
-    """FSDP units as torchtitan wraps them: the embedding, each block, norm + lm_head
-    (a tied lm_head is the embedding: counted once)."""
+    """FSDP units as ``dsmoe.distributed.fsdp`` wraps them: first the root (embedding,
+    final norm, lm_head; a tied lm_head counted once), then each block (its expert block
+    is a unit of its own, gathered with it)."""
     c = config
     D, V = c.hidden_size, c.vocab_size
-    head = D + (0 if c.tie_word_embeddings else V * D)
-    return [Split(V * D), *(block_parameters(c, i) for i in range(c.num_hidden_layers)),
-            Split(head)]
+    root = V * D + D + (0 if c.tie_word_embeddings else V * D)
+    return [Split(root), *(block_parameters(c, i) for i in range(c.num_hidden_layers))]
 
 
 def _attention_linears(config: ModelConfig) -> dict[str, list[tuple[int, int]]]:
@@ -178,10 +181,9 @@ def lora_block_parameters(config: ModelConfig, layer: int, r: int,
 
 
 def lora_unit_parameters(config: ModelConfig, r: int, targets: tuple[str, ...]) -> list[Split]:
-    """Adapters per FSDP unit, aligned with ``unit_parameters`` (none on embedding/head)."""
-    blocks = [lora_block_parameters(config, i, r, targets)
-              for i in range(config.num_hidden_layers)]
-    return [Split(), *blocks, Split()]
+    """Adapters per FSDP unit, aligned with ``unit_parameters`` (none in the root)."""
+    return [Split(), *(lora_block_parameters(config, i, r, targets)
+                       for i in range(config.num_hidden_layers))]
 
 
 # --- activations -------------------------------------------------------------------------------
@@ -255,25 +257,39 @@ def training_state(config: ModelConfig, dtype: str, method: str = "train", lora_
     return State(units, units, b, b, MOMENT_BYTES + (MASTER_BYTES if b < 4 else 0), False)
 
 
+def _gathered(state: State, devices: int, layout: Layout) -> tuple[list[float], list[float]]:
+    """Per FSDP unit (root first): bytes of its all-gathered weights and of its unsharded
+    gradients. An expert block held by one rank (ep = N) is not sharded, so not gathered."""
+    def local(split: Split) -> float:
+        return split.dense + (split.experts / layout.ep if devices > layout.ep else 0)
+
+    adapter = state.trainable_bytes if state.lora else 0
+    weights = [local(w) * state.weight_bytes + local(t) * adapter
+               for w, t in zip(state.units, state.trainable_units)]
+    return weights, [local(t) * state.trainable_bytes for t in state.trainable_units]
+
+
 def memory_per_rank(state: State, devices: int, layout: Layout) -> tuple[dict[str, float],
                                                                           float]:
     """(device bytes by kind: parameters, gradients, optimizer, fsdp_transient;
     host bytes) for one rank; activations are added by the caller."""
     trainable = state.trainable.per_rank(devices, layout)
     base = state.weights.per_rank(devices, layout) * state.weight_bytes
-    parameters = base + (trainable * state.trainable_bytes if state.lora else 0)
-    optimizer = trainable * state.optimizer_bytes
-    transient = 0.0
+    memory = {"parameters": base + (trainable * state.trainable_bytes if state.lora else 0),
+              "gradients": trainable * state.trainable_bytes,
+              "optimizer": trainable * state.optimizer_bytes, "fsdp_transient": 0.0}
     if layout.fsdp:
-        gathered = [w.local(layout.ep) * state.weight_bytes
-                    + t.local(layout.ep) * (state.trainable_bytes if state.lora else 0)
-                    for w, t in zip(state.units, state.trainable_units)]
-        grads = [t.local(layout.ep) * state.trainable_bytes for t in state.trainable_units]
-        transient = PREFETCH * max(gathered) + max(grads)
-    memory = {"parameters": parameters, "gradients": trainable * state.trainable_bytes,
-              "optimizer": 0.0 if layout.cpu_offload else optimizer,
-              "fsdp_transient": transient}
-    return memory, optimizer if layout.cpu_offload else 0.0
+        # the root stays gathered (and collects its gradients) from its forward to the
+        # end of backward; blocks are gathered PREFETCH at a time, one block's gradients
+        weights, grads = _gathered(state, devices, layout)
+        memory["fsdp_transient"] = weights[0] + grads[0] + PREFETCH * max(weights[1:],
+                                                                           default=0) \
+            + max(grads[1:], default=0)
+    host = 0.0
+    if layout.cpu_offload:  # FSDP2's CPUOffloadPolicy: every sharded tensor on the host
+        host = memory["parameters"] + memory["gradients"] + memory["optimizer"]
+        memory.update(parameters=0.0, gradients=0.0, optimizer=0.0)
+    return memory, host
 
 
 def sync_bytes(state: State, devices: int, layout: Layout) -> dict[str, float]:
@@ -286,10 +302,12 @@ def sync_bytes(state: State, devices: int, layout: Layout) -> dict[str, float]:
     grads = ring(state.trainable, state.trainable_bytes)
     if not layout.fsdp:
         return {"gradient all-reduce": 2 * grads}
-    gathers = ring(state.weights, state.weight_bytes)
-    if state.lora:
-        gathers += ring(state.trainable, state.trainable_bytes)
-    return {"weight all-gathers": 2 * gathers, "gradient reduce-scatter": grads}
+    adapter = state.trainable_bytes if state.lora else 0
+    gathers = [ring(w, state.weight_bytes) + ring(t, adapter)
+               for w, t in zip(state.units, state.trainable_units)]
+    # blocks are gathered again for backward, the root once
+    return {"weight all-gathers": gathers[0] + 2 * sum(gathers[1:]),
+            "gradient reduce-scatter": grads}
 
 
 # --- measurement ---------------------------------------------------------------------------------

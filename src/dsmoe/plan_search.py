@@ -1,13 +1,14 @@
 """``dsmoe plan --memory``: the cheapest layout whose per-device memory fits.
 
 Candidates: every EP size that divides both the device count and the routed experts
-(1 for a dense model), FSDP on and off, activation checkpointing on and off, optimizer
-CPU offload on and off; flags the user gave (``--ep``, ``--fsdp``,
-``--activation-checkpointing``, ``--cpu-offload``) are kept fixed.
+(1 for a dense model), FSDP on and off, activation checkpointing on and off, CPU
+offload on and off under FSDP (the only offload dsmoe has); flags the user gave (``--ep``,
+``--fsdp``, ``--activation-checkpointing``, ``--cpu-offload``) are kept fixed. Host
+memory is reported, not limited.
 
 Cheapest first, in this order (each costs time, so the search turns on as little as fits):
-1. no offload: offload copies the optimizer state over PCIe every step and runs AdamW
-   on the host;
+1. no offload: offload copies weights and gradients over PCIe every step and runs
+   AdamW on the host;
 2. no activation checkpointing: recomputation costs about a third more compute;
 3. the fewest bytes each rank communicates per step (``Plan.step_communication_bytes``:
    DDP's all-reduce or FSDP's all-gathers and reduce-scatter, plus the all-to-all),
@@ -76,7 +77,7 @@ def search_layouts(config: ModelConfig, devices: int, memory: int, *, ep: int | 
                   for e in ([ep] if ep else ep_sizes(config, devices))
                   for f in ([True] if fsdp else [False, True])
                   for a in ([True] if activation_checkpointing else [False, True])
-                  for o in ([True] if cpu_offload else [False, True])]
+                  for o in ([True] if cpu_offload else [False, True]) if f or not o]
     fits = [p for p in candidates if p.device_bytes <= memory]
     rest = [p for p in candidates if p.device_bytes > memory]
     rest.sort(key=lambda p: (p.device_bytes, cost(p)))  # the closest first
