@@ -54,11 +54,8 @@ def model_config(preset: str, layers: int, ep: int) -> ModelConfig:
 
 def _shard(model: torch.nn.Module, ep: int, fsdp: bool) -> torch.nn.Module:
     """The layout, applied the way training applies it (EP swap, then FSDP)."""
-    if not fsdp:
-        return ddist.parallelize(model, ep)
-    from dsmoe.distributed import fsdp as dfsdp  # h16fsdp's engine
-
-    return dfsdp.apply_fsdp(model, ep=ep)
+    model = ddist.parallelize(model, ep)
+    return ddist.apply_fsdp(model, ep) if fsdp else model
 
 
 def _worker(cfg: ModelConfig, ep: int, fsdp: bool, batch: int, seq: int) -> dict:
@@ -72,8 +69,7 @@ def _worker(cfg: ModelConfig, ep: int, fsdp: bool, batch: int, seq: int) -> dict
                             generator=torch.Generator().manual_seed(rank))
         logits = model(ids[:, :-1]).logits
         F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten()).backward()
-        if not fsdp:
-            ddist.sync_gradients(model)
+        ddist.sync_gradients(model)  # FSDP reduce-scattered in backward: the rest
         optimizer.step()
         return {**measured_state_bytes(model, optimizer),
                 "rss_growth": (status_kib("VmHWM") - before) * 1024}

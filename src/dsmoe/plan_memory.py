@@ -31,13 +31,15 @@ Activations kept for backward, per token, in the compute dtype unless noted (a f
 attention stores no S x S scores):
   attention block   2D (residual, norm) + q + k + v + o (``params.attention_widths``)
   FFN block         2D (residual, norm) +
-    dense           3 I (gate, up, act(gate) * up)
-    MoE             2E fp32 (logits, scores) + 3 F n_shared + K (2D + 3F) (each routed
-                    assignment: gathered input, gate/up, product, expert output)
+    dense           4 I (gate, act(gate), up, act(gate) * up: SwiGLUMLP's autograd)
+    MoE             2E fp32 (logits, scores) + 4 F n_shared + K (2D + 3F) (each routed
+                    assignment: gathered input, gate/up, product, expert output; the
+                    experts' fused SwiGLU backward recomputes act(gate))
   LoRA              per adapted projection its fp32 input (dropout) and r-wide A x, per
                     token (per assignment for experts): an upper bound, since frozen base
                     matmuls need not keep their inputs
-  head              D (final norm) + V (logits) + V fp32 (the loss's upcast)
+  head              D (lm_head's input) + V fp32 (the loss's log-probabilities; the
+                    logits and their fp32 upcast are not kept)
 With activation checkpointing only each block's input (D) is kept, plus one block's
 activations while backward replays it. A rank holds its own tokens' activations; under
 balanced routing the assignments it computes for other ranks equal the ones others
@@ -196,9 +198,9 @@ def block_activation_bytes(config: ModelConfig, layer: int, b: int,
     total = (2 * D + sum(attention_widths(c))) * b + 2 * D * b
     if c.is_moe_layer(layer):
         E, K, F = c.n_routed_experts, c.num_experts_per_tok, c.moe_intermediate_size
-        total += 2 * E * 4 + (3 * F * (c.n_shared_experts or 0) + K * (2 * D + 3 * F)) * b
+        total += 2 * E * 4 + (4 * F * (c.n_shared_experts or 0) + K * (2 * D + 3 * F)) * b
     else:
-        total += 3 * c.intermediate_size * b
+        total += 4 * c.intermediate_size * b
     if lora is not None:
         r, targets = lora
         K = c.num_experts_per_tok or 1
@@ -220,7 +222,7 @@ def activation_bytes_per_token(config: ModelConfig, dtype: str, *,
     blocks = [block_activation_bytes(c, i, b, lora) for i in range(c.num_hidden_layers)]
     kept = (len(blocks) * D * b + max(blocks, default=0) if activation_checkpointing
             else sum(blocks))
-    return kept + (D + V) * b + V * 4
+    return kept + D * b + V * 4
 
 
 # --- per-rank state ----------------------------------------------------------------------------
