@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Iterator, Mapping
 
 from dsmoe.cli import non_negative_int, positive_int
 from dsmoe.devices import resolve_device
@@ -109,3 +110,36 @@ def new_token_budget(prompt_len: int, max_new_tokens: int, context: int) -> int:
               f"context is {context} tokens and the prompt takes {prompt_len}", file=sys.stderr)
         return room
     return max_new_tokens
+
+
+def add_sharding_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--fsdp`` and its options (``dsmoe train`` and ``dsmoe finetune --full``)."""
+    group = parser.add_argument_group("sharding over processes (FSDP2)")
+    group.add_argument("--fsdp", action="store_true",
+                       help="shard parameters, gradients and optimizer state over the "
+                            "--nproc ranks (with --ep E: each expert block over the N/E "
+                            "ranks holding it); checkpoints become sharded (DCP)")
+    group.add_argument("--no-reshard-after-forward", dest="reshard_after_forward",
+                       action="store_false",
+                       help="--fsdp: keep each block's gathered weights from forward to "
+                            "backward (less communication, more memory)")
+    group.add_argument("--offload-optimizer", action="store_true",
+                       help="--fsdp on CUDA: keep sharded weights, gradients and optimizer "
+                            "state in host memory and step there (no effect on CPU)")
+
+
+def fsdp_options(args: argparse.Namespace) -> Any:
+    """The ``FSDPOptions`` the flags ask for (None without ``--fsdp``); one-line errors
+    for options given without ``--fsdp`` and for one process."""
+    from dsmoe.distributed import FSDPOptions
+
+    if not args.fsdp:
+        if args.offload_optimizer or not args.reshard_after_forward:
+            raise ValueError("--offload-optimizer and --no-reshard-after-forward are "
+                             "options of --fsdp; add --fsdp")
+        return None
+    if args.nproc < 2 and "WORLD_SIZE" not in os.environ:
+        raise ValueError("--fsdp shards over processes: use --nproc N with N >= 2 (or "
+                         "torchrun); one process holds everything anyway")
+    return FSDPOptions(reshard_after_forward=args.reshard_after_forward,
+                       offload_optimizer=args.offload_optimizer)

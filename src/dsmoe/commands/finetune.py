@@ -19,7 +19,9 @@ Ctrl-C saves a checkpoint; --resume continues exactly where the run stopped.
 from __future__ import annotations
 
 import argparse
+import os
 
+from dsmoe.commands._common import add_sharding_arguments, fsdp_options
 from dsmoe.finetune.config import DTYPES, QUANTS, FinetuneConfig
 from dsmoe.finetune.lora import TARGETS
 
@@ -85,6 +87,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--nproc", type=int, default=1,
                         help="spawn N local processes, each training on its share of every "
                              "batch (as torchrun --nproc-per-node N would)")
+    parser.add_argument("--ep", type=int, default=1,
+                        help="--full --fsdp: expert-parallel group size (N/E FSDP shards "
+                             "of each expert block; default 1: FSDP only)")
+    add_sharding_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -95,7 +101,16 @@ def run(args: argparse.Namespace) -> int:
     given = {name: getattr(args, name) for name in _FIELDS if hasattr(args, name)}
     cfg = FinetuneConfig(model=args.model, data=args.data, out=args.out, **given)
     given = frozenset(given) | {"model", "data"}
-    result = spawn(_finetune_rank, args.nproc, cfg, args.resume, args.quiet, given)
+    fsdp = fsdp_options(args)
+    from dsmoe.finetune.loop import check_sharding
+
+    check_sharding(cfg, args.ep, fsdp)
+    if args.nproc > 1 and "WORLD_SIZE" not in os.environ:  # checked once, not per rank
+        from dsmoe.distributed import check_world
+
+        check_world(args.nproc, args.ep)
+    result = spawn(_finetune_rank, args.nproc, cfg, args.resume, args.quiet, given,
+                   args.ep, fsdp)
     if result.output is not None and not args.quiet:
         from dsmoe.finetune.adapter import peft_note
 
@@ -105,10 +120,11 @@ def run(args: argparse.Namespace) -> int:
     return 3 if result.status == "diverged" else 0
 
 
-def _finetune_rank(cfg: FinetuneConfig, resume: bool, quiet: bool, given: frozenset[str]):
+def _finetune_rank(cfg: FinetuneConfig, resume: bool, quiet: bool, given: frozenset[str],
+                   ep: int = 1, fsdp: object = None):
     """One rank's run; its result travels to the launcher without the model."""
     from dsmoe.finetune.loop import finetune
 
-    result = finetune(cfg, resume=resume, quiet=quiet, given=given)
+    result = finetune(cfg, resume=resume, quiet=quiet, given=given, ep=ep, fsdp=fsdp)
     result.model = None
     return result

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 
+from dsmoe.commands._common import add_sharding_arguments, fsdp_options
 from dsmoe.train.config import DTYPES, ROUTINGS, TrainConfig
 
 _DEFAULTS = TrainConfig()
@@ -62,6 +63,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="spawn N local processes (as torchrun --nproc-per-node N would)")
     parser.add_argument("--ep", type=int, default=None,
                         help="expert-parallel group size (default: every rank)")
+    add_sharding_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -74,10 +76,11 @@ def run(args: argparse.Namespace) -> int:
     if "overrides" in given:
         given["overrides"] = tuple(given["overrides"])
     cfg = TrainConfig(out=args.out, **given)
+    fsdp = fsdp_options(args)
     if args.nproc > 1 and "WORLD_SIZE" not in os.environ:  # ranks to launch: check here,
         from dsmoe.distributed import check_world          # once, not in every rank
 
         check_world(args.nproc, args.ep or args.nproc)
     result = spawn(train, args.nproc, cfg, resume=args.resume, quiet=args.quiet, ep=args.ep,
-                   given=frozenset(given))
+                   given=frozenset(given), fsdp=fsdp)
     return 3 if result.status == "diverged" else 0

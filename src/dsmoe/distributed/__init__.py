@@ -22,11 +22,15 @@ One module per concern (each explains its design choices):
 - ``parallelism``: the rank grid (``Topology``), set-up checks, ``parallelize``
 - ``collectives``: per-step gradient sync and clipping, expert loads, batch shards, logging
 - ``state_dicts``: world-size independent checkpoints of model and optimizer
+- ``fsdp``: FSDP2 (``fully_shard``) over a data dimension, composed with EP (``apply_fsdp``)
+- ``sharded_checkpoint``: torch.distributed.checkpoint of a fully sharded model, any layout
 """
 
 from dsmoe.distributed.collectives import (all_reduce_expert_load, all_reduce_sum_, any_rank,
                                            clip_grad_norm_, comm_bytes, data_shard,
                                            reduce_mean, sync_gradients)
+from dsmoe.distributed.fsdp import (FSDPOptions, apply_fsdp, is_fully_sharded,
+                                    local_state_bytes)
 from dsmoe.distributed.launcher import (WORLD_ENV, barrier, device, get_rank, get_world_size,
                                         init_distributed, is_distributed, is_main_process,
                                         launch, main_process_first, teardown)
@@ -36,7 +40,8 @@ from dsmoe.distributed.state_dicts import (full_optimizer_state, full_state_dict
                                            gather_model, shard_optimizer_state)
 
 __all__ = [
-    "WORLD_ENV", "Topology", "all_reduce_expert_load", "all_reduce_sum_", "any_rank",
+    "FSDPOptions", "WORLD_ENV", "Topology", "apply_fsdp", "is_fully_sharded",
+    "local_state_bytes", "all_reduce_expert_load", "all_reduce_sum_", "any_rank",
     "barrier", "check_parallel_setup", "check_world", "clip_grad_norm_", "comm_bytes",
     "data_shard", "device", "ep_layers", "ep_model_config", "full_optimizer_state",
     "full_state_dict", "gather_model", "get_rank", "get_world_size", "init_distributed",

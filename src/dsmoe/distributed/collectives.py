@@ -19,7 +19,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+from torch.distributed.tensor import DTensor
 
+from dsmoe.distributed.fsdp import clip_sharded_grad_norm_, is_fully_sharded
 from dsmoe.distributed.launcher import device, get_rank, get_world_size, is_distributed
 from dsmoe.distributed.parallelism import dtype_buckets, ep_layers, expert_params
 from dsmoe.moe.layer import MoELayer
@@ -56,13 +58,17 @@ def reduce_mean(value: float | torch.Tensor) -> float:
 def sync_gradients(model: nn.Module) -> None:
     """Sum each gradient over the ranks holding its parameter, divide by the world size
     (module docstring). Call once per optimizer step, after the last backward. Missing
-    gradients count as zeros so every rank reduces the same buckets."""
+    gradients count as zeros so every rank reduces the same buckets. A fully sharded
+    model's gradients were reduce-scattered in backward already, except those of expert
+    blocks FSDP leaves alone (one holder each): those are scaled here."""
     if not is_distributed():
         return
     world = dist.get_world_size()
     expert, replica_group = expert_params(model)
     expert_ids = {id(p) for p in expert}
     shared = [p for p in model.parameters() if p.requires_grad and id(p) not in expert_ids]
+    if is_fully_sharded(model):
+        shared, expert = [], [p for p in expert if not isinstance(p, DTensor)]
     jobs = [(shared, dist.group.WORLD)]
     if expert:
         jobs.append(([p for p in expert if p.requires_grad], replica_group))
@@ -84,6 +90,8 @@ def clip_grad_norm_(model: nn.Module, max_norm: float) -> torch.Tensor:
     """``torch.nn.utils.clip_grad_norm_`` over the whole distributed model: replicated
     gradients count once, each expert block's gradients are added over the EP group.
     Call after ``sync_gradients``; returns the total norm (the same on every rank)."""
+    if is_fully_sharded(model):
+        return clip_sharded_grad_norm_(model, max_norm)
     expert, _ = expert_params(model)
     expert_ids = {id(p) for p in expert}
     params = [p for p in model.parameters() if p.grad is not None]

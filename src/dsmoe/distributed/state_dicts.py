@@ -15,12 +15,15 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from torch.distributed.fsdp import FSDPModule
+
+from dsmoe.distributed.fsdp import is_fully_sharded
 from dsmoe.distributed.parallelism import ep_layers
 from dsmoe.moe.layer import MoELayer
 from dsmoe.moe.parallel import is_expert_parallel
 
 
-def _expert_keys(model: nn.Module) -> dict[str, MoELayer]:
+def expert_keys(model: nn.Module) -> dict[str, MoELayer]:
     """State-dict key -> EP layer, for every expert parameter."""
     keys = {}
     for prefix, module in model.named_modules():
@@ -30,7 +33,7 @@ def _expert_keys(model: nn.Module) -> dict[str, MoELayer]:
     return keys
 
 
-def _gather_dim0(t: torch.Tensor, layer: MoELayer) -> torch.Tensor:
+def gather_dim0(t: torch.Tensor, layer: MoELayer) -> torch.Tensor:
     N = layer.dispatcher.ep_size
     if N == 1:
         return t
@@ -43,8 +46,8 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The single-process state dict (experts gathered to [E, ...]); a collective over
     every rank, the result is the same everywhere."""
     state = model.state_dict()
-    for key, layer in _expert_keys(model).items():
-        state[key] = _gather_dim0(state[key], layer)
+    for key, layer in expert_keys(model).items():
+        state[key] = gather_dim0(state[key], layer)
     return state
 
 
@@ -79,7 +82,7 @@ def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> 
     for i, entry in state["state"].items():
         if i in slots:
             layer, local = slots[i]
-            entry = {k: _gather_dim0(v, layer) if torch.is_tensor(v) and v.dim() > 0
+            entry = {k: gather_dim0(v, layer) if torch.is_tensor(v) and v.dim() > 0
                      and v.shape[0] == local else v for k, v in entry.items()}
         out["state"][i] = entry
     return out
@@ -114,8 +117,16 @@ def shard_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer,
 def gather_model(model: nn.Module) -> nn.Module:
     """A single-process copy of a parallelized model (``type(model)(model.config)`` with the
     full state), for export and generation on one rank. A collective."""
-    state = full_state_dict(model)
-    single = type(model)(model.config)
+    if is_fully_sharded(model):
+        from dsmoe.distributed.sharded_checkpoint import full_model_state
+
+        state = full_model_state(model)
+    else:
+        state = full_state_dict(model)
+    cls = type(model)
+    if is_fully_sharded(model):  # fully_shard made a subclass: build the model's own
+        cls = next(c for c in cls.__mro__ if not issubclass(c, FSDPModule))
+    single = cls(model.config)
     single.load_state_dict(state)
     single.train(model.training)
     return single

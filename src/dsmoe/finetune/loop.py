@@ -18,6 +18,11 @@ Design choices:
   between the two load distributions (the share of routed assignments that moved).
 - V3 routers keep their balancing bias frozen unless the routers are trained (``--full``
   without ``--freeze-router``), so a LoRA base stays bit-identical.
+- ``--full --fsdp`` (``--ep E``): the base is loaded whole on every rank, then expert
+  parallelism and FSDP2 shard it (``distributed.apply_fsdp``), so parameters, gradients
+  and optimizer state are split over the ranks; checkpoints are sharded (DCP) and resume
+  in any layout. Forward passes are collectives then, so every rank runs the routing
+  probes (on the same rows) and rank 0 writes.
 
 Shapes: B batch, S row length, L MoE layers, E routed experts, K picks.
 """
@@ -225,7 +230,7 @@ def _drop_after_records(log: MetricsLog) -> None:
 
 # --- the loop ---------------------------------------------------------------------------
 def _open_run(cfg: FinetuneConfig, out: Path, resume: bool, given: frozenset[str] | None,
-              quiet: bool) -> tuple[FinetuneConfig, dict[str, Any] | None]:
+              quiet: bool, sharded: bool) -> tuple[FinetuneConfig, dict[str, Any] | None]:
     """Check ``out`` and load its newest checkpoint (``resume``); returns the settings the
     run continues under and the checkpoint. Paths may change on resume (the base's and the
     data's fingerprints must still match); ``given`` as in ``config.resumed_settings``
@@ -234,6 +239,8 @@ def _open_run(cfg: FinetuneConfig, out: Path, resume: bool, given: frozenset[str
         raise ValueError(f"{out} already holds checkpoints; pass --resume to continue it "
                          "or choose another --out")
     state = ckpt.load_latest(out) if resume else None
+    if state is not None and not sharded:
+        state = ckpt.unshard_checkpoint(state)
     if state is not None:
         if given is None:
             given = frozenset(k for k, v in cfg.to_dict().items() if v is not None)
@@ -259,21 +266,56 @@ def _load_data(cfg: FinetuneConfig, model: Transformer, tokenizer: Tokenizer
 
 
 def finetune(cfg: FinetuneConfig, *, resume: bool = False, quiet: bool = False,
-             given: frozenset[str] | None = None) -> FinetuneResult:
+             given: frozenset[str] | None = None, ep: int = 1,
+             fsdp: ddist.FSDPOptions | None = None) -> FinetuneResult:
     """Run (or continue) a finetuning run in ``cfg.out`` (module docstring). Under torchrun
     / ``--nproc`` every rank calls this and trains on its rows of each batch; rank 0 holds
-    the run directory's lock throughout."""
+    the run directory's lock throughout. ``fsdp`` (``--full`` only): shard the model over
+    the ranks, its experts over ``ep`` of them first."""
+    check_sharding(cfg, ep, fsdp)
     out = Path(cfg.out)
     rundir.check_out(out)
     with rundir.locked(out) if ddist.is_main_process() else contextlib.nullcontext():
-        return _finetune(cfg, out, resume, quiet, given)
+        return _finetune(cfg, out, resume, quiet, given, ep, fsdp)
+
+
+def check_sharding(cfg: FinetuneConfig, ep: int, fsdp: ddist.FSDPOptions | None) -> None:
+    """What ``--fsdp`` and ``--ep`` can be combined with, as one-line errors."""
+    if fsdp is not None and not cfg.full:
+        raise ValueError("--fsdp shards full finetuning (--full); LoRA trains small "
+                         "adapters on a frozen base: drop --fsdp (--nproc alone splits "
+                         "the batches)")
+    if ep != 1 and fsdp is None:
+        raise ValueError(f"--ep {ep} shards the experts of --full --fsdp finetuning; add "
+                         "--full --fsdp or drop --ep")
+
+
+def _shard(model: Transformer, ep: int, fsdp: ddist.FSDPOptions | None) -> Transformer:
+    """Expert parallelism, then FSDP (``--fsdp``); the model as it was without."""
+    if fsdp is None:
+        return model
+    return ddist.apply_fsdp(ddist.parallelize(model, ep), ep, fsdp)
+
+
+def _restore(model: Transformer, runner: Runner, state: dict[str, Any]) -> None:
+    """Continue from ``state``: a sharded model loads with its optimizer in the runner; a
+    whole one gets its trainable tensors here (a sharded checkpoint, read whole, holds the
+    full model: its trainable part is taken)."""
+    if not runner.sharded:
+        trainable = state.get("trainable")
+        if trainable is None:
+            trainable = {n: state["model"][n] for n, p in model.named_parameters()
+                         if p.requires_grad}
+        load_trainable_state(model, trainable)
+    runner.restore(state)
 
 
 def _finetune(cfg: FinetuneConfig, out: Path, resume: bool, quiet: bool,
-              given: frozenset[str] | None) -> FinetuneResult:
+              given: frozenset[str] | None, ep: int, fsdp: ddist.FSDPOptions | None
+              ) -> FinetuneResult:
     main = ddist.is_main_process()
     quiet = quiet or not main
-    cfg, state = _open_run(cfg, out, resume, given, quiet)
+    cfg, state = _open_run(cfg, out, resume, given, quiet, fsdp is not None)
     torch.manual_seed(cfg.seed)
     model, tokenizer = load_base(cfg)
     cfg = dropout_for_peft(cfg, model, given, quiet)
@@ -287,20 +329,21 @@ def _finetune(cfg: FinetuneConfig, out: Path, resume: bool, quiet: bool,
                           json.dumps(cfg.to_dict(), indent=2) + "\n")
         tokenizer.save(out / "tokenizer")
     description = prepare_model(model, cfg)
+    model = _shard(model, ep, fsdp)
     optimizer = build_optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(cfg, s) / cfg.lr)
     runner = Runner(out, cfg, model, optimizer, scheduler,
                     update_biases=cfg.full and not cfg.freeze_router)
     if state is not None:
-        load_trainable_state(model, state["trainable"])
-        runner.restore(state)
+        _restore(model, runner, state)
     if main:
         runner.log.truncate_after(runner.step)
         _drop_after_records(runner.log)
     probe = ("val", data.val) if data.val else ("train", data.train[:ROUTING_SAMPLE_ROWS])
 
     def extra() -> dict[str, Any]:
-        return {"trainable": trainable_state(model), "finetune_config": cfg.to_dict(),
+        return {**({} if runner.sharded else {"trainable": trainable_state(model)}),
+                "finetune_config": cfg.to_dict(),
                 "model_config": model.config.to_hf(), "base_fingerprint": base_fingerprint,
                 "data_fingerprint": data.fingerprint()}
 
@@ -308,10 +351,11 @@ def _finetune(cfg: FinetuneConfig, out: Path, resume: bool, quiet: bool,
     with ProgressDisplay(cfg.max_steps, runner.step, quiet) as display:
         display.print(f"finetune: {description}")
         display.print(_data_line(data, cfg))
-        if runner.step == 0 and main:
-            runner.log.write(routing_record(0, "before", probe[0],
-                                            *evaluate(model, probe[1], cfg.eval_batch_size,
-                                                      pad_id)))
+        if runner.step == 0 and (main or runner.sharded):
+            record = routing_record(0, "before", probe[0],
+                                    *evaluate(model, probe[1], cfg.eval_batch_size, pad_id))
+            if main:
+                runner.log.write(record)
         model.train()
         result.status = runner.run(
             lambda step: _train_step(model, optimizer, batches, cfg, step,
@@ -322,7 +366,7 @@ def _finetune(cfg: FinetuneConfig, out: Path, resume: bool, quiet: bool,
             f"dsmoe finetune {cfg.model} --data {cfg.data} --out {out} --resume")
     result.step, result.model = runner.step, model
     fill_from_log(result, runner.log.read())
-    if result.status == "finished" and main:
+    if result.status == "finished" and (main or runner.sharded):
         _finish(model, cfg, out, runner.log, probe, pad_id, result, quiet)
     ddist.barrier()
     return result
@@ -401,11 +445,17 @@ def _train_step(model: Transformer, optimizer: torch.optim.Optimizer,
 def _finish(model: Transformer, cfg: FinetuneConfig, out: Path, log: MetricsLog,
             probe: tuple[str, list[sft_data.Example]], pad_id: int,
             result: FinetuneResult, quiet: bool) -> None:
-    """Routing statistics after finetuning, then the adapter or the finetuned model."""
+    """Routing statistics after finetuning, then the adapter or the finetuned model. On
+    every rank for a sharded model (its forward and gathering are collectives), else on
+    rank 0 only; rank 0 writes."""
     before = next((r for r in log.read() if r.get("event") == "routing"
                    and r.get("phase") == "before"), None)
     loss, load = evaluate(model, probe[1], cfg.eval_batch_size, pad_id)
     record = routing_record(result.step, "after", probe[0], loss, load, before)
+    if ddist.is_fully_sharded(model):
+        model = result.model = ddist.gather_model(model)
+        if not ddist.is_main_process():
+            return
     log.write(record)
     result.probe_loss_before = record.get("probe_loss_before")
     result.load_shift = record.get("load_shift")

@@ -12,6 +12,7 @@ Design choices:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import math
@@ -168,14 +169,17 @@ def prepare(cfg: TrainConfig, out: Path, *, resumed: bool = True
 
 
 def _open_run(cfg: TrainConfig, out: Path, resume: bool, given: frozenset[str] | None,
-              quiet: bool) -> tuple[TrainConfig, dict[str, Any] | None]:
-    """Check ``out`` and load its newest checkpoint (``resume``); returns the settings the
-    run continues under (``config.resumed_settings``) and the checkpoint."""
+              quiet: bool, sharded: bool) -> tuple[TrainConfig, dict[str, Any] | None]:
+    """Check ``out`` and load its newest checkpoint (``resume``; ``sharded``: this run is
+    fully sharded, else a sharded checkpoint is read whole); returns the settings the run
+    continues under (``config.resumed_settings``) and the checkpoint."""
     existing = ckpt.list_checkpoints(out)
     if existing and not resume:
         raise ValueError(f"{out} already holds checkpoints; pass --resume to continue it "
                          "or choose another --out")
     state = ckpt.load_latest(out) if resume else None
+    if state is not None and not sharded:
+        state = ckpt.unshard_checkpoint(state)
     if state is not None:
         cfg, changes = resumed_settings(TrainConfig.from_dict(state["train_config"]), cfg,
                                         given)
@@ -186,10 +190,11 @@ def _open_run(cfg: TrainConfig, out: Path, resume: bool, given: frozenset[str] |
     return cfg, state
 
 
-def _build_model(cfg: TrainConfig, state: dict[str, Any] | None, vocab_size: int, ep: int
-                 ) -> tuple[Transformer, str]:
-    """The run's model (the checkpoint's on resume) on its device, parallelized over ``ep``
-    ranks (activation checkpointing applied after), and a line describing it."""
+def _build_model(cfg: TrainConfig, state: dict[str, Any] | None, vocab_size: int, ep: int,
+                 fsdp: ddist.FSDPOptions | None) -> tuple[Transformer, str]:
+    """The run's model (the checkpoint's on resume; a sharded checkpoint loads later, into
+    the sharded model) on its device, parallelized over ``ep`` ranks, activation
+    checkpointing applied after, then ``fsdp`` sharding; and a line describing it."""
     model_cfg = (ModelConfig.from_hf(state["model_config"]) if state is not None
                  else build_model_config(cfg, vocab_size, devices=ep if ep > 1 else None))
     model_cfg = ddist.ep_model_config(model_cfg, ep)
@@ -198,38 +203,45 @@ def _build_model(cfg: TrainConfig, state: dict[str, Any] | None, vocab_size: int
               f"{model.num_parameters() / 1e6:.2f}M params "
               f"({model.num_parameters(active=True) / 1e6:.2f}M active), routing "
               f"{'dense' if cfg.dense else cfg.routing}")
-    if state is not None:
+    if state is not None and "model" in state:
         model.load_state_dict(state["model"])
     model = ddist.parallelize(model.to(training_device(cfg)), ep)
     if cfg.activation_checkpointing:
         apply_activation_checkpointing(model)
+    if fsdp is not None:  # --dtype bfloat16: blocks gather their weights in bf16 too
+        if cfg.dtype == "bfloat16" and fsdp.param_dtype is None:
+            fsdp = dataclasses.replace(fsdp, param_dtype="bfloat16")
+        model = ddist.apply_fsdp(model, ep, fsdp)
+        banner += f"; FSDP over {ddist.get_world_size()} ranks, EP {ep}"
     return model, banner
 
 
 def train(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False,
-          ep: int | None = None, given: frozenset[str] | None = None) -> TrainResult:
+          ep: int | None = None, given: frozenset[str] | None = None,
+          fsdp: ddist.FSDPOptions | None = None) -> TrainResult:
     """Run (or continue) a training run in ``cfg.out``; see the module docstring. Under
     torchrun / ``--nproc`` every rank calls this after ``ddist.init_distributed()``;
     ``ep``: expert-parallel group size (default: every rank; 1 for ``--dense``);
+    ``fsdp``: shard everything over the ranks too (``distributed.apply_fsdp``);
     ``given``: the settings the user chose (None: all of ``cfg``), which ``--resume``
     checks against the run's own. Rank 0 holds the run directory's lock throughout."""
     out = Path(cfg.out)
     rundir.check_out(out)
     with rundir.locked(out) if ddist.is_main_process() else contextlib.nullcontext():
-        return _train(cfg, out, resume, quiet, ep, given)
+        return _train(cfg, out, resume, quiet, ep, given, fsdp)
 
 
 def _train(cfg: TrainConfig, out: Path, resume: bool, quiet: bool, ep: int | None,
-           given: frozenset[str] | None) -> TrainResult:
+           given: frozenset[str] | None, fsdp: ddist.FSDPOptions | None) -> TrainResult:
     if ep is None:
         ep = 1 if cfg.dense else ddist.get_world_size()
     main = ddist.is_main_process()
     quiet = quiet or not main
-    cfg, state = _open_run(cfg, out, resume, given, quiet)
+    cfg, state = _open_run(cfg, out, resume, given, quiet, fsdp is not None)
     torch.manual_seed(cfg.seed)
     with ddist.main_process_first():
         corpus, tokenizer, streams = prepare(cfg, out, resumed=state is not None)
-    model, banner = _build_model(cfg, state, tokenizer.vocab_size, ep)
+    model, banner = _build_model(cfg, state, tokenizer.vocab_size, ep, fsdp)
     banner += f"; data: {corpus.source}, {len(streams.train):,} train tokens"
     optimizer = build_optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(cfg, s) / cfg.lr)
@@ -258,8 +270,8 @@ def _train(cfg: TrainConfig, out: Path, resume: bool, quiet: bool, ep: int | Non
             lambda step: _train_step(forward, optimizer, sampler, cfg, step, autocast,
                                      runner.interval.state["load"]),
             validate,
-            lambda: {"model": ddist.full_state_dict(model), "train_config": cfg.to_dict(),
-                     "model_config": model.config.to_hf()},
+            lambda: {**({} if runner.sharded else {"model": ddist.full_state_dict(model)}),
+                     "train_config": cfg.to_dict(), "model_config": model.config.to_hf()},
             display, f"dsmoe train --out {out} --resume")
     result.step = runner.step
     fill_from_log(result, runner.log.read())

@@ -14,6 +14,9 @@ The caller owns the data, the model and what one optimizer step and one evaluati
   ``metrics.jsonl`` of a killed-and-resumed run equals an uninterrupted run's, bit for bit;
 - the checkpoint's common part: step, optimizer (world-size independent), scheduler,
   every RNG state and the interval sums; the caller adds its model state and configs.
+  A fully sharded model (``--fsdp``) is saved as a sharded checkpoint instead: model and
+  optimizer through torch.distributed.checkpoint, each rank its own shards
+  (``train.checkpoint.save_sharded``); either kind restores into any layout.
 
 Under torchrun / ``--nproc`` every rank runs the same runner; only rank 0 writes files.
 ``spawn`` starts those ranks for a command (or runs in this process).
@@ -140,6 +143,7 @@ class Runner:
 
     def __post_init__(self) -> None:
         self.main = ddist.is_main_process()
+        self.sharded = ddist.is_fully_sharded(self.model)
         self.log = MetricsLog(self.out / "metrics.jsonl")
         self.interval = self._new_interval()
 
@@ -147,23 +151,46 @@ class Runner:
         return Interval(len(self.model.moe_layers()), self.model.config.n_routed_experts or 0)
 
     def restore(self, state: dict[str, Any]) -> None:
-        """Continue from a checkpoint (the caller has loaded its model part)."""
-        self.optimizer.load_state_dict(
-            ddist.shard_optimizer_state(self.model, self.optimizer, state["optimizer"]))
+        """Continue from a checkpoint: the caller has loaded its model part, except into a
+        fully sharded model, which loads here with the optimizer (from a sharded
+        checkpoint, or the slices of a whole one). Without FSDP, a sharded checkpoint
+        comes through ``unshard_checkpoint`` first."""
+        if self.sharded and "sharded" in state:
+            from dsmoe.distributed import sharded_checkpoint
+
+            sharded_checkpoint.load(self.model, self.optimizer, Path(state["sharded"]),
+                                    state["param_groups"])
+        elif self.sharded:
+            from dsmoe.distributed import sharded_checkpoint
+
+            sharded_checkpoint.load_full(self.model, self.optimizer, state.get("model", state.get("trainable", {})),
+                                         state["optimizer"])
+        else:
+            self.optimizer.load_state_dict(
+                ddist.shard_optimizer_state(self.model, self.optimizer, state["optimizer"]))
         self.scheduler.load_state_dict(state["scheduler"])
         ckpt.set_rng_state(state["rng"])
         self.interval.state = state["interval"]
         self.step = state["step"]
 
     def state(self) -> dict[str, Any]:
-        """The common part of a checkpoint (a collective under expert parallelism)."""
-        return {"step": self.step,
-                "optimizer": ddist.full_optimizer_state(self.model, self.optimizer),
-                "scheduler": self.scheduler.state_dict(), "rng": ckpt.rng_state(),
-                "interval": self.interval.state}
+        """The common part of a checkpoint (a collective under expert parallelism); the
+        optimizer of a fully sharded model is saved apart (``save``)."""
+        common = {"step": self.step, "scheduler": self.scheduler.state_dict(),
+                  "rng": ckpt.rng_state(), "interval": self.interval.state}
+        if not self.sharded:
+            common["optimizer"] = ddist.full_optimizer_state(self.model, self.optimizer)
+        return common
 
     def save(self, extra: Callable[[], dict[str, Any]]) -> None:
         payload = {**extra(), **self.state()}
+        if self.sharded:
+            from dsmoe.distributed import sharded_checkpoint
+
+            ckpt.save_sharded(self.out, self.step, payload, lambda path: {
+                "param_groups": sharded_checkpoint.save(self.model, self.optimizer, path)},
+                self.cadence.keep_checkpoints)
+            return
         if self.main:
             ckpt.save_checkpoint(self.out, self.step, payload, self.cadence.keep_checkpoints)
         ddist.barrier()
