@@ -35,8 +35,8 @@ import time
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
+from _train_step import train_step
 from dsmoe import distributed as ddist
 from dsmoe import plan
 from dsmoe.config import ModelConfig
@@ -70,15 +70,7 @@ def _worker(cfg: ModelConfig, batch: int, seq: int, steps: int, warmup: int) -> 
             ddist.comm_bytes(model, reset=True)
             ddist.barrier()
             started = time.perf_counter()
-            out = model(ids[:, :-1], return_routing=True)
-            loss = F.cross_entropy(out.logits.flatten(0, 1), ids[:, 1:].flatten()) + out.aux_loss
-            loss.backward()
-            ddist.sync_gradients(model)
-            ddist.clip_grad_norm_(model, 1.0)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            ddist.all_reduce_expert_load(model)
-            model.update_router_biases()
+            train_step(model, optimizer, ids)
             ddist.barrier()
             if step >= warmup:
                 times.append(time.perf_counter() - started)

@@ -24,9 +24,11 @@ import torch
 from conftest import assert_close
 from dsmoe import distributed as ddist
 from dsmoe.cli import main
+from dsmoe.config import ModelConfig
 from dsmoe.model import Transformer
 from dsmoe.train import loop
 from dsmoe.train.runner import spawn
+from test_finetune import task  # noqa: F401  (the fixture: a tiny base and its data)
 from test_train import _cfg, _write_corpus
 
 STEPS = int(os.environ.get("DSMOE_FSDP_STEPS", "6"))
@@ -128,3 +130,107 @@ def test_bad_train_layouts_are_one_line(tmp_path: Path, capsys, argv, message) -
     assert main(["train", "--out", str(tmp_path / "run"), "--quiet", *argv]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def _state_bytes_worker(cfg, ep: int, options) -> dict:
+    ddist.init_distributed()
+    try:
+        torch.manual_seed(0)
+        model = ddist.apply_fsdp(ddist.parallelize(Transformer(cfg), ep), ep, options)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, foreach=False)
+        ids = torch.randint(0, cfg.vocab_size, (2, 8))
+        with torch.autocast("cpu", torch.bfloat16, enabled=options.param_dtype is not None):
+            loss = model(ids).logits.float().square().mean()  # as train's --dtype bfloat16
+        loss.backward()
+        optimizer.step()
+        return {**ddist.local_state_bytes(model, optimizer), "loss": ddist.reduce_mean(loss)}
+    finally:
+        ddist.teardown()
+
+
+@pytest.mark.parametrize("world, ep, options", [
+    (2, 1, ddist.FSDPOptions()),
+    (4, 2, ddist.FSDPOptions(reshard_after_forward=False, offload_optimizer=True)),
+    (2, 2, ddist.FSDPOptions(param_dtype="bfloat16")),
+], ids=["fsdp2", "2x2-no-reshard-offload", "ep2-bf16"])
+def test_local_state_bytes_split_the_model_over_the_ranks(world: int, ep: int,
+                                                           options) -> None:
+    """Each element of every parameter (and of its gradient and Adam moments) is stored
+    on exactly one rank: the ranks' sums are one process's, and no rank holds more than
+    its share plus a row of padding. The options change how weights travel, not what is
+    stored (offload is a no-op on CPU; bf16 gathers for compute, fp32 master weights),
+    and the first forward's loss is one process's (bf16: to bf16 precision)."""
+    cfg = ModelConfig.preset("tiny").replace(num_hidden_layers=2, n_devices=2)
+    torch.manual_seed(0)
+    single = Transformer(cfg)
+    params = sum(p.numel() * p.element_size() for p in single.parameters())
+    n_params = sum(1 for _ in single.parameters())
+    ids = torch.randint(0, cfg.vocab_size, (2, 8))
+    expected = single(ids).logits.float().square().mean().item()
+    ranks = ddist.launch(_state_bytes_worker, world, cfg, ep, options, threads=1)
+    assert sum(r["params"] for r in ranks) == params
+    assert sum(r["grads"] for r in ranks) == params
+    # exp_avg + exp_avg_sq split like the parameters; each rank keeps every step count
+    assert sum(r["optimizer"] for r in ranks) == 2 * params + world * 4 * n_params
+    for r in ranks:
+        assert r["params"] <= params / world * 1.05, r
+        assert r["total"] == r["params"] + r["grads"] + r["optimizer"]
+    rel = 2e-2 if options.param_dtype == "bfloat16" else 1e-6
+    assert ranks[0]["loss"] == pytest.approx(expected, rel=rel)
+
+
+def _distcp_bytes(checkpoint: Path, prefix: str) -> dict[str, int]:
+    """Tensor bytes (elements x size, no file overhead) whose key starts with ``prefix``,
+    per file of the DCP checkpoint (one file per rank)."""
+    from dsmoe.distributed.sharded_checkpoint import SafeReader
+
+    metadata = SafeReader(str(checkpoint)).read_metadata()
+    sizes: dict[str, int] = {}
+    for index, info in metadata.storage_data.items():
+        if not index.fqn.startswith(prefix):
+            continue
+        meta = metadata.state_dict_metadata[index.fqn]
+        chunk = next(c for c in meta.chunks if tuple(c.offsets) == tuple(index.offset))
+        n = chunk.sizes.numel() * meta.properties.dtype.itemsize
+        sizes[info.relative_path] = sizes.get(info.relative_path, 0) + n
+    return sizes
+
+
+@pytest.mark.slow
+def test_full_finetune_fsdp_shards_the_optimizer_state(task, tmp_path: Path) -> None:
+    """`dsmoe finetune --full --nproc 2 --fsdp`: the losses of one process, the same
+    exported model, and each rank's share of the Adam moments in the sharded checkpoint
+    is about half of the one-process checkpoint's (together exactly all of it)."""
+    common = [str(task["base"]), "--data", str(task["data"]), "--full", "--max-steps", "3",
+              "--lr", "1e-3", "--batch-size", "8", "--log-every", "1", "--quiet",
+              "--checkpoint-every", "3"]
+    assert main(["finetune", *common, "--out", str(tmp_path / "one")]) == 0
+    assert main(["finetune", *common, "--out", str(tmp_path / "two"), "--nproc", "2",
+                 "--fsdp"]) == 0
+    one, two = _losses(tmp_path / "one"), _losses(tmp_path / "two")
+    assert [s for s, _ in one] == [s for s, _ in two] == [1, 2, 3]
+    for (_, x), (_, y) in zip(one, two):
+        assert y == pytest.approx(x, rel=1e-6), (one, two)
+    whole = torch.load(tmp_path / "one" / "checkpoints" / "step_00000003.pt",
+                       weights_only=True)["optimizer"]["state"]
+    moments = sum(t.numel() * t.element_size() for entry in whole.values()
+                  for name, t in entry.items() if name != "step")
+    shards = _distcp_bytes(tmp_path / "two" / "checkpoints" / "step_00000003", "optim/")
+    step_bytes = 4 * len(whole)  # the step counts, written once
+    assert len(shards) == 2 and sum(shards.values()) - step_bytes == moments
+    assert max(shards.values()) < 0.55 * moments, (shards, moments)
+    a = Transformer.from_pretrained(tmp_path / "one" / "model").state_dict()
+    b = Transformer.from_pretrained(tmp_path / "two" / "model").state_dict()
+    for key, value in a.items():
+        assert_close(b[key], value, atol=1e-5, rtol=1e-4, what=key)
+
+
+def test_lora_and_expert_flags_need_full_fsdp(task, tmp_path: Path, capsys) -> None:
+    base = [str(task["base"]), "--data", str(task["data"]), "--out", str(tmp_path / "r"),
+            "--quiet"]
+    for extra, message in ((["--nproc", "2", "--fsdp"], "--fsdp shards full finetuning"),
+                           (["--full", "--ep", "2"], "--ep 2 shards the experts of --full "
+                                                     "--fsdp finetuning")):
+        assert main(["finetune", *base, *extra]) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, err
