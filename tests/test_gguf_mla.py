@@ -53,6 +53,9 @@ CASES = {
         V3, q_lora_rank=None, num_hidden_layers=4, first_k_dense_replace=2,
         rope_scaling=dict(YARN, mscale=1.0, mscale_all_dim=1.0)),
 }
+# RoPE in halves (transformers' rope_interleave=false): written in llama.cpp's pair order.
+HALVES = {"v3_rope_halves": dict(V3, rope_scaling=YARN, extra={"rope_interleave": False}),
+          "v2_lite_rope_halves": dict(V2, extra={"rope_interleave": False})}
 
 
 def expected_state(model) -> dict[str, torch.Tensor]:
@@ -64,7 +67,7 @@ def expected_state(model) -> dict[str, torch.Tensor]:
 
 
 def mla_model(case: str, std: float = 0.15):
-    model = make_model(ModelConfig(**CASES[case]), std=std)
+    model = make_model(ModelConfig(**{**CASES, **HALVES}[case]), std=std)
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():  # V3: a correction bias that changes which experts are picked
         for layer in model.moe_layers():
@@ -119,6 +122,24 @@ def test_quantized_round_trip_within_tolerance(tmp_path: Path, case: str, quant:
     agree = (out.argmax(-1) == ref.argmax(-1)).float().mean().item()
     assert kl(ref, out) <= max_kl, f"{case} {quant}: KL {kl(ref, out):.2e}"
     assert agree >= min_top1, f"{case} {quant}: top-1 agreement {agree:.3f}"
+
+
+@pytest.mark.parametrize("case", HALVES)
+def test_rope_halves_are_written_in_llama_cpp_pair_order(tmp_path: Path, case: str) -> None:
+    """q's and kv_a's rope rows are reordered, so the file holds a pair-order model with the
+    same logits (llama.cpp runs it too: test_llama_cpp_logits_match_dsmoe)."""
+    model = mla_model(case)
+    path = tmp_path / "halves.gguf"
+    write_model_gguf(model, path, quant="f32")
+    loaded = load_gguf(path)
+    assert loaded.config == model.config and loaded.config.extra["rope_interleave"] is True
+    ids = torch.randint(0, 320, (2, 24))
+    assert_close(loaded(ids).logits, model(ids).logits, atol=1e-5, rtol=1e-5,
+                 what=f"a rope-in-halves model written in pair order ({case})")
+    attn = "self_attn.q_b_proj.weight" if model.config.q_lora_rank else "self_attn.q_proj.weight"
+    ours, theirs = hf_state(model)[f"model.layers.0.{attn}"], hf_state(loaded)[
+        f"model.layers.0.{attn}"]
+    assert torch.equal(ours[:32], theirs[:32]) and not torch.equal(ours[32:40], theirs[32:40])
 
 
 def test_mtp_layer_is_skipped_on_export_with_a_warning(tmp_path: Path, tokenizer) -> None:
@@ -235,7 +256,7 @@ def test_llama_cpp_converter_output_loads_in_dsmoe(tmp_path: Path, tokenizer, ca
 # --- llama.cpp itself ------------------------------------------------------------------------
 @pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None,
                     reason="llama-cpp-python is not installed")
-@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("case", [*CASES, *HALVES])
 @pytest.mark.parametrize("quant", ["f32", "q8_0"])
 def test_llama_cpp_logits_match_dsmoe(tmp_path: Path, tokenizer, case: str, quant: str) -> None:
     """llama.cpp runs dsmoe's deepseek2 file (absorbed MLA over its latent cache) with

@@ -112,9 +112,12 @@ def write_metadata(writer: gguf.GGUFWriter, config: ModelConfig, *,
     architecture(c).write(writer, c)
     writer.add_file_type(int(file_type))
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    # the file holds no multi-token-prediction layer (the writer skips it)
-    writer.add_string(DSMOE_CONFIG_KEY, json.dumps(c.replace(num_nextn_predict_layers=0).to_hf(),
-                                                   sort_keys=True))
+    # the file holds no multi-token-prediction layer (the writer skips it), and MLA's rope
+    # rows in llama.cpp's pair order (names.py)
+    stored = c.replace(num_nextn_predict_layers=0).to_hf()
+    if c.attention_type == "mla":
+        stored["rope_interleave"] = True
+    writer.add_string(DSMOE_CONFIG_KEY, json.dumps(stored, sort_keys=True))
 
 
 def _write_v1(writer: gguf.GGUFWriter, c: ModelConfig) -> None:

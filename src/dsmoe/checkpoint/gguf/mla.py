@@ -17,6 +17,8 @@ DeepseekV2Model, ``src/models/deepseek2.cpp``) writes and reads, and so what dsm
 - YaRN: ``rope.scaling.type`` yarn, ``factor``, ``original_context_length``,
   ``yarn_beta_fast``/``slow``, and ``yarn_log_multiplier`` = 0.1 * mscale_all_dim (llama.cpp
   divides by 0.1 again and assumes mscale == mscale_all_dim).
+- RoPE in pairs (llama.cpp's NORM type, DeepSeek's checkpoints' order); a model in halves
+  (``rope_interleave: false``) is written with its rope rows reordered (``names.py``).
 - Every layer past ``leading_dense_block_count`` is MoE; V3's multi-token-prediction layer
   is not written (llama.cpp's converter skips it too).
 """
@@ -99,8 +101,6 @@ def _problems(c: ModelConfig) -> list[str]:
         problems.append("yarn mscale != mscale_all_dim (llama.cpp assumes they are equal)")
     if scaling.get("attention_factor") is not None:
         problems.append("yarn attention_factor (llama.cpp's deepseek2 derives its own)")
-    if not c.extra.get("rope_interleave", True):
-        problems.append("rope_interleave=false (llama.cpp rotates interleaved pairs)")
     return problems
 
 

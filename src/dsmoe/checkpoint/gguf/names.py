@@ -14,7 +14,10 @@ Readers and writers share it, so the two directions cannot drift apart.
   apply that permutation and its inverse (biases too). Without it a GGUF loads fine and
   produces garbage.
 - MLA ("deepseek2") needs no permutation: DeepSeek-V2/V3 checkpoints already store their
-  rope dimensions as interleaved pairs, llama.cpp's NORM rope. llama.cpp's converter
+  rope dimensions as interleaved pairs, llama.cpp's NORM rope. A model with
+  ``rope_interleave: false`` (halves) has the rope rows of q (the last r of each head) and
+  of kv_a (the last r) put in pair order (``rope_tail``), so the file is always in
+  llama.cpp's order and reads back as an interleaved model. llama.cpp's converter
   splits ``kv_b_proj`` [H*(n+v), C] per head into ``attn_k_b`` [H, C, n] (transposed: the
   absorbed form multiplies q_nope by it) and ``attn_v_b`` [H, v, C]; files of older
   converters keep it whole as ``attn_kv_b``. Both are read (``kv_b="split"|"whole"``); the
@@ -49,6 +52,7 @@ class TensorSpec:
     kv_b_part: str | None = None  # "k" / "v": this half of MLA's kv_b_proj, per head
     hf_shape: tuple[int, ...] | None = None  # the HF tensor's shape where it differs
     partner: TensorSpec | None = None  # attn_k_b's attn_v_b: read together into kv_b_proj
+    rope_tail: tuple[int, int] | None = None  # MLA in halves: (rows per group, rope rows)
 
     @property
     def stacked(self) -> bool:
@@ -128,14 +132,19 @@ def _mla_specs(c: ModelConfig, spec, kv_b: str) -> list[TensorSpec]:  # noqa: AN
     D, H, C = c.hidden_size, c.num_attention_heads, c.kv_lora_rank
     n, r, v, Q = c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim, c.q_lora_rank
     a = "self_attn."
+    halves = not c.extra.get("rope_interleave", True)
+    q_tail, kv_tail = ((n + r, r), (C + r, r)) if halves else (None, None)
     if Q is None:
-        specs = [spec(T.ATTN_Q, ".weight", (H * (n + r), D), a + "q_proj.weight")]
+        specs = [spec(T.ATTN_Q, ".weight", (H * (n + r), D), a + "q_proj.weight",
+                      rope_tail=q_tail)]
     else:
         specs = [spec(T.ATTN_Q_A, ".weight", (Q, D), a + "q_a_proj.weight"),
                  spec(T.ATTN_Q_A_NORM, ".weight", (Q,), a + "q_a_layernorm.weight",
                       keep_f32=True),
-                 spec(T.ATTN_Q_B, ".weight", (H * (n + r), Q), a + "q_b_proj.weight")]
-    specs += [spec(T.ATTN_KV_A_MQA, ".weight", (C + r, D), a + "kv_a_proj_with_mqa.weight"),
+                 spec(T.ATTN_Q_B, ".weight", (H * (n + r), Q), a + "q_b_proj.weight",
+                      rope_tail=q_tail)]
+    specs += [spec(T.ATTN_KV_A_MQA, ".weight", (C + r, D), a + "kv_a_proj_with_mqa.weight",
+                   rope_tail=kv_tail),
               spec(T.ATTN_KV_A_NORM, ".weight", (C,), a + "kv_a_layernorm.weight",
                    keep_f32=True)]
     whole = (H * (n + v), C)  # kv_b_proj
@@ -205,3 +214,14 @@ def from_llama_rope_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     """The inverse of ``to_llama_rope_rows``: llama.cpp's row order back to HF's."""
     d = w.shape[0] // n_heads
     return w.reshape(n_heads, d // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def rope_tail_rows(w: torch.Tensor, tail: tuple[int, int], *, to_llama: bool) -> torch.Tensor:
+    """``w`` [G*rows, ...] with the last ``r`` rows of each group of ``rows`` (MLA's rope
+    part) moved between halves and llama.cpp's pairs; the other rows are untouched."""
+    rows, r = tail
+    groups = w.reshape(-1, rows, *w.shape[1:]).clone()  # [G, rows, ...]
+    rope = groups[:, rows - r:].reshape(-1, *w.shape[1:])  # [G*r, ...]
+    move = to_llama_rope_rows if to_llama else from_llama_rope_rows
+    groups[:, rows - r:] = move(rope, groups.shape[0]).reshape(groups.shape[0], r, *w.shape[1:])
+    return groups.reshape(w.shape)

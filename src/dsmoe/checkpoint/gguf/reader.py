@@ -26,7 +26,7 @@ import torch
 from dsmoe.checkpoint.gguf import metadata
 from dsmoe.checkpoint.gguf.header import check_header
 from dsmoe.checkpoint.gguf.names import (TensorSpec, from_llama_rope_rows, join_kv_b,
-                                         tensor_specs)
+                                         rope_tail_rows, tensor_specs)
 from dsmoe.checkpoint.gguf.vocab import TokenizerData
 from dsmoe.config import ModelConfig
 
@@ -147,6 +147,8 @@ class GGUFFile:
         out = out.to(dtype)
         if spec.rope_heads is not None:
             out = from_llama_rope_rows(out, spec.rope_heads)
+        if spec.rope_tail is not None:
+            out = rope_tail_rows(out, spec.rope_tail, to_llama=False)
         return out
 
     def load_int4(self, spec: TensorSpec) -> tuple[torch.Tensor, torch.Tensor]:

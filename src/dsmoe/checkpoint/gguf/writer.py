@@ -32,7 +32,8 @@ from torch import nn
 
 from dsmoe.checkpoint import keys
 from dsmoe.checkpoint.gguf import metadata
-from dsmoe.checkpoint.gguf.names import TensorSpec, kv_b_half, tensor_specs, to_llama_rope_rows
+from dsmoe.checkpoint.gguf.names import (TensorSpec, kv_b_half, rope_tail_rows, tensor_specs,
+                                         to_llama_rope_rows)
 from dsmoe.checkpoint.gguf.vocab import TokenizerData
 from dsmoe.config import ModelConfig
 from dsmoe.io import atomic_path, disk_errors
@@ -250,4 +251,6 @@ def _gguf_tensor(spec: TensorSpec, state: Mapping[str, torch.Tensor]) -> torch.T
         value = kv_b_half(value, spec)
     if spec.rope_heads is not None:
         value = to_llama_rope_rows(value, spec.rope_heads)
+    if spec.rope_tail is not None:
+        value = rope_tail_rows(value, spec.rope_tail, to_llama=True)
     return value
