@@ -234,3 +234,23 @@ def test_lora_and_expert_flags_need_full_fsdp(task, tmp_path: Path, capsys) -> N
         assert main(["finetune", *base, *extra]) == 2
         err = capsys.readouterr().err
         assert message in err and len(err.strip().splitlines()) == 1, err
+
+
+def _unswapped_worker(cfg) -> str:
+    ddist.init_distributed()
+    try:
+        ddist.apply_fsdp(Transformer(cfg), 1)
+        return ""
+    except ValueError as exc:
+        return str(exc)
+    finally:
+        ddist.teardown()
+
+
+def test_apply_fsdp_refuses_a_model_without_the_ep_swap() -> None:
+    """FSDP goes on after ``parallelize`` (torchtitan's order): on a model without it the
+    balance statistics would be per rank, so it says what to call first."""
+    cfg = ModelConfig.preset("tiny").replace(num_hidden_layers=2)
+    messages = ddist.launch(_unswapped_worker, 2, cfg, threads=1)
+    assert all("call dsmoe.distributed.parallelize(model, 1) before it" in m
+               for m in messages), messages

@@ -52,6 +52,8 @@ from torch.distributed.fsdp import (CPUOffloadPolicy, FSDPModule, MixedPrecision
 from torch.distributed.tensor import DTensor, Shard
 
 from dsmoe.distributed.parallelism import ep_layers
+from dsmoe.moe.layer import MoELayer
+from dsmoe.moe.parallel import GroupSum
 
 PARAM_DTYPES = ("float32", "bfloat16")
 
@@ -119,6 +121,11 @@ def apply_fsdp(model: nn.Module, ep_size: int, options: FSDPOptions | None = Non
     if not (dist.is_available() and dist.is_initialized()):
         raise ValueError("--fsdp needs a process group: start with --nproc N (N >= 2) "
                          "or torchrun")
+    unswapped = [m for m in model.modules() if isinstance(m, MoELayer)
+                 and not isinstance(m.balance_total, GroupSum)]
+    if unswapped:  # its experts would be sharded whole, its balance counted per rank
+        raise ValueError("apply_fsdp needs a model parallelize()-d first: call "
+                         f"dsmoe.distributed.parallelize(model, {ep_size}) before it")
     options = options or FSDPOptions()
     # NOTE: blocks return (hidden, MoEOutput) whose routing tensors may be views; FSDP
     # warns that an in-place op on one would skip its pre-backward hook. dsmoe's loops
