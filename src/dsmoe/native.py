@@ -107,6 +107,9 @@ def library() -> ctypes.CDLL | None:
     lib.dsmoe_float_blocks_matmul.argtypes = [ptr, ptr, ctypes.c_int, ptr, ptr, i64, i64, i64,
                                               ctypes.c_int]
     lib.dsmoe_float_blocks_matmul.restype = ctypes.c_int
+    lib.dsmoe_experts_decode.argtypes = [ptr, ptr, ptr, i64, i64, ctypes.c_int, ptr, ptr, ptr,
+                                         ptr, i64, i64, i64, ptr, ptr, ctypes.c_int]
+    lib.dsmoe_experts_decode.restype = ctypes.c_int
     lib.dsmoe_rows_isa.restype = ctypes.c_int
     lib.dsmoe_rows_limit_isa.argtypes = [ctypes.c_int]
     lib.dsmoe_rows_limit_isa.restype = ctypes.c_int
@@ -286,3 +289,50 @@ def int4_dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | N
     if status:
         raise ValueError(f"int4 dequantize: group_size {group_size} does not divide {K}")
     return out
+
+
+# Weight kinds of ``dsmoe_experts_decode``.
+_EXPERT_KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2}
+
+
+def experts_decode(x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor,
+                   gate_up: torch.Tensor, down: torch.Tensor,
+                   scales: tuple[torch.Tensor, torch.Tensor] | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """A MoE layer's routed SwiGLU (silu) experts for a decode step in one native call:
+    sort by expert, both matmuls, the activation and the weighted combine (see the C
+    file). x [T, D]; topk_idx [T, K] and topk_weight [T, K] from the router; gate_up
+    [E, 2F, D] and down [E, D, F] contiguous, fp32 or bf16, or int8 with ``scales`` (bf16
+    [E, 2F], [E, D]). Returns (fp32 out [T, D], assignments per expert int64 [E]), or None
+    when the kernels are unavailable or cannot take these tensors (the caller then runs
+    the torch path, which also handles non-finite activations)."""
+    kind = _EXPERT_KINDS.get(gate_up.dtype)
+    if (kind is None or down.dtype != gate_up.dtype or (kind == 2) != (scales is not None)
+            or gate_up.dim() != 3 or down.dim() != 3 or x.dim() != 2
+            or not (gate_up.is_contiguous() and down.is_contiguous())
+            or x.device.type != "cpu" or gate_up.device.type != "cpu"):
+        return None
+    lib = library()
+    if lib is None:
+        return None
+    E, twoF, D = gate_up.shape
+    T, K = topk_idx.shape
+    if down.shape != (E, D, twoF // 2) or x.shape != (T, D) or topk_weight.shape != (T, K):
+        raise ValueError(f"experts decode: rows {list(x.shape)}, picks {list(topk_idx.shape)}, "
+                         f"gate_up {list(gate_up.shape)}, down {list(down.shape)} do not fit")
+    xf = x.detach().to(torch.float32).contiguous()
+    idx = topk_idx.to(torch.int64).contiguous()
+    w = topk_weight.detach().to(torch.float32).contiguous()
+    gu_scale, dn_scale = (s.contiguous() for s in scales) if scales is not None else (None, None)
+    out = torch.empty(T, D, dtype=torch.float32)
+    counts = torch.empty(E, dtype=torch.int64)
+    status = lib.dsmoe_experts_decode(
+        xf.data_ptr(), idx.data_ptr(), w.data_ptr(), T, K, kind, gate_up.data_ptr(),
+        None if gu_scale is None else gu_scale.data_ptr(), down.data_ptr(),
+        None if dn_scale is None else dn_scale.data_ptr(), E, D, twoF // 2, out.data_ptr(),
+        counts.data_ptr(), torch.get_num_threads())
+    if status == -2:
+        raise MemoryError("experts decode: out of memory for the work buffers")
+    if status == -3:
+        raise ValueError(f"experts decode: an expert id in topk_idx lies outside [0, {E})")
+    return (out, counts) if status == 0 else None

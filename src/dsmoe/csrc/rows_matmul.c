@@ -268,9 +268,9 @@ int dsmoe_rows_limit_isa(int limit) {
 static int to_fixed(const float *x, int16_t *xi, float *sx, int64_t M, int64_t K) {
     for (int64_t m = 0; m < M; m++) {
         const float *xm = x + m * K;
-        float amax = 0.f;
-        for (int64_t k = 0; k < K; k++) amax = fmaxf(amax, fabsf(xm[k]));
-        if (!isfinite(amax)) return -1;
+        float amax = 0.f, probe = 0.f; /* fmaxf skips nan; x - x is nan for nan and inf */
+        for (int64_t k = 0; k < K; k++) amax = fmaxf(amax, fabsf(xm[k])), probe += xm[k] - xm[k];
+        if (!isfinite(amax) || probe != 0.f) return -1;
         float inv = amax > 0.f ? XMAX / amax : 0.f;
         sx[m] = amax / XMAX;
         for (int64_t k = 0; k < K; k++) xi[m * K + k] = (int16_t)lrintf(xm[k] * inv);
@@ -405,4 +405,142 @@ int dsmoe_float_blocks_matmul(const float *x, const void *w, int w_bf16, float *
                  .w_size = w_bf16 ? 2 : 4, .out = out};
     run(float_slice, &job, threads);
     return 0;
+}
+
+/* --- a MoE layer's routed experts for one decode step, in one call ----------------------
+ *
+ * Why one call: at batch <= 8 the routed experts' weights stream in ~1 ms per layer, while
+ * the torch ops around the two matmuls (sort by expert, block table, gather, activation,
+ * casts, weighted combine) cost ~0.3-0.5 ms more in per-op overhead. Here they are loops
+ * over a few rows, inside one OpenMP region:
+ *   1. counting sort of the T*K assignments by expert; gather their token rows (xs [A, D])
+ *   2. gate_up = xs @ gate_up[e].T per expert block           [A, 2F]
+ *   3. h = silu(gate) * up; each thread owns the same f range of gate and up,
+ *      so no barrier between 2 and 3                          [A, F]
+ *   4. ys = h @ down[e].T per expert block                     [A, D]
+ *   5. out[t] = sum_k w[t, k] * ys[row of (t, k)], k in order   [T, D]
+ * Weights: kind 0 fp32, 1 bf16 (gate_up [E, 2F, D], down [E, D, F]), 2 int8 with bf16
+ * scales per output row ([E, 2F], [E, D]). All sums in fp32; the result is rounded once
+ * by the caller. counts [E] receives the assignments per expert.
+ * Returns 0; -1 when an activation is not finite (int8: the caller takes torch's path),
+ * -2 out of memory, -3 an expert id outside [0, E). */
+typedef struct {
+    job_t gu, dn;
+    const int64_t *slot_row;
+    const float *w, *ys;
+    float *gu_out, *h, *out;
+    int16_t *hi;
+    float *sh;
+    int64_t T, K, A, D, F;
+    int int8, status;
+} moe_job_t;
+
+static void moe_thread(moe_job_t *m, int64_t t, int64_t nt) {
+    void (*slice)(const job_t *, int64_t, int64_t) = m->int8 ? int8_slice : float_slice;
+    int64_t F = m->F, f0 = F * t / nt, f1 = F * (t + 1) / nt;
+    slice(&m->gu, f0, f1);
+    slice(&m->gu, F + f0, F + f1);
+    for (int64_t a = 0; a < m->A; a++) {
+        const float *g = m->gu_out + a * 2 * F;
+        for (int64_t f = f0; f < f1; f++) m->h[a * F + f] = g[f] / (1.f + expf(-g[f])) * g[F + f];
+    }
+#ifdef _OPENMP
+#pragma omp barrier
+#pragma omp single
+#endif
+    if (m->int8 && to_fixed(m->h, m->hi, m->sh, m->A, F)) m->status = -1;
+    if (m->status) return; /* read after single's barrier: every thread sees it */
+    int64_t d0 = m->D * t / nt, d1 = m->D * (t + 1) / nt;
+    slice(&m->dn, d0, d1);
+#ifdef _OPENMP
+#pragma omp barrier
+#endif
+    for (int64_t tok = 0; tok < m->T; tok++) {
+        float *o = m->out + tok * m->D;
+        for (int64_t d = d0; d < d1; d++) o[d] = 0.f;
+        for (int64_t k = 0; k < m->K; k++) {
+            float wk = m->w[tok * m->K + k];
+            const float *y = m->ys + m->slot_row[tok * m->K + k] * m->D;
+            for (int64_t d = d0; d < d1; d++) o[d] += wk * y[d];
+        }
+    }
+}
+
+/* Counting sort by expert: counts, the sorted row of every slot, the block table, and the
+ * gathered rows xs. Returns the number of blocks, or -3 for an expert id out of range. */
+static int64_t sort_slots(const float *x, const int64_t *idx, int64_t T, int64_t K,
+                          int64_t E, int64_t D, int64_t *counts, int64_t *slot_row,
+                          int64_t *blocks, int64_t *next, float *xs) {
+    int64_t A = T * K, nb = 0, start = 0;
+    memset(counts, 0, (size_t)E * sizeof *counts);
+    for (int64_t a = 0; a < A; a++) {
+        if (idx[a] < 0 || idx[a] >= E) return -3;
+        counts[idx[a]]++;
+    }
+    for (int64_t e = 0; e < E; e++) {
+        next[e] = start;
+        if (counts[e]) {
+            blocks[3 * nb] = e, blocks[3 * nb + 1] = start, blocks[3 * nb + 2] = counts[e];
+            nb++;
+        }
+        start += counts[e];
+    }
+    for (int64_t a = 0; a < A; a++) {
+        int64_t r = next[idx[a]]++;
+        slot_row[a] = r;
+        memcpy(xs + r * D, x + (a / K) * D, (size_t)D * sizeof *xs);
+    }
+    return nb;
+}
+
+int dsmoe_experts_decode(const float *x, const int64_t *idx, const float *w, int64_t T,
+                         int64_t K, int kind, const void *gate_up, const uint16_t *gu_scale,
+                         const void *down, const uint16_t *dn_scale, int64_t E, int64_t D,
+                         int64_t F, float *out, int64_t *counts, int threads) {
+    int64_t A = T * K, W = D > F ? D : F;
+    size_t ints = (size_t)(4 * E + A), floats = (size_t)(A * (D + 2 * F + F + D) + 2 * A);
+    int64_t *ibuf = malloc(ints * sizeof *ibuf);
+    float *fbuf = malloc(floats * sizeof *fbuf);
+    int16_t *xi = kind == 2 ? malloc((size_t)(A * W) * sizeof *xi + 64) : NULL;
+    if (!ibuf || !fbuf || (kind == 2 && !xi)) {
+        free(ibuf), free(fbuf), free(xi);
+        return -2;
+    }
+    int64_t *blocks = ibuf, *next = ibuf + 3 * E, *slot_row = ibuf + 4 * E;
+    float *xs = fbuf, *gu = xs + A * D, *h = gu + A * 2 * F, *ys = h + A * F;
+    float *sx = ys + A * D, *sh = sx + A;
+    int64_t nb = sort_slots(x, idx, T, K, E, D, counts, slot_row, blocks, next, xs);
+    int status = nb < 0 ? (int)nb : 0;
+    if (!status && kind == 2 && to_fixed(xs, xi, sx, A, D)) status = -1;
+    if (!status) {
+        const kernels_t *kern = chosen();
+        size_t ws = kind == 0 ? 4 : kind == 1 ? 2 : 1;
+        job_t gu_job = {.blocks = blocks, .nb = nb, .N = 2 * F, .K = D, .out = gu};
+        job_t dn_job = {.blocks = blocks, .nb = nb, .N = D, .K = F, .out = ys};
+        if (kind == 2) {
+            gu_job.dot = dn_job.dot = kern->int8;
+            gu_job.xi = xi, gu_job.sx = sx, gu_job.q = gate_up, gu_job.scale = gu_scale;
+            /* the activation h is re-quantised into the same buffer once xs is consumed */
+            dn_job.xi = xi, dn_job.sx = sh, dn_job.q = down, dn_job.scale = dn_scale;
+        } else {
+            gu_job.fdot = dn_job.fdot = kind == 1 ? kern->bf16 : kern->f32;
+            gu_job.fdot4 = dn_job.fdot4 = kind == 1 ? kern->bf16x4 : kern->f32x4;
+            gu_job.x = xs, gu_job.w = gate_up, dn_job.x = h, dn_job.w = down;
+            gu_job.w_size = dn_job.w_size = (int64_t)ws;
+        }
+        moe_job_t m = {.gu = gu_job, .dn = dn_job, .slot_row = slot_row, .w = w, .ys = ys,
+                       .gu_out = gu, .h = h, .out = out, .hi = xi, .sh = sh, .T = T, .K = K,
+                       .A = A, .D = D, .F = F, .int8 = kind == 2, .status = 0};
+#ifdef _OPENMP
+        if (threads > 1 && F >= 64 * threads) {
+#pragma omp parallel num_threads(threads)
+            moe_thread(&m, omp_get_thread_num(), omp_get_num_threads());
+        } else
+#endif
+            moe_thread(&m, 0, 1);
+        (void)threads;
+        status = m.status;
+    }
+    free(ibuf), free(fbuf), free(xi);
+    return status;
 }

@@ -26,9 +26,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dsmoe import native
 from dsmoe.autograd import records_grad
 from dsmoe.mlp import ACTIVATIONS
-from dsmoe.moe.grouped_gemm import GroupedGEMM
+from dsmoe.moe.grouped_gemm import DECODE_STEP_MAX_ROWS, GroupedGEMM
+
+
+def decode_sized(tokens: torch.Tensor) -> bool:
+    """Whether ``tokens [T, D]`` are a CPU decode step (1 to ``DECODE_STEP_MAX_ROWS``
+    tokens) that ``Experts.decode_step`` may run in one native call."""
+    return tokens.device.type == "cpu" and 0 < tokens.shape[0] <= DECODE_STEP_MAX_ROWS
 
 
 class Experts(nn.Module):
@@ -40,6 +47,13 @@ class Experts(nn.Module):
     """
 
     def gemm_plan(self, counts: torch.Tensor, n_rows: int) -> GroupedGEMM | None:
+        return None
+
+    def decode_step(self, tokens: torch.Tensor, topk_idx: torch.Tensor,
+                    topk_weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Dispatch, experts and combine of a decode step in one call: (routed output
+        [T, D] in the tokens' dtype, assignments per expert [E]), or None where this module
+        has no such path (the dispatcher then plans, gathers and combines itself)."""
         return None
 
 
@@ -146,6 +160,17 @@ class SwiGLUExperts(Experts):
             gemm = self.gemm_plan(counts, x.shape[0])
             return gemm.leave(self._forward_rows(gemm.enter(x), gemm))
         return self._forward_rows(x, gemm)
+
+    def decode_step(self, tokens: torch.Tensor, topk_idx: torch.Tensor,
+                    topk_weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """See ``Experts.decode_step``: on CPU, for at most ``DECODE_STEP_MAX_ROWS``
+        gradient-free tokens of the weights' own dtype, ``native.experts_decode``."""
+        weights = (self.gate_up_proj, self.down_proj)
+        if (self.act is not F.silu or not decode_sized(tokens) or records_grad(tokens, *weights)
+                or compute_dtype(self.gate_up_proj) != tokens.dtype):
+            return None
+        fused = native.experts_decode(tokens, topk_idx, topk_weight, *weights)
+        return None if fused is None else (fused[0].to(tokens.dtype), fused[1])
 
     def gemm_plan(self, counts: torch.Tensor, n_rows: int) -> GroupedGEMM:
         """The GEMM plan for ``n_rows`` sorted rows, ``counts [E]`` per expert."""

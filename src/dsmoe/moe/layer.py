@@ -88,7 +88,10 @@ class Dispatched:
 
 class LocalDispatcher(nn.Module):
     """Every expert lives in this process: plan (sort by expert, drop over capacity) ->
-    grouped experts -> combine. ``capacity_factor`` ``None``: drop nothing."""
+    grouped experts -> combine. ``capacity_factor`` ``None``: drop nothing. A CPU decode
+    step whose experts offer ``decode_step`` runs all three in that one native call
+    instead: at batch <= 8 the torch ops between the matmuls cost more than the matmuls'
+    own overhead (benchmarks/quantized.py)."""
 
     def forward(self, tokens: torch.Tensor, route: RouterOutput, experts: nn.Module,
                 capacity_factor: float | None) -> Dispatched:
@@ -97,6 +100,11 @@ class LocalDispatcher(nn.Module):
         capacity = None
         if capacity_factor is not None:
             capacity = expert_capacity(capacity_factor, T, K, E)
+        if capacity is None:  # a decode step the experts run in one native call
+            fused = experts.decode_step(tokens, route.topk_idx, route.topk_weight)
+            if fused is not None:
+                out, counts = fused
+                return Dispatched(out, counts, out.new_zeros((), dtype=torch.float32))
         plan = plan_dispatch(route.topk_idx, E, capacity, route.topk_score)
         # gather -> experts -> combine; the gather is an index_select, not tokens[idx]:
         # CPU advanced indexing opens a thread pool region even for one decode token's rows.

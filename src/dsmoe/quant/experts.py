@@ -14,10 +14,13 @@ Shapes: A assignments sorted by expert, D hidden, F expert width, E experts.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from dsmoe import native
+from dsmoe.autograd import records_grad
 from dsmoe.mlp import ACTIVATIONS
-from dsmoe.moe.experts import Experts, SwiGLUExperts
+from dsmoe.moe.experts import Experts, SwiGLUExperts, decode_sized
 from dsmoe.moe.grouped_gemm import expert_blocks
 from dsmoe.quant.matrix import QuantMatrix
 
@@ -47,6 +50,17 @@ class QuantSwiGLUExperts(Experts):
             out.gate_up_proj.set_float(experts.gate_up_proj)
             out.down_proj.set_float(experts.down_proj)
         return out
+
+    def decode_step(self, tokens: torch.Tensor, topk_idx: torch.Tensor,
+                    topk_weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """See ``Experts.decode_step``: int8 silu experts in ``native.experts_decode``."""
+        gu, dn = self.gate_up_proj, self.down_proj
+        if (gu.bits != 8 or self.act is not F.silu or not decode_sized(tokens)
+                or records_grad(tokens)):
+            return None
+        fused = native.experts_decode(tokens, topk_idx, topk_weight, gu.qweight, dn.qweight,
+                                      (gu.scale, dn.scale))
+        return None if fused is None else (fused[0].to(tokens.dtype), fused[1])
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:  # [A, D]
         decoded = self._decode_step(x, counts)
