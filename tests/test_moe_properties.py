@@ -23,6 +23,7 @@ from hypothesis import strategies as st
 
 from conftest import assert_close, moe_config, randomize_
 from dsmoe.config import ModelConfig
+from dsmoe.moe.grouped_gemm import DECODE_STEP_MAX_ROWS
 from dsmoe.moe.layer import MoELayer
 
 FP32_TOL = dict(atol=1e-5, rtol=1e-5)
@@ -240,7 +241,10 @@ def test_train_and_eval_outputs_identical_when_dropless(case: Case) -> None:
     train = layer.train()(x).hidden_states
     with torch.no_grad():
         evaluated = layer.eval()(x).hidden_states
-    assert torch.equal(train, evaluated), "same dispatch path in train and eval"
+    if case.tokens <= DECODE_STEP_MAX_ROWS:  # a CPU decode step: eval runs native kernels
+        assert_close(evaluated, train, atol=1e-6, rtol=1e-6, what="decode step vs train")
+    else:
+        assert torch.equal(train, evaluated), "same dispatch path in train and eval"
 
 
 @settings(max_examples=10)

@@ -59,6 +59,35 @@ def _cpu_signature() -> str:
     return "\n".join(dict.fromkeys(keep))
 
 
+def torch_openmp_runtime() -> Path | None:
+    """The GNU OpenMP runtime (libgomp) torch has loaded in this process, the one its
+    wheel bundles; None where there is none (another runtime, or no /proc to read)."""
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        return None
+    mapped = {line.split(maxsplit=5)[5] for line in maps.splitlines()
+              if line.count(" ") >= 5 and "/libgomp" in line}
+    torch_dir = str(Path(torch.__file__).resolve().parent.parent)
+    ours = sorted(p for p in mapped if p.startswith(torch_dir))  # torch/lib or torch.libs
+    found = ours or sorted(mapped)
+    return Path(found[0].strip()) if found else None
+
+
+def _openmp_flags(runtime: Path | None) -> list[list[str]]:
+    """Compiler flags to try in turn. OpenMP only splits rows between threads, so the
+    last resort is none. First choice: link the very runtime torch uses, so that the
+    kernels' parallel regions run on torch's thread pool (one pool for both; a wheel whose
+    runtime has a hashed name would otherwise load the system libgomp as a second pool
+    next to it, each spinning while the other works). ``--as-needed`` drops the
+    ``-lgomp`` that ``-fopenmp`` adds, which that link no longer needs."""
+    flags = [["-fopenmp"], []]
+    if runtime is not None:
+        flags.insert(0, ["-fopenmp", "-Wl,--as-needed", str(runtime),
+                         f"-Wl,-rpath,{runtime.parent}"])
+    return flags
+
+
 def _build(sources: dict[str, bytes], target: Path) -> None:
     """Compile ``sources`` (name -> text) into the shared library ``target`` (atomically:
     temp + rename)."""
@@ -73,7 +102,7 @@ def _build(sources: dict[str, bytes], target: Path) -> None:
         out = Path(tmp) / target.name
         base = [compiler, "-O3", "-shared", "-fPIC", *map(str, files), "-o", str(out)]
         errors = []
-        for extra in (["-fopenmp"], []):  # OpenMP only splits rows between threads
+        for extra in _openmp_flags(torch_openmp_runtime()):
             result = subprocess.run(base + extra + ["-lm"], capture_output=True, text=True)
             if result.returncode == 0:
                 os.replace(out, target)
@@ -91,7 +120,8 @@ def library() -> ctypes.CDLL | None:
         sources = {name: resources.files("dsmoe").joinpath("csrc", name).read_bytes()
                    for name in SOURCES}
         key = hashlib.sha256(b"".join(sources.values()) + _cpu_signature().encode() +
-                             (os.environ.get("CC") or "").encode()).hexdigest()[:16]
+                             (os.environ.get("CC") or "").encode() +
+                             str(torch_openmp_runtime()).encode()).hexdigest()[:16]
         path = cache_dir() / f"rows_matmul-{platform.machine()}-{key}.so"
         if not path.exists():
             _build(sources, path)
@@ -111,6 +141,7 @@ def library() -> ctypes.CDLL | None:
                                          ptr, i64, i64, i64, ptr, ptr, ctypes.c_int]
     lib.dsmoe_experts_decode.restype = ctypes.c_int
     lib.dsmoe_rows_isa.restype = ctypes.c_int
+    lib.dsmoe_omp_max_threads.restype = ctypes.c_int
     lib.dsmoe_rows_limit_isa.argtypes = [ctypes.c_int]
     lib.dsmoe_rows_limit_isa.restype = ctypes.c_int
     lib.dsmoe_int4_blocks_matmul.argtypes = [ptr, ptr, ptr, ptr, ptr, i64, ptr, i64, i64, i64,
@@ -123,6 +154,14 @@ def library() -> ctypes.CDLL | None:
     lib.dsmoe_int4_limit_isa.argtypes = [ctypes.c_int]
     lib.dsmoe_int4_limit_isa.restype = ctypes.c_int
     return lib
+
+
+def openmp_max_threads() -> int | None:
+    """``omp_get_max_threads()`` as the kernels' OpenMP runtime sees it (0: built without
+    OpenMP; None: kernels unavailable). Equal to ``torch.get_num_threads()`` when they
+    share torch's runtime, which is what ``torch.set_num_threads`` configures."""
+    lib = library()
+    return None if lib is None else lib.dsmoe_omp_max_threads()
 
 
 def isa() -> str | None:

@@ -251,6 +251,16 @@ static const kernels_t *chosen(void) {
     return &PORTABLE;
 }
 
+/* omp_get_max_threads() of the runtime these kernels call (0 without OpenMP): equal to
+ * torch.get_num_threads() when it is torch's runtime (native.py links it so). */
+int dsmoe_omp_max_threads(void) {
+#ifdef _OPENMP
+    return omp_get_max_threads();
+#else
+    return 0;
+#endif
+}
+
 /* Which code path runs: 2 avx512, 1 avx2, 0 portable (reported by native.py). */
 int dsmoe_rows_isa(void) {
     chosen();
