@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
+import shutil
 import signal
 import subprocess
 import sys
@@ -254,3 +256,57 @@ def test_apply_fsdp_refuses_a_model_without_the_ep_swap() -> None:
     messages = ddist.launch(_unswapped_worker, 2, cfg, threads=1)
     assert all("call dsmoe.distributed.parallelize(model, 1) before it" in m
                for m in messages), messages
+
+
+@pytest.mark.slow
+def test_full_finetune_resumes_across_layouts(task, tmp_path: Path) -> None:
+    """A sharded finetuning checkpoint (--nproc 2 --ep 2 --fsdp) continues in one process,
+    and a one-process checkpoint continues sharded (--nproc 2 --fsdp): with the newest
+    checkpoint removed, the resumed steps log the losses of the run that made them."""
+    common = [str(task["base"]), "--data", str(task["data"]), "--full", "--max-steps", "4",
+              "--lr", "1e-3", "--batch-size", "8", "--log-every", "1", "--quiet",
+              "--checkpoint-every", "2"]
+    for name, first, then in (("sharded", ["--nproc", "2", "--ep", "2", "--fsdp"], []),
+                              ("whole", [], ["--nproc", "2", "--fsdp"])):
+        out = tmp_path / name
+        assert main(["finetune", *common, "--out", str(out), *first]) == 0
+        reference = _losses(out)
+        newest = sorted((out / "checkpoints").glob("step_*"))[-1]
+        assert newest.name.startswith("step_00000004")
+        if newest.is_dir():
+            shutil.rmtree(newest)
+        else:
+            newest.unlink()
+        assert main(["finetune", *common, "--out", str(out), "--resume", *then]) == 0
+        resumed = _losses(out)
+        assert [s for s, _ in resumed] == [s for s, _ in reference] == [1, 2, 3, 4]
+        for (step, x), (_, y) in zip(reference, resumed):
+            assert y == pytest.approx(x, rel=1e-6), f"{name} step {step}: {y} vs {x}"
+
+
+class _Payload:
+    """What a crafted pickle would run on load."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_crafted_dcp_metadata_is_refused_without_running_it(tmp_path: Path, capsys) -> None:
+    """DCP's .metadata is a pickle: a checkpoint whose .metadata asks for anything but
+    DCP's own classes is skipped with a warning naming it, and nothing in it runs."""
+    from dsmoe.train import checkpoint as ckpt
+
+    out = tmp_path / "run"
+    step = out / "checkpoints" / "step_00000002"
+    step.mkdir(parents=True)
+    torch.save({"step": 2, "rng": {}, "interval": {}, "scheduler": {}, "param_groups": []},
+               step / "trainer.pt")
+    marker = tmp_path / "ran"
+    (step / ".metadata").write_bytes(pickle.dumps(_Payload(marker)))
+    with pytest.raises(ValueError, match="none of the 1 checkpoint"):
+        ckpt.load_latest(out)
+    assert not marker.exists()
+    assert "posix.system is not allowed in DCP metadata" in capsys.readouterr().err

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import io
 import pickle
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -204,7 +205,9 @@ def read_full(path: Path, param_groups: list[dict]) -> tuple[dict[str, torch.Ten
     flat = {key: torch.empty(meta.size, dtype=meta.properties.dtype)
             for key, meta in metadata.state_dict_metadata.items()
             if isinstance(meta, TensorStorageMetadata)}
-    dcp.load(flat, storage_reader=reader, no_dist=True)
+    with warnings.catch_warnings():  # no process group here is the point, not a mistake
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(flat, storage_reader=reader, no_dist=True)
     model_state = {k[len(MODEL):]: v for k, v in flat.items() if k.startswith(MODEL)}
     names = _group_names(param_groups)
     state: dict[int, dict[str, torch.Tensor]] = {}

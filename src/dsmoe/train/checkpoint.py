@@ -140,8 +140,9 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
     if not isinstance(state["step"], int) or state["step"] < 0:
         raise ValueError(f"{path}: step must be a non-negative integer, got {state['step']!r}")
     if sharded:
-        if not (path / ".metadata").is_file():
-            raise ValueError(f"{path}: sharded checkpoint without .metadata")
+        from dsmoe.distributed.sharded_checkpoint import SafeReader
+
+        SafeReader(str(path)).read_metadata()  # ValueError naming it, never runs code
         state["sharded"] = str(path)
     return state
 
