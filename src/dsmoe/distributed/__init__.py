@@ -7,8 +7,10 @@ single-device. A training loop uses it like this (every call is made on every ra
     model_cfg = ep_model_config(model_cfg, ep)         # the EP ranks are the "devices"
     model = Transformer(model_cfg); model.load_state_dict(full_state)      # if resuming
     model = parallelize(model, ep)                     # shard experts, sync weights
+    model = apply_fsdp(model, ep)                      # optional (--fsdp): shard the rest
     optimizer = AdamW(model.parameters(), ...)         # after parallelize: local experts
     optimizer.load_state_dict(shard_optimizer_state(model, optimizer, full_optim_state))
+    # (fully sharded: sharded_checkpoint.save / load instead, any layout to any layout)
     inputs, targets = data_shard(sampler.batch(step), rank, world)   # rows of the global batch
     ...loss.backward()...
     sync_gradients(model); clip_grad_norm_(model, 1.0); optimizer.step()

@@ -88,10 +88,6 @@ class Meshes:
     world: DeviceMesh
     experts: DeviceMesh
 
-    @property
-    def ep_size(self) -> int:
-        return self.experts.size(0)
-
 
 def build_meshes(ep_size: int, device_type: str = "cpu") -> Meshes:
     """The two meshes for this process group (a collective: every rank calls it)."""
