@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _proc import status_kib  # noqa: E402
+from _proc import status_kib, status_kib_of  # noqa: E402
 
 from dsmoe import distributed as ddist  # noqa: E402
 from dsmoe import plan  # noqa: E402
@@ -52,18 +52,31 @@ def model_config(preset: str, layers: int, ep: int) -> ModelConfig:
     return ddist.ep_model_config(cfg, ep)
 
 
-def _shard(model: torch.nn.Module, ep: int, fsdp: bool) -> torch.nn.Module:
-    """The layout, applied the way training applies it (EP swap, then FSDP)."""
-    model = ddist.parallelize(model, ep)
-    return ddist.apply_fsdp(model, ep) if fsdp else model
+def _sharded_model(cfg: ModelConfig, ep: int, fsdp: bool) -> Transformer:
+    """The layout applied as training applies it (EP swap, then FSDP), to a model built on
+    the meta device and materialized after sharding: no rank ever holds the full model,
+    so the peak is the rank's own share (the values are random; memory is the point)."""
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    model = ddist.parallelize(model, ep, sync_weights=False)
+    if fsdp:
+        model = ddist.apply_fsdp(model, ep)
+    model.to_empty(device="cpu")
+    with torch.no_grad():
+        for p in model.parameters():
+            (p.to_local() if hasattr(p, "to_local") else p).normal_(0.0, cfg.initializer_range)
+        for b in model.buffers():
+            b.zero_()
+    model.init_buffers()
+    return model
 
 
 def _worker(cfg: ModelConfig, ep: int, fsdp: bool, batch: int, seq: int) -> dict:
     rank, world = ddist.init_distributed()
     try:
         before = status_kib("VmRSS")
-        torch.manual_seed(0)
-        model = _shard(Transformer(cfg), ep, fsdp).train()
+        torch.manual_seed(rank)
+        model = _sharded_model(cfg, ep, fsdp).train()
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=False)
         ids = torch.randint(0, cfg.vocab_size, (batch, seq + 1),
                             generator=torch.Generator().manual_seed(rank))
@@ -82,10 +95,15 @@ def run_layout(name: str, args: argparse.Namespace) -> dict:
     if fsdp and importlib.util.find_spec("dsmoe.distributed.fsdp") is None:
         raise ImportError("dsmoe.distributed.fsdp (the FSDP engine) is not in this tree")
     cfg = model_config(args.preset, args.layers, ep)
-    ranks = ddist.launch(_worker, nproc, cfg, ep, fsdp, args.batch, args.seq, threads=1)
-    measured = max(ranks, key=lambda r: sum(r[k] for k in STATE))
     predicted = plan.make_plan(cfg, nproc, ep=ep, fsdp=fsdp, dtype="fp32", seq_len=args.seq,
                                micro_batch=args.batch)
+    # + ~0.5 GiB per process (torch itself), + 30%: other programs' memory may grow meanwhile
+    need = 1.3 * nproc * (predicted.device_bytes + 2**29)
+    free = status_kib_of("/proc/meminfo", "MemAvailable") * 1024
+    if need > free:
+        raise MemoryError(f"needs ~{need / 2**30:.1f} GiB, {free / 2**30:.1f} GiB available")
+    ranks = ddist.launch(_worker, nproc, cfg, ep, fsdp, args.batch, args.seq, threads=1)
+    measured = max(ranks, key=lambda r: sum(r[k] for k in STATE))
     return {"name": name, "nproc": nproc, "ep": ep, "fsdp": fsdp, "measured": measured,
             "rss_growth": max(r["rss_growth"] for r in ranks),
             "plan": {k: predicted.memory[k] for k in STATE},
@@ -131,7 +149,7 @@ def main() -> None:
     for name in args.layouts:
         try:
             rows.append(run_layout(name, args))
-        except ImportError as exc:
+        except (ImportError, MemoryError) as exc:
             print(f"skipped {name}: {exc}", flush=True)
             continue
         print(f"done: {name}", flush=True)
