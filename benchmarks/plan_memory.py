@@ -6,9 +6,9 @@ training step of ``--batch`` x ``--seq`` tokens per rank, for each layout: 1 pro
 on 2; FSDP on 2; FSDP 2 x EP 2 on 4 (``--layouts``). FSDP layouts need dsmoe's FSDP engine
 (``dsmoe.distributed.fsdp``); without it they are skipped with a note.
 
-Measured on every rank after the step (``dsmoe.plan_memory.measured_state_bytes``): the
-bytes of the storages behind the parameters, their gradients and the optimizer state
-(FSDP's DTensors by their local shards), the largest rank reported; and, as a cross-check,
+Measured on every rank after the step (``dsmoe.distributed.local_state_bytes``): the
+bytes of the parameters, their gradients and the optimizer state (FSDP's DTensors by
+their local shards), the largest rank reported; and, as a cross-check,
 the peak RSS growth from before the model was built to after the step (``VmHWM``), which
 also holds activations, the allocator's slack and FSDP's transient gathers.
 Predicted: ``dsmoe.plan.make_plan`` for the same layout (parameters + gradients +
@@ -39,12 +39,11 @@ from dsmoe import distributed as ddist  # noqa: E402
 from dsmoe import plan  # noqa: E402
 from dsmoe.config import ModelConfig  # noqa: E402
 from dsmoe.model import Transformer  # noqa: E402
-from dsmoe.plan_memory import measured_state_bytes  # noqa: E402
 
 # name -> (processes, EP size, FSDP)
 LAYOUTS = {"1": (1, 1, False), "ep2": (2, 2, False), "fsdp2": (2, 1, True),
            "fsdp2xep2": (4, 2, True)}
-STATE = ("parameters", "gradients", "optimizer")
+STATE = {"parameters": "params", "gradients": "grads", "optimizer": "optimizer"}
 
 
 def model_config(preset: str, layers: int, ep: int) -> ModelConfig:
@@ -54,21 +53,19 @@ def model_config(preset: str, layers: int, ep: int) -> ModelConfig:
 
 def _sharded_model(cfg: ModelConfig, ep: int, fsdp: bool) -> Transformer:
     """The layout applied as training applies it (EP swap, then FSDP), to a model built on
-    the meta device and materialized after sharding: no rank ever holds the full model,
-    so the peak is the rank's own share (the values are random; memory is the point)."""
+    the meta device and materialized after the EP swap: no rank ever holds more than its
+    EP share of the model (the values are random; memory is the point)."""
     with torch.device("meta"):
         model = Transformer(cfg)
     model = ddist.parallelize(model, ep, sync_weights=False)
-    if fsdp:
-        model = ddist.apply_fsdp(model, ep)
     model.to_empty(device="cpu")
     with torch.no_grad():
         for p in model.parameters():
-            (p.to_local() if hasattr(p, "to_local") else p).normal_(0.0, cfg.initializer_range)
+            p.normal_(0.0, cfg.initializer_range)
         for b in model.buffers():
             b.zero_()
     model.init_buffers()
-    return model
+    return ddist.apply_fsdp(model, ep) if fsdp else model
 
 
 def _worker(cfg: ModelConfig, ep: int, fsdp: bool, batch: int, seq: int) -> dict:
@@ -84,7 +81,8 @@ def _worker(cfg: ModelConfig, ep: int, fsdp: bool, batch: int, seq: int) -> dict
         F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten()).backward()
         ddist.sync_gradients(model)  # FSDP reduce-scattered in backward: the rest
         optimizer.step()
-        return {**measured_state_bytes(model, optimizer),
+        state = ddist.local_state_bytes(model, optimizer)
+        return {**{kind: state[key] for kind, key in STATE.items()},
                 "rss_growth": (status_kib("VmHWM") - before) * 1024}
     finally:
         ddist.teardown()

@@ -310,31 +310,3 @@ def sync_bytes(state: State, devices: int, layout: Layout) -> dict[str, float]:
     # blocks are gathered again for backward, the root once
     return {"weight all-gathers": gathers[0] + 2 * sum(gathers[1:]),
             "gradient reduce-scatter": grads}
-
-
-# --- measurement ---------------------------------------------------------------------------------
-def _local(tensor):  # noqa: ANN001, ANN202 - a tensor or a DTensor (FSDP2's shards)
-    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
-
-
-def _storage_bytes(tensors, seen: set[int]) -> int:  # noqa: ANN001
-    """Bytes of the storages behind ``tensors`` not already in ``seen`` (views and tied
-    weights count once; a padded FSDP shard counts its padding: it is allocated)."""
-    total = 0
-    for t in tensors:
-        storage = _local(t).untyped_storage()
-        if storage.data_ptr() not in seen:
-            seen.add(storage.data_ptr())
-            total += storage.nbytes()
-    return total
-
-
-def measured_state_bytes(model, optimizer) -> dict[str, int]:  # noqa: ANN001
-    """What this process's ``model`` and ``optimizer`` hold now, by the plan's kinds
-    (parameters, gradients, optimizer): the check of ``memory_per_rank`` on real ranks."""
-    seen: set[int] = set()
-    params = list(model.parameters())
-    state = [v for s in optimizer.state.values() for v in s.values() if hasattr(v, "dtype")]
-    return {"parameters": _storage_bytes(params, seen),
-            "gradients": _storage_bytes([p.grad for p in params if p.grad is not None], seen),
-            "optimizer": _storage_bytes(state, seen)}
