@@ -120,7 +120,7 @@ def run_layout(name: str, args: argparse.Namespace) -> dict:
 
 
 def _mib(n: float) -> str:
-    return f"{n / 2**20:,.0f}"
+    return f"{n / 2**20:,.1f}"
 
 
 def markdown(rows: list[dict], args: argparse.Namespace) -> str:
