@@ -310,3 +310,33 @@ def test_crafted_dcp_metadata_is_refused_without_running_it(tmp_path: Path, caps
         ckpt.load_latest(out)
     assert not marker.exists()
     assert "posix.system is not allowed in DCP metadata" in capsys.readouterr().err
+
+
+def _v3_bias_worker(cfg, ep: int, ids: torch.Tensor) -> list[torch.Tensor]:
+    ddist.init_distributed()
+    try:
+        torch.manual_seed(0)
+        model = ddist.apply_fsdp(ddist.parallelize(Transformer(cfg), ep), ep)
+        model(ddist.data_shard(ids)).logits.float().square().mean().backward()
+        ddist.all_reduce_expert_load(model)
+        model.update_router_biases()
+        return [layer.gate.e_score_correction_bias.clone() for layer in model.moe_layers()]
+    finally:
+        ddist.teardown()
+
+
+def test_v3_bias_update_under_fsdp_is_one_process_update() -> None:
+    """V3's router bias is a buffer FSDP leaves whole: the expert loads of the 2x2
+    layout's ranks (a row each), all-reduced, move it exactly as one process's loads of
+    the whole batch do."""
+    cfg = ModelConfig.preset("tiny-v3").replace(num_hidden_layers=2, bias_update_speed=0.01)
+    torch.manual_seed(0)
+    single = Transformer(cfg)
+    ids = torch.randint(0, cfg.vocab_size, (4, 16))
+    single(ids).logits.float().square().mean().backward()
+    single.update_router_biases()
+    expected = [layer.gate.e_score_correction_bias for layer in single.moe_layers()]
+    assert any(b.abs().sum() > 0 for b in expected)
+    for rank in ddist.launch(_v3_bias_worker, 4, cfg, 2, ids, threads=1):
+        for got, want in zip(rank, expected):
+            assert torch.equal(got, want), (got, want)
