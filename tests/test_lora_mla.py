@@ -247,3 +247,21 @@ def test_per_expert_v2_adapters_written_before_the_stacked_layout_still_load(
     ids = torch.randint(0, 96, (2, 7), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         torch.testing.assert_close(reloaded(ids).logits, model(ids).logits, atol=0, rtol=0)
+
+
+def test_peft_trained_gate_up_adapter_of_one_rank_is_refused_in_one_line(tmp_path) -> None:
+    """A PEFT adapter on gate_up_proj of rank r (gate and up sharing A) has no dsmoe form."""
+    import json
+
+    from safetensors.torch import save_file
+
+    model = _model("tiny-v2")
+    E, F2, D = model.layers[1].mlp.experts.gate_up_proj.shape
+    save_file({f"base_model.model.model.layers.1.mlp.experts.lora_{ab}.weight": t
+               for ab, t in (("A", torch.zeros(E * 4, D)), ("B", torch.zeros(F2, 4 * E)))},
+              tmp_path / "adapter_model.safetensors")
+    (tmp_path / "adapter_config.json").write_text(json.dumps(
+        {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": [],
+         "target_parameters": ["mlp.experts.gate_up_proj"]}))
+    with pytest.raises(ValueError, match=r"adapter_config.json: r 4 does not hold"):
+        load_adapter(model, tmp_path)

@@ -161,8 +161,13 @@ def peft_layout(config: ModelConfig, settings: LoRASettings) -> PeftLayout:
     parameters = tuple(name for name, on in wanted.items() if on)
     if not parameters:
         return PeftLayout()
-    both = wanted[_GATE_UP] and "gate" in targets and "up" in targets
-    return PeftLayout(parameters, settings.r * (2 if both else 1))
+    return PeftLayout(parameters, _stacked_rank(parameters, settings))
+
+
+def _stacked_rank(parameters: Any, settings: LoRASettings) -> int:
+    """PEFT's r for the parameter targets: 2 r when gate and up share gate_up_proj."""
+    both = _GATE_UP in parameters and "gate" in settings.targets and "up" in settings.targets
+    return settings.r * (2 if both else 1)
 
 
 def check_peft_dropout(config: ModelConfig, settings: LoRASettings) -> None:
@@ -264,6 +269,10 @@ class AdapterConfig:
         config = cls(settings, str(data.get("base_model_name_or_path") or ""),
                      dict(ours.get("base_config") or {}), ours.get("base_weights_fingerprint"),
                      layout)
+        if layout.stacked and layout.rank != _stacked_rank(parameters, settings):
+            raise ValueError(f"{source}: r {layout.rank} does not hold dsmoe's rank-{settings.r} "
+                             f"adapters of {', '.join(parameters)} (gate and up of gate_up_proj "
+                             "take r each); merge it with PEFT instead")
         expected = config.to_json()
         for pattern in ("rank_pattern", "alpha_pattern"):  # only the ones dsmoe writes
             if _norm(data.get(pattern) or {}) != _norm(expected[pattern]):
