@@ -1,15 +1,21 @@
-"""Benchmark: dsmoe generation against transformers' Llama + DeepseekV2Moe composite.
+"""Benchmark: dsmoe generation against transformers (Llama + DeepseekV2Moe composite, or
+its native DeepSeek-V2/V3 model for MLA presets).
 
 What is measured, for each dtype and batch size, in one run on the same random weights:
 - ``dsmoe``: ``dsmoe.generate`` (one prefill into a preallocated ``KVCache``, then one
   forward per new token, greedy).
-- ``dsmoe input-major`` (fp32 only): the same after ``model.set_matmul_layout("input_major")``
+- ``dsmoe input-major`` (fp32, V1 presets: the MLA rows are about the attention form):
+  the same after ``model.set_matmul_layout("input_major")``
   (weights stored transposed; values, shapes and checkpoints unchanged).
 - ``transformers``: ``LlamaForCausalLM`` whose MLPs at the MoE layers are transformers'
   ``DeepseekV2Moe`` (V1 routing: softmax, greedy top-k, no renormalisation, scaling 1), the
   composite the parity tests check dsmoe against. Eager attention, eager experts (the
   per-expert loop; ``--hf-experts grouped_mm`` switches to transformers' grouped kernel),
   ``model.generate(do_sample=False)`` with its own ``DynamicCache``.
+  For an MLA preset (``deepseek-v2-lite``, ``deepseek-v2``, ``deepseek-v3``, ``tiny-v2``)
+  the reference is transformers' own ``DeepseekV2ForCausalLM`` / ``DeepseekV3ForCausalLM``
+  built from the same HF config (eager attention), and dsmoe decodes from its latent cache
+  in the absorbed form.
 Both models hold the *same Parameter objects*: the reference is built on the meta device
 and dsmoe's parameters are put into it (no copy), so one set of weights fits in memory and
 both compute on identical numbers. Each run first sets the layout it runs with (untimed):
@@ -22,6 +28,9 @@ code does; the median shows how much the load moved things.
 - ``TTFT``: time from the call to the first new token (prefill + first sampling).
 - ``decode tok/s``: new tokens after the first, over all rows, per second:
   B * (N - 1) / (time of token N - time of token 1), read from each library's streamer.
+- ``KV bytes/token``: what each cache object holds per token of one row after a prefill
+  (all layers, and per layer): dsmoe's preallocated ``KVCache`` / ``LatentCache`` and
+  transformers' ``DynamicCache``, summed over their tensors.
 Sanity check before timing: both produce the same greedy tokens for a short run. The router
 weights are drawn with std 1 (as in the parity tests) so that no token sits near a top-k
 tie, where a rounding difference between the two attention kernels could legitimately pick
@@ -50,6 +59,7 @@ Reading the numbers (2-core AMD EPYC VM, torch 2.13 with MKL; see the README tab
 Usage:
   python benchmarks/generate.py                  # deepseek-moe-2b shape, 5-20 min on 2 cores
   python benchmarks/generate.py --quick          # tiny preset, seconds
+  python benchmarks/generate.py --preset deepseek-v2-lite --layers 4 --markdown  # MLA, ~25 min
   python benchmarks/generate.py --layers 4 --batch 1 --dtype bfloat16 --new-tokens 16
 
 Shapes: B batch, P prompt length, N new tokens, D hidden, V vocab.
@@ -317,7 +327,7 @@ def runners(model: Transformer, ref: nn.Module, ids: torch.Tensor, dtype: str
         return run
 
     impls = {DSMOE: with_layout("output_major", lambda n: run_dsmoe(model, ids, n))}
-    if dtype in INPUT_MAJOR_DTYPES:
+    if dtype in INPUT_MAJOR_DTYPES and model.config.model_type not in MLA_MODEL_TYPES:
         impls[DSMOE_IM] = with_layout("input_major", lambda n: run_dsmoe(model, ids, n))
     impls[HF] = with_layout("output_major", lambda n: run_reference(ref, ids, n))
     return impls
@@ -454,7 +464,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="torch threads (default: every core)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true",
-                        help="tiny preset, short runs: a smoke test in seconds")
+                        help="tiny preset (tiny-v2 for an MLA --preset), short runs: a smoke "
+                             "test in seconds")
     parser.add_argument("--markdown", action="store_true", help="print a markdown table")
     args = parser.parse_args(argv)
     if args.new_tokens < 2:

@@ -31,3 +31,17 @@ def test_benchmark_answers_help(script: Path) -> None:
                             text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "usage" in result.stdout.lower()
+
+
+@pytest.mark.slow
+def test_generate_benchmark_runs_mla_against_transformers_native_model() -> None:
+    """The MLA row: transformers' own DeepseekV2ForCausalLM on dsmoe's parameters, the same
+    greedy tokens (fp32 mismatches abort), and both caches measured."""
+    pytest.importorskip("transformers")
+    result = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "generate.py"), "--quick", "--preset",
+         "deepseek-v2-lite", "--dtype", "float32", "--batch", "1"],
+        capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "tiny-v2" in result.stdout and "greedy steps identical" in result.stdout
+    assert "transformers B/token" in result.stdout, result.stdout[-2000:]
