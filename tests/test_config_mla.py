@@ -88,3 +88,17 @@ def test_mla_heads_need_not_divide_hidden_size() -> None:
     """MLA's head sizes are their own keys; hidden_size / heads is never used."""
     cfg = ModelConfig.from_hf(_real("deepseek-v2-lite")).replace(hidden_size=2050)
     assert cfg.attention_type == "mla"
+
+
+@pytest.mark.parametrize("model_type, cls", [("deepseek", "DeepseekForCausalLM"),
+                                             ("deepseek_v2", "DeepseekV2ForCausalLM"),
+                                             ("deepseek_v3", "DeepseekV3ForCausalLM")])
+def test_architectures_default_to_the_model_types_class(model_type: str, cls: str) -> None:
+    """A config built without "architectures" names its own family's class, so a V2/V3
+    model is never saved under V1's (transformers' pipelines and hubs read this key)."""
+    hf = {"model_type": model_type, "hidden_size": 64, "num_attention_heads": 4,
+          "num_key_value_heads": 4}
+    assert ModelConfig.from_hf(hf).architectures == (cls,)
+    assert ModelConfig.from_hf(hf).to_hf()["architectures"] == [cls]
+    explicit = ModelConfig.from_hf(dict(hf, architectures=["MyForCausalLM"]))
+    assert explicit.architectures == ("MyForCausalLM",)

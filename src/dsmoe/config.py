@@ -65,6 +65,10 @@ _KNOWN_UNUSED_KEYS = frozenset({
 
 DEEPSEEK_MODEL_TYPES = ("deepseek", "deepseek_v2", "deepseek_v3")
 MLA_MODEL_TYPES = ("deepseek_v2", "deepseek_v3")
+# The causal-LM class each model_type's checkpoints name in config.json's "architectures"
+# (what a config built without one gets, so a V2 model is never saved as V1's class).
+CAUSAL_LM_CLASSES = {"deepseek": "DeepseekForCausalLM", "deepseek_v2": "DeepseekV2ForCausalLM",
+                     "deepseek_v3": "DeepseekV3ForCausalLM"}
 
 # transformers' DeepseekV2Config / DeepseekV3Config defaults for MLA keys a dict leaves out.
 _MLA_DEFAULTS = dict(q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128,
@@ -186,7 +190,7 @@ class ModelConfig(_MoEKeys):
     num_nextn_predict_layers: int = 0  # V3's multi-token-prediction layers (not run here)
     # --- HF bookkeeping keys ---------------------------------------------------------
     model_type: str = "deepseek"
-    architectures: tuple[str, ...] = ("DeepseekForCausalLM",)
+    architectures: tuple[str, ...] | None = None  # None: the class of ``model_type``
     auto_map: dict[str, str] | None = None
     torch_dtype: str | None = "bfloat16"
     transformers_version: str | None = None
@@ -197,6 +201,8 @@ class ModelConfig(_MoEKeys):
     def __post_init__(self) -> None:
         if isinstance(self.architectures, list):
             object.__setattr__(self, "architectures", tuple(self.architectures))
+        if self.architectures is None and self.model_type in CAUSAL_LM_CLASSES:
+            object.__setattr__(self, "architectures", (CAUSAL_LM_CLASSES[self.model_type],))
         _validate(self)
 
     # --- derived values ---------------------------------------------------------------
@@ -315,8 +321,6 @@ class ModelConfig(_MoEKeys):
         names = {f.name for f in dataclasses.fields(cls)} - {"extra", "hf_keys"}
         kwargs = {k: v for k, v in hf.items() if k in names}
         extra = {k: v for k, v in hf.items() if k not in names}
-        if isinstance(kwargs.get("architectures"), list):
-            kwargs["architectures"] = tuple(kwargs["architectures"])
         if "architectures" in kwargs and kwargs["architectures"] is None:
             kwargs["architectures"] = ()
         cfg = cls(**kwargs, extra=extra, hf_keys=given)

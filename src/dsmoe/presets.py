@@ -24,7 +24,7 @@ _DEEPSEEK_16B: dict[str, Any] = dict(
 _YARN_40 = dict(type="yarn", factor=40, beta_fast=32, beta_slow=1,
                 original_max_position_embeddings=4096)
 _V2: dict[str, Any] = dict(
-    model_type="deepseek_v2", architectures=("DeepseekV2ForCausalLM",), vocab_size=102400)
+    model_type="deepseek_v2", vocab_size=102400)
 _DEEPSEEK_V2_LITE: dict[str, Any] = dict(
     _V2, hidden_size=2048, intermediate_size=10944, moe_intermediate_size=1408,
     num_hidden_layers=27, num_attention_heads=16, num_key_value_heads=16,
@@ -51,16 +51,14 @@ PRESETS: dict[str, dict[str, Any]] = {
     "tiny": _TINY,
     # tiny with MLA (V2-Lite's shape: full q_proj) and V2's group-limited routing.
     "tiny-v2": dict(
-        _TINY, model_type="deepseek_v2", architectures=("DeepseekV2ForCausalLM",),
-        q_lora_rank=None, **_TINY_MLA, topk_method="group_limited_greedy", n_group=4,
-        topk_group=2,
+        _TINY, model_type="deepseek_v2", q_lora_rank=None, **_TINY_MLA,
+        topk_method="group_limited_greedy", n_group=4, topk_group=2,
     ),
     # tiny with MLA (V3's shape: compressed queries) and V3's sigmoid + bias routing.
     "tiny-v3": dict(
-        _TINY, model_type="deepseek_v3", architectures=("DeepseekV3ForCausalLM",),
-        q_lora_rank=96, **_TINY_MLA, scoring_func="sigmoid", topk_method="noaux_tc",
-        n_group=4, topk_group=2, norm_topk_prob=True, routed_scaling_factor=2.5,
-        bias_update_speed=1e-3,
+        _TINY, model_type="deepseek_v3", q_lora_rank=96, **_TINY_MLA, scoring_func="sigmoid",
+        topk_method="noaux_tc", n_group=4, topk_group=2, norm_topk_prob=True,
+        routed_scaling_factor=2.5, bias_update_speed=1e-3,
     ),
     # Paper, Table 2: 9 layers, hidden 1280, 1 shared + 63 routed experts (0.25x FFN), top-7.
     "deepseek-moe-2b": dict(
@@ -92,8 +90,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     ),
     # deepseek-ai/DeepSeek-V3 (and R1): 671B total + 14B in the MTP module, 37B active.
     "deepseek-v3": dict(
-        model_type="deepseek_v3", architectures=("DeepseekV3ForCausalLM",),
-        vocab_size=129280, hidden_size=7168, intermediate_size=18432,
+        model_type="deepseek_v3", vocab_size=129280, hidden_size=7168, intermediate_size=18432,
         moe_intermediate_size=2048, num_hidden_layers=61, num_attention_heads=128,
         num_key_value_heads=128, n_shared_experts=1, n_routed_experts=256,
         num_experts_per_tok=8, first_k_dense_replace=3, scoring_func="sigmoid",

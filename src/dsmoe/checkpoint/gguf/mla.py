@@ -130,9 +130,7 @@ def _read(meta: _Metadata, tensor_shapes: Mapping[str, Any], values: dict[str, A
     v3 = biased or values.get("scoring_func") == "sigmoid"
     method = ("noaux_tc" if biased else
               "group_limited_greedy" if values.get("n_group", 1) > 1 else "greedy")
-    return values, dict(model_type="deepseek_v3" if v3 else "deepseek_v2",
-                        architectures=(f"DeepseekV{3 if v3 else 2}ForCausalLM",),
-                        topk_method=method, moe_layer_freq=1)
+    return values, dict(model_type="deepseek_v3" if v3 else "deepseek_v2", topk_method=method, moe_layer_freq=1)
 
 
 def _mla_sizes(meta: _Metadata) -> dict[str, Any]:
