@@ -59,7 +59,8 @@ Reading the numbers (2-core AMD EPYC VM, torch 2.13 with MKL; see the README tab
 Usage:
   python benchmarks/generate.py                  # deepseek-moe-2b shape, 5-20 min on 2 cores
   python benchmarks/generate.py --quick          # tiny preset, seconds
-  python benchmarks/generate.py --preset deepseek-v2-lite --layers 4 --markdown  # MLA, ~25 min
+  python benchmarks/generate.py --preset deepseek-v2-lite --layers 3 --markdown  # MLA, ~40 min
+                                                 # under load (the README's table)
   python benchmarks/generate.py --layers 4 --batch 1 --dtype bfloat16 --new-tokens 16
 
 Shapes: B batch, P prompt length, N new tokens, D hidden, V vocab.
