@@ -265,13 +265,33 @@ def test_search_picks_the_cheapest_layout_that_fits() -> None:
     assert (best.layout.cpu_offload, best.layout.activation_checkpointing) == (False, False)
     cheaper = [p for p in found.ranked if p.step_communication_bytes
                < best.step_communication_bytes and not p.layout.cpu_offload
-               and not p.layout.activation_checkpointing]
+               and not p.layout.activation_checkpointing and plan_search.dsmoe_flags(p)]
     assert all(p.device_bytes > 80e9 for p in cheaper)
+    # EP 8 with DDP would fit with less traffic, but dsmoe finetune's --ep needs --fsdp
+    assert plan_search.dsmoe_flags(best) == "dsmoe finetune --full --nproc 8 --ep 8 --fsdp"
+    training = plan_search.search_layouts(cfg, 8, 80 * 10**9).fitting[0]
+    assert plan_search.dsmoe_flags(training) == "dsmoe train --nproc 8 --ep 8"
     tight = plan_search.search_layouts(cfg, 8, 24 * 2**30, method="full")
     assert all(p.layout.cpu_offload for p in tight.fitting)  # ~30 GiB of state on device
     assert not tight.fitting[0].layout.activation_checkpointing
     fixed = plan_search.search_layouts(cfg, 8, 80 * 10**9, ep=2, fsdp=True, method="full")
     assert {(p.layout.ep, p.layout.fsdp) for p in fixed.ranked} == {(2, True)}
+
+
+@pytest.mark.parametrize("method, layout, flags", [
+    ("train", plan_memory.Layout(4, True, True, True),
+     "dsmoe train --nproc 8 --ep 4 --fsdp --activation-checkpointing --offload-optimizer"),
+    ("full", plan_memory.Layout(1, False), "dsmoe finetune --full --nproc 8"),
+    ("full", plan_memory.Layout(2, False), None),  # finetune's --ep needs --fsdp
+    ("full", plan_memory.Layout(2, True, True), None),  # no recomputation in finetune
+    ("lora", plan_memory.Layout(1, False), "dsmoe finetune --nproc 8"),
+    ("lora", plan_memory.Layout(1, True), None),  # LoRA is data parallel only
+])
+def test_dsmoe_flags_name_the_commands_that_run_a_layout(method: str, layout, flags) -> None:
+    p = plan.make_plan(ModelConfig.preset("deepseek-moe-16b"), 8, method=method, ep=layout.ep,
+                       fsdp=layout.fsdp, activation_checkpointing=layout.activation_checkpointing,
+                       cpu_offload=layout.cpu_offload)
+    assert plan_search.dsmoe_flags(p) == flags
 
 
 def test_plan_memory_command(capsys: pytest.CaptureFixture) -> None:

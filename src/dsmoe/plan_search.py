@@ -7,6 +7,7 @@ offload on and off under FSDP (the only offload dsmoe has); flags the user gave 
 memory is reported, not limited.
 
 Cheapest first, in this order (each costs time, so the search turns on as little as fits):
+0. layouts dsmoe's own commands run (``dsmoe_flags``) before those they cannot yet;
 1. no offload: offload copies weights and gradients over PCIe every step and runs
    AdamW on the host;
 2. no activation checkpointing: recomputation costs about a third more compute;
@@ -62,10 +63,30 @@ def ep_sizes(config: ModelConfig, devices: int) -> list[int]:
     return [ep for ep in range(1, devices + 1) if devices % ep == 0 and E % ep == 0]
 
 
+def dsmoe_flags(plan: Plan) -> str | None:
+    """The ``dsmoe train`` / ``dsmoe finetune`` flags that run ``plan``'s layout, or None
+    where the command cannot: finetuning has no activation checkpointing, its ``--ep``
+    needs ``--fsdp``, and LoRA is data parallel only."""
+    layout, method = plan.layout, plan.method
+    if method != "train" and (layout.activation_checkpointing
+                              or (layout.ep > 1 and not layout.fsdp)):
+        return None
+    if method == "lora" and (layout.fsdp or layout.ep > 1):
+        return None
+    flags = {"train": "dsmoe train", "full": "dsmoe finetune --full",
+             "lora": "dsmoe finetune"}[method] + f" --nproc {plan.devices}"
+    for on, flag in ((layout.ep > 1, f"--ep {layout.ep}"), (layout.fsdp, "--fsdp"),
+                     (layout.activation_checkpointing, "--activation-checkpointing"),
+                     (layout.cpu_offload, "--offload-optimizer")):
+        flags += f" {flag}" if on else ""
+    return flags
+
+
 def cost(plan: Plan) -> tuple:
     """The ranking of the module docstring."""
-    return (plan.layout.cpu_offload, plan.layout.activation_checkpointing,
-            plan.step_communication_bytes, plan.device_bytes)
+    return (dsmoe_flags(plan) is None, plan.layout.cpu_offload,
+            plan.layout.activation_checkpointing, plan.step_communication_bytes,
+            plan.device_bytes)
 
 
 def search_layouts(config: ModelConfig, devices: int, memory: int, *, ep: int | None = None,
@@ -97,14 +118,16 @@ def format_search(search: Search, name: str, max_rows: int = 12) -> str:
             f"{closest.layout.label}, needs {_size_label(int(closest.device_bytes))} "
             f"(more devices, a shorter --seq-len or a smaller --micro-batch would help)")
     chosen = search.fitting[0]
+    command = dsmoe_flags(chosen)
     lines = [f"Chosen layout for {_size_label(search.memory)} per device: "
-             f"**{chosen.layout.label}** ({format_bytes(chosen.device_bytes)} per device)",
+             f"**{chosen.layout.label}** ({format_bytes(chosen.device_bytes)} per device): "
+             + (f"`{command}`" if command else "no dsmoe command runs it yet"),
              "", format_plan(chosen, name), "",
              f"Layouts considered ({len(search.fitting)} of {len(search.ranked)} fit), "
              "cheapest first:", "",
              "| # | layout | weights + gradients + optimizer | activations | FSDP transient "
-             "| per device | host | communication per step | fits |",
-             "|---:|---|---:|---:|---:|---:|---:|---:|---|"]
+             "| per device | host | communication per step | fits | dsmoe runs it |",
+             "|---:|---|---:|---:|---:|---:|---:|---:|---|---|"]
     for i, p in enumerate(search.ranked[:max_rows], 1):
         m = p.memory
         state = m["parameters"] + m["gradients"] + m["optimizer"]
@@ -113,7 +136,8 @@ def format_search(search: Search, name: str, max_rows: int = 12) -> str:
             f"{format_bytes(m['activations'])} | {format_bytes(m['fsdp_transient'])} | "
             f"{format_bytes(p.device_bytes)} | {format_bytes(p.host_memory)} | "
             f"{format_bytes(p.step_communication_bytes)} | "
-            f"{'yes' if p.device_bytes <= search.memory else 'no'} |")
+            f"{'yes' if p.device_bytes <= search.memory else 'no'} | "
+            f"{'yes' if dsmoe_flags(p) else 'not yet'} |")
     if len(search.ranked) > max_rows:
         lines.append(f"\n({len(search.ranked) - max_rows} more layout(s) not shown)")
     return "\n".join(lines)
