@@ -6,7 +6,7 @@ two grouped matmuls, the activation, the weighted combine): it must give the tor
 output (fp32: to fp32 summation order; bf16: rounded once instead of after every op; int8:
 the same fixed-point products), the same expert counts, on every ISA path and with two
 threads, and must leave every other forward (training, prefill, dropping, other
-activations) to the torch path.
+activations, int4 in torch's packed layout) to the torch path.
 """
 
 from __future__ import annotations
@@ -44,12 +44,14 @@ def fused_calls(monkeypatch):
     return seen
 
 
-def _layer(bits: int | None = None, dtype: torch.dtype = torch.float32, **overrides) -> MoELayer:
+def _layer(bits: int | None = None, dtype: torch.dtype = torch.float32, symmetric: bool = False,
+           **overrides) -> MoELayer:
     # F = 128: wide enough that two threads split it (the C code wants 64 per thread)
     cfg = ModelConfig.preset("tiny").replace(moe_intermediate_size=128, **overrides)
     layer = MoELayer(cfg).eval().to(dtype)
     if bits is not None:
-        layer.experts = QuantSwiGLUExperts.from_experts(layer.experts, bits=bits)
+        layer.experts = QuantSwiGLUExperts.from_experts(layer.experts, bits=bits,
+                                                        symmetric=symmetric)
     return layer
 
 
@@ -64,10 +66,11 @@ def _torch_path(layer: MoELayer, x: torch.Tensor):
 @needs_native
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("T", [1, 3, DECODE_STEP_MAX_ROWS])
-@pytest.mark.parametrize("kind", ["fp32", "bf16", "int8"])
+@pytest.mark.parametrize("kind", ["fp32", "bf16", "int8", "int4", "int4 symmetric"])
 def test_one_call_equals_the_torch_dispatch(native_isa, fused_calls, kind, T, threads):
     dtype = torch.bfloat16 if kind == "bf16" else torch.float32
-    layer = _layer(8 if kind == "int8" else None, dtype)
+    bits = {"int8": 8, "int4": 4, "int4 symmetric": 4}.get(kind)
+    layer = _layer(bits, dtype, symmetric=kind == "int4 symmetric")
     x = torch.randn(T, layer.config.hidden_size).to(dtype)
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -97,7 +100,6 @@ def test_other_forwards_keep_the_torch_path(fused_calls):
     relu = _layer(hidden_act="relu")
     with torch.no_grad():
         relu(torch.randn(1, D))  # the call computes silu only
-        _layer(4)(torch.randn(1, D))  # int4 experts: torch's kernel
         dropping = _layer(drop_tokens=True, capacity_factor=0.5).train()
         dropping(torch.randn(2, D))
     assert fused_calls == []

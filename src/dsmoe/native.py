@@ -138,8 +138,12 @@ def library() -> ctypes.CDLL | None:
                                               ctypes.c_int]
     lib.dsmoe_float_blocks_matmul.restype = ctypes.c_int
     lib.dsmoe_experts_decode.argtypes = [ptr, ptr, ptr, i64, i64, ctypes.c_int, ptr, ptr, ptr,
-                                         ptr, i64, i64, i64, ptr, ptr, ctypes.c_int]
+                                         ptr, ptr, ptr, i64, i64, i64, i64, ptr, ptr,
+                                         ctypes.c_int]
     lib.dsmoe_experts_decode.restype = ctypes.c_int
+    lib.dsmoe_attention_decode.argtypes = [ptr] * 8 + [i64, ptr] + [i64] * 6 + [
+        ctypes.c_float, ctypes.c_int]
+    lib.dsmoe_attention_decode.restype = ctypes.c_int
     lib.dsmoe_rows_isa.restype = ctypes.c_int
     lib.dsmoe_omp_max_threads.restype = ctypes.c_int
     lib.dsmoe_rows_limit_isa.argtypes = [ctypes.c_int]
@@ -186,9 +190,18 @@ def limit_isa(name: str) -> str:
 Block = tuple[int, int, int]  # (matrix of the stack, first row, rows)
 
 
+@functools.lru_cache(maxsize=64)
+def _whole_matrix_table(rows: int) -> torch.Tensor:
+    """The table of one matrix times all ``rows`` rows (every linear layer's decode step):
+    built once per row count, since building a tensor costs more than the check."""
+    return torch.tensor([[0, 0, rows]], dtype=torch.int64)  # [1, 3], read-only to C
+
+
 def _block_table(blocks: list[Block], n_matrices: int, n_rows: int) -> torch.Tensor:
     """blocks as the C code's int64 [nb, 3] table, checked (in Python: a decode step has a
     few dozen blocks, and tensor ops would cost more than the check)."""
+    if len(blocks) == 1 and blocks[0] == (0, 0, n_rows) and n_matrices >= 1:
+        return _whole_matrix_table(n_rows)
     for e, first, rows in blocks:
         if not (0 <= e < n_matrices and first >= 0 and rows >= 0 and first + rows <= n_rows):
             raise ValueError(f"blocks {blocks} do not fit {n_matrices} matrices and "
@@ -330,23 +343,30 @@ def int4_dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | N
     return out
 
 
-# Weight kinds of ``dsmoe_experts_decode``.
-_EXPERT_KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2}
+# Weight kinds of ``dsmoe_experts_decode``: stored dtype -> kind (uint8: int4 nibbles).
+_EXPERT_KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2, torch.uint8: 3}
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
 
 
 def experts_decode(x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor,
                    gate_up: torch.Tensor, down: torch.Tensor,
-                   scales: tuple[torch.Tensor, torch.Tensor] | None = None
-                   ) -> tuple[torch.Tensor, torch.Tensor] | None:
+                   scales: tuple[torch.Tensor, torch.Tensor] | None = None,
+                   zeros: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None),
+                   group_size: int = 0) -> tuple[torch.Tensor, torch.Tensor] | None:
     """A MoE layer's routed SwiGLU (silu) experts for a decode step in one native call:
     sort by expert, both matmuls, the activation and the weighted combine (see the C
     file). x [T, D]; topk_idx [T, K] and topk_weight [T, K] from the router; gate_up
-    [E, 2F, D] and down [E, D, F] contiguous, fp32 or bf16, or int8 with ``scales`` (bf16
-    [E, 2F], [E, D]). Returns (fp32 out [T, D], assignments per expert int64 [E]), or None
-    when the kernels are unavailable or cannot take these tensors (the caller then runs
-    the torch path, which also handles non-finite activations)."""
+    [E, 2F, D] and down [E, D, F] contiguous, fp32 or bf16; or int8 with ``scales`` (bf16
+    [E, 2F], [E, D]); or int4 nibbles uint8 [E, 2F, D/2], [E, D, F/2] with ``scales``
+    and ``zeros`` (bf16 [E, N, G]; None: symmetric) in groups of ``group_size``.
+    Returns (fp32 out [T, D], assignments per expert int64 [E]), or None when the kernels
+    are unavailable or cannot take these tensors (the caller then runs the torch path,
+    which also handles non-finite activations)."""
     kind = _EXPERT_KINDS.get(gate_up.dtype)
-    if (kind is None or down.dtype != gate_up.dtype or (kind == 2) != (scales is not None)
+    if (kind is None or down.dtype != gate_up.dtype or (kind >= 2) != (scales is not None)
             or gate_up.dim() != 3 or down.dim() != 3 or x.dim() != 2
             or not (gate_up.is_contiguous() and down.is_contiguous())
             or x.device.type != "cpu" or gate_up.device.type != "cpu"):
@@ -356,22 +376,70 @@ def experts_decode(x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.T
         return None
     E, twoF, D = gate_up.shape
     T, K = topk_idx.shape
-    if down.shape != (E, D, twoF // 2) or x.shape != (T, D) or topk_weight.shape != (T, K):
+    per_byte = 2 if kind == 3 else 1
+    D, F = D * per_byte, twoF // 2
+    if (down.shape != (E, D, F // per_byte) or x.shape != (T, D)
+            or topk_weight.shape != (T, K)):
         raise ValueError(f"experts decode: rows {list(x.shape)}, picks {list(topk_idx.shape)}, "
                          f"gate_up {list(gate_up.shape)}, down {list(down.shape)} do not fit")
     xf = x.detach().to(torch.float32).contiguous()
     idx = topk_idx.to(torch.int64).contiguous()
     w = topk_weight.detach().to(torch.float32).contiguous()
-    gu_scale, dn_scale = (s.contiguous() for s in scales) if scales is not None else (None, None)
+    gu_s, dn_s = (s.contiguous() for s in scales) if scales is not None else (None, None)
+    gu_z, dn_z = (None if z is None else z.contiguous() for z in zeros)
     out = torch.empty(T, D, dtype=torch.float32)
     counts = torch.empty(E, dtype=torch.int64)
     status = lib.dsmoe_experts_decode(
         xf.data_ptr(), idx.data_ptr(), w.data_ptr(), T, K, kind, gate_up.data_ptr(),
-        None if gu_scale is None else gu_scale.data_ptr(), down.data_ptr(),
-        None if dn_scale is None else dn_scale.data_ptr(), E, D, twoF // 2, out.data_ptr(),
-        counts.data_ptr(), torch.get_num_threads())
+        _ptr(gu_s), _ptr(gu_z), down.data_ptr(), _ptr(dn_s), _ptr(dn_z), group_size, E, D, F,
+        out.data_ptr(), counts.data_ptr(), torch.get_num_threads())
     if status == -2:
         raise MemoryError("experts decode: out of memory for the work buffers")
     if status == -3:
         raise ValueError(f"experts decode: an expert id in topk_idx lies outside [0, {E})")
+    if status == -4:
+        raise ValueError(f"experts decode: int4 group_size {group_size} must be 32 or a "
+                         "multiple of 64 dividing both matrices' inputs")
     return (out, counts) if status == 0 else None
+
+
+def attention_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
+                     sin: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, slot: int,
+                     mask: torch.Tensor | None, scale: float) -> torch.Tensor | None:
+    """Multi-head attention of one decode step in one native call (see the C file):
+    rotate the new query and key ("rotate half" RoPE), write key and value into the cache
+    at ``slot``, attend over slots [0, slot]. q [B, 1, H*d], k and v [B, 1, Hkv*d],
+    cos/sin [B, 1, d], keys/values one layer of the cache [B, Hkv, S_max, d] (contiguous),
+    mask bool [B or 1, 1, 1, slot + 1] (True = may attend) or None; all fp32 or all bf16.
+    Returns fp32 [B, 1, H*d], or None when the kernels are unavailable or cannot take
+    these tensors (the caller then runs torch's ops)."""
+    dtype = q.dtype
+    tensors = (q, k, v, cos, sin, keys, values)
+    if (dtype not in FLOAT_WEIGHT_DTYPES or any(t.dtype != dtype for t in tensors)
+            or any(t.device.type != "cpu" for t in tensors) or keys.dim() != 4
+            or not (keys.is_contiguous() and values.is_contiguous())):
+        return None
+    B, Hkv, S_max, d = keys.shape
+    H = q.shape[-1] // d
+    if (q.shape != (B, 1, H * d) or k.shape != (B, 1, Hkv * d) or v.shape != k.shape
+            or cos.shape != (B, 1, d) or sin.shape != cos.shape or values.shape != keys.shape
+            or d % 2 or H % Hkv or not 0 <= slot < S_max):
+        return None
+    rows, stride = None, 0
+    if mask is not None:
+        if mask.dtype != torch.bool or mask.shape[-1] != slot + 1 or mask.shape[0] not in (1, B):
+            return None
+        rows = mask.reshape(mask.shape[0], slot + 1).contiguous().view(torch.uint8)
+        stride = 0 if rows.shape[0] == 1 else slot + 1
+    lib = library()
+    if lib is None:
+        return None
+    q, k, v, cos, sin = (t.contiguous() for t in (q, k, v, cos, sin))
+    out = torch.empty(B, 1, H * d, dtype=torch.float32)
+    status = lib.dsmoe_attention_decode(
+        q.data_ptr(), k.data_ptr(), v.data_ptr(), cos.data_ptr(), sin.data_ptr(),
+        keys.data_ptr(), values.data_ptr(), None if rows is None else rows.data_ptr(), stride,
+        out.data_ptr(), B, H, Hkv, d, S_max, slot, scale, int(dtype == torch.bfloat16))
+    if status == -2:
+        raise MemoryError("attention decode: out of memory for the scores")
+    return out

@@ -430,10 +430,10 @@ int dsmoe_float_blocks_matmul(const float *x, const void *w, int w_bf16, float *
  *   4. ys = h @ down[e].T per expert block                     [A, D]
  *   5. out[t] = sum_k w[t, k] * ys[row of (t, k)], k in order   [T, D]
  * Weights: kind 0 fp32, 1 bf16 (gate_up [E, 2F, D], down [E, D, F]), 2 int8 with bf16
- * scales per output row ([E, 2F], [E, D]). All sums in fp32; the result is rounded once
- * by the caller. counts [E] receives the assignments per expert.
- * Returns 0; -1 when an activation is not finite (int8: the caller takes torch's path),
- * -2 out of memory, -3 an expert id outside [0, E). */
+ * scales per output row ([E, 2F], [E, D]), 3 int4 (see moe_int4). All sums in fp32; the
+ * result is rounded once by the caller. counts [E] receives the assignments per expert.
+ * Returns 0; -1 when an activation is not finite (int8/int4: the caller takes torch's
+ * path), -2 out of memory, -3 an expert id outside [0, E), -4 a bad int4 group size. */
 typedef struct {
     job_t gu, dn;
     const int64_t *slot_row;
@@ -503,9 +503,44 @@ static int64_t sort_slots(const float *x, const int64_t *idx, int64_t T, int64_t
     return nb;
 }
 
+/* int4_matmul.c's kernel (built into the same library). */
+int dsmoe_int4_blocks_matmul(const float *x, const uint8_t *q, const uint16_t *s,
+                             const uint16_t *z, float *out, int64_t P, const int64_t *blocks,
+                             int64_t nb, int64_t N, int64_t K, int64_t g, int threads);
+
+/* Steps 2-5 for int4 weights (kind 3: nibbles [E, 2F, D/2] and [E, D, F/2], scales and
+ * zeros bf16 [E, N, G], zeros NULL when symmetric): two calls of the int4 kernel (each its
+ * own parallel region), the activation and the combine serial; -1 for non-finite rows. */
+static int moe_int4(const float *xs, const int64_t *blocks, int64_t nb, const int64_t *slot_row,
+                    const float *w, const void *gate_up, const uint16_t *const sz[4],
+                    const void *down, int64_t g, int64_t T, int64_t K, int64_t D, int64_t F,
+                    float *gu, float *h, float *ys, float *out, int threads) {
+    int64_t A = T * K;
+    int status = dsmoe_int4_blocks_matmul(xs, gate_up, sz[0], sz[1], gu, A, blocks, nb, 2 * F,
+                                          D, g, threads);
+    for (int64_t a = 0; !status && a < A; a++)
+        for (int64_t f = 0; f < F; f++) {
+            float gate = gu[a * 2 * F + f];
+            h[a * F + f] = gate / (1.f + expf(-gate)) * gu[a * 2 * F + F + f];
+        }
+    if (!status)
+        status = dsmoe_int4_blocks_matmul(h, down, sz[2], sz[3], ys, A, blocks, nb, D, F, g,
+                                          threads);
+    for (int64_t tok = 0; !status && tok < T; tok++) {
+        float *o = out + tok * D;
+        for (int64_t d = 0; d < D; d++) o[d] = 0.f;
+        for (int64_t k = 0; k < K; k++) {
+            const float *y = ys + slot_row[tok * K + k] * D;
+            for (int64_t d = 0; d < D; d++) o[d] += w[tok * K + k] * y[d];
+        }
+    }
+    return status == -3 ? -4 : status;
+}
+
 int dsmoe_experts_decode(const float *x, const int64_t *idx, const float *w, int64_t T,
                          int64_t K, int kind, const void *gate_up, const uint16_t *gu_scale,
-                         const void *down, const uint16_t *dn_scale, int64_t E, int64_t D,
+                         const uint16_t *gu_zero, const void *down, const uint16_t *dn_scale,
+                         const uint16_t *dn_zero, int64_t group, int64_t E, int64_t D,
                          int64_t F, float *out, int64_t *counts, int threads) {
     int64_t A = T * K, W = D > F ? D : F;
     size_t ints = (size_t)(4 * E + A), floats = (size_t)(A * (D + 2 * F + F + D) + 2 * A);
@@ -522,7 +557,11 @@ int dsmoe_experts_decode(const float *x, const int64_t *idx, const float *w, int
     int64_t nb = sort_slots(x, idx, T, K, E, D, counts, slot_row, blocks, next, xs);
     int status = nb < 0 ? (int)nb : 0;
     if (!status && kind == 2 && to_fixed(xs, xi, sx, A, D)) status = -1;
-    if (!status) {
+    if (!status && kind == 3) {
+        const uint16_t *sz[4] = {gu_scale, gu_zero, dn_scale, dn_zero};
+        status = moe_int4(xs, blocks, nb, slot_row, w, gate_up, sz, down, group, T, K, D, F,
+                          gu, h, ys, out, threads);
+    } else if (!status) {
         const kernels_t *kern = chosen();
         size_t ws = kind == 0 ? 4 : kind == 1 ? 2 : 1;
         job_t gu_job = {.blocks = blocks, .nb = nb, .N = 2 * F, .K = D, .out = gu};
@@ -553,4 +592,103 @@ int dsmoe_experts_decode(const float *x, const int64_t *idx, const float *w, int
     }
     free(ibuf), free(fbuf), free(xi);
     return status;
+}
+
+/* --- multi-head attention for one decode step ---------------------------------------------
+ *
+ * Why: at one query per sequence, torch spends ~25 small ops per layer on RoPE, the cache
+ * write and SDPA (whose CPU flash kernel alone takes ~0.1 ms for a few hundred keys): far
+ * more than the arithmetic. Here, per sequence b:
+ *   1. rotate the new key ("rotate half" RoPE with the given cos/sin) and write it and the
+ *      new value into the cache at `slot`
+ *   2. per query head h (key head h / (H / Hkv)): rotate the query, scores over slots
+ *      [0, slot] (mask 0: skipped), softmax in fp32, the weighted sum of values
+ * Tensors are fp32, or bf16 (bf16 = 1: inputs, cos/sin and cache; keys and values are
+ * rounded to bf16 once, to nearest even, when written). q [B, H*d], k and v [B, Hkv*d],
+ * cos and sin [B, d], keys and values [B, Hkv, S_max, d], mask uint8 [B, slot + 1] with
+ * row stride mask_stride (0: one row for all) or NULL, out fp32 [B, H*d].
+ * Returns 0, or -2 when out of memory. */
+static inline float load_f(const void *p, int64_t i, int bf16) {
+    return bf16 ? bf16_to_float(((const uint16_t *)p)[i]) : ((const float *)p)[i];
+}
+
+static inline void store_f(void *p, int64_t i, float v, int bf16) {
+    if (!bf16) {
+        ((float *)p)[i] = v;
+        return;
+    }
+    uint32_t u;
+    memcpy(&u, &v, sizeof u);
+    if (isnan(v)) u = 0x7fc00000u;
+    else u += 0x7fffu + ((u >> 16) & 1u);
+    ((uint16_t *)p)[i] = (uint16_t)(u >> 16);
+}
+
+/* x [d] rotated by cos/sin [d] ("rotate half": i pairs with i + d/2) into r [d]. */
+static void rope(const void *x, const void *cos, const void *sin, int64_t d, int bf16,
+                 float *r) {
+    int64_t half = d / 2;
+    for (int64_t i = 0; i < d; i++) {
+        float rot = i < half ? -load_f(x, i + half, bf16) : load_f(x, i - half, bf16);
+        r[i] = load_f(x, i, bf16) * load_f(cos, i, bf16) + rot * load_f(sin, i, bf16);
+    }
+}
+
+/* One query head over slots [0, n): out [d] (fp32). s is scratch of n floats. */
+static void attend_head(const float *qr, const void *keys, const void *values,
+                        const uint8_t *mask, int64_t n, int64_t d, float scale, int bf16,
+                        float *s, float *out) {
+    fdot_fn dot = bf16 ? chosen()->bf16 : chosen()->f32; /* the matmuls' vector dots */
+    size_t es = bf16 ? 2 : 4;
+    float top = -INFINITY, total = 0.f;
+    for (int64_t j = 0; j < n; j++) {
+        if (mask && !mask[j]) continue;
+        s[j] = dot(qr, (const char *)keys + j * d * es, d) * scale;
+        top = fmaxf(top, s[j]);
+    }
+    for (int64_t i = 0; i < d; i++) out[i] = 0.f;
+    for (int64_t j = 0; j < n; j++) {
+        if (mask && !mask[j]) continue;
+        float p = expf(s[j] - top);
+        total += p;
+        if (bf16) { /* two loops, so that each vectorises */
+            const uint16_t *vj = (const uint16_t *)values + j * d;
+            for (int64_t i = 0; i < d; i++) out[i] += p * bf16_to_float(vj[i]);
+        } else {
+            const float *vj = (const float *)values + j * d;
+            for (int64_t i = 0; i < d; i++) out[i] += p * vj[i];
+        }
+    }
+    for (int64_t i = 0; i < d; i++) out[i] /= total;
+}
+
+int dsmoe_attention_decode(const void *q, const void *k, const void *v, const void *cos,
+                           const void *sin, void *keys, void *values, const uint8_t *mask,
+                           int64_t mask_stride, float *out, int64_t B, int64_t H,
+                           int64_t Hkv, int64_t d, int64_t S_max, int64_t slot, float scale,
+                           int bf16) {
+    size_t es = bf16 ? 2 : 4;
+    float *scratch = malloc((size_t)(slot + 1 + 2 * d) * sizeof *scratch);
+    if (!scratch) return -2;
+    float *r = scratch + slot + 1;
+    for (int64_t b = 0; b < B; b++) {
+        const char *cb = (const char *)cos + b * d * es, *sb = (const char *)sin + b * d * es;
+        for (int64_t g = 0; g < Hkv; g++) {
+            int64_t at = ((b * Hkv + g) * S_max + slot) * d, src = (b * Hkv + g) * d;
+            rope((const char *)k + src * es, cb, sb, d, bf16, r);
+            for (int64_t i = 0; i < d; i++) {
+                store_f(keys, at + i, r[i], bf16);
+                store_f(values, at + i, load_f(v, src + i, bf16), bf16);
+            }
+        }
+        for (int64_t h = 0; h < H; h++) {
+            int64_t g = h / (H / Hkv), base = (b * Hkv + g) * S_max * d;
+            rope((const char *)q + (b * H + h) * d * es, cb, sb, d, bf16, r);
+            attend_head(r, (const char *)keys + base * es, (const char *)values + base * es,
+                        mask ? mask + b * mask_stride : NULL, slot + 1, d, scale, bf16,
+                        scratch, out + (b * H + h) * d);
+        }
+    }
+    free(scratch);
+    return 0;
 }

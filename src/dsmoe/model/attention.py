@@ -13,6 +13,10 @@ forward(x):
   4. ``F.scaled_dot_product_attention`` (grouped-query heads share K/V through
      ``enable_gqa``, no repeated copies), then the output projection
 
+A CPU decode step with a ``KVCache`` (one new token per sequence, no gradients) runs
+steps 2-4 in one native call (``dsmoe.native.attention_decode``): at one query, torch's
+~25 small ops per layer (RoPE, the cache write, SDPA) cost more than their arithmetic.
+
 Parameter names are HF's (``q_proj``, ``k_proj``, ``v_proj``, ``o_proj``), so checkpoints
 load by name. ``attention_bias`` puts biases on all four projections, as DeepSeek V1 does.
 
@@ -25,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dsmoe import native
+from dsmoe.autograd import records_grad
 from dsmoe.config import ModelConfig
 from dsmoe.linear import Linear
 from dsmoe.model.cache import KVCache
@@ -56,9 +62,14 @@ class Attention(nn.Module):
                 mask: AttentionMask, cache: KVCache | None = None) -> torch.Tensor:
         B, S, _ = x.shape  # [B, S, D]
         d = self.head_dim
-        q = self.q_proj(x).view(B, S, self.num_heads, d).transpose(1, 2)  # [B, H, S, d]
-        k = self.k_proj(x).view(B, S, self.num_kv_heads, d).transpose(1, 2)  # [B, Hkv, S, d]
-        v = self.v_proj(x).view(B, S, self.num_kv_heads, d).transpose(1, 2)  # [B, Hkv, S, d]
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)  # [B, S, H*d], [B, S, Hkv*d]
+        if S == 1 and isinstance(cache, KVCache) and not records_grad(q, k, v):
+            out = self._native_step(q, k, v, cos, sin, mask, cache)  # [B, 1, H*d]
+            if out is not None:
+                return self.o_proj(out.to(x.dtype))
+        q = q.view(B, S, self.num_heads, d).transpose(1, 2)  # [B, H, S, d]
+        k = k.view(B, S, self.num_kv_heads, d).transpose(1, 2)  # [B, Hkv, S, d]
+        v = v.view(B, S, self.num_kv_heads, d).transpose(1, 2)  # [B, Hkv, S, d]
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # [B, Hkv, P + S, d]
@@ -68,6 +79,20 @@ class Attention(nn.Module):
             enable_gqa=self.num_kv_heads != self.num_heads,
         )  # [B, H, S, d]
         return self.o_proj(out.transpose(1, 2).reshape(B, S, self.num_heads * d))
+
+
+    def _native_step(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     cos: torch.Tensor, sin: torch.Tensor, mask: AttentionMask,
+                     cache: KVCache) -> torch.Tensor | None:
+        """A CPU decode step's RoPE, cache write and attention in one native call (at one
+        query per sequence these are ~25 small torch ops, SDPA the largest); None where
+        it does not apply. The cache's fill level advances after all layers, as ever."""
+        if self.dropout and self.training or cache.seq_len >= cache.max_seq_len:
+            return None  # dropout, or a full cache whose error the torch path raises
+        layer = self.layer_idx
+        return native.attention_decode(q, k, v, cos, sin, cache.keys[layer],
+                                       cache.values[layer], cache.seq_len, mask.mask,
+                                       self.head_dim ** -0.5)
 
 
 ATTENTION: dict[str, type[nn.Module]] = {"mha": Attention, "mla": MultiHeadLatentAttention}

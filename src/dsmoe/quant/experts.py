@@ -53,13 +53,17 @@ class QuantSwiGLUExperts(Experts):
 
     def decode_step(self, tokens: torch.Tensor, topk_idx: torch.Tensor,
                     topk_weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """See ``Experts.decode_step``: int8 silu experts in ``native.experts_decode``."""
+        """See ``Experts.decode_step``: int8 and int4 silu experts in
+        ``native.experts_decode``."""
         gu, dn = self.gate_up_proj, self.down_proj
-        if (gu.bits != 8 or self.act is not F.silu or not decode_sized(tokens)
-                or records_grad(tokens)):
-            return None
+        if (self.act is not F.silu or not decode_sized(tokens) or records_grad(tokens)
+                or gu.packed or (gu.bits, gu.group_size) != (dn.bits, dn.group_size)):
+            return None  # packed: torch's int4 layout, for its own kernel only
+        int4 = {} if gu.bits == 8 else dict(
+            zeros=(getattr(gu, "zero", None), getattr(dn, "zero", None)),
+            group_size=gu.group_size)
         fused = native.experts_decode(tokens, topk_idx, topk_weight, gu.qweight, dn.qweight,
-                                      (gu.scale, dn.scale))
+                                      (gu.scale, dn.scale), **int4)
         return None if fused is None else (fused[0].to(tokens.dtype), fused[1])
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:  # [A, D]
