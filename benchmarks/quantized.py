@@ -17,7 +17,9 @@ Sections (each prints a markdown table):
            --prompt tokens, one forward) and decode tokens/s (batch 1, KV cache, --decode
            greedy steps after the prompt).
   llama    with llama-cpp-python importable: the bf16 checkpoint exported to GGUF Q8_0 (and
-           Q4_0) by ``dsmoe export``'s code path and timed the same way in llama.cpp.
+           Q4_0) by ``dsmoe export``'s code path and timed the same way in llama.cpp; with
+           int4 in --formats, dsmoe also runs the Q4_0 GGUF itself ("int4 from Q4_0": the
+           same 4-bit blocks, loaded without dequantizing).
   quality  KL divergence, top-1 agreement and perplexity against fp32 of dsmoe int8 / int4
            and llama.cpp Q8_0 / Q4_0 (and F32, as a check) on one small trained model.
   16b      with --big: a random deepseek-moe-16b-shaped int8 checkpoint written directly to
@@ -283,12 +285,14 @@ def worker_dsmoe(path: str, fmt: str, prompt: int, decode: int, threads: int,
 
     torch.set_num_threads(threads)
     from dsmoe.model import Transformer
-    from dsmoe.quant import load_quantized
+    from dsmoe.quant import load_model, load_quantized
 
     baseline = status_kib("VmRSS") * 1024
     start = time.perf_counter()
     if fmt in ("int8", "int4"):
         model = load_quantized(path)
+    elif fmt == "int4 from Q4_0":  # llama.cpp's own blocks, loaded without a float detour
+        model = load_model(path, dtype=torch.bfloat16, quant="int4")
     else:
         model = Transformer.from_pretrained(path, dtype=torch.float32 if fmt == "fp32"
                                             else torch.bfloat16)
@@ -505,6 +509,12 @@ def main() -> None:
                 sizes[fmt] = _dir_gib(path) * (2 if fmt == "fp32" else 1)
                 runs[fmt] = _run_worker(["dsmoe", str(path), fmt, str(args.prompt),
                                          str(args.decode), str(args.threads), str(args.rounds)])
+            if llama and "int4" in args.formats:
+                path = root / "q4_0.gguf"
+                sizes["int4 from Q4_0"] = _dir_gib(path)
+                runs["int4 from Q4_0"] = _run_worker(
+                    ["dsmoe", str(path), "int4 from Q4_0", str(args.prompt), str(args.decode),
+                     str(args.threads), str(args.rounds)])
             if llama:
                 for quant in ("q8_0", "q4_0"):
                     path = root / f"{quant}.gguf"
@@ -518,6 +528,10 @@ def main() -> None:
             if llama and "int8" in runs and "decode_tok_s" in runs.get("llama.cpp q8_0", {}):
                 ratio = runs["int8"]["decode_tok_s"] / runs["llama.cpp q8_0"]["decode_tok_s"]
                 print(f"\ndsmoe int8 decode / llama.cpp Q8_0 decode: {ratio:.2f}x")
+            for fmt in ("int4", "int4 from Q4_0"):
+                if llama and fmt in runs and "decode_tok_s" in runs.get("llama.cpp q4_0", {}):
+                    ratio = runs[fmt]["decode_tok_s"] / runs["llama.cpp q4_0"]["decode_tok_s"]
+                    print(f"dsmoe {fmt} decode / llama.cpp Q4_0 decode: {ratio:.2f}x")
             if not keep:
                 for sub in ("bf16", "int8", "int4"):
                     shutil.rmtree(root / sub, ignore_errors=True)

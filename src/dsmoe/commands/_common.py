@@ -44,7 +44,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--adapter", default=None, metavar="DIR",
                         help="apply this LoRA adapter (dsmoe finetune's) without merging")
     parser.add_argument("--quant", choices=("int8", "int4"), default=None,
-                        help="quantize the weights while loading (no full-precision copy)")
+                        help="quantize the weights while loading (no full-precision copy); "
+                             "int4 of a Q4_0 GGUF keeps its 4-bit blocks as stored")
     add_device_argument(parser)
 
 

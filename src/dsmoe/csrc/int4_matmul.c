@@ -403,35 +403,69 @@ int dsmoe_int4_blocks_matmul(const float *x, const uint8_t *q, const uint16_t *s
     return status;
 }
 
+/* One group of g weights (g/2 bytes at qb) as floats low + sc * q, fp32 or bf16, in order. */
+typedef void (*deq_fn)(const uint8_t *qb, int64_t g, float sc, float low, void *out, int bf16);
+
+static void deq_portable(const uint8_t *qb, int64_t g, float sc, float low, void *out,
+                         int bf16) {
+    for (int64_t j = 0; j < g / 2; j++) {
+        float even = low + sc * (float)(qb[j] & 15), odd = low + sc * (float)(qb[j] >> 4);
+        if (bf16) {
+            ((uint16_t *)out)[2 * j] = f_to_bf16(even);
+            ((uint16_t *)out)[2 * j + 1] = f_to_bf16(odd);
+        } else {
+            ((float *)out)[2 * j] = even;
+            ((float *)out)[2 * j + 1] = odd;
+        }
+    }
+}
+
+#if defined(__x86_64__)
+/* 16 bytes -> 32 weights: the nibbles interleaved back into element order, widened,
+ * scaled; bf16 rounded to nearest even with integer ops (weights are finite). */
+__attribute__((target("avx512f,avx512bw")))
+static void deq_avx512(const uint8_t *qb, int64_t g, float sc, float low, void *out, int bf16) {
+    const __m128i m4 = _mm_set1_epi8(0x0F);
+    const __m512 vs = _mm512_set1_ps(sc), vl = _mm512_set1_ps(low);
+    for (int64_t j = 0; j < g / 2; j += 16) {
+        __m128i v = _mm_loadu_si128((const __m128i *)(qb + j));
+        __m128i lo = _mm_and_si128(v, m4), hi = _mm_and_si128(_mm_srli_epi16(v, 4), m4);
+        __m128i half[2] = {_mm_unpacklo_epi8(lo, hi), _mm_unpackhi_epi8(lo, hi)};
+        for (int h = 0; h < 2; h++) {
+            __m512 w = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(half[h])), vs, vl);
+            int64_t at = 2 * j + 16 * h;
+            if (bf16) {
+                __m512i u = _mm512_castps_si512(w);
+                __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+                u = _mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff)));
+                _mm256_storeu_si256((__m256i *)((uint16_t *)out + at),
+                                    _mm512_cvtepi32_epi16(_mm512_srli_epi32(u, 16)));
+            } else {
+                _mm512_storeu_ps((float *)out + at, w);
+            }
+        }
+    }
+}
+#endif
+
 /* The float weight [N, K] (fp32, or bf16 when out_bf16) of q, s, z: prefill runs a GEMM on
  * it, one matrix at a time. Returns 0, or -3 for a bad group. */
 int dsmoe_int4_dequantize(const uint8_t *q, const uint16_t *s, const uint16_t *z, void *out,
                           int out_bf16, int64_t N, int64_t K, int64_t g, int threads) {
-    if (g < 2 || g % 2 || K % g) return -3;
-    int64_t G = K / g;
+    if (g < 32 || g % 32 || K % g) return -3;
+    int64_t G = K / g, size = out_bf16 ? 2 : 4;
+    deq_fn deq = deq_portable;
+#if defined(__x86_64__)
+    if (dsmoe_int4_isa() >= 2) deq = deq_avx512;
+#endif
     (void)threads;
 #ifdef _OPENMP
 #pragma omp parallel for num_threads(threads > 0 ? threads : 1) schedule(static)
 #endif
-    for (int64_t n = 0; n < N; n++) {
-        float row[64];
-        for (int64_t grp = 0; grp < G; grp++) {
-            float sc = group_scale(s + n * G, grp), low = group_low(s + n * G, z ? z + n * G : NULL, grp);
-            for (int64_t k0 = grp * g; k0 < (grp + 1) * g; k0 += 64) {
-                int64_t len = (grp + 1) * g - k0 < 64 ? (grp + 1) * g - k0 : 64;
-                const uint8_t *qb = q + n * (K / 2) + k0 / 2;
-                for (int64_t j = 0; j < len / 2; j++) {
-                    row[2 * j] = low + sc * (float)(qb[j] & 15);
-                    row[2 * j + 1] = low + sc * (float)(qb[j] >> 4);
-                }
-                if (out_bf16) {
-                    uint16_t *o = (uint16_t *)out + n * K + k0;
-                    for (int64_t j = 0; j < len; j++) o[j] = f_to_bf16(row[j]);
-                } else {
-                    memcpy((float *)out + n * K + k0, row, (size_t)len * sizeof(float));
-                }
-            }
-        }
-    }
+    for (int64_t n = 0; n < N; n++)
+        for (int64_t grp = 0; grp < G; grp++)
+            deq(q + n * (K / 2) + grp * (g / 2), g, group_scale(s + n * G, grp),
+                group_low(s + n * G, z ? z + n * G : NULL, grp),
+                (char *)out + (n * K + grp * g) * size, out_bf16);
     return 0;
 }

@@ -85,7 +85,8 @@ class QuantSwiGLUExperts(Experts):
         """A decode step (at most ``kernel_max_rows`` rows per expert) in two native
         calls for all experts instead of two kernel calls per expert; None otherwise."""
         counts_list = counts.tolist()
-        if not counts_list or max(counts_list) > self.gate_up_proj.kernel_max_rows:
+        limit = min(self.gate_up_proj.kernel_max_rows, self.down_proj.kernel_max_rows)
+        if not counts_list or max(counts_list) > limit:  # (a narrow down_proj stays int8)
             return None
         blocks = expert_blocks(counts_list)
         gate_up = self.gate_up_proj.matmul_blocks(x, blocks)  # fp32 [A, 2F]

@@ -57,8 +57,9 @@ INT4_ROW_MULTIPLE = 16  # torch's int4 packing needs N % 16 == 0
 # with the rows past 4 (a GEMV per row), the conversion is a fixed ~1.2 ms for a 2816 x 2048
 # expert; they cross between 12 and 16 rows (benchmarks/quantized.py, kernels table).
 INT8_KERNEL_MAX_ROWS = 12
-# The same for the native int4 kernel against dequantize + GEMM (benchmarks/quantized.py).
-INT4_KERNEL_MAX_ROWS = 12
+# The same for the native int4 kernel against (native) dequantize to bf16 + bf16 GEMM: for a
+# 2816 x 2048 expert they cross between 16 and 24 rows (CPU time, benchmarks/quantized.py).
+INT4_KERNEL_MAX_ROWS = 16
 _KERNEL_DTYPE = torch.bfloat16
 
 
@@ -217,7 +218,8 @@ def int4_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
         out = native.int4_blocks_matmul(rows, q.unsqueeze(0), scale.unsqueeze(0),
                                         None if zero is None else zero.unsqueeze(0),
                                         group_size, [(0, 0, rows.shape[0])])
-    if out is None:
+    if out is None:  # the GEMM in the rows' dtype (a bf16 GEMM's bf16 output would round
+        # an fp32 model's prefill; fp32 rows cross over later, ~48 rows, but are rarer on CPU)
         weight = native.int4_dequantize(q, scale, zero, group_size, x.dtype)
         if weight is None:
             weight = dequantize_int4(q, scale, torch.zeros_like(scale) if zero is None else zero,
