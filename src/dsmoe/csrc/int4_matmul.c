@@ -469,3 +469,37 @@ int dsmoe_int4_dequantize(const uint8_t *q, const uint16_t *s, const uint16_t *z
                 (char *)out + (n * K + grp * g) * size, out_bf16);
     return 0;
 }
+
+/* --- llama.cpp's Q4_0 blocks -> symmetric int4 ------------------------------------------ */
+static float f16_to_float(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff;
+    float f;
+    if (exp == 0) { /* zero or subnormal: man * 2^-24 */
+        f = (float)man * 5.9604644775390625e-8f;
+        uint32_t u;
+        memcpy(&u, &f, sizeof u);
+        u |= sign;
+        memcpy(&f, &u, sizeof f);
+        return f;
+    }
+    uint32_t u = sign | (exp == 31 ? 0x7f800000u | (man << 13) : ((exp + 112) << 23) | (man << 13));
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+/* n Q4_0 blocks (18 bytes: fp16 d, then 16 bytes holding element j in the low nibble of
+ * byte j and element j + 16 in its high nibble) -> q [n, 16] in the canonical order (element
+ * 2i low, 2i + 1 high) and scale bf16 [n] = d rounded to bf16. The values are the same
+ * 4-bit numbers: nothing is dequantized. */
+void dsmoe_q4_0_to_int4(const uint8_t *blocks, uint8_t *q, uint16_t *scale, int64_t n) {
+    for (int64_t b = 0; b < n; b++) {
+        const uint8_t *blk = blocks + 18 * b;
+        scale[b] = f_to_bf16(f16_to_float((uint16_t)(blk[0] | (blk[1] << 8))));
+        uint8_t v[32];
+        for (int j = 0; j < 16; j++) {
+            v[j] = blk[2 + j] & 15;
+            v[j + 16] = blk[2 + j] >> 4;
+        }
+        for (int i = 0; i < 16; i++) q[16 * b + i] = (uint8_t)(v[2 * i] | (v[2 * i + 1] << 4));
+    }
+}

@@ -216,16 +216,20 @@ def q4_0_as_int4(data: np.ndarray, shape: tuple[int, ...]) -> tuple[torch.Tensor
     dequantizing: q uint8 [..., N, K/2] (the same 4-bit values, in the canonical nibble
     order) and scale bf16 [..., N, K/32] (the fp16 block scales rounded to bf16: a relative
     change of at most 2^-9, far below the 4-bit step)."""
+    from dsmoe import native
     from dsmoe.quant.kernels import pack_nibbles
 
     with warnings.catch_warnings():  # torch warns that the memory map is read-only
         warnings.simplefilter("ignore", UserWarning)
         blocks = torch.from_numpy(np.ascontiguousarray(data).reshape(-1)).view(-1, 18)
-    d = blocks[:, :2].contiguous().view(torch.float16)  # [n, 1]
-    values = torch.cat([blocks[:, 2:] & 0x0F, blocks[:, 2:] >> 4], dim=1)  # [n, 32] in order
     *lead, N, K = shape
-    return (pack_nibbles(values).reshape(*lead, N, K // 2),
-            d.to(torch.bfloat16).reshape(*lead, N, K // 32))
+    converted = native.q4_0_to_int4(blocks)
+    if converted is None:  # no C compiler: the same in torch ops
+        d = blocks[:, :2].contiguous().view(torch.float16)  # [n, 1]
+        values = torch.cat([blocks[:, 2:] & 0x0F, blocks[:, 2:] >> 4], dim=1)  # [n, 32]
+        converted = pack_nibbles(values), d.to(torch.bfloat16)
+    q, scale = converted
+    return q.reshape(*lead, N, K // 2), scale.reshape(*lead, N, K // 32)
 
 
 def read_gguf(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32
