@@ -147,6 +147,23 @@ def test_quant_linear_matches_its_dequantised_weight(bits: int) -> None:
 
 
 @pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("cast", [torch.float32, torch.float16, torch.float64])
+def test_dtype_casts_keep_the_quantized_format(bits: int, cast: torch.dtype) -> None:
+    """``model.to(dtype)`` casts float buffers; the scales and zeros are the format (bf16,
+    what the kernels read), so they keep it: before, int8 raised and int4 computed wrong
+    sums after ``.float()``. The bias is a parameter and does follow the cast."""
+    ql = QuantLinear.from_linear(nn.Linear(64, 48, bias=True), bits=bits, group_size=32)
+    formats = {n: b.dtype for n, b in ql.named_buffers()}
+    x = torch.randn(3, 64)
+    before = ql(x)
+    ql.to(cast)
+    assert {n: b.dtype for n, b in ql.named_buffers()} == formats
+    assert ql.bias.dtype == cast
+    tol = 1e-2 if cast == torch.float16 else 2e-3  # fp16 rounds outputs of size ~1 to 1e-3
+    assert_close(ql(x.to(cast)).float(), before, atol=tol, rtol=tol, what=f"int{bits} {cast}")
+
+
+@pytest.mark.parametrize("bits", [8, 4])
 def test_quant_experts_keep_the_dispatch_contract(bits: int) -> None:
     """Same (x_sorted, counts) contract, empty experts included, equal to float experts
     holding the dequantised weights; and inside MoELayer the routing is untouched."""

@@ -7,7 +7,8 @@ three conversions:
   quantized_state()         canonical tensors for a checkpoint (layout-free; see kernels)
   load_quantized_state(sd)  the inverse: canonical tensors -> kernel layout
 
-Buffers (persistent, so ``.to()`` moves them):
+Buffers (persistent, so ``.to()`` moves them; a dtype cast such as ``model.float()`` leaves
+them as they are: they are the format, not the compute dtype):
   int8  qweight int8 [..., N, K], scale bf16 [..., N]
   int4  with dsmoe's native kernels (``native.library()``): the canonical tensors themselves,
         qweight uint8 [..., N, K/2] nibbles, scale bf16 [..., N, G], zero bf16 [..., N, G];
@@ -29,6 +30,7 @@ from dsmoe.autograd import records_grad
 from dsmoe.quant import kernels
 
 BITS = (4, 8)
+_FORMAT_DTYPE_BUFFERS = ("scale", "zero", "scale_zero")  # bf16 by format, never cast
 
 
 class QuantMatrix(nn.Module):
@@ -66,6 +68,20 @@ class QuantMatrix(nn.Module):
                 for name in ("scale",) if self.symmetric else ("scale", "zero"):
                     self.register_buffer(name, torch.empty(*stack, N, G, dtype=torch.bfloat16,
                                                            device=device))
+
+    def _apply(self, fn, recurse: bool = True):
+        """``Module.to(dtype)`` / ``.float()`` would cast the bf16 scales and zeros, which the
+        kernels read as bf16 (int8: an error; int4: silently wrong sums): keep their dtype
+        and only follow the device ``fn`` moves them to (bf16 -> fp16 -> bf16 would not be
+        exact, so the originals are moved, not cast back)."""
+        before = {n: self._buffers[n] for n in _FORMAT_DTYPE_BUFFERS
+                  if self._buffers.get(n) is not None}
+        super()._apply(fn, recurse)
+        for name, old in before.items():
+            new = self._buffers[name]
+            if new.dtype != old.dtype:
+                self._buffers[name] = old.to(new.device)
+        return self
 
     # --- matmul -------------------------------------------------------------------------
     def matmul(self, x: torch.Tensor, index: int | None = None) -> torch.Tensor:
