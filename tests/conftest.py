@@ -38,13 +38,41 @@ def _seed() -> None:
     torch.manual_seed(0)
 
 
+def _native_unavailable() -> bool:
+    from dsmoe import native
+
+    return native.library() is None
+
+
+needs_native = pytest.mark.skipif(_native_unavailable(),
+                                  reason="no C compiler: the native kernels cannot be built here")
+
+
+def spy_native(monkeypatch: pytest.MonkeyPatch, name: str, record) -> list:
+    """Wrap ``dsmoe.native.<name>`` for the test: after every call that returned a result
+    (None means the kernel declined), ``record(*args)`` is added to the returned list."""
+    from dsmoe import native
+
+    seen: list = []
+    real = getattr(native, name)
+
+    def spy(*args, **kwargs):
+        out = real(*args, **kwargs)
+        if out is not None:
+            seen.extend(record(*args))
+        return out
+
+    monkeypatch.setattr(native, name, spy)
+    return seen
+
+
 @pytest.fixture(params=["avx512vnni", "avx512", "avx2", "portable C"])
 def native_isa(request):
     """Each code path of dsmoe's native kernels this CPU can run, in turn (the others are
     skipped, as is everything when the kernels cannot be built here)."""
     from dsmoe import native
 
-    if native.library() is None:
+    if _native_unavailable():
         pytest.skip("no C compiler: the native kernels cannot be built here")
     best = native.isa()
     try:

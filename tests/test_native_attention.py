@@ -11,30 +11,19 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import needs_native, spy_native
 
 from dsmoe import native
 from dsmoe.config import ModelConfig
 from dsmoe.decode import EagerDecoder
 from dsmoe.model import Transformer
 
-needs_native = pytest.mark.skipif(native.library() is None,
-                                  reason="no C compiler: the kernels cannot be built here")
 
 
 @pytest.fixture
 def attention_calls(monkeypatch):
     """Batch size of every native attention call that returned a result."""
-    seen: list[int] = []
-    real = native.attention_decode
-
-    def counting(q, *args):
-        out = real(q, *args)
-        if out is not None:
-            seen.append(q.shape[0])
-        return out
-
-    monkeypatch.setattr(native, "attention_decode", counting)
-    return seen
+    return spy_native(monkeypatch, "attention_decode", lambda q, *args: [q.shape[0]])
 
 
 def _decode(model: Transformer, ids: torch.Tensor, mask: torch.Tensor, steps: int):

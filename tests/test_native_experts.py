@@ -16,6 +16,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import needs_native, spy_native
 
 from dsmoe import native
 from dsmoe.config import ModelConfig
@@ -24,24 +25,12 @@ from dsmoe.moe.grouped_gemm import DECODE_STEP_MAX_ROWS
 from dsmoe.moe.layer import MoELayer
 from dsmoe.quant.experts import QuantSwiGLUExperts
 
-needs_native = pytest.mark.skipif(native.library() is None,
-                                  reason="no C compiler: the kernels cannot be built here")
 
 
 @pytest.fixture
 def fused_calls(monkeypatch):
     """T of every native experts call that returned a result while the test runs."""
-    seen: list[int] = []
-    real = native.experts_decode
-
-    def counting(x, *args, **kwargs):
-        out = real(x, *args, **kwargs)
-        if out is not None:
-            seen.append(x.shape[0])
-        return out
-
-    monkeypatch.setattr(native, "experts_decode", counting)
-    return seen
+    return spy_native(monkeypatch, "experts_decode", lambda x, *args: [x.shape[0]])
 
 
 def _layer(bits: int | None = None, dtype: torch.dtype = torch.float32, symmetric: bool = False,

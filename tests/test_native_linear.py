@@ -11,6 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import needs_native, spy_native
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -21,24 +22,13 @@ from dsmoe.model import Transformer
 from dsmoe.moe.experts import SwiGLUExperts
 from dsmoe.moe.grouped_gemm import DECODE_STEP_MAX_ROWS
 
-needs_native = pytest.mark.skipif(native.library() is None,
-                                  reason="no C compiler: the kernels cannot be built here")
 
 
 @pytest.fixture
 def calls(monkeypatch):
     """Row counts of every block of every native float matmul made while the test runs."""
-    seen: list[int] = []
-    real = native.float_blocks_matmul
-
-    def counting(x, weight, blocks):
-        out = real(x, weight, blocks)
-        if out is not None:
-            seen.extend(rows for _, _, rows in blocks)
-        return out
-
-    monkeypatch.setattr(native, "float_blocks_matmul", counting)
-    return seen
+    return spy_native(monkeypatch, "float_blocks_matmul",
+                      lambda x, weight, blocks: [rows for _, _, rows in blocks])
 
 
 @settings(max_examples=25, deadline=None,

@@ -12,14 +12,13 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import needs_native
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from dsmoe import native
 from dsmoe.quant import kernels
 
-needs_native = pytest.mark.skipif(native.library() is None,
-                                  reason="no C compiler: the kernel cannot be built here")
 
 
 def _exact(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
