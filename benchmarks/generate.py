@@ -31,13 +31,29 @@ code does; the median shows how much the load moved things.
 - ``KV bytes/token``: what each cache object holds per token of one row after a prefill
   (all layers, and per layer): dsmoe's preallocated ``KVCache`` / ``LatentCache`` and
   transformers' ``DynamicCache``, summed over their tensors.
+- The bandwidth bound, per (dtype, batch), so that a target such as "3x transformers" can be
+  checked against what the memory allows (a decode step must read every weight it uses):
+  - bytes per step, counted from the run: the experts each MoE layer was sent to (the union
+    of the B tokens' top-k, from a hook on dsmoe's MoE layers during one untimed run of the
+    same prompts, mean over the decode steps) priced by ``dsmoe.params.decode_step_bytes``
+    with attention, routers, shared experts, dense FFNs, norms, ``lm_head`` and B embedding
+    rows; plus the KV cache attention reads (dsmoe's cache bytes per token x B x the mean
+    context P + N/2 of the timed steps);
+  - the bandwidth drawn on the same threads just before and right after the timing: a fp32
+    ``sum`` over ``--bandwidth-mib`` (1 GiB, far beyond the L3), best of 3 + 3, and a
+    ``copy_`` for reference (bytes read + written);
+  - the bound B x GB/s / bytes per step tok/s, its ratio to transformers' measured speed
+    (the best ratio any implementation could reach against that baseline: "3x" is out of
+    reach where it is below 3), 3x transformers as a share of the bound, and the GB/s each
+    library streamed (dsmoe's also as a share of the drawn bandwidth).
 Sanity check before timing: both produce the same greedy tokens for a short run. The router
 weights are drawn with std 1 (as in the parity tests) so that no token sits near a top-k
 tie, where a rounding difference between the two attention kernels could legitimately pick
 another expert; bf16 mismatches are reported, fp32 mismatches abort the run.
 
 Reading the numbers (2-core AMD EPYC VM, torch 2.13 with MKL; see the README table):
-- A decode step streams every active weight once (~2 GB per token at batch 1 in fp32), so
+- A decode step streams every active weight once (~1.6 GB per token at batch 1 in fp32; the
+  bound tables count it), so
   its speed is how fast the weights come from memory. transformers multiplies with torch's
   BLAS kernels, which read fp32 weights at ~13-14 GB/s and bf16 at ~10 GB/s on one core;
   dsmoe sends products of at most ``dsmoe.linear.DECODE_MAX_ROWS`` rows to its native
@@ -87,8 +103,10 @@ from dsmoe import ModelConfig
 from dsmoe.config import MLA_MODEL_TYPES
 from dsmoe.generate import generate
 from dsmoe.model import Transformer
+from dsmoe.params import DecodeStepBytes, decode_step_bytes
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+WEIGHT_FORMAT = {"float32": "fp32", "bfloat16": "bf16"}  # dsmoe.params.WEIGHT_FORMATS keys
 DSMOE, DSMOE_IM, HF = "dsmoe", "dsmoe input-major", "transformers"
 # dtypes that also get a row with Transformer.set_matmul_layout("input_major"): it speeds up
 # fp32 GEMVs on CPU; bf16 kernels run slower on transposed weights.
@@ -379,11 +397,105 @@ def cache_bytes_per_token(model: Transformer, ref: nn.Module, ids: torch.Tensor,
                      theirs / (B * P))
 
 
+# --- the bandwidth bound ----------------------------------------------------------------------
+@dataclass
+class Bandwidth:
+    read: float  # bytes/s of a plain fp32 ``sum``, best run
+    copy: float  # bytes/s read + written by ``copy_``, best run (STREAM's convention)
+
+    def best(self, other: Bandwidth) -> Bandwidth:
+        return Bandwidth(max(self.read, other.read), max(self.copy, other.copy))
+
+
+def memory_bandwidth(mib: int, repeats: int = 3) -> Bandwidth:
+    """What this process draws from memory on torch's current thread count: a reduction
+    and a copy over ``mib`` MiB of fp32, which must dwarf the last-level cache so that every
+    byte comes from DRAM. The buffers are filled (first-touched) before timing."""
+    src = torch.ones(mib * 2**20 // 4)  # [mib MiB / 4] fp32
+    dst = torch.zeros_like(src)
+    reads, copies = [], []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        float(src.sum())
+        reads.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        copies.append(time.perf_counter() - t0)
+    return Bandwidth(src.nbytes / min(reads), 2 * src.nbytes / min(copies))
+
+
+@torch.no_grad()
+def experts_hit(model: Transformer, ids: torch.Tensor, n: int) -> list[float]:
+    """Distinct routed experts each MoE layer reads per decode step, read from the routing
+    dsmoe really did on ``ids`` [B, P] over ``n`` greedy tokens (untimed: a hook per
+    layer): the mean over the n - 1 decode steps of the union of the B tokens' top-k."""
+    model.set_matmul_layout("output_major")
+    calls: list[list[torch.Tensor]] = [[] for _ in model.moe_layers()]
+
+    def recorder(i: int):  # noqa: ANN202
+        return lambda module, args, out: calls[i].append(out.topk_idx.clone())  # [T, K]
+
+    hooks = [layer.register_forward_hook(recorder(i))
+             for i, layer in enumerate(model.moe_layers())]
+    try:
+        generate(model, ids, n)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    # the first call of each layer is the prefill; the n - 1 others are the timed steps
+    return [statistics.mean(idx.unique().numel() for idx in layer[1:]) for layer in calls]
+
+
+@dataclass
+class Bound:
+    dtype: str
+    batch: int
+    threads: int
+    layers: int
+    experts: int  # routed experts per MoE layer
+    hit: list[float]  # distinct experts per step, per MoE layer
+    weights: DecodeStepBytes
+    kv: float  # KV-cache bytes attention reads per step, mean over the timed steps
+    bandwidth: Bandwidth
+    ours: float  # dsmoe decode tok/s, best run
+    theirs: float  # transformers decode tok/s, best run
+
+    @property
+    def step_bytes(self) -> float:
+        return self.weights.total + self.kv
+
+    def achieved(self, tps: float) -> float:
+        """Bytes/s an implementation streams at ``tps`` tokens/s (B tokens per step)."""
+        return self.step_bytes * tps / self.batch
+
+    @property
+    def tps(self) -> float:
+        """The bound: tokens/s with every byte of a step read once at the drawn bandwidth."""
+        return self.batch * self.bandwidth.read / self.step_bytes
+
+
+def bandwidth_bound(model: Transformer, ids: torch.Tensor, n: int, dtype: str,
+                    cache: CacheSize, rows: list[Row], before: Bandwidth, mib: int) -> Bound:
+    """The bytes one decode step of ``ids`` [B, P] reads, counted from the run (experts hit
+    from dsmoe's routing, KV from its cache's bytes per token over the timed steps'
+    contexts P + 1 .. P + n - 1), against the bandwidth drawn: the best of ``before`` (just
+    before the timing) and of a measurement right after it, since load only ever lowers it."""
+    B, P = ids.shape
+    hit = experts_hit(model, ids, n)
+    best = {r.impl: r.best_tps for r in rows}
+    c = model.config
+    return Bound(dtype, B, torch.get_num_threads(), c.num_hidden_layers, c.n_routed_experts or 0, hit,
+                 decode_step_bytes(model.config, WEIGHT_FORMAT[dtype], B, hit),
+                 cache.ours * B * (P + n / 2), before.best(memory_bandwidth(mib)), best[DSMOE],
+                 best[HF])
+
+
 def run(cfg: ModelConfig, dtypes: list[str], batches: list[int], prompt_len: int,
-        new_tokens: int, repeats: int, experts_impl: str, seed: int
-        ) -> tuple[list[Row], list[CacheSize]]:
+        new_tokens: int, repeats: int, experts_impl: str, seed: int, bandwidth_mib: int
+        ) -> tuple[list[Row], list[CacheSize], list[Bound]]:
     rows: list[Row] = []
     caches: list[CacheSize] = []
+    bounds: list[Bound] = []
     t0 = time.perf_counter()
     model = build_dsmoe(cfg, seed)
     print(f"# built {model.num_parameters() / 1e9:.2f}B parameters in "
@@ -400,16 +512,20 @@ def run(cfg: ModelConfig, dtypes: list[str], batches: list[int], prompt_len: int
             caches.append(cache_bytes_per_token(model, ref, check_ids, dtype))
             for batch in batches:
                 ids = torch.randint(0, cfg.vocab_size, (batch, prompt_len), generator=gen)
+                before = memory_bandwidth(bandwidth_mib)
                 results = measure(runners(model, ref, ids, dtype), new_tokens, repeats)
                 done = [Row(dtype, batch, impl, ttft, tps) for impl, (ttft, tps) in results.items()]
                 rows += done
+                bounds.append(bandwidth_bound(model, ids, new_tokens, dtype, caches[-1], done,
+                                              before, bandwidth_mib))
                 summary = ", ".join(f"{r.impl} {r.best_tps:.2f} tok/s (TTFT {r.best_ttft:.3f} s)"
                                     for r in done)
-                print(f"# {dtype} batch {batch}: {summary}; {time.perf_counter() - t0:.0f} s "
-                      f"elapsed, load {os.getloadavg()[0]:.2f}", flush=True)
+                print(f"# {dtype} batch {batch}: {summary}; bound {bounds[-1].tps:.2f} tok/s; "
+                      f"{time.perf_counter() - t0:.0f} s elapsed, load {os.getloadavg()[0]:.2f}",
+                      flush=True)
         del ref
         gc.collect()
-    return rows, caches
+    return rows, caches, bounds
 
 
 def _median_tps(row: Row) -> float:
@@ -443,6 +559,45 @@ def format_cache_table(caches: list[CacheSize], markdown: bool) -> str:
     return _render(header, lines, markdown)
 
 
+def format_bytes_table(bounds: list[Bound], markdown: bool) -> str:
+    """What one decode step reads, in MB (1e6 bytes): weights per layer (attention over all
+    layers, the MoE parts over the MoE layers, routed experts as hit), the rest whole."""
+    header = ["dtype", "batch", "experts hit/layer", "attention/layer", "router/layer",
+              "shared/layer", "routed hit/layer", "dense MLPs", "lm_head", "norms+embed rows",
+              "KV read", "MB/step"]
+    lines = []
+    for b in bounds:
+        w, moe = b.weights, max(len(b.hit), 1)
+        mb = [w.attention / b.layers, w.routers / moe, w.shared_experts / moe,
+              w.routed_experts / moe, w.dense_mlp, w.lm_head, w.norms + w.embedding, b.kv,
+              b.step_bytes]
+        hit = statistics.mean(b.hit) if b.hit else 0.0
+        lines.append([b.dtype, str(b.batch), f"{hit:.1f} of {b.experts}",
+                      *(f"{x / 1e6:,.2f}" for x in mb)])
+    return _render(header, lines, markdown)
+
+
+def format_bound_table(bounds: list[Bound], markdown: bool) -> str:
+    """The bandwidth bound: tok/s <= B x GB/s drawn / bytes per step. ``bound/transformers``
+    is the best ratio any implementation could reach against transformers' measured speed
+    (3x is out of reach where it is below 3); ``3x needs`` is 3x transformers' speed as a
+    share of the bound; the GB/s columns are what each library streamed (bytes/step x
+    steps/s) and dsmoe's share of the bandwidth drawn."""
+    header = ["dtype", "batch", "threads", "GB/s sum (copy)", "bound tok/s",
+              "transformers tok/s", "bound/transformers", "3x needs", "dsmoe tok/s",
+              "dsmoe GB/s (of drawn)", "transformers GB/s"]
+    lines = []
+    for b in bounds:
+        drawn = b.bandwidth.read
+        lines.append([
+            b.dtype, str(b.batch), str(b.threads),
+            f"{drawn / 1e9:.1f} ({b.bandwidth.copy / 1e9:.1f})", f"{b.tps:.2f}",
+            f"{b.theirs:.2f}", f"{b.tps / b.theirs:.2f}x", f"{3 * b.theirs / b.tps:.0%}",
+            f"{b.ours:.2f}", f"{b.achieved(b.ours) / 1e9:.1f} ({b.achieved(b.ours) / drawn:.0%})",
+            f"{b.achieved(b.theirs) / 1e9:.1f}"])
+    return _render(header, lines, markdown)
+
+
 def _render(header: list[str], lines: list[list[str]], markdown: bool) -> str:
     if markdown:
         out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -469,6 +624,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
                         help="torch threads (default: every core)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--bandwidth-mib", type=int, default=1024,
+                        help="fp32 buffer the memory bandwidth is measured on (default 1 GiB; "
+                             "it must dwarf the last-level cache)")
     parser.add_argument("--quick", action="store_true",
                         help="tiny preset (tiny-v2 for an MLA --preset), short runs: a smoke "
                              "test in seconds")
@@ -485,17 +643,26 @@ def main(argv: list[str] | None = None) -> int:
         cfg = cfg.replace(num_hidden_layers=args.layers)
     if args.quick:
         args.new_tokens, args.prompt_len, args.repeats = 8, 16, 1
+        args.bandwidth_mib = min(args.bandwidth_mib, 256)
+    if args.bandwidth_mib < 1:
+        parser.error(f"--bandwidth-mib must be >= 1, got {args.bandwidth_mib}")
     torch.set_num_threads(args.threads)
     load = os.getloadavg()[0]
     print(f"# {preset}, {cfg.num_hidden_layers} layers, prompt {args.prompt_len}, "
           f"{args.new_tokens} new tokens, {args.repeats} repeats, {torch.get_num_threads()} "
           f"threads, torch {torch.__version__}, load {load:.2f}", flush=True)
-    rows, caches = run(cfg, args.dtype, args.batch, args.prompt_len, args.new_tokens,
-                       args.repeats, args.hf_experts, args.seed)
+    rows, caches, bounds = run(cfg, args.dtype, args.batch, args.prompt_len, args.new_tokens,
+                               args.repeats, args.hf_experts, args.seed, args.bandwidth_mib)
     print(f"# load average at the end: {os.getloadavg()[0]:.2f}")
     print(format_table(rows, args.markdown))
     print()
     print(format_cache_table(caches, args.markdown))
+    print()
+    print("# bytes one decode step reads, MB (experts hit: dsmoe's routing, mean over steps)")
+    print(format_bytes_table(bounds, args.markdown))
+    print()
+    print("# bandwidth bound: tok/s <= B x GB/s drawn (fp32 sum, best of 6) / bytes per step")
+    print(format_bound_table(bounds, args.markdown))
     return 0
 
 

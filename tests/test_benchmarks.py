@@ -36,7 +36,8 @@ def test_benchmark_answers_help(script: Path) -> None:
 @pytest.mark.slow
 def test_generate_benchmark_runs_mla_against_transformers_native_model() -> None:
     """The MLA row: transformers' own DeepseekV2ForCausalLM on dsmoe's parameters, the same
-    greedy tokens (fp32 mismatches abort), and both caches measured."""
+    greedy tokens (fp32 mismatches abort), both caches measured and the bandwidth bound's
+    tables printed."""
     pytest.importorskip("transformers")
     result = subprocess.run(
         [sys.executable, str(BENCHMARKS / "generate.py"), "--quick", "--preset",
@@ -45,3 +46,5 @@ def test_generate_benchmark_runs_mla_against_transformers_native_model() -> None
     assert result.returncode == 0, result.stderr[-2000:]
     assert "tiny-v2" in result.stdout and "greedy steps identical" in result.stdout
     assert "transformers B/token" in result.stdout, result.stdout[-2000:]
+    assert "experts hit/layer" in result.stdout and "bound/transformers" in result.stdout, \
+        result.stdout[-2000:]

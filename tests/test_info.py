@@ -21,8 +21,8 @@ from dsmoe import ModelConfig
 from dsmoe.checkpoint.gguf import write_model_gguf
 from dsmoe.cli import main
 from dsmoe.model import Transformer
-from dsmoe.params import WEIGHT_FORMATS, count_parameters, weight_bytes, weight_memory
-
+from dsmoe.params import (WEIGHT_FORMATS, count_parameters, decode_step_bytes, weight_bytes,
+                          weight_memory)
 
 
 @pytest.fixture(scope="module")
@@ -98,6 +98,44 @@ def test_16b_counts_match_a_meta_built_model(real) -> None:  # noqa: ANN001
         model = Transformer(config)
     assert count_parameters(config).total == model.num_parameters()
     assert count_parameters(config).active == model.num_parameters(active=True)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+@pytest.mark.parametrize("dtype, fmt", [(torch.float32, "fp32"), (torch.bfloat16, "bf16")])
+def test_decode_step_bytes_equal_the_built_model_tensors(dtype: torch.dtype, fmt: str,
+                                                         tied: bool) -> None:
+    """Every kind of weight a decode step reads, against the bytes of the model's own
+    tensors: routed experts in proportion to the experts hit, the rest whole, and B rows of
+    the embedding (whose matrix is the lm_head when tied)."""
+    cfg = ModelConfig.preset("tiny").replace(tie_word_embeddings=tied)
+    model = Transformer(cfg).to(dtype)
+    by_kind: dict[str, int] = {}
+    for name, p in model.named_parameters():  # a tied matrix once, as embed_tokens
+        kind = _kind(name if name == "lm_head.weight" else f"model.{name}")
+        by_kind[kind] = by_kind.get(kind, 0) + p.nbytes
+    E, B, D = cfg.n_routed_experts, 5, cfg.hidden_size
+    one_expert = [sum(p.nbytes for p in layer.experts.parameters()) // E
+                  for layer in model.moe_layers()]
+    hit = [1, E // 2, E]  # one per MoE layer of tiny
+    step = decode_step_bytes(cfg, fmt, B, hit)
+    assert step.routed_experts == sum(h * n for h, n in zip(hit, one_expert))
+    for kind in ("attention", "norms", "dense_mlp", "routers", "shared_experts"):
+        assert getattr(step, kind) == by_kind[kind], kind
+    assert step.lm_head == by_kind["embedding" if tied else "lm_head"]
+    assert step.embedding == B * D * dtype.itemsize
+    every = decode_step_bytes(cfg, fmt, B, [E] * len(hit))
+    untied_embedding = 0 if tied else by_kind["embedding"]
+    assert every.total == sum(by_kind.values()) - untied_embedding + B * D * dtype.itemsize
+
+
+def test_decode_step_bytes_reject_impossible_routing() -> None:
+    cfg = ModelConfig.preset("tiny")
+    with pytest.raises(ValueError, match="experts_hit has 2 entries for 3 MoE layers"):
+        decode_step_bytes(cfg, "fp32", 1, [1, 1])
+    with pytest.raises(ValueError, match=r"\[0, n_routed_experts=16\], got \[1, 17, 1\]"):
+        decode_step_bytes(cfg, "fp32", 1, [1, 17, 1])
+    with pytest.raises(ValueError, match="batch must be >= 1, got 0"):
+        decode_step_bytes(cfg, "fp32", 0, [1, 1, 1])
 
 
 def test_weight_memory_scales_with_bits() -> None:

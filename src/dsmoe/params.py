@@ -15,11 +15,17 @@ Conventions:
   counted apart (``mtp_parameters``; V3: 671B + 14B).
 - Memory is weights only, at a fixed number of bits per parameter: no KV cache,
   activations, optimizer state or quantisation scales.
+- Bytes per decode step (``decode_step_bytes``): what one forward over B new tokens must
+  read from memory, which bounds decode speed on a CPU (steps/s <= GB/s / bytes). Every
+  weight except the routed experts is read once whatever B is; the routed experts read
+  are the *union* over the B tokens (at B = 8 with top-6 of 64 that is about half of
+  them, not 8 x 6), so it takes how many distinct experts each MoE layer was sent to.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
 
 from dsmoe.config import ModelConfig
 
@@ -153,6 +159,54 @@ def weight_bytes(n_parameters: int, fmt: str) -> int:
     if fmt not in WEIGHT_FORMATS:
         raise ValueError(f"unknown weight format {fmt!r}; choose one of {sorted(WEIGHT_FORMATS)}")
     return (n_parameters * WEIGHT_FORMATS[fmt] + 7) // 8
+
+
+@dataclass(frozen=True)
+class DecodeStepBytes:
+    """Weight bytes one decode step reads, by kind, summed over all layers."""
+
+    embedding: int  # the B looked-up rows of embed_tokens
+    attention: int
+    norms: int
+    dense_mlp: int
+    routers: int
+    shared_experts: int
+    routed_experts: int  # the distinct experts hit, per MoE layer
+    lm_head: int  # [V, D]: the embedding matrix itself when tied
+
+    @property
+    def total(self) -> int:
+        return sum(getattr(self, f.name) for f in fields(self))
+
+
+def decode_step_bytes(config: ModelConfig, fmt: str, batch: int,
+                      experts_hit: Sequence[float]) -> DecodeStepBytes:
+    """Weight bytes (in ``fmt``, a key of WEIGHT_FORMATS) one decode step of ``batch``
+    tokens reads when MoE layer i sends them to ``experts_hit[i]`` distinct routed experts
+    (a mean over steps may be fractional). No KV cache: its size depends on the context."""
+    c = config
+    counts = count_parameters(c)
+    E = c.n_routed_experts or 0
+    if batch < 1:
+        raise ValueError(f"batch must be >= 1, got {batch}")
+    if len(experts_hit) != len(c.moe_layer_indices):
+        raise ValueError(f"experts_hit has {len(experts_hit)} entries for "
+                         f"{len(c.moe_layer_indices)} MoE layers")
+    if any(not 0 <= hit <= E for hit in experts_hit):
+        raise ValueError(f"experts_hit must lie in [0, n_routed_experts={E}], got "
+                         f"{list(experts_hit)}")
+    expert = swiglu_parameters(c.hidden_size, c.moe_intermediate_size)
+
+    def size(n: float) -> int:
+        return weight_bytes(round(n), fmt)
+
+    return DecodeStepBytes(
+        embedding=size(min(batch, c.vocab_size) * c.hidden_size),
+        attention=size(counts.attention), norms=size(counts.norms),
+        dense_mlp=size(counts.dense_mlp), routers=size(counts.routers),
+        shared_experts=size(counts.shared_experts),
+        routed_experts=size(sum(experts_hit) * expert),
+        lm_head=size(counts.lm_head or counts.embedding))
 
 
 def weight_memory(config: ModelConfig) -> dict[str, int]:
