@@ -141,11 +141,12 @@ def _affine_batch(n: int, length: int, seed: int):
     return ids  # [n, length]
 
 
-def bench_quality(root: Path, llama: bool, steps: int = 150) -> dict:
-    """KL(fp32 || format) per token, top-1 agreement and perplexity of dsmoe int8/int4 and
-    llama.cpp F32/Q8_0/Q4_0 on one small trained model (D=64, E=8, 2 layers), against
-    dsmoe's fp32 logits on held-out sequences. llama.cpp F32 checks that both run the same
-    model (its KL should be ~0)."""
+def bench_quality(root: Path, llama: bool, steps: int = 300, held_out: int = 64) -> dict:
+    """KL(fp32 || format) per token (mean and its standard error), top-1 agreement and
+    perplexity of dsmoe int8 / int4 and llama.cpp F32/Q8_0/Q4_0 on one small trained model
+    (D=256, E=8, 2 layers; every matrix has room for groups of 128), against dsmoe's fp32
+    logits on ``held_out`` sequences. llama.cpp F32 checks that both run the same model (its
+    KL should be ~0); "int4 from Q4_0" is dsmoe running llama.cpp's Q4_0 blocks."""
     import copy
 
     import torch
@@ -154,11 +155,11 @@ def bench_quality(root: Path, llama: bool, steps: int = 150) -> dict:
     from dsmoe import ModelConfig
     from dsmoe.checkpoint import gguf, hf
     from dsmoe.model import Transformer
-    from dsmoe.quant import quantize_model
+    from dsmoe.quant import load_model, quantize_model
 
     torch.manual_seed(0)
-    config = ModelConfig(vocab_size=QUALITY_VOCAB, hidden_size=64, intermediate_size=128,
-                         moe_intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
+    config = ModelConfig(vocab_size=QUALITY_VOCAB, hidden_size=256, intermediate_size=512,
+                         moe_intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                          num_key_value_heads=2, n_routed_experts=8, num_experts_per_tok=2,
                          n_shared_experts=1, first_k_dense_replace=1,
                          max_position_embeddings=128, bos_token_id=None, eos_token_id=None)
@@ -171,24 +172,27 @@ def bench_quality(root: Path, llama: bool, steps: int = 150) -> dict:
         loss.backward()
         opt.step()
     model.eval()
-    held_out = _affine_batch(8, 49, seed=10**6)
-    inputs, targets = held_out[:, :-1], held_out[:, 1:]
+    sequences = _affine_batch(held_out, 49, seed=10**6)
+    inputs, targets = sequences[:, :-1], sequences[:, 1:]
     with torch.no_grad():
-        ref = model(inputs).logits.float()  # [8, 48, V]
+        ref = model(inputs).logits.float()  # [n, 48, V]
 
     def scores(logits: torch.Tensor) -> dict:
         kl = F.kl_div(logits.log_softmax(-1), ref.log_softmax(-1), log_target=True,
-                      reduction="none").sum(-1).mean().item()
+                      reduction="none").sum(-1)  # [n, 48]
         ppl = F.cross_entropy(logits.flatten(0, 1), targets.flatten()).exp().item()
         top1 = (logits.argmax(-1) == ref.argmax(-1)).float().mean().item()
-        return {"kl": kl, "ppl": ppl, "top1": top1}
+        return {"kl": kl.mean().item(), "kl_se": (kl.std() / kl.numel() ** 0.5).item(),
+                "ppl": ppl, "top1": top1}
 
     results = {"fp32": scores(ref)}
-    for bits, group in ((8, 128), (4, 32), (4, 128)):
-        quantized = quantize_model(copy.deepcopy(model), bits, group)
+    variants = ((8, 128, False, "dsmoe int8"), (4, 32, False, "dsmoe int4 g32 (5 bits/weight)"),
+                (4, 128, False, "dsmoe int4 g128 (4.25)"),
+                (4, 32, True, "dsmoe int4 g32 symmetric (4.5, Q4_0's size)"))
+    for bits, group, symmetric, name in variants:
+        quantized = quantize_model(copy.deepcopy(model), bits, group, symmetric=symmetric)
         with torch.no_grad():
-            results[f"dsmoe int{bits}" + (f" g{group}" if bits == 4 else "")] = scores(
-                quantized(inputs).logits.float())
+            results[name] = scores(quantized(inputs).logits.float())
     if llama:
         hf_dir = root / "quality-hf"
         model.save_pretrained(hf_dir)
@@ -198,6 +202,9 @@ def bench_quality(root: Path, llama: bool, steps: int = 150) -> dict:
             gguf.write_gguf(path, hf.read_config(hf_dir), gguf.HFDirectoryState(hf_dir),
                             tokenizer, quant=quant)
             results[f"llama.cpp {quant.upper()}"] = scores(_llama_logits(path, inputs))
+        from_q4_0 = load_model(root / "quality-q4_0.gguf", dtype=torch.float32, quant="int4")
+        with torch.no_grad():
+            results["dsmoe int4 from the Q4_0 GGUF"] = scores(from_q4_0(inputs).logits.float())
     return results
 
 
@@ -218,11 +225,11 @@ def _llama_logits(path: Path, inputs) -> "torch.Tensor":  # noqa: F821 - lazy im
 
 def print_quality(results: dict) -> None:
     print(f"\n### Quality vs fp32 (small trained model; load average {_load_average()})\n")
-    print("| format | KL(fp32 \\|\\| q) per token | top-1 agreement | perplexity |")
+    print("| format | KL(fp32 \\|\\| q) per token (+- s.e.) | top-1 agreement | perplexity |")
     print("|---|---:|---:|---:|")
     base = results["fp32"]["ppl"]
     for name, r in results.items():
-        print(f"| {name} | {r['kl']:.2e} | {r['top1'] * 100:.1f}% | {r['ppl']:.4f} "
+        print(f"| {name} | {r['kl']:.2e} (+-{r['kl_se']:.1e}) | {r['top1'] * 100:.1f}% | {r['ppl']:.4f} "
               f"({(r['ppl'] / base - 1) * 100:+.2f}%) |")
 
 

@@ -266,12 +266,13 @@ def load_model(path: str | os.PathLike, *, dtype: torch.dtype | str | None = tor
 
 def quantize_checkpoint(source: str | os.PathLike, out: str | os.PathLike, *,
                         bits: int = 8, group_size: int = 128, lm_head_bits: int = 8,
-                        dtype: torch.dtype | str = torch.bfloat16,
+                        symmetric: bool = False, dtype: torch.dtype | str = torch.bfloat16,
                         tokenizer_dir: str | os.PathLike | None = None,
                         progress: Callable[[int, int], None] | None = None) -> nn.Module:
     """Quantize a float checkpoint (HF directory or GGUF) into a quantized checkpoint
     directory, layer by layer; returns the quantized model."""
-    qc = QuantConfig(bits=bits, group_size=group_size, lm_head_bits=lm_head_bits)
+    qc = QuantConfig(bits=bits, group_size=group_size, lm_head_bits=lm_head_bits,
+                     symmetric=symmetric)
     _check_target(Path(out))  # fail before the (long) quantization, not after
     model = load_model(source, dtype=dtype, quant=qc, progress=progress)
     save_quantized(model, out, tokenizer_dir=tokenizer_dir)
