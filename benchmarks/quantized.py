@@ -314,8 +314,11 @@ def worker_dsmoe(path: str, fmt: str, prompt: int, decode: int, threads: int,
 
 def _time_dsmoe(model, prompt: int, decode: int, rounds: int) -> dict:
     """Best and median of ``rounds`` prefill / decode measurements (best: the least
-    disturbed by other processes on a shared machine)."""
+    disturbed by other processes on a shared machine). Greedy picks as ``generate`` makes
+    them (numpy's argmax, as the llama.cpp worker's)."""
     import torch
+
+    from dsmoe.generate import greedy_tokens
 
     V = model.config.vocab_size
     ids = torch.randint(0, V, (1, prompt), generator=torch.Generator().manual_seed(0))
@@ -328,11 +331,11 @@ def _time_dsmoe(model, prompt: int, decode: int, rounds: int) -> dict:
             prefill.append(prompt / (time.perf_counter() - start))
             cache = model.new_cache(1, prompt + decode + 1)
             logits = model(ids, cache=cache, logits_to_keep=1).logits
-            token = logits[:, -1].argmax(-1, keepdim=True)
+            token = greedy_tokens(logits[:, -1]).view(1, 1)
             start = time.perf_counter()
             for _ in range(decode):
                 logits = model(token, cache=cache, logits_to_keep=1).logits
-                token = logits[:, -1].argmax(-1, keepdim=True)
+                token = greedy_tokens(logits[:, -1]).view(1, 1)
             decoding.append(decode / (time.perf_counter() - start))
     return _rates(prefill, decoding)
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from conftest import generation_config
 from dsmoe.generate import filter_top_k, filter_top_p, generate, left_pad
@@ -113,3 +115,26 @@ def test_text_streamer_never_prints_a_stop_string() -> None:
     assert stopped
     assert streamer.finish() == "Hello there\n"
     assert "".join(printed) == "Hello there\n"
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(0, 2**31 - 1), st.sampled_from([torch.float32, torch.bfloat16]),
+       st.sampled_from(["none", "ties", "nan", "inf"]), st.integers(1, 3))
+def test_greedy_tokens_equal_torch_argmax(seed: int, dtype: torch.dtype, special: str,
+                                          rows: int) -> None:
+    """The numpy-backed greedy pick equals ``argmax(-1)`` on every row: first maximum on
+    ties, first NaN where there is one, infinities, both dtypes, 1-D and batched."""
+    from dsmoe.generate import greedy_tokens
+
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randint(-3, 4, (rows, 500), generator=g).float()  # many ties
+    if special == "nan":
+        logits[0, torch.randint(0, 500, (2,), generator=g)] = float("nan")
+    elif special == "inf":
+        logits[-1, torch.randint(0, 500, (2,), generator=g)] = float("inf")
+    elif special == "none":
+        logits = logits + torch.rand(rows, 500, generator=g)
+    logits = logits.to(dtype)
+    got = greedy_tokens(logits)
+    assert got.dtype == torch.int64 and torch.equal(got, logits.argmax(-1))
+    assert torch.equal(greedy_tokens(logits[0]), logits[0].argmax(-1))

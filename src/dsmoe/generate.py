@@ -7,6 +7,10 @@ Design choices:
 - Sampling is a chain of small logit transforms (repetition penalty, temperature, top-k,
   top-p) on fp32 logits; temperature 0 is greedy argmax. A seeded ``torch.Generator``
   makes sampling reproducible without touching the global RNG.
+- Greedy picks on CPU go through numpy's argmax: torch's CPU argmax over a 102,400-entry
+  row takes ~0.3-0.5 ms (bf16: ~1.2 ms; 8 rows: ~3 ms), numpy's ~0.01 ms, and at a decode
+  step of ~15-25 ms that is 2-5% of every token. Both return the first maximum, and the
+  first NaN where there is one.
 - Rows that finish (EOS or a stop sequence) keep decoding in lock-step but their output
   is replaced by padding; generation ends when every row has finished.
 
@@ -18,6 +22,7 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, Callable, Sequence
 
+import numpy as np
 import torch
 
 from dsmoe.decode import make_decoder
@@ -63,11 +68,22 @@ def filter_top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
     return logits.masked_fill(drop, float("-inf"))
 
 
+def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
+    """[..., V] logits -> [...] int64 index of each row's maximum (the first one; the first
+    NaN where a row has one), as ``logits.argmax(-1)`` but ~30x faster on CPU."""
+    if logits.device.type != "cpu" or logits.dim() == 0:
+        return logits.argmax(dim=-1)
+    rows = logits.detach()
+    if rows.dtype != torch.float32:  # numpy has no bf16; widening is exact and cheap
+        rows = rows.float()
+    return torch.from_numpy(np.asarray(np.argmax(rows.numpy(), axis=-1), dtype=np.int64))
+
+
 def next_tokens(logits: torch.Tensor, *, temperature: float, top_k: int | None,
                 top_p: float | None, generator: torch.Generator | None) -> torch.Tensor:
     """[B, V] fp32 logits -> [B] token ids."""
     if temperature <= 0:
-        return logits.argmax(dim=-1)
+        return greedy_tokens(logits)
     logits = logits / temperature
     if top_k is not None:
         logits = filter_top_k(logits, top_k)
