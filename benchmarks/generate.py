@@ -53,11 +53,11 @@ another expert; bf16 mismatches are reported, fp32 mismatches abort the run.
 
 Reading the numbers (2-core AMD EPYC VM, torch 2.13 with MKL; see the README table):
 - A decode step streams every active weight once (~1.6 GB per token at batch 1 in fp32; the
-  bound tables count it), so
-  its speed is how fast the weights come from memory. transformers multiplies with torch's
-  BLAS kernels, which read fp32 weights at ~13-14 GB/s and bf16 at ~10 GB/s on one core;
-  dsmoe sends products of at most ``dsmoe.linear.DECODE_MAX_ROWS`` rows to its native
-  kernels (``dsmoe.native``), which read both at ~20 GB/s, about what one core can draw.
+  bound tables count it), so its speed is how fast the weights come from memory.
+  transformers multiplies with torch's BLAS kernels, which read fp32 weights at ~13-14 GB/s
+  and bf16 at ~10 GB/s on one core; dsmoe sends products of at most
+  ``dsmoe.linear.DECODE_MAX_ROWS`` rows to its native kernels (``dsmoe.native``), which read
+  both at ~20 GB/s, about what one core can draw.
   That is the whole gap at batch 1 on one thread: ~1.6x in fp32, ~2.2x in bf16; fp32
   cannot reach 2x there against a baseline that already streams at half the memory's
   speed. With two threads the native kernels split rows between the cores (~33 GB/s),
@@ -484,8 +484,8 @@ def bandwidth_bound(model: Transformer, ids: torch.Tensor, n: int, dtype: str,
     hit = experts_hit(model, ids, n)
     best = {r.impl: r.best_tps for r in rows}
     c = model.config
-    return Bound(dtype, B, torch.get_num_threads(), c.num_hidden_layers, c.n_routed_experts or 0, hit,
-                 decode_step_bytes(model.config, WEIGHT_FORMAT[dtype], B, hit),
+    return Bound(dtype, B, torch.get_num_threads(), c.num_hidden_layers,
+                 c.n_routed_experts or 0, hit, decode_step_bytes(c, WEIGHT_FORMAT[dtype], B, hit),
                  cache.ours * B * (P + n / 2), before.best(memory_bandwidth(mib)), best[DSMOE],
                  best[HF])
 
