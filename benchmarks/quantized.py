@@ -452,6 +452,44 @@ def write_random_quantized(preset: str, directory: Path, bits: int = 8) -> float
     return time.perf_counter() - start
 
 
+def write_random_gguf(preset: str, path: Path) -> float:
+    """A random Q4_0 GGUF of ``preset`` written tensor by tensor (its floats never exist):
+    random nibbles with fp16 block scales so weights have std ~0.02, token_embd and output
+    as Q8_0 (as dsmoe's exporter writes q4_0 files), F32 norms (ones) and routers, and the
+    tokenizer metadata llama.cpp needs (a small BPE padded to the vocabulary)."""
+    import math
+
+    import gguf
+    import numpy as np
+
+    from dsmoe import ModelConfig
+    from dsmoe.checkpoint.gguf.writer import write_gguf_tensors
+
+    config = ModelConfig.preset(preset).replace(bos_token_id=None, eos_token_id=None)
+    rng = np.random.default_rng(0)
+    # block scale d so that d * (stored value) has std 0.02: Q4_0 stores q - 8 with q
+    # uniform in 0..15 (std 4.61), Q8_0 a uniform int8 (std 73.9)
+    scales = {gguf.GGMLQuantizationType.Q4_0: 0.02 / 4.61,
+              gguf.GGMLQuantizationType.Q8_0: 0.02 / 73.9}
+
+    def tensor_data(spec, qtype) -> np.ndarray:
+        if qtype not in scales:  # F32 / F16: norms and routers
+            if "norm" in spec.gguf_name:
+                return np.ones(spec.shape, np.float32)
+            value = rng.standard_normal(spec.shape, dtype=np.float32) * 0.02
+            return value.astype(np.float16) if qtype == gguf.GGMLQuantizationType.F16 \
+                else value
+        block, size = gguf.GGML_QUANT_SIZES[qtype]
+        rows = math.prod(spec.shape[:-1])
+        raw = rng.integers(0, 256, (rows, spec.shape[-1] // block, size), dtype=np.uint8)
+        raw[:, :, :2] = np.array([scales[qtype]], np.float16).view(np.uint8)
+        return raw.reshape(*spec.shape[:-1], -1)
+
+    start = time.perf_counter()
+    write_gguf_tensors(path, config, tensor_data, _tokenizer(config.vocab_size), quant="q4_0")
+    return time.perf_counter() - start
+
+
 # --- main --------------------------------------------------------------------------------------
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -112,7 +112,7 @@ def test_quantized_round_trip_within_tolerance(tmp_path: Path, case: str, quant:
     path = tmp_path / f"m-{quant}.gguf"
     write_model_gguf(model, path, quant=quant)
     types = {t.name: gguf.GGMLQuantizationType(int(t.tensor_type))
-             for t in GGUFFile(path).reader.tensors}
+             for t in GGUFFile(path).tensors.values()}
     assert types["blk.1.attn_kv_a_norm.weight"] == gguf.GGMLQuantizationType.F32
     assert types["blk.1.ffn_gate_inp.weight"] == gguf.GGMLQuantizationType.F32
     wanted = gguf.GGMLQuantizationType[quant.upper()]

@@ -92,7 +92,7 @@ def test_block_count_of_2_to_the_40_is_refused_before_building_anything(
     path = tmp_path / "blocks.gguf"
     write_llama_cpp_style(path, make_model(), None)
     raw = bytearray(path.read_bytes())
-    field = GGUFFile(path).reader.get_field("deepseek.block_count")
+    field = gguf.GGUFReader(path).get_field("deepseek.block_count")
     value_at = field.offset + sum(int(p.nbytes) for p in field.parts[:-1])
     # u32 -> u64 in place is impossible, so claim the largest u32 (4e9 layers)
     raw[value_at:value_at + 4] = struct.pack("<I", 0xFFFFFFFF)

@@ -367,13 +367,12 @@ def test_int4_from_a_q4_0_gguf_takes_the_blocks_as_stored(tmp_path: Path, traine
     path = tmp_path / "m.gguf"
     write_model_gguf(trained, path, quant="q4_0")
     floats = load_model(path)  # what llama.cpp computes with (dequantized Q4_0)
-    real = reader.dequantize
+    for name in ("dequantize", "dequantize_blocks"):  # whole tensors, chunks of blocks
+        def no_q4_0(data, qtype, *rest, real=getattr(reader, name)):
+            assert qtype != reader.Q.Q4_0, "a Q4_0 tensor was dequantized"
+            return real(data, qtype, *rest)
 
-    def no_q4_0(data, qtype, *rest):
-        assert qtype != reader.Q.Q4_0, "a Q4_0 tensor was dequantized"
-        return real(data, qtype, *rest)
-
-    monkeypatch.setattr(reader, "dequantize", no_q4_0)
+        monkeypatch.setattr(reader, name, no_q4_0)
     model = load_model(path, quant="int4")
     qc = model.quant_config
     assert (qc.bits, qc.group_size, qc.symmetric) == (4, 32, True)
@@ -453,7 +452,7 @@ def test_q4_0_blocks_convert_the_same_natively_and_in_torch(monkeypatch) -> None
     blocks[:, :2] = d.view(torch.uint8).reshape(n, 2)
     data = blocks.numpy().reshape(4, -1)  # as GGUFReader maps it: [rows, bytes]
     ours = q4_0_as_int4(data, (4, n * 32 // 4))
-    monkeypatch.setattr(native, "q4_0_to_int4", lambda blocks: None)
+    monkeypatch.setattr(native, "q4_0_to_int4", lambda blocks, out=None: None)
     theirs = q4_0_as_int4(np.ascontiguousarray(data), (4, n * 32 // 4))
     assert torch.equal(ours[0], theirs[0])
     assert torch.equal(ours[1].view(torch.int16), theirs[1].view(torch.int16))

@@ -447,16 +447,25 @@ def attention_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: tor
     return out
 
 
-def q4_0_to_int4(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+def q4_0_to_int4(blocks: torch.Tensor, out: tuple[torch.Tensor, torch.Tensor] | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """llama.cpp Q4_0 blocks (uint8 [n, 18]) -> symmetric int4: q uint8 [n, 16] in the
     canonical nibble order and scale bf16 [n] (the fp16 d rounded); None without the
-    library. Streams the bytes once (torch's gather + cat + pack takes ~10x longer)."""
+    library. Streams the bytes once (torch's gather + cat + pack takes ~10x longer).
+    ``out``: contiguous (q, scale) of those shapes to write into (e.g. slots of the final
+    stacked weights) instead of new tensors."""
     lib = library()
     if lib is None:
         return None
     blocks = blocks.contiguous()
     n = blocks.shape[0]
-    q = torch.empty(n, 16, dtype=torch.uint8)
-    scale = torch.empty(n, dtype=torch.bfloat16)
+    if out is None:
+        out = torch.empty(n, 16, dtype=torch.uint8), torch.empty(n, dtype=torch.bfloat16)
+    q, scale = out
+    if (q.dtype, scale.dtype) != (torch.uint8, torch.bfloat16) or q.numel() != 16 * n \
+            or scale.numel() != n or not (q.is_contiguous() and scale.is_contiguous()):
+        raise ValueError(f"q4_0_to_int4: out must be contiguous uint8 [{n}, 16] and bf16 "
+                         f"[{n}], got {q.dtype} {list(q.shape)} and {scale.dtype} "
+                         f"{list(scale.shape)}")
     lib.dsmoe_q4_0_to_int4(blocks.data_ptr(), q.data_ptr(), scale.data_ptr(), n)
     return q, scale

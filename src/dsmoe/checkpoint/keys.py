@@ -77,6 +77,18 @@ def moe_from_hf(state_dict: Mapping[str, torch.Tensor], n_experts: int | None = 
     return out
 
 
+def expert_slot(name: str) -> tuple[str, int, int]:
+    """Where the per-expert tensor ``name`` (dsmoe or HF naming) lands in ``moe_from_hf``'s
+    stacks: (stacked name, part, parts) -- ``gate_up_proj`` holds each expert's gate rows
+    (part 0) then its up rows (part 1) of 2; ``down_proj`` is part 0 of 1."""
+    match = _HF_EXPERT.match(name)
+    if match is None:
+        raise ValueError(f"{name} is not a per-expert weight")
+    if match["proj"] == "down":
+        return f"{match['prefix']}experts.down_proj", 0, 1
+    return f"{match['prefix']}experts.gate_up_proj", int(match["proj"] == "up"), 2
+
+
 def moe_to_hf(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """dsmoe names -> HF names: split stacked experts into contiguous per-expert tensors."""
     out: dict[str, torch.Tensor] = {}

@@ -81,10 +81,18 @@ def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
     The scale is rounded to bf16 *before* q is computed: the kernel multiplies by the bf16
     scale, so q is chosen for the scale actually used, and both kernel paths agree."""
-    w = weight.detach().float()
-    scale = (w.abs().amax(dim=-1).clamp(min=1e-12) / 127.0).to(_KERNEL_DTYPE)  # [..., N]
-    q = torch.round(w / scale.float().unsqueeze(-1)).clamp_(-127, 127).to(torch.int8)
-    return q, scale
+    w = weight.detach().reshape(-1, weight.shape[-1])  # [rows, K]
+    q = torch.empty(w.shape, dtype=torch.int8, device=w.device)
+    scale = torch.empty(w.shape[0], dtype=_KERNEL_DTYPE, device=w.device)
+    # Rows in chunks: the float temporaries of a whole output matrix (102400 x 2048) would
+    # be ~3x its fp32 size, beyond the matrix itself (the 16B model's load budget).
+    step = max(1, (1 << 22) // max(1, w.shape[1]))
+    for first in range(0, w.shape[0], step):
+        rows = w[first:first + step].float()
+        s = (rows.abs().amax(dim=-1).clamp(min=1e-12) / 127.0).to(_KERNEL_DTYPE)  # [rows]
+        scale[first:first + step] = s
+        q[first:first + step] = torch.round(rows / s.float().unsqueeze(-1)).clamp_(-127, 127)
+    return q.reshape(weight.shape), scale.reshape(weight.shape[:-1])
 
 
 def dequantize_int8(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32

@@ -45,8 +45,8 @@ def gguf_source(path: str | os.PathLike) -> Source:
     stored = _FILE_DTYPES.get(f.get("general.file_type", 0), torch.float32)
     q4_0 = f.get("general.file_type", 0) == QUANT_TYPES["q4_0"][1]
     return Source(config, lambda model: _check_against_model(f, config, model),
-                  lambda dtype: native_groups(f, config, torch.float32), stored,
-                  int4_groups=(lambda dtype: native_groups(f, config, torch.float32, True))
+                  lambda dtype: native_groups(f, config, dtype), stored,
+                  int4_groups=(lambda dtype: native_groups(f, config, dtype, True))
                   if q4_0 else None)
 
 
@@ -68,11 +68,14 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
         raise ValueError(f"{f.path}: {exc}") from exc
 
 
-def native_groups(f: GGUFFile, config: ModelConfig, dtype: torch.dtype, int4: bool = False
-                  ) -> Iterator[dict[str, torch.Tensor]]:
+def native_groups(f: GGUFFile, config: ModelConfig, dtype: torch.dtype | None,
+                  int4: bool = False) -> Iterator[dict[str, torch.Tensor]]:
     """The file's tensors under dsmoe's native names (experts stacked), one dict per layer
     (plus one for the embedding, final norm and output). ``int4``: Q4_0 weight matrices
-    come as a symmetric int4 matrix's ``<module>.qweight`` / ``.scale`` (never as floats)."""
+    come as a symmetric int4 matrix's ``<module>.qweight`` / ``.scale`` (never as floats).
+    Float tensors come in float32 (what quantizing on arrival and fp32 buffers want), but
+    the embedding in the model's ``dtype``: it is a lookup table, cast to ``dtype``
+    anyway, and the largest float tensor (102400 x 2048: 0.84 GB as float32)."""
     specs = f.check_tensors(config)
     groups: dict[str, list] = defaultdict(list)
     for spec in specs:
@@ -80,7 +83,9 @@ def native_groups(f: GGUFFile, config: ModelConfig, dtype: torch.dtype, int4: bo
     for group in groups.values():
         direct = [spec for spec in group if int4 and _int4_as_stored(f, spec)]
         hf = {native_name(n): t for spec in group if spec not in direct
-              for n, t in f.hf_tensors(spec, dtype, copy_experts=False)}
+              for n, t in f.hf_tensors(spec, dtype if dtype is not None and spec.gguf_name
+                                       == "token_embd.weight" else torch.float32,
+                                       copy_experts=False)}
         out = keys.moe_from_hf(hf, config.n_routed_experts)
         if direct:
             out.update(_int4_tensors(f, direct, config.n_routed_experts))
@@ -102,16 +107,28 @@ def _int4_as_stored(f: GGUFFile, spec: TensorSpec) -> bool:
 
 def _int4_tensors(f: GGUFFile, specs: list[TensorSpec], n_experts: int
                   ) -> dict[str, torch.Tensor]:
-    """``<module>.qweight`` and ``.scale`` of the Q4_0 ``specs`` (experts stacked the way
-    ``moe_from_hf`` stacks float weights: a row split of a matrix splits its scales too)."""
-    loaded = {spec.gguf_name: f.load_int4(spec) for spec in specs}
-    out = {}
-    for i, leaf in enumerate(("qweight", "scale")):
-        per_name = {native_name(n): piece for spec in specs for n, piece in zip(
-            spec.hf_names, loaded[spec.gguf_name][i].unbind(0) if spec.stacked
-            else [loaded[spec.gguf_name][i]])}
-        for name, tensor in keys.moe_from_hf(per_name, n_experts).items():
-            out[f"{name.removesuffix('.weight')}.{leaf}"] = tensor
+    """``<module>.qweight`` and ``.scale`` of the Q4_0 ``specs``. Stacked experts are
+    converted expert by expert straight into the final stacked buffers (the layout
+    ``moe_from_hf`` gives float weights), so a layer never exists twice: at the 16B shape a
+    transient copy of a layer's experts (~0.3 GB) would not fit the 10 GB budget."""
+    out: dict[str, torch.Tensor] = {}
+    for spec in specs:
+        if not spec.stacked:
+            name = native_name(spec.hf_names[0]).removesuffix(".weight")
+            out[f"{name}.qweight"], out[f"{name}.scale"] = f.load_int4(spec)
+            continue
+        E, N, K = spec.shape
+        if E != n_experts:  # check_tensors compared the shapes: this is a bug
+            raise RuntimeError(f"internal error: {spec.gguf_name} stacks {E} experts")
+        stacked, part, parts = keys.expert_slot(native_name(spec.hf_names[0]))
+        q = out.setdefault(f"{stacked}.qweight",
+                           torch.empty(E, parts * N, K // 2, dtype=torch.uint8))
+        scale = out.setdefault(f"{stacked}.scale",
+                               torch.empty(E, parts * N, K // 32, dtype=torch.bfloat16))
+        rows = slice(part * N, (part + 1) * N)
+        t = f.tensors[spec.gguf_name]
+        for e in range(E):
+            f.read_int4(t, q[e, rows], scale[e, rows], first_block=e * N * K // 32)
     return out
 
 

@@ -1,8 +1,12 @@
 """Reading GGUF files: validation, metadata, and tensors dequantised one at a time.
 
 Design choices:
-- ``gguf.GGUFReader`` memory-maps the file; tensor data is read (and dequantised) only when
-  a tensor is asked for, one at a time, so peak memory is the output plus one tensor.
+- The header is parsed by ``header.read_header`` (bounded, fast); tensor data is read (and
+  dequantised) only when a tensor is asked for, one at a time, in chunks of a few MB
+  straight into the output (a Q4_0 matrix into the final int4 buffers, an expert's rows
+  into its slot of the stacked matrix), so peak memory is the output plus one chunk.
+- Reads, not a memory map: pages of a mapped file that were touched stay counted in the
+  process's RSS (RssFile) until unmapped; for a 9 GB model that doubled the peak.
 - Every problem is a ``ValueError`` that names the file and the fix: not GGUF, truncated,
   unknown tensor type, unsupported architecture, metadata contradicting tensor shapes,
   missing or unexpected tensors.
@@ -15,7 +19,6 @@ Shapes: torch order throughout (GGUF's ``ne`` lists dimensions innermost first).
 from __future__ import annotations
 
 import os
-import warnings
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -24,7 +27,7 @@ import numpy as np
 import torch
 
 from dsmoe.checkpoint.gguf import metadata
-from dsmoe.checkpoint.gguf.header import check_header
+from dsmoe.checkpoint.gguf.header import TensorInfo, read_header
 from dsmoe.checkpoint.gguf.names import (TensorSpec, from_llama_rope_rows, join_kv_b,
                                          rope_tail_rows, tensor_specs)
 from dsmoe.checkpoint.gguf.vocab import TokenizerData
@@ -32,6 +35,10 @@ from dsmoe.config import ModelConfig
 
 Q = gguf.GGMLQuantizationType
 _MISSING = object()
+_FLOAT_TYPES = {Q.F32: torch.float32, Q.F16: torch.float16, Q.BF16: torch.bfloat16}
+_BLOCK_BYTES = {Q.Q8_0: 34, Q.Q4_0: 18}  # 32 values per block
+# Bytes per read: large enough to stream at disk speed, small next to any layer.
+_CHUNK_BYTES = 4 << 20
 _HEADER_BYTES = 24  # magic, version, tensor count, kv count
 # Which metadata keys fix the shape of each kind of tensor (for error messages).
 _SHAPE_KEYS = {
@@ -71,40 +78,30 @@ class GGUFFile:
                              "expected b'GGUF')")
         if size < _HEADER_BYTES:
             raise ValueError(f"{self.path}: truncated GGUF file ({size} bytes)")
-        check_header(self.path)  # before GGUFReader, which believes every count it reads
-        try:
-            self.reader = gguf.GGUFReader(self.path)
-        except ValueError as exc:
-            if "GGMLQuantizationType" in str(exc):
-                raise ValueError(f"{self.path}: unknown GGML tensor type ({exc}); the file may "
-                                 "come from a newer llama.cpp than the installed gguf package"
-                                 ) from exc
-            if "cannot reshape" in str(exc):  # gguf maps each tensor: the data ends early
-                raise ValueError(f"{self.path}: truncated GGUF file: the tensor data ends "
-                                 f"early (the file has {size} bytes)") from exc
-            raise ValueError(f"{self.path}: cannot parse GGUF (truncated or corrupt?): {exc}"
-                             ) from exc
-        except (IndexError, OverflowError, UnicodeDecodeError, KeyError, TypeError) as exc:
-            raise ValueError(f"{self.path}: cannot parse GGUF (truncated or corrupt?): "
-                             f"{type(exc).__name__}: {exc}") from exc
-        self.tensors: dict[str, Any] = {t.name: t for t in self.reader.tensors}
-        for t in self.reader.tensors:
-            end = int(t.data_offset) + int(t.n_bytes)
-            if end > size:
-                raise ValueError(f"{self.path}: truncated GGUF file: tensor {t.name} ends at "
-                                 f"byte {end}, the file has {size} bytes")
+        header = read_header(self.path)
+        self.fields: dict[str, Any] = header.fields
+        self.tensors: dict[str, TensorInfo] = {}
+        for t in header.tensors:
+            if t.name in self.tensors:
+                raise ValueError(f"{self.path}: tensor {t.name} is listed twice (corrupt file)")
+            if t.offset + t.n_bytes > size:
+                raise ValueError(f"{self.path}: truncated GGUF file: the tensor data ends early "
+                                 f"(tensor {t.name} ends at byte {t.offset + t.n_bytes}, the "
+                                 f"file has {size} bytes)")
+            self.tensors[t.name] = t
+        self.little_endian = header.little_endian
 
     def get(self, key: str, default: Any = _MISSING) -> Any:
         """A metadata value (str, number, bool or list); ``default`` when absent."""
-        field = self.reader.get_field(key)
-        if field is None:
+        value = self.fields.get(key, _MISSING)
+        if value is _MISSING:
             if default is _MISSING:
                 raise ValueError(f"{self.path}: required metadata key {key!r} is missing")
             return default
-        return field.contents()
+        return value
 
     def config(self) -> ModelConfig:
-        shapes = {name: tuple(int(n) for n in t.shape.tolist()) for name, t in self.tensors.items()}
+        shapes = {name: t.ne for name, t in self.tensors.items()}
         return metadata.read_config(self.get, shapes, str(self.path))
 
     def tokenizer_data(self) -> TokenizerData | None:
@@ -120,8 +117,7 @@ class GGUFFile:
         whole = any(name.endswith(".attn_kv_b.weight") for name in self.tensors)
         specs = tensor_specs(config, kv_b="whole" if whole else "split")
         expected = {s.gguf_name: s for s in specs}
-        found = {name: tuple(int(n) for n in reversed(t.shape.tolist()))
-                 for name, t in self.tensors.items()}
+        found = {name: t.shape for name, t in self.tensors.items()}
         optional = {"rope_freqs.weight"}  # llama3-style RoPE factors: unused by DeepSeek V1
         missing = [n for n in expected if n not in found]
         unexpected = [n for n in found if n not in expected and n not in optional]
@@ -141,10 +137,8 @@ class GGUFFile:
 
     def load(self, spec: TensorSpec, dtype: torch.dtype) -> torch.Tensor:
         """One tensor in torch order and ``dtype``, with llama.cpp's q/k row order undone.
-        Always a fresh tensor (never a view of the read-only memory map)."""
-        t = self.tensors[spec.gguf_name]
-        out = dequantize(t.data, Q(t.tensor_type), spec.shape, f"{self.path}: {spec.gguf_name}")
-        out = out.to(dtype)
+        Always a fresh tensor of the process's own memory (the file is read, not mapped)."""
+        out = self.read_float(self.tensors[spec.gguf_name], spec.shape, dtype)
         if spec.rope_heads is not None:
             out = from_llama_rope_rows(out, spec.rope_heads)
         if spec.rope_tail is not None:
@@ -153,14 +147,78 @@ class GGUFFile:
 
     def load_int4(self, spec: TensorSpec) -> tuple[torch.Tensor, torch.Tensor]:
         """A Q4_0 tensor as dsmoe's symmetric int4 (``q4_0_as_int4``), rows in HF order."""
-        t = self.tensors[spec.gguf_name]
-        if Q(t.tensor_type) != Q.Q4_0:
-            raise ValueError(f"{self.path}: {spec.gguf_name} is {Q(t.tensor_type).name}, "
-                             "not Q4_0")
-        q, scale = q4_0_as_int4(t.data, spec.shape)
+        *lead, N, K = spec.shape
+        q = torch.empty(*lead, N, K // 2, dtype=torch.uint8)
+        scale = torch.empty(*lead, N, K // 32, dtype=torch.bfloat16)
+        self.read_int4(self.tensors[spec.gguf_name], q, scale)
         if spec.rope_heads is not None:
             q, scale = (from_llama_rope_rows(v, spec.rope_heads) for v in (q, scale))
         return q, scale
+
+    def read_int4(self, t: TensorInfo, q: torch.Tensor, scale: torch.Tensor,
+                  first_block: int = 0) -> None:
+        """The Q4_0 blocks of ``t`` from ``first_block`` on, converted into the caller's
+        contiguous ``q`` (uint8, 16 bytes per block) and ``scale`` (bf16, one per block),
+        e.g. one expert's rows of a stacked matrix. Read in chunks: nothing but the final
+        buffers grows with the tensor."""
+        if Q(t.tensor_type) != Q.Q4_0:
+            raise ValueError(f"{self.path}: {t.name} is {Q(t.tensor_type).name}, not Q4_0")
+        self._check_little_endian(t)
+        q_blocks, scales = q.view(-1, 16), scale.view(-1)  # [n, 16], [n]
+        with self._open() as fh:
+            for first, raw in self._chunks(fh, t, first_block, scales.numel()):
+                rows = slice(first, first + raw.shape[0])
+                q4_0_into(raw, q_blocks[rows], scales[rows])
+
+    def read_float(self, t: TensorInfo, shape: tuple[int, ...], dtype: torch.dtype
+                   ) -> torch.Tensor:
+        """Tensor ``t`` as a fresh ``dtype`` tensor of ``shape``. Q8_0 / Q4_0 are
+        dequantized chunk by chunk into the output (no full-size float temporaries)."""
+        qtype = Q(t.tensor_type)
+        if qtype in _FLOAT_TYPES:
+            stored = torch.empty(shape, dtype=_FLOAT_TYPES[qtype])
+            with self._open() as fh:
+                _read_into(fh, stored.reshape(-1).view(torch.uint8), t.offset, self.path)
+            if not self.little_endian:  # gguf-py reads such files; so does dsmoe
+                bits = stored.view({4: torch.int32, 2: torch.int16}[stored.element_size()])
+                stored = torch.from_numpy(bits.numpy().byteswap()).view(stored.dtype)
+            return stored.to(dtype)
+        self._check_little_endian(t)
+        if qtype in _BLOCK_BYTES:
+            out = torch.empty(shape, dtype=dtype)
+            flat = out.view(-1, 32)  # [n blocks, 32]
+            with self._open() as fh:
+                for first, raw in self._chunks(fh, t, 0, flat.shape[0]):
+                    flat[first:first + raw.shape[0]] = dequantize_blocks(raw, qtype)
+            return out
+        raw = torch.empty(t.n_bytes, dtype=torch.uint8)
+        with self._open() as fh:
+            _read_into(fh, raw, t.offset, self.path)
+        data = raw.numpy().reshape(*shape[:-1], -1)  # [..., bytes per row], as gguf-py wants
+        return dequantize(data, qtype, shape, f"{self.path}: {t.name}").to(dtype)
+
+    def _open(self):  # noqa: ANN202 - a raw file object
+        return open(self.path, "rb", buffering=0)
+
+    def _chunks(self, fh, t: TensorInfo, first_block: int, n_blocks: int
+                ) -> Iterator[tuple[int, torch.Tensor]]:
+        """(index of the first block, raw blocks uint8 [n, block bytes]) over blocks
+        [first_block, first_block + n_blocks) of ``t``, through one reused buffer."""
+        size = _BLOCK_BYTES[Q(t.tensor_type)]
+        if (first_block + n_blocks) * size > t.n_bytes:
+            raise ValueError(f"internal error: blocks up to {first_block + n_blocks} of "
+                             f"{t.name}, which has {t.n_bytes // size}")
+        per_chunk = max(1, _CHUNK_BYTES // size)
+        buffer = torch.empty(min(per_chunk, n_blocks), size, dtype=torch.uint8)
+        for done in range(0, n_blocks, per_chunk):
+            raw = buffer[:min(per_chunk, n_blocks - done)]
+            _read_into(fh, raw.view(-1), t.offset + (first_block + done) * size, self.path)
+            yield done, raw
+
+    def _check_little_endian(self, t: TensorInfo) -> None:
+        if not self.little_endian:
+            raise ValueError(f"{self.path}: {t.name}: {Q(t.tensor_type).name} data of a "
+                             "big-endian GGUF is not supported (only float tensors are)")
 
     def hf_tensors(self, spec: TensorSpec, dtype: torch.dtype, *, copy_experts: bool = True
                    ) -> Iterator[tuple[str, torch.Tensor]]:
@@ -179,30 +237,43 @@ class GGUFFile:
             yield name, piece.clone() if copy_experts else piece
 
 
+def _read_into(fh, out: torch.Tensor, offset: int, path: Path) -> None:
+    """Fill the contiguous uint8 ``out`` with the file's bytes from ``offset`` on. A read
+    into the process's own memory, not a memory map: the page cache it goes through is
+    not counted in this process's RSS, and nothing of the file stays resident in it."""
+    view = memoryview(out.numpy()).cast("B")
+    fh.seek(offset)
+    done = 0
+    while done < len(view):
+        got = fh.readinto(view[done:])
+        if not got:
+            raise ValueError(f"{path}: truncated GGUF file: the data ends at byte "
+                             f"{offset + done}")
+        done += got
+
+
+def dequantize_blocks(raw: torch.Tensor, qtype: gguf.GGMLQuantizationType) -> torch.Tensor:
+    """Q8_0 / Q4_0 blocks uint8 [n, block bytes] -> float32 [n, 32]."""
+    if qtype == Q.Q8_0:  # blocks of 32: f16 scale d, 32 x int8 q; x = d * q
+        d = raw[:, :2].contiguous().view(torch.float16).float()  # [n, 1]
+        return d * raw[:, 2:].contiguous().view(torch.int8).float()
+    # Q4_0: blocks of 32: f16 d, 16 bytes; low nibbles are values 0..15, high 16..31
+    d = raw[:, :2].contiguous().view(torch.float16).float()  # [n, 1]
+    packed = raw[:, 2:].to(torch.int16)  # [n, 16]
+    return d * (torch.cat([packed & 0x0F, packed >> 4], dim=1).float() - 8.0)
+
+
 def dequantize(data: np.ndarray, qtype: gguf.GGMLQuantizationType, shape: tuple[int, ...],
                what: str) -> torch.Tensor:
-    """GGUF tensor data (as ``GGUFReader`` maps it) -> a torch tensor of ``shape``
+    """GGUF tensor data (bytes, or the stored float array) -> a torch tensor of ``shape``
     (float32, or the stored float type for F16/BF16)."""
-    with warnings.catch_warnings():  # torch warns that the memory map is read-only
-        warnings.simplefilter("ignore", UserWarning)
-        if qtype == Q.F32:
-            return torch.from_numpy(np.ascontiguousarray(data)).reshape(shape).clone()
-        if qtype == Q.F16:
-            return torch.from_numpy(np.ascontiguousarray(data)).reshape(shape).clone()
-        raw = torch.from_numpy(np.ascontiguousarray(data).reshape(-1))  # uint8 bytes
-        if qtype == Q.BF16:
-            return raw.view(torch.bfloat16).reshape(shape).clone()
-        if qtype == Q.Q8_0:  # blocks of 32: f16 scale d, 32 x int8 q; x = d * q
-            blocks = raw.view(-1, 34)
-            d = blocks[:, :2].contiguous().view(torch.float16).float()  # [n, 1]
-            q = blocks[:, 2:].contiguous().view(torch.int8).float()  # [n, 32]
-            return (d * q).reshape(shape)
-        if qtype == Q.Q4_0:  # blocks of 32: f16 d, 16 bytes; low nibbles 0..15, high 16..31
-            blocks = raw.view(-1, 18)
-            d = blocks[:, :2].contiguous().view(torch.float16).float()  # [n, 1]
-            packed = blocks[:, 2:].to(torch.int16)  # [n, 16]
-            q = torch.cat([packed & 0x0F, packed >> 4], dim=1).float() - 8.0  # [n, 32]
-            return (d * q).reshape(shape)
+    if qtype in (Q.F32, Q.F16):
+        return torch.from_numpy(np.array(data)).reshape(shape)
+    raw = torch.from_numpy(np.array(data).reshape(-1))  # uint8 bytes (a copy of its own)
+    if qtype == Q.BF16:
+        return raw.view(torch.bfloat16).reshape(shape)
+    if qtype in _BLOCK_BYTES:
+        return dequantize_blocks(raw.view(-1, _BLOCK_BYTES[qtype]), qtype).reshape(shape)
     try:
         values = gguf.quants.dequantize(np.asarray(data), qtype)
     except NotImplementedError as exc:
@@ -211,25 +282,29 @@ def dequantize(data: np.ndarray, qtype: gguf.GGMLQuantizationType, shape: tuple[
     return torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32)).reshape(shape)
 
 
-def q4_0_as_int4(data: np.ndarray, shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Q4_0 data of a tensor ``shape`` [..., N, K] -> dsmoe's symmetric int4 without
-    dequantizing: q uint8 [..., N, K/2] (the same 4-bit values, in the canonical nibble
-    order) and scale bf16 [..., N, K/32] (the fp16 block scales rounded to bf16: a relative
-    change of at most 2^-9, far below the 4-bit step)."""
+def q4_0_into(blocks: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> None:
+    """Q4_0 blocks uint8 [n, 18] -> dsmoe's symmetric int4 in the caller's contiguous
+    ``q`` uint8 [n, 16] (the same 4-bit values, canonical nibble order) and ``scale`` bf16
+    [n] (the fp16 block scales rounded to bf16: a relative change of at most 2^-9, far
+    below the 4-bit step)."""
     from dsmoe import native
     from dsmoe.quant.kernels import pack_nibbles
 
-    with warnings.catch_warnings():  # torch warns that the memory map is read-only
-        warnings.simplefilter("ignore", UserWarning)
-        blocks = torch.from_numpy(np.ascontiguousarray(data).reshape(-1)).view(-1, 18)
-    *lead, N, K = shape
-    converted = native.q4_0_to_int4(blocks)
-    if converted is None:  # no C compiler: the same in torch ops
-        d = blocks[:, :2].contiguous().view(torch.float16)  # [n, 1]
+    if native.q4_0_to_int4(blocks, out=(q, scale)) is None:  # no C compiler: torch ops
         values = torch.cat([blocks[:, 2:] & 0x0F, blocks[:, 2:] >> 4], dim=1)  # [n, 32]
-        converted = pack_nibbles(values), d.to(torch.bfloat16)
-    q, scale = converted
-    return q.reshape(*lead, N, K // 2), scale.reshape(*lead, N, K // 32)
+        q.copy_(pack_nibbles(values))
+        scale.copy_(blocks[:, :2].contiguous().view(torch.float16).view(-1))
+
+
+def q4_0_as_int4(data: np.ndarray, shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q4_0 data (bytes) of a tensor ``shape`` [..., N, K] -> q uint8 [..., N, K/2] and
+    scale bf16 [..., N, K/32] (``q4_0_into``)."""
+    *lead, N, K = shape
+    blocks = torch.from_numpy(np.array(data).reshape(-1)).view(-1, 18)  # [n, 18]
+    q = torch.empty(*lead, N, K // 2, dtype=torch.uint8)
+    scale = torch.empty(*lead, N, K // 32, dtype=torch.bfloat16)
+    q4_0_into(blocks, q.view(-1, 16), scale.view(-1))
+    return q, scale
 
 
 def read_gguf(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32

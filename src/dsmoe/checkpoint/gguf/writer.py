@@ -93,8 +93,25 @@ def write_gguf(path: str | os.PathLike, config: ModelConfig,
     if problems:
         warnings.warn("llama.cpp will run this model differently from dsmoe: "
                       + "; ".join(problems), stacklevel=2)
+    _check_sources(tensor_specs(config), hf_state_dict, config)
+    write_gguf_tensors(path, config, lambda spec, qtype: encode(
+        _gguf_tensor(spec, hf_state_dict), qtype), tokenizer, quant=quant, name=name,
+        progress=progress)
+
+
+def write_gguf_tensors(path: str | os.PathLike, config: ModelConfig,
+                       tensor_data: Callable[[TensorSpec, gguf.GGMLQuantizationType],
+                                             np.ndarray],
+                       tokenizer: Tokenizer | TokenizerData | None = None, *,
+                       quant: str = "f16", name: str = "dsmoe",
+                       progress: Callable[[int, int], None] | None = None) -> None:
+    """``write_gguf``'s file, each tensor's stored data made by ``tensor_data(spec, type)``
+    (a float array for F32/F16, else the uint8 bytes, [..., bytes per row]) when it is
+    written: e.g. random Q4_0 blocks of a benchmark model whose floats would not fit."""
+    if quant not in QUANT_TYPES:
+        raise ValueError(f"unknown GGUF quant type {quant!r}; choose one of "
+                         f"{', '.join(QUANT_TYPES)}")
     specs = tensor_specs(config)
-    _check_sources(specs, hf_state_dict, config)
     if isinstance(tokenizer, Tokenizer):
         tokenizer = TokenizerData.from_tokenizer(tokenizer, config.vocab_size)
     elif tokenizer is not None and len(tokenizer.tokens) != config.vocab_size:
@@ -117,7 +134,7 @@ def write_gguf(path: str | os.PathLike, config: ModelConfig,
             writer.write_kv_data_to_file()
             writer.write_ti_data_to_file()
             for done, (spec, qtype) in enumerate(zip(specs, types), start=1):
-                writer.write_tensor_data(encode(_gguf_tensor(spec, hf_state_dict), qtype))
+                writer.write_tensor_data(tensor_data(spec, qtype))
                 if progress is not None:
                     progress(done, len(specs))
         finally:
