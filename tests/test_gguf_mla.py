@@ -232,19 +232,25 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
 
+def convert_with_llama_cpp(tmp_path: Path, model, tokenizer: Tokenizer, outtype: str) -> Path:
+    """``model`` saved as an HF directory and converted by convert_hf_to_gguf.py."""
+    model.save_pretrained(tmp_path / "hf")
+    tokenizer.save(tmp_path / "hf")
+    out = tmp_path / "converted.gguf"
+    proc = subprocess.run([sys.executable, "-c", _RUN_CONVERTER, _LLAMA_DIR, str(tmp_path / "hf"),
+                           "--outfile", str(out), "--outtype", outtype],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not _LLAMA_DIR or not (Path(_LLAMA_DIR) / "convert_hf_to_gguf.py").is_file(),
                     reason="set DSMOE_LLAMA_CPP_DIR to a llama.cpp checkout to run its converter")
 @pytest.mark.parametrize("case", ["v2_lite", "v3_yarn", "v2_qlora_scaled_dense0_tied"])
 def test_llama_cpp_converter_output_loads_in_dsmoe(tmp_path: Path, tokenizer, case: str) -> None:
     model = mla_model(case)
-    model.save_pretrained(tmp_path / "hf")
-    tokenizer.save(tmp_path / "hf")
-    out = tmp_path / "converted.gguf"
-    proc = subprocess.run([sys.executable, "-c", _RUN_CONVERTER, _LLAMA_DIR, str(tmp_path / "hf"),
-                           "--outfile", str(out), "--outtype", "f32"],
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = convert_with_llama_cpp(tmp_path, model, tokenizer, "f32")
     assert "blk.0.attn_k_b.weight" in GGUFFile(out).tensors
     loaded = load_gguf(out)
     assert loaded.config.model_type == model.config.model_type

@@ -8,7 +8,6 @@ Shapes: E experts, F expert width, D hidden.
 from __future__ import annotations
 
 import struct
-import subprocess
 import sys
 from pathlib import Path
 
@@ -17,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 from test_gguf import make_model, tokenizer  # noqa: F401 - tokenizer is a fixture
-from test_gguf_mla import _LLAMA_DIR, _RUN_CONVERTER, mla_model
+from test_gguf_mla import _LLAMA_DIR, convert_with_llama_cpp, mla_model
 
 from dsmoe.checkpoint.gguf import GGUFFile, reader, write_model_gguf
 from dsmoe.checkpoint.gguf.header import read_header
@@ -54,15 +53,7 @@ def test_header_equals_gguf_py_on_a_dsmoe_file(tmp_path: Path, tokenizer) -> Non
 @pytest.mark.skipif(not _LLAMA_DIR or not (Path(_LLAMA_DIR) / "convert_hf_to_gguf.py").is_file(),
                     reason="set DSMOE_LLAMA_CPP_DIR to a llama.cpp checkout to run its converter")
 def test_header_equals_gguf_py_on_a_converter_file(tmp_path: Path, tokenizer) -> None:  # noqa: F811
-    model = mla_model("v2_lite")
-    model.save_pretrained(tmp_path / "hf")
-    tokenizer.save(tmp_path / "hf")
-    out = tmp_path / "converted.gguf"
-    proc = subprocess.run([sys.executable, "-c", _RUN_CONVERTER, _LLAMA_DIR, str(tmp_path / "hf"),
-                           "--outfile", str(out), "--outtype", "q8_0"],
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    _same_as_gguf_py(out)
+    _same_as_gguf_py(convert_with_llama_cpp(tmp_path, mla_model("v2_lite"), tokenizer, "q8_0"))
 
 
 def _mapped(path: Path) -> list[str]:
