@@ -1,5 +1,5 @@
-"""Native decode kernels for float weights (dsmoe.native.float_rows_matmul) and where the
-model uses them (dsmoe.linear.Linear, the experts' decode step).
+"""Native decode kernels for float weights (dsmoe.native.float_rows_matmul, linear_decode)
+and where the model uses them (dsmoe.linear.Linear, the experts' decode step).
 
 They may only change summation order: fp32 results equal F.linear to fp32 rounding
 (atol 1e-5 on O(1) outputs), bf16 results are the exact product rounded once to bf16; and
@@ -24,8 +24,19 @@ from dsmoe.moe.grouped_gemm import DECODE_STEP_MAX_ROWS
 
 
 
+# Every native call of a float model's decode step; each may decline (None) at any time.
+DECODE_OPS = ("float_blocks_matmul", "experts_decode", "linear_decode", "swiglu_decode",
+              "rmsnorm_decode", "router_decode", "attention_decode")
+
+
 @pytest.fixture
 def calls(monkeypatch):
+    """Row counts of every native linear-layer product made while the test runs."""
+    return spy_native(monkeypatch, "linear_decode", lambda x, *rest: [x.shape[0]])
+
+
+@pytest.fixture
+def block_calls(monkeypatch):
     """Row counts of every block of every native float matmul made while the test runs."""
     return spy_native(monkeypatch, "float_blocks_matmul",
                       lambda x, weight, blocks: [rows for _, _, rows in blocks])
@@ -80,7 +91,8 @@ def test_training_prefill_and_input_major_weights_use_torch(calls):
 
 @needs_native
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_expert_decode_steps_equal_the_torch_loop(calls, dtype):
+def test_expert_decode_steps_equal_the_torch_loop(block_calls, dtype):
+    calls = block_calls
     torch.manual_seed(0)
     experts = SwiGLUExperts(8, 64, 32, init_std=0.1).to(dtype)
     counts = torch.tensor([1, 0, 2, 0, 0, DECODE_MAX_ROWS, DECODE_STEP_MAX_ROWS, 1])
@@ -114,8 +126,8 @@ def test_greedy_decoding_is_unchanged_by_the_native_kernels(monkeypatch):
         cache = model.new_cache(1, 8)
         step_logits = model(prompt, cache=cache).logits[:, -1]
         step_logits = model(fast[:, :1], cache=cache).logits[:, -1]
-    monkeypatch.setattr(native, "float_blocks_matmul", lambda x, weight, blocks: None)
-    monkeypatch.setattr(native, "experts_decode", lambda *args: None)
+    for name in DECODE_OPS:
+        monkeypatch.setattr(native, name, lambda *args, **kwargs: None)
     with torch.no_grad():
         slow = model.generate(prompt, max_new_tokens=12)
         cache = model.new_cache(1, 8)

@@ -31,39 +31,41 @@ from dsmoe.autograd import records_grad
 # 1.4-2x for fp32, at 4 rows 1.05-1.35x and 1.3-2x; at 8 torch's blocked GEMMs are ~1.3-2x
 # faster, the kernels' activation rows no longer fitting in L1 beside the weight row).
 DECODE_MAX_ROWS = 4
+# A CPU forward of at most this many rows (batch <= 8, one new token each) is a decode
+# step: the experts run expert by expert (dsmoe.moe.grouped_gemm), the native kernels taking
+# the experts with at most DECODE_MAX_ROWS rows; norms and shared experts take one native
+# call each.
+DECODE_STEP_MAX_ROWS = 8
 
 
-def _native_rows(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
-    """fp32 ``x [..., K] @ weight.T`` -> [..., N] by the native kernel if this product is a
+def _native_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                 out_dtype: torch.dtype) -> torch.Tensor | None:
+    """``x [..., K] @ weight.T (+ bias)`` -> [..., N] in ``out_dtype`` by the native kernel
+    (which reads and writes the activations in their dtype) if this product is a
     gradient-free step of 1 to ``DECODE_MAX_ROWS`` rows it can take; else None."""
     if records_grad(x, weight):
         return None  # a ctypes call would cut the autograd graph
     rows = x.reshape(-1, x.shape[-1])  # [M, K]
-    if not 0 < rows.shape[0] <= DECODE_MAX_ROWS:
+    if not 0 < rows.shape[0] <= DECODE_MAX_ROWS or rows.dtype not in native.FLOAT_WEIGHT_DTYPES:
         return None
-    out = native.float_rows_matmul(rows, weight)  # fp32 [M, N]
-    return None if out is None else out.reshape(*x.shape[:-1], weight.shape[0])
+    out = native.linear_decode(rows.contiguous(), native.Operand(weight), bias, out_dtype)
+    return None if out is None else out.view(*x.shape[:-1], weight.shape[0])
 
 
 def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
                   ) -> torch.Tensor | None:
     """``x [..., K] @ weight.T (+ bias)`` by the native kernel, or None when this product is
     not a decode step it serves (see the module docstring)."""
-    if x.dtype != weight.dtype or x.dtype not in native.FLOAT_WEIGHT_DTYPES:
+    if x.dtype != weight.dtype or (bias is not None and bias.dtype != x.dtype):
         return None
-    out = _native_rows(x, weight)  # fp32 [..., N]
-    if out is None:
-        return None
-    if bias is not None:
-        out += bias
-    return out.to(x.dtype)
+    return _native_rows(x, weight, bias, x.dtype)
 
 
 def fp32_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """``x @ weight.T`` computed in fp32 whatever the dtypes (the router's logits): the
     native kernel widens a bf16 weight exactly as ``weight.float()`` would, without the
     per-call copy of the weight that casting costs in a decode step."""
-    out = _native_rows(x, weight)
+    out = _native_rows(x, weight, None, torch.float32)
     if out is not None:
         return out
     device = x.device.type
@@ -78,3 +80,12 @@ class Linear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = decode_linear(x, self.weight, self.bias)
         return F.linear(x, self.weight, self.bias) if out is None else out
+
+    def decode_operand(self) -> native.Operand | None:
+        """The weight as the native decode ops take it (``SwiGLUMLP``'s one-call decode
+        step), or None where this layer must run itself: a bias, a weight that needs its
+        gradient, or ``set_matmul_layout``'s input-major storage."""
+        weight = self.weight
+        if self.bias is not None or records_grad(weight) or not weight.is_contiguous():
+            return None
+        return native.Operand(weight)

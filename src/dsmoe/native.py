@@ -27,11 +27,13 @@ import tempfile
 import warnings
 from importlib import resources
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
 SOURCE = "rows_matmul.c"
-SOURCES = (SOURCE, "int4_matmul.c")  # one library; the int4 kernels have their own file
+# One library; the int4 kernels and the decode step's small ops have files of their own.
+SOURCES = (SOURCE, "int4_matmul.c", "decode_ops.c")
 # int4 has a level of its own (vpdpbusd); the other kernels run "avx512" at level 3.
 ISA_NAMES = {3: "avx512vnni", 2: "avx512", 1: "avx2", 0: "portable C"}
 _ENV_SWITCH = "DSMOE_NATIVE_KERNELS"
@@ -157,6 +159,18 @@ def library() -> ctypes.CDLL | None:
     lib.dsmoe_q4_0_to_int4.argtypes = [ptr, ptr, ptr, i64]
     lib.dsmoe_q4_0_to_int4.restype = None
     lib.dsmoe_int4_isa.restype = ctypes.c_int
+    lib.dsmoe_linear_decode.argtypes = [ptr, ctypes.c_int, i64, ctypes.c_int, ptr, ptr, ptr,
+                                        i64, ptr, i64, i64, ptr, ctypes.c_int, ctypes.c_int]
+    lib.dsmoe_linear_decode.restype = ctypes.c_int
+    lib.dsmoe_swiglu_decode.argtypes = [ptr, i64, ctypes.c_int, ctypes.c_int] + [ptr] * 9 + [
+        i64, i64, i64, ptr, ctypes.c_int]
+    lib.dsmoe_swiglu_decode.restype = ctypes.c_int
+    lib.dsmoe_rmsnorm_decode.argtypes = [ptr] * 5 + [i64, i64, ctypes.c_float, ctypes.c_int]
+    lib.dsmoe_rmsnorm_decode.restype = ctypes.c_int
+    lib.dsmoe_router_decode.argtypes = [ptr, ctypes.c_int, i64, ptr, ctypes.c_int, i64, i64,
+                                        i64, ctypes.c_int, ctypes.c_float] + [ptr] * 5 + [
+        ctypes.c_int]
+    lib.dsmoe_router_decode.restype = ctypes.c_int
     lib.dsmoe_int4_limit_isa.argtypes = [ctypes.c_int]
     lib.dsmoe_int4_limit_isa.restype = ctypes.c_int
     return lib
@@ -469,3 +483,132 @@ def q4_0_to_int4(blocks: torch.Tensor, out: tuple[torch.Tensor, torch.Tensor] | 
                          f"{list(scale.shape)}")
     lib.dsmoe_q4_0_to_int4(blocks.data_ptr(), q.data_ptr(), scale.data_ptr(), n)
     return q, scale
+
+
+# --- the decode step's small ops (csrc/decode_ops.c) ----------------------------------------
+class Operand(NamedTuple):
+    """One weight matrix [N, K] as the decode ops take it: fp32 or bf16 ``weight``; or int8
+    with bf16 ``scale`` [N]; or int4 nibbles uint8 [N, K/2] with bf16 ``scale`` and
+    ``zero`` [N, G] (zero None: symmetric) in groups of ``group_size``."""
+
+    weight: torch.Tensor
+    scale: torch.Tensor | None = None
+    zero: torch.Tensor | None = None
+    group_size: int = 0
+
+
+def _kind(op: Operand) -> int | None:
+    """``_EXPERT_KINDS``' code of a contiguous CPU operand, None for anything else."""
+    w = op.weight
+    kind = _EXPERT_KINDS.get(w.dtype)
+    if (kind is None or w.dim() != 2 or w.device.type != "cpu" or not w.is_contiguous()
+            or (kind >= 2) != (op.scale is not None)):
+        return None
+    return kind
+
+
+def _rows_ok(x: torch.Tensor) -> bool:
+    return (x.dim() == 2 and x.dtype in FLOAT_WEIGHT_DTYPES and x.device.type == "cpu"
+            and x.is_contiguous())
+
+
+def linear_decode(x: torch.Tensor, op: Operand, bias: torch.Tensor | None = None,
+                  out_dtype: torch.dtype | None = None) -> torch.Tensor | None:
+    """x [M, K] @ W.T (+ bias [N]) -> [M, N] in ``out_dtype`` (default x's; fp32 sums,
+    rounded once), reading and writing the activations in their dtype (no casts around
+    the kernel); bias in ``out_dtype``. None when the kernels are unavailable or cannot
+    take these tensors (non-finite rows for int8 / int4): the caller runs torch's path."""
+    kind = _kind(op)
+    out_dtype = out_dtype or x.dtype
+    lib = library()
+    if kind is None or lib is None or not _rows_ok(x) or out_dtype not in FLOAT_WEIGHT_DTYPES:
+        return None
+    M, K = x.shape
+    N = op.weight.shape[0]
+    if op.weight.shape[1] * (2 if kind == 3 else 1) != K or (
+            bias is not None and (bias.dtype != out_dtype or bias.shape != (N,))):
+        raise ValueError(f"linear decode: rows {list(x.shape)}, weight "
+                         f"{list(op.weight.shape)} do not fit together")
+    out = torch.empty(M, N, dtype=out_dtype)
+    status = lib.dsmoe_linear_decode(
+        x.data_ptr(), x.dtype == torch.bfloat16, M, kind, op.weight.data_ptr(),
+        _ptr(op.scale), _ptr(op.zero), op.group_size, _ptr(bias), N, K, out.data_ptr(),
+        out_dtype == torch.bfloat16, torch.get_num_threads())
+    if status == -2:
+        raise MemoryError("linear decode: out of memory for the activation buffers")
+    return out if status == 0 else None
+
+
+def swiglu_decode(x: torch.Tensor, gate: Operand, up: Operand, down: Operand
+                  ) -> torch.Tensor | None:
+    """down(silu(gate x) * up x) for x [M, D] (gate, up [F, D], down [D, F], all of one
+    kind and group size) in one call -> [M, D] in x's dtype (fp32 inside, rounded once).
+    None when the kernels are unavailable or cannot take these tensors."""
+    kind = _kind(gate)
+    lib = library()
+    if (kind is None or lib is None or not _rows_ok(x) or _kind(up) != kind
+            or _kind(down) != kind or not gate.group_size == up.group_size == down.group_size):
+        return None
+    M, D = x.shape
+    per_byte = 2 if kind == 3 else 1
+    F = gate.weight.shape[0]
+    if (gate.weight.shape != (F, D // per_byte) or up.weight.shape != gate.weight.shape
+            or down.weight.shape != (D, F // per_byte)):
+        raise ValueError(f"swiglu decode: rows {list(x.shape)}, gate {list(gate.weight.shape)},"
+                         f" up {list(up.weight.shape)}, down {list(down.weight.shape)} do not"
+                         " fit together")
+    out = torch.empty(M, D, dtype=x.dtype)
+    status = lib.dsmoe_swiglu_decode(
+        x.data_ptr(), M, x.dtype == torch.bfloat16, kind,
+        *(p for op in (gate, up, down) for p in (op.weight.data_ptr(), _ptr(op.scale),
+                                                 _ptr(op.zero))),
+        gate.group_size, D, F, out.data_ptr(), torch.get_num_threads())
+    if status == -2:
+        raise MemoryError("swiglu decode: out of memory for the activation buffers")
+    return out if status == 0 else None
+
+
+def rmsnorm_decode(x: torch.Tensor, weight: torch.Tensor, eps: float,
+                   delta: torch.Tensor | None = None
+                   ) -> tuple[torch.Tensor | None, torch.Tensor] | None:
+    """RMSNorm of rows x [M, D] (``model/norm.py``'s order of roundings) in one call ->
+    (None, normed [M, D]); with ``delta`` the residual add first -> (x + delta, its norm).
+    All tensors of one dtype (fp32 or bf16); None where that does not hold or the kernels
+    are unavailable."""
+    lib = library()
+    if (lib is None or not _rows_ok(x) or weight.dtype != x.dtype or weight.dim() != 1
+            or weight.shape[0] != x.shape[1] or not weight.is_contiguous()
+            or (delta is not None and (delta.shape != x.shape or delta.dtype != x.dtype
+                                       or not delta.is_contiguous()))):
+        return None
+    M, D = x.shape
+    out = torch.empty(M, D, dtype=x.dtype)
+    total = None if delta is None else torch.empty(M, D, dtype=x.dtype)
+    if lib.dsmoe_rmsnorm_decode(x.data_ptr(), _ptr(delta), _ptr(total), weight.data_ptr(),
+                                out.data_ptr(), M, D, eps, x.dtype == torch.bfloat16):
+        raise MemoryError("rmsnorm decode: out of memory")
+    return total, out
+
+
+def router_decode(x: torch.Tensor, gate: torch.Tensor, k: int, renormalize: bool,
+                  scaling: float) -> tuple[torch.Tensor, ...] | None:
+    """DeepSeek V1's routing (softmax scores, greedy top-k) of x [T, D] by the gate weight
+    [E, D] (fp32 or bf16) in one call -> (topk_idx int64 [T, K], weight, topk_score fp32
+    [T, K], scores, logits fp32 [T, E]), the picks in descending order of score; None when
+    the kernels are unavailable, cannot take these tensors, or a logit is not finite."""
+    lib = library()
+    if (lib is None or not _rows_ok(x) or gate.dtype not in FLOAT_WEIGHT_DTYPES
+            or gate.dim() != 2 or gate.shape[1] != x.shape[1] or not gate.is_contiguous()
+            or gate.device.type != "cpu" or not 0 < k <= gate.shape[0]):
+        return None
+    T, D = x.shape
+    E = gate.shape[0]
+    logits, scores = torch.empty(T, E), torch.empty(T, E)
+    idx, score, weight = torch.empty(T, k, dtype=torch.int64), torch.empty(T, k), torch.empty(T, k)
+    status = lib.dsmoe_router_decode(
+        x.data_ptr(), x.dtype == torch.bfloat16, T, gate.data_ptr(), gate.dtype == torch.bfloat16,
+        E, D, k, renormalize, scaling, logits.data_ptr(), scores.data_ptr(), idx.data_ptr(),
+        score.data_ptr(), weight.data_ptr(), torch.get_num_threads())
+    if status == -2:
+        raise MemoryError("router decode: out of memory")
+    return (idx, weight, score, scores, logits) if status == 0 else None

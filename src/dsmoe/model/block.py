@@ -46,8 +46,8 @@ class Block(nn.Module):
                 mask: AttentionMask, cache: KVCache | LatentCache | None = None
                 ) -> tuple[torch.Tensor, MoEOutput | None]:
         """x [B, S, D] -> ([B, S, D], the MoE layer's output or None for a dense FFN)."""
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
-        h = self.post_attention_layernorm(x)
+        attn = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+        x, h = self.post_attention_layernorm.add_and_norm(x, attn)  # x + attn, its norm
         if self.is_moe:
             routed = self.mlp(h)
             return x + routed.hidden_states, routed

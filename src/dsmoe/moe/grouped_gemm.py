@@ -51,7 +51,7 @@ import torch
 
 from dsmoe import native
 from dsmoe.autograd import records_grad
-from dsmoe.linear import DECODE_MAX_ROWS
+from dsmoe.linear import DECODE_MAX_ROWS, DECODE_STEP_MAX_ROWS
 
 Chunk = tuple[int, int, int, int]  # (first expert, end expert, rows per expert, first row)
 
@@ -107,11 +107,6 @@ def _loop_mm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Te
             start += n
     return out
 
-
-# A CPU forward whose experts have at most this many rows each is a decode step (batch
-# <= 8: a token picks an expert once); it runs expert by expert, the native kernels taking
-# the experts with at most DECODE_MAX_ROWS rows.
-DECODE_STEP_MAX_ROWS = 8
 
 
 def expert_blocks(counts: list[int], first_rows: list[int] | None = None

@@ -21,8 +21,10 @@ from typing import Callable
 import torch
 from torch import nn
 
+from dsmoe import native
+from dsmoe.autograd import records_grad
 from dsmoe.config import ModelConfig
-from dsmoe.linear import fp32_linear
+from dsmoe.linear import DECODE_STEP_MAX_ROWS, fp32_linear
 
 
 @dataclass
@@ -99,6 +101,10 @@ class Router(nn.Module):
         self.renormalize = cfg.norm_topk_prob and cfg.num_experts_per_tok > 1
         self.scaling = cfg.routed_scaling_factor
         self.init_std = cfg.initializer_range
+        # V1 routing (softmax, greedy, no bias): a CPU decode step's router is one native
+        # call (native.router_decode); ~10 aten ops per layer otherwise. Other methods: torch.
+        self.native_decode = (cfg.scoring_func == "softmax" and cfg.topk_method == "greedy"
+                              and self.e_score_correction_bias is None)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -119,6 +125,13 @@ class Router(nn.Module):
         return result
 
     def forward(self, x: torch.Tensor) -> RouterOutput:  # x: [T, D]
+        if self.native_decode and x.device.type == "cpu" and x.shape[0] <= DECODE_STEP_MAX_ROWS:
+            weight = self.weight
+            if not records_grad(x, weight):  # a decode step: all of it in one native call
+                out = native.router_decode(x.contiguous(), weight, self.top_k,
+                                           self.renormalize, self.scaling)
+                if out is not None:
+                    return RouterOutput(*out)
         logits = fp32_linear(x, self.weight)  # [T, E], fp32
         scores = self.score(logits)  # [T, E]
         choice = scores if self.e_score_correction_bias is None else (

@@ -1,7 +1,8 @@
 """QuantLinear: a drop-in for ``nn.Linear`` whose weight is int8 or int4 (``QuantMatrix``).
 
-Activations keep their dtype; only the weight is quantized (the kernels see bf16 rows and
-the result is cast back). The bias, when present, stays a float parameter.
+Activations keep their dtype; only the weight is quantized (the kernels see the rows
+widened to fp32 and the result is rounded back once; a decode step does both inside one
+native call, ``native.linear_decode``). The bias, when present, stays a float parameter.
 
 Shapes: M rows, K in features, N out features.
 """
@@ -11,6 +12,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from dsmoe import native
+from dsmoe.autograd import records_grad
 from dsmoe.quant.matrix import QuantMatrix
 
 
@@ -39,5 +42,18 @@ class QuantLinear(QuantMatrix):
         return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self._decode(x) if self.bias is None else None
+        if out is not None:
+            return out
         out = self.matmul(x)  # [..., N]
         return out if self.bias is None else out + self.bias.to(out.dtype)
+
+    def _decode(self, x: torch.Tensor) -> torch.Tensor | None:
+        """A gradient-free CPU product of a few rows in one native call that reads and
+        writes x's dtype (``matmul`` casts to fp32 and back around the same kernel)."""
+        rows = x.reshape(-1, x.shape[-1])  # [M, K]
+        op = self.decode_operand()
+        if op is None or not 0 < rows.shape[0] <= self.kernel_max_rows or records_grad(rows):
+            return None
+        out = native.linear_decode(rows.contiguous(), op)
+        return None if out is None else out.view(*x.shape[:-1], self.out_features)

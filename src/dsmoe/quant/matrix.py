@@ -116,6 +116,16 @@ class QuantMatrix(nn.Module):
                                          self.scale.reshape(-1, N, G), zero, self.group_size,
                                          blocks)
 
+    def decode_operand(self) -> native.Operand | None:
+        """This (single) matrix as the native decode ops take it, or None where they cannot
+        (a stack, or int4 in torch's packed layout)."""
+        if self.stack or self.packed:
+            return None
+        if self.bits == 8:
+            return native.Operand(self.qweight, self.scale)
+        return native.Operand(self.qweight, self.scale, None if self.symmetric else self.zero,
+                              self.group_size)
+
     @property
     def kernel_max_rows(self) -> int:
         """Rows per matrix up to which ``matmul_blocks``' row kernels beat a GEMM."""

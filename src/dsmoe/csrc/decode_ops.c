@@ -1,0 +1,213 @@
+/* The small steps of a CPU decode step between the weight kernels, in the model's dtype.
+ *
+ * Why: a quantized (or bf16) model runs bf16 activations while the kernels of
+ * rows_matmul.c / int4_matmul.c take and return fp32 rows. Around every kernel call torch
+ * used to cast twice, and the norms, the shared experts' activation and the routing
+ * were a handful of small aten ops each: at one token per step these cost more than
+ * their arithmetic (issue 17 measured ~170 aten ops, ~0.33 ms, per layer). Here each is
+ * one call that reads and writes the activations in their own dtype (bf16 = 1: bf16,
+ * else fp32; results rounded once, to nearest even):
+ *   linear:  out = x @ W.T (+ bias), W fp32 / bf16 / int8 / int4 (the existing kernels)
+ *   swiglu:  out = down(silu(gate x) * up x), all three matrices of one kind, fp32 inside
+ *   rmsnorm: [s = x + delta, rounded], out = weight * round(s / sqrt(mean(s^2) + eps))
+ *   router:  fp32 gate logits, softmax, greedy top-k, gate weights (optionally divided by
+ *            their sum), times the scaling factor: DeepSeek V1's routing
+ * Matrices: kind 0 fp32, 1 bf16 ([N, K]); 2 int8 with bf16 scales [N]; 3 int4 nibbles
+ * [N, K/2] with bf16 scales and zeros [N, G] in groups of `group` (zeros NULL: symmetric).
+ * Returns 0; -1 an activation is not finite (int8 / int4: the caller takes torch's path),
+ * -2 out of memory, -3 an int4 group size the kernel does not take.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
+/* The weight kernels (rows_matmul.c, int4_matmul.c; one library). */
+int dsmoe_int8_blocks_matmul(const float *x, const int8_t *q, const uint16_t *scale,
+                             float *out, int64_t P, const int64_t *blocks, int64_t nb,
+                             int64_t N, int64_t K, int threads);
+int dsmoe_float_blocks_matmul(const float *x, const void *w, int w_bf16, float *out,
+                              const int64_t *blocks, int64_t nb, int64_t N, int64_t K,
+                              int threads);
+int dsmoe_int4_blocks_matmul(const float *x, const uint8_t *q, const uint16_t *s,
+                             const uint16_t *z, float *out, int64_t P, const int64_t *blocks,
+                             int64_t nb, int64_t N, int64_t K, int64_t g, int threads);
+
+static inline float widen(uint16_t v) {
+    uint32_t u = (uint32_t)v << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+static inline uint16_t narrow(float f) { /* nearest even, as torch's .to(bfloat16) */
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    if (isnan(f)) return (uint16_t)((u >> 16) | 0x40); /* quiet, sign kept */
+    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+static inline float get(const void *p, int64_t i, int bf16) {
+    return bf16 ? widen(((const uint16_t *)p)[i]) : ((const float *)p)[i];
+}
+
+/* n values of p (bf16 or fp32) as fp32 into dst. */
+static void to_f32(const void *p, int bf16, int64_t n, float *dst) {
+    if (!bf16) {
+        memcpy(dst, p, (size_t)n * sizeof *dst);
+        return;
+    }
+    for (int64_t i = 0; i < n; i++) dst[i] = widen(((const uint16_t *)p)[i]);
+}
+
+/* fp32 src into n values of p (bf16 rounded, or fp32). */
+static void from_f32(const float *src, int64_t n, void *p, int bf16) {
+    if (!bf16) {
+        memcpy(p, src, (size_t)n * sizeof *src);
+        return;
+    }
+    for (int64_t i = 0; i < n; i++) ((uint16_t *)p)[i] = narrow(src[i]);
+}
+
+/* One weight matrix [N, K] of any kind (see the header). */
+typedef struct {
+    const void *w;
+    const uint16_t *scale, *zero;
+} mat_t;
+
+/* x fp32 [M, K] @ m.T -> out fp32 [M, N] by the kind's kernel. */
+static int matmul(int kind, const mat_t *m, int64_t group, const float *x, int64_t M,
+                  int64_t N, int64_t K, float *out, int threads) {
+    const int64_t one[3] = {0, 0, M}; /* one block: matrix 0 times every row */
+    if (kind == 2)
+        return dsmoe_int8_blocks_matmul(x, m->w, m->scale, out, M, one, 1, N, K, threads);
+    if (kind == 3)
+        return dsmoe_int4_blocks_matmul(x, m->w, m->scale, m->zero, out, M, one, 1, N, K,
+                                        group, threads);
+    return dsmoe_float_blocks_matmul(x, m->w, kind == 1, out, one, 1, N, K, threads);
+}
+
+/* out [M, N] = x [M, K] @ W.T (+ bias [N], same dtype as out); x and out in their dtypes. */
+int dsmoe_linear_decode(const void *x, int x_bf16, int64_t M, int kind, const void *w,
+                        const uint16_t *scale, const uint16_t *zero, int64_t group,
+                        const void *bias, int64_t N, int64_t K, void *out, int out_bf16,
+                        int threads) {
+    float *xf = x_bf16 ? malloc((size_t)(M * K) * sizeof *xf) : (float *)x;
+    float *of = out_bf16 ? malloc((size_t)(M * N) * sizeof *of) : (float *)out;
+    int status = (!xf || !of) ? -2 : 0;
+    if (!status) {
+        if (x_bf16) to_f32(x, 1, M * K, xf);
+        mat_t m = {w, scale, zero};
+        status = matmul(kind, &m, group, xf, M, N, K, of, threads);
+    }
+    for (int64_t i = 0; !status && bias && i < M * N; i++) of[i] += get(bias, i % N, out_bf16);
+    if (!status && out_bf16) from_f32(of, M * N, out, 1);
+    if (x_bf16) free(xf);
+    if (out_bf16) free(of);
+    return status;
+}
+
+/* out [M, D] = down(silu(gate x) * up x) for x [M, D] (gate, up [F, D]; down [D, F]): a
+ * dense SwiGLU MLP (the shared experts) in one call; fp32 from the kernels to the one
+ * rounding of out, as the routed experts' decode step. */
+int dsmoe_swiglu_decode(const void *x, int64_t M, int bf16, int kind, const void *gate,
+                        const uint16_t *gate_scale, const uint16_t *gate_zero, const void *up,
+                        const uint16_t *up_scale, const uint16_t *up_zero, const void *down,
+                        const uint16_t *down_scale, const uint16_t *down_zero, int64_t group,
+                        int64_t D, int64_t F, void *out, int threads) {
+    float *buf = malloc((size_t)(M * (2 * D + 2 * F)) * sizeof *buf);
+    if (!buf) return -2;
+    float *xf = buf, *g = xf + M * D, *u = g + M * F, *of = u + M * F;
+    to_f32(x, bf16, M * D, xf);
+    mat_t mg = {gate, gate_scale, gate_zero}, mu = {up, up_scale, up_zero};
+    mat_t md = {down, down_scale, down_zero};
+    int status = matmul(kind, &mg, group, xf, M, F, D, g, threads);
+    if (!status) status = matmul(kind, &mu, group, xf, M, F, D, u, threads);
+    for (int64_t i = 0; !status && i < M * F; i++) g[i] = g[i] / (1.f + expf(-g[i])) * u[i];
+    if (!status) status = matmul(kind, &md, group, g, M, D, F, of, threads);
+    if (!status) from_f32(of, M * D, out, bf16);
+    free(buf);
+    return status;
+}
+
+/* RMSNorm of rows x [M, D] (model/norm.py's order: fp32 mean square, normalised values
+ * rounded to the dtype, then times weight [D] and rounded again). With delta: first the
+ * residual add s = x + delta (rounded, as torch's add), written to sum [M, D], and s is
+ * normalised. All tensors in one dtype. */
+int dsmoe_rmsnorm_decode(const void *x, const void *delta, void *sum, const void *weight,
+                         void *out, int64_t M, int64_t D, float eps, int bf16) {
+    float *s = malloc((size_t)D * sizeof *s);
+    if (!s) return -2;
+    for (int64_t m = 0; m < M; m++) {
+        double total = 0.0; /* torch's mean sums pairwise in fp32; double is closer to both */
+        for (int64_t i = 0; i < D; i++) {
+            float v = get(x, m * D + i, bf16);
+            if (delta) v += get(delta, m * D + i, bf16);
+            if (delta && bf16) v = widen(narrow(v));
+            s[i] = v;
+            float sq = v * v;
+            total += sq;
+        }
+        if (delta) from_f32(s, D, (char *)sum + m * D * (bf16 ? 2 : 4), bf16);
+        float inv = 1.f / sqrtf((float)total / (float)D + eps);
+        for (int64_t i = 0; i < D; i++) {
+            float y = s[i] * inv;
+            if (bf16) y = widen(narrow(y));
+            float o = get(weight, i, bf16) * y;
+            if (bf16) ((uint16_t *)out)[m * D + i] = narrow(o);
+            else ((float *)out)[m * D + i] = o;
+        }
+    }
+    free(s);
+    return 0;
+}
+
+/* V1 routing of x [T, D] (dtype bf16 or fp32) by the gate weight [E, D] (fp32 or bf16):
+ *   logits = x @ gate.T (fp32), scores = softmax(logits) (exp(l - max) / sum, as torch)
+ *   idx = the K largest scores (a tie goes to the lower expert id), in descending order
+ *   weight = scores[idx] (/ (their sum + 1e-20) with renorm) * scaling
+ * Outputs: logits and scores fp32 [T, E], idx int64 [T, K], topk_score and weight fp32
+ * [T, K]. Returns -1 when a logit is not finite (torch's path handles it), -2 out of
+ * memory. */
+int dsmoe_router_decode(const void *x, int bf16, int64_t T, const void *gate, int gate_bf16,
+                        int64_t E, int64_t D, int64_t K, int renorm, float scaling,
+                        float *logits, float *scores, int64_t *idx, float *topk_score,
+                        float *weight, int threads) {
+    mat_t m = {gate, NULL, NULL};
+    float *xf = bf16 ? malloc((size_t)(T * D) * sizeof *xf) : (float *)x;
+    if (!xf) return -2;
+    if (bf16) to_f32(x, 1, T * D, xf);
+    int status = matmul(gate_bf16, &m, 0, xf, T, E, D, logits, threads);
+    if (bf16) free(xf);
+    for (int64_t t = 0; !status && t < T; t++) {
+        const float *l = logits + t * E;
+        float *p = scores + t * E, top = -INFINITY, total = 0.f;
+        for (int64_t e = 0; e < E; e++) {
+            if (!isfinite(l[e])) return -1;
+            top = fmaxf(top, l[e]);
+        }
+        for (int64_t e = 0; e < E; e++) total += p[e] = expf(l[e] - top);
+        float inv = 1.f / total;
+        for (int64_t e = 0; e < E; e++) p[e] *= inv;
+        float picked = 0.f;
+        for (int64_t k = 0; k < K; k++) { /* K passes: E and K are small */
+            int64_t best = -1;
+            for (int64_t e = 0; e < E; e++) {
+                int taken = 0;
+                for (int64_t j = 0; j < k; j++) taken |= idx[t * K + j] == e;
+                if (!taken && (best < 0 || p[e] > p[best])) best = e;
+            }
+            idx[t * K + k] = best;
+            topk_score[t * K + k] = p[best];
+            picked += p[best];
+        }
+        for (int64_t k = 0; k < K; k++) {
+            float w = topk_score[t * K + k];
+            weight[t * K + k] = (renorm ? w / (picked + 1e-20f) : w) * scaling;
+        }
+    }
+    return status;
+}

@@ -1,0 +1,252 @@
+"""The CPU decode step's small native ops (csrc/decode_ops.c via ``dsmoe.native``) and where
+the model takes them: linear layers reading and writing their activations' dtype, the
+shared experts' SwiGLU, RMSNorm (with the residual add), V1 routing.
+
+Each must give torch's result: the linear layers bit for bit (the same kernel, one
+rounding), RMSNorm to the last bit of its dtype (only the mean square's sum order differs),
+the router the same experts (ties: the same scores) and fp32 weights to a few ulp (exp is
+another implementation). And every decode step
+must really take them (the spies), while training and prefill keep torch's ops.
+
+Shapes: T tokens, D hidden, E experts, K picks, F expert width, V vocab.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import needs_native, spy_native
+from hypothesis import given
+from hypothesis import strategies as st
+
+from dsmoe import native
+from dsmoe.config import ModelConfig
+from dsmoe.linear import Linear
+from dsmoe.mlp import SwiGLUMLP
+from dsmoe.model import Transformer
+from dsmoe.model.norm import RMSNorm
+from dsmoe.moe.router import Router
+from dsmoe.quant import quantize_model
+from dsmoe.quant.linear import QuantLinear
+
+pytestmark = needs_native
+DTYPES = [torch.float32, torch.bfloat16]
+# The native ops a decode step uses; None from any of them means "torch's path".
+OPS = ("linear_decode", "swiglu_decode", "rmsnorm_decode", "router_decode")
+
+
+def _assert_near(fast: torch.Tensor, slow: torch.Tensor, dtype: torch.dtype, bits: int) -> None:
+    """Largest difference within a share of the largest value: fp32 rounding; bf16
+    rounding; int4's int8 activations (a rounding step of 1/127 of a block's largest value,
+    which a last-bit difference upstream can move), for both paths alike."""
+    share = 3e-2 if bits == 4 else 1e-5 if dtype == torch.float32 else 2e-2
+    diff, top = (fast.float() - slow.float()).abs().max(), slow.float().abs().max()
+    assert diff <= share * top, f"max diff {diff:.3g}, largest value {top:.3g}"
+
+
+def _torch_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in OPS:
+        monkeypatch.setattr(native, name, lambda *args, **kwargs: None)
+
+
+# --- linear layers ---------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", ["float", "int8", "int4", "int4 symmetric"])
+@pytest.mark.parametrize("rows", [1, 3, 8])
+def test_linear_layers_equal_the_cast_path_bit_for_bit(monkeypatch, dtype, kind, rows):
+    calls = spy_native(monkeypatch, "linear_decode", lambda x, *rest: [x.shape[0]])
+    layer = Linear(256, 64, bias=False).to(dtype)
+    if kind != "float":
+        layer = QuantLinear.from_linear(layer, bits=8 if kind == "int8" else 4, group_size=64,
+                                        symmetric=kind.endswith("symmetric"))
+    x = torch.randn(rows, 1, 256).to(dtype)
+    with torch.no_grad():
+        fast = layer(x)
+        monkeypatch.setattr(native, "linear_decode", lambda *args, **kwargs: None)
+        slow = layer(x)
+    expected = [rows] if kind != "float" or rows <= 4 else []  # float: DECODE_MAX_ROWS
+    assert calls == expected and fast.dtype == dtype and fast.shape == (rows, 1, 64)
+    if kind == "float":  # torch's path is F.linear, another summation order
+        _assert_near(fast, slow, dtype, 0)
+    else:  # the same kernel on the same fp32 rows, one rounding
+        assert torch.equal(fast, slow)
+
+
+def test_linear_decode_refuses_what_it_cannot_read():
+    x = torch.randn(2, 64)
+    assert native.linear_decode(x.double(), native.Operand(torch.randn(8, 64))) is None
+    assert native.linear_decode(x, native.Operand(torch.randn(64, 8).T)) is None  # strided
+    assert native.linear_decode(x, native.Operand(torch.randn(8, 64).half())) is None
+    with pytest.raises(ValueError, match="do not fit"):
+        native.linear_decode(x, native.Operand(torch.randn(8, 32)))
+    x[1, 3] = float("inf")  # int8 rows must be finite: torch's path handles them
+    q = torch.randint(-127, 127, (8, 64), dtype=torch.int8)
+    assert native.linear_decode(x, native.Operand(q, torch.ones(8).bfloat16())) is None
+
+
+# --- shared experts ---------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bits", [0, 8, 4])
+def test_swiglu_mlp_decode_step_is_one_call_equal_to_torch(monkeypatch, dtype, bits):
+    calls = spy_native(monkeypatch, "swiglu_decode", lambda x, *ops: [x.shape[0]])
+    mlp = SwiGLUMLP(128, 192, init_std=0.1).to(dtype).eval()
+    if bits:
+        quantize_model(mlp, bits=bits, group_size=64)
+    x = torch.randn(3, 1, 128).to(dtype)
+    with torch.no_grad():
+        fast = mlp(x)
+        mlp(torch.randn(9, 128).to(dtype))  # prefill-sized: torch's path
+    _torch_only(monkeypatch)
+    with torch.no_grad():
+        slow = mlp(x)
+    assert calls == [3] and fast.shape == x.shape and fast.dtype == dtype
+    _assert_near(fast, slow, dtype, bits)  # fp32 inside and one rounding vs one per op
+
+
+def test_swiglu_mlp_with_gradients_keeps_torchs_path(monkeypatch):
+    calls = spy_native(monkeypatch, "swiglu_decode", lambda x, *ops: [x.shape[0]])
+    mlp = SwiGLUMLP(64, 96)
+    x = torch.randn(1, 64, requires_grad=True)
+    mlp(x).sum().backward()
+    assert calls == [] and x.grad is not None and mlp.gate_proj.weight.grad is not None
+
+
+# --- RMSNorm -----------------------------------------------------------------------------------
+@given(rows=st.integers(1, 8), D=st.integers(1, 300), bf16=st.booleans(),
+       scale=st.sampled_from([1e-3, 1.0, 50.0]), seed=st.integers(0, 2**16))
+def test_rmsnorm_decode_equals_torch(rows, D, bf16, scale, seed):
+    g = torch.Generator().manual_seed(seed)
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    norm = RMSNorm(D, eps=1e-6).to(dtype)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(D, generator=g))
+    x = (torch.randn(rows, D, generator=g) * scale).to(dtype)
+    delta = torch.randn(rows, D, generator=g).to(dtype)
+    total, out = native.rmsnorm_decode(x, norm.weight.detach(), norm.eps, delta)
+    with torch.no_grad():
+        ref_total = x + delta
+        x32 = ref_total.float()
+        ref = norm.weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + 1e-6)
+                             ).to(dtype)
+    assert torch.equal(total, ref_total)
+    # the mean square may differ in its last fp32 bit: within one unit of the dtype
+    ulp = 2.0**-7 if bf16 else 2.0**-22
+    torch.testing.assert_close(out.float(), ref.float(), atol=1e-30,
+                               rtol=2 * ulp)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rmsnorm_module_takes_the_native_step_only_without_gradients(monkeypatch, dtype):
+    calls = spy_native(monkeypatch, "rmsnorm_decode",
+                       lambda x, w, eps, delta=None: [(x.shape[0], delta is not None)])
+    norm = RMSNorm(64).to(dtype)
+    x, delta = torch.randn(2, 1, 64).to(dtype), torch.randn(2, 1, 64).to(dtype)
+    with torch.no_grad():
+        y = norm(x)
+        total, z = norm.add_and_norm(x, delta)
+        norm(torch.randn(9, 64).to(dtype))  # prefill-sized
+    assert calls == [(2, False), (2, True)]
+    assert torch.equal(total, x + delta)
+    _torch_only(monkeypatch)
+    with torch.no_grad():
+        tol = dict(atol=1e-6, rtol=1e-6) if dtype == torch.float32 else dict(atol=0, rtol=1e-2)
+        torch.testing.assert_close(y, norm(x), **tol)
+        torch.testing.assert_close(z, norm(x + delta), **tol)
+    x.requires_grad_(True)
+    norm.add_and_norm(x, delta)[1].float().sum().backward()
+    assert x.grad is not None and len(calls) == 2
+
+
+# --- router ----------------------------------------------------------------------------------
+def _router(E: int, K: int, renorm: bool, scaling: float, dtype: torch.dtype) -> Router:
+    cfg = ModelConfig.preset("tiny").replace(
+        hidden_size=48, n_routed_experts=E, num_experts_per_tok=K, norm_topk_prob=renorm,
+        routed_scaling_factor=scaling)
+    return Router(cfg).to(dtype)
+
+
+@given(T=st.integers(1, 8), E=st.sampled_from([4, 16, 64]), K=st.integers(1, 4),
+       renorm=st.booleans(), scaling=st.sampled_from([1.0, 2.5]), bf16=st.booleans(),
+       zeros=st.booleans(), seed=st.integers(0, 2**16))
+def test_router_decode_picks_torchs_experts_with_torchs_weights(T, E, K, renorm, scaling,
+                                                                bf16, zeros, seed):
+    torch.manual_seed(seed)
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    router = _router(E, K, renorm, scaling, dtype)
+    x = torch.randn(T, 48).to(dtype)
+    if zeros:
+        x[0] = 0  # every score equal: a tie over all experts
+    with torch.no_grad():
+        idx, weight, score, scores, logits = native.router_decode(
+            x, router.weight, K, router.renormalize, router.scaling)
+        router.native_decode = False
+        ref = router(x)
+    torch.testing.assert_close(logits, ref.logits, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(scores, ref.scores, atol=1e-7, rtol=1e-5)
+    # the same experts; where scores tie, any of the tied experts is as good
+    got = scores.gather(1, idx).sort(-1, descending=True).values
+    want = scores.topk(K, dim=-1).values  # native scores: ties judged on one set of values
+    assert torch.equal(got, want), f"picked {idx} with scores {got}, best are {want}"
+    assert idx.unique(dim=-1).shape == idx.shape or all(len(set(r)) == K for r in idx.tolist())
+    order = ref.topk_idx.argsort(-1)  # compare weights expert by expert
+    same = torch.equal(idx.sort(-1).values, ref.topk_idx.sort(-1).values)
+    if same and not zeros:
+        ref_w = ref.topk_weight.gather(1, order)
+        got_w = weight.gather(1, idx.argsort(-1))
+        torch.testing.assert_close(got_w, ref_w, atol=1e-7, rtol=1e-5)
+    torch.testing.assert_close(score, scores.gather(1, idx), atol=0, rtol=0)
+
+
+def test_router_takes_the_native_step_for_v1_only(monkeypatch):
+    calls = spy_native(monkeypatch, "router_decode", lambda x, *rest: [x.shape[0]])
+    router = _router(16, 2, True, 1.0, torch.bfloat16)
+    with torch.no_grad():
+        out = router(torch.randn(3, 48).to(torch.bfloat16))
+        router(torch.randn(9, 48).to(torch.bfloat16))  # prefill-sized
+    assert calls == [3] and out.topk_idx.dtype == torch.int64 and out.topk_weight.dtype == torch.float32
+    v3 = Router(ModelConfig.preset("tiny").replace(
+        hidden_size=48, n_routed_experts=16, num_experts_per_tok=2, topk_method="noaux_tc",
+        scoring_func="sigmoid", n_group=4, topk_group=2))
+    with torch.no_grad():
+        v3(torch.randn(1, 48))
+    router.float()(torch.randn(1, 48, requires_grad=True)).topk_weight.sum().backward()
+    assert calls == [3]
+
+
+# --- the model's decode step ------------------------------------------------------------------
+def _model(bits: int, dtype: torch.dtype) -> Transformer:
+    torch.manual_seed(0)
+    cfg = ModelConfig.preset("tiny").replace(
+        vocab_size=300, hidden_size=128, num_attention_heads=4, num_key_value_heads=4,
+        num_hidden_layers=2, moe_intermediate_size=64, intermediate_size=192,
+        initializer_range=0.1)
+    model = Transformer(cfg).to(dtype).eval()
+    with torch.no_grad():
+        for layer in model.moe_layers():
+            layer.gate.weight.normal_(std=1.0)  # decisive routing: no near-ties
+    return quantize_model(model, bits=bits, group_size=64) if bits else model
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bits", [0, 8, 4])
+def test_decode_steps_take_every_native_op_and_equal_torchs(monkeypatch, dtype, bits):
+    model = _model(bits, dtype)
+    seen = {name: spy_native(monkeypatch, name, lambda *args, **kwargs: [1]) for name in OPS}
+    prompt = torch.randint(0, 300, (2, 6))
+    with torch.inference_mode():
+        fast = model.generate(prompt, max_new_tokens=4)
+        cache = model.new_cache(2, 12)
+        model(prompt, cache=cache)
+        fast_logits = model(fast[:, :1], cache=cache).logits
+    # per step: each layer's 2 norms + the final one, V1 routing of the MoE layer, the
+    # shared experts (and the dense layer's MLP), the attention's projections
+    assert all(seen.values()), {name: len(v) for name, v in seen.items()}
+    _torch_only(monkeypatch)
+    with torch.inference_mode():
+        cache = model.new_cache(2, 12)
+        model(prompt, cache=cache)
+        slow_logits = model(fast[:, :1], cache=cache).logits
+        slow = model.generate(prompt, max_new_tokens=4)
+    _assert_near(fast_logits, slow_logits, dtype, bits)
+    if dtype == torch.float32 and bits != 4:
+        assert torch.equal(fast, slow)
