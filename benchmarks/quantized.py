@@ -22,9 +22,10 @@ Sections (each prints a markdown table):
            same 4-bit blocks, loaded without dequantizing).
   quality  KL divergence, top-1 agreement and perplexity against fp32 of dsmoe int8 / int4
            and llama.cpp Q8_0 / Q4_0 (and F32, as a check) on one small trained model.
-  16b      with --big: a random deepseek-moe-16b-shaped int8 checkpoint written directly to
-           disk in quantized form (its fp32 form, 65 GB, never exists), loaded and decoded
-           like the others, then deleted.
+  16b      with --big: a random deepseek-moe-16b-shaped Q4_0 GGUF (9.4 GB) written tensor by
+           tensor (its fp32 form, 65 GB, never exists), run by llama.cpp and by dsmoe (int4
+           from the Q4_0 blocks, ``load_model(gguf, quant="int4")``) like the others, then
+           deleted. ``write_random_quantized`` writes a random quantized directory instead.
 
 Timings on a shared machine vary: the load average is printed with every table.
 
@@ -490,6 +491,31 @@ def write_random_gguf(preset: str, path: Path) -> float:
     return time.perf_counter() - start
 
 
+def run_big(root: Path, args: argparse.Namespace, llama: bool) -> dict:
+    """The 16B shape: a random Q4_0 GGUF (``write_random_gguf``), run by llama.cpp and by
+    dsmoe (int4 from its Q4_0 blocks) in fresh processes; deleted afterwards."""
+    path = root / "deepseek-moe-16b-q4_0.gguf"
+    try:
+        write_s = write_random_gguf("deepseek-moe-16b", path)
+        size = _dir_gib(path)
+        print(f"\nwrote a random deepseek-moe-16b Q4_0 GGUF: {size:.2f} GiB in {write_s:.0f} s")
+        worker = [str(path), "", str(args.big_prompt), str(args.big_decode),
+                  str(args.threads), str(args.rounds)]
+        runs = {}
+        if llama:
+            runs["llama.cpp q4_0"] = _run_worker(["llama", *worker])
+        worker[1] = "int4 from Q4_0"
+        runs["int4 from Q4_0"] = _run_worker(["dsmoe", *worker])
+        print_runs(f"deepseek-moe-16b shape, Q4_0 GGUF, prompt {args.big_prompt}, decode "
+                   f"{args.big_decode}, batch 1", runs, {fmt: size for fmt in runs})
+        for fmt, run in runs.items():
+            if "peak_gib" in run:
+                print(f"{fmt}: peak RSS {run['peak_gib'] * GIB / 1e9:.2f} GB (10^9 bytes)")
+        return {"runs": runs, "weights_gib": size, "write_s": write_s}
+    finally:
+        path.unlink(missing_ok=True)
+
+
 # --- main --------------------------------------------------------------------------------------
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -502,7 +528,8 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=20, help="kernel timing runs")
     parser.add_argument("--rounds", type=int, default=3,
                         help="prefill/decode measurements per model (best and median)")
-    parser.add_argument("--big", action="store_true", help="also the 16B-shaped int8 run")
+    parser.add_argument("--big", action="store_true",
+                        help="also the 16B shape: a random Q4_0 GGUF in llama.cpp and dsmoe")
     parser.add_argument("--big-prompt", type=int, default=32)
     parser.add_argument("--big-decode", type=int, default=8)
     parser.add_argument("--skip-kernels", action="store_true")
@@ -584,17 +611,7 @@ def main() -> None:
                 for sub in ("bf16", "int8", "int4"):
                     shutil.rmtree(root / sub, ignore_errors=True)
         if args.big:
-            big = root / "int8-16b"
-            write_s = write_random_quantized("deepseek-moe-16b", big)
-            size = _dir_gib(big)
-            print(f"\nwrote a random deepseek-moe-16b int8 checkpoint: {size:.2f} GiB in "
-                  f"{write_s:.0f} s")
-            run = _run_worker(["dsmoe", str(big), "int8", str(args.big_prompt),
-                               str(args.big_decode), str(args.threads), str(args.rounds)])
-            results["16b"] = {"run": run, "weights_gib": size, "write_s": write_s}
-            print_runs(f"deepseek-moe-16b shape, int8, prompt {args.big_prompt}, decode "
-                       f"{args.big_decode}, batch 1", {"int8": run}, {"int8": size})
-            shutil.rmtree(big, ignore_errors=True)
+            results["16b"] = run_big(root, args, llama)
     finally:
         if not keep:
             shutil.rmtree(root, ignore_errors=True)
