@@ -36,6 +36,7 @@ from typing import Callable, Iterator
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from dsmoe.config import ModelConfig
 
@@ -113,7 +114,7 @@ def load_source(source: Source, *, dtype: torch.dtype | str | None, device: torc
         target = source.stored_dtype
         if target is None and quant is not None and source.quant is None:
             target = torch.float32  # quantizing a float checkpoint: float parts in fp32
-    with torch.device("meta"):
+    with torch.device("meta"), _NoMetaInit():
         model = (model_cls or Transformer)(source.config)
     if source.quant is None:
         source.check(model)  # a float checkpoint is checked against the float model
@@ -125,6 +126,23 @@ def load_source(source: Source, *, dtype: torch.dtype | str | None, device: torc
     fill(model, source.groups(target), dtype=target, device=device, owns_views=source.owns_views,
          progress=progress, total=source.config.num_hidden_layers + 1)
     return materialize(model, device)
+
+
+class _NoMetaInit(TorchFunctionMode):
+    """Random initialisation of meta tensors (modules' ``reset_parameters``) skipped: it
+    gives no values, and torch runs it through Python meta kernels that import
+    torch._dynamo and sympy (~70 MB of RSS for the rest of the process, ~2 s)."""
+
+    _INIT = {"normal_", "uniform_", "trunc_normal_", "kaiming_uniform_", "kaiming_normal_",
+             "xavier_uniform_", "xavier_normal_"}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001,ANN204
+        kwargs = kwargs or {}
+        tensor = args[0] if args else kwargs.get("tensor")  # torch.nn.init passes keywords
+        if getattr(func, "__name__", None) in self._INIT and isinstance(
+                tensor, torch.Tensor) and tensor.is_meta:
+            return tensor
+        return func(*args, **kwargs)
 
 
 def fill(model: nn.Module, groups: Groups, *, dtype: torch.dtype | None,
