@@ -1,6 +1,7 @@
 """The CPU decode step's small native ops (csrc/decode_ops.c via ``dsmoe.native``) and where
 the model takes them: linear layers reading and writing their activations' dtype, the
-shared experts' SwiGLU, RMSNorm (with the residual add), V1 routing.
+shared experts' SwiGLU, RMSNorm (with the residual add), V1 routing, and the routed
+experts' and attention's one-call steps without casts around them.
 
 Each must give torch's result: the linear layers bit for bit (the same kernel, one
 rounding), RMSNorm to the last bit of its dtype (only the mean square's sum order differs),
@@ -25,8 +26,10 @@ from dsmoe.linear import Linear
 from dsmoe.mlp import SwiGLUMLP
 from dsmoe.model import Transformer
 from dsmoe.model.norm import RMSNorm
+from dsmoe.moe.experts import SwiGLUExperts
 from dsmoe.moe.router import Router
 from dsmoe.quant import quantize_model
+from dsmoe.quant.experts import QuantSwiGLUExperts
 from dsmoe.quant.linear import QuantLinear
 
 pytestmark = needs_native
@@ -250,3 +253,42 @@ def test_decode_steps_take_every_native_op_and_equal_torchs(monkeypatch, dtype, 
     _assert_near(fast_logits, slow_logits, dtype, bits)
     if dtype == torch.float32 and bits != 4:
         assert torch.equal(fast, slow)
+
+
+# --- the one-call experts and attention, in the activations' dtype ------------------------
+@pytest.mark.parametrize("kind", ["bf16", "int8", "int4"])
+def test_experts_decode_reads_and_writes_bf16_as_the_cast_path(kind):
+    T, D, F, E = 3, 128, 64, 8
+    experts = SwiGLUExperts(E, D, F, init_std=0.1).to(torch.bfloat16)
+    weights: tuple = (experts.gate_up_proj.detach(), experts.down_proj.detach())
+    extra: dict = {}
+    if kind != "bf16":
+        q = QuantSwiGLUExperts.from_experts(experts, bits=8 if kind == "int8" else 4,
+                                            group_size=64)
+        gu, dn = q.gate_up_proj, q.down_proj
+        weights = (gu.qweight, dn.qweight, (gu.scale, dn.scale))
+        if kind == "int4":
+            extra = dict(zeros=(gu.zero, dn.zero), group_size=64)
+    x = torch.randn(T, D).to(torch.bfloat16)
+    idx = torch.tensor([[0, 3], [3, 5], [7, 0]])
+    w = torch.rand(T, 2)
+    wide, counts = native.experts_decode(x.float(), idx, w, *weights, **extra)
+    narrow, same_counts = native.experts_decode(x, idx, w, *weights, **extra,
+                                                out_dtype=torch.bfloat16)
+    assert narrow.dtype == torch.bfloat16 and torch.equal(counts, same_counts)
+    assert torch.equal(narrow, wide.to(torch.bfloat16))  # widened exactly, rounded once
+
+
+def test_attention_decode_rounds_its_output_once_to_the_inputs_dtype():
+    B, H, d, S = 2, 4, 16, 6
+    q = torch.randn(B, 1, H * d).to(torch.bfloat16)
+    k, v = torch.randn(B, 1, H * d).to(torch.bfloat16), torch.randn(B, 1, H * d).to(torch.bfloat16)
+    cos, sin = torch.rand(B, 1, d).to(torch.bfloat16), torch.rand(B, 1, d).to(torch.bfloat16)
+    caches = [torch.randn(B, H, S, d).to(torch.bfloat16) for _ in range(2)]
+    copies = [c.clone() for c in caches]
+    wide = native.attention_decode(q, k, v, cos, sin, *caches, 3, None, d ** -0.5)
+    narrow = native.attention_decode(q, k, v, cos, sin, *copies, 3, None, d ** -0.5,
+                                     same_dtype=True)
+    assert wide.dtype == torch.float32 and narrow.dtype == torch.bfloat16
+    assert torch.equal(narrow, wide.to(torch.bfloat16))
+    assert all(torch.equal(a, b) for a, b in zip(caches, copies))

@@ -55,7 +55,7 @@ def test_native_steps_equal_torchs_attention(native_isa, attention_calls, monkey
     mask[2, :1] = 0
     fast, fast_cache = _decode(model, ids, mask, steps=6)
     assert attention_calls == [3] * 6 * 2  # every step, every layer; never the prefill
-    monkeypatch.setattr(native, "attention_decode", lambda *args: None)
+    monkeypatch.setattr(native, "attention_decode", lambda *args, **kwargs: None)
     slow, slow_cache = _decode(model, ids, mask, steps=6, tokens=fast.argmax(-1))
     tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
     torch.testing.assert_close(fast, slow, **tol)

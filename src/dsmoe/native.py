@@ -167,6 +167,12 @@ def library() -> ctypes.CDLL | None:
     lib.dsmoe_swiglu_decode.restype = ctypes.c_int
     lib.dsmoe_rmsnorm_decode.argtypes = [ptr] * 5 + [i64, i64, ctypes.c_float, ctypes.c_int]
     lib.dsmoe_rmsnorm_decode.restype = ctypes.c_int
+    lib.dsmoe_experts_decode_dtype.argtypes = [ptr, ctypes.c_int, ptr, ptr, i64, i64,
+                                               ctypes.c_int] + [ptr] * 6 + [
+        i64, i64, i64, i64, ptr, ctypes.c_int, ptr, ctypes.c_int]
+    lib.dsmoe_experts_decode_dtype.restype = ctypes.c_int
+    lib.dsmoe_attention_decode_dtype.argtypes = lib.dsmoe_attention_decode.argtypes
+    lib.dsmoe_attention_decode_dtype.restype = ctypes.c_int
     lib.dsmoe_router_decode.argtypes = [ptr, ctypes.c_int, i64, ptr, ctypes.c_int, i64, i64,
                                         i64, ctypes.c_int, ctypes.c_float] + [ptr] * 5 + [
         ctypes.c_int]
@@ -367,22 +373,31 @@ def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
+def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """t as a contiguous tensor of ``dtype``, without an op where it already is one (a
+    decode step's router outputs are)."""
+    return t if t.dtype == dtype and t.is_contiguous() else t.to(dtype).contiguous()
+
+
 def experts_decode(x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor,
                    gate_up: torch.Tensor, down: torch.Tensor,
                    scales: tuple[torch.Tensor, torch.Tensor] | None = None,
                    zeros: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None),
-                   group_size: int = 0) -> tuple[torch.Tensor, torch.Tensor] | None:
+                   group_size: int = 0, out_dtype: torch.dtype = torch.float32
+                   ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """A MoE layer's routed SwiGLU (silu) experts for a decode step in one native call:
     sort by expert, both matmuls, the activation and the weighted combine (see the C
     file). x [T, D]; topk_idx [T, K] and topk_weight [T, K] from the router; gate_up
     [E, 2F, D] and down [E, D, F] contiguous, fp32 or bf16; or int8 with ``scales`` (bf16
     [E, 2F], [E, D]); or int4 nibbles uint8 [E, 2F, D/2], [E, D, F/2] with ``scales``
     and ``zeros`` (bf16 [E, N, G]; None: symmetric) in groups of ``group_size``.
-    Returns (fp32 out [T, D], assignments per expert int64 [E]), or None when the kernels
-    are unavailable or cannot take these tensors (the caller then runs the torch path,
-    which also handles non-finite activations)."""
+    Returns (out [T, D] in ``out_dtype``, fp32 or bf16: fp32 sums rounded once,
+    assignments per expert int64 [E]), or None when the kernels are unavailable or cannot
+    take these tensors (the caller then runs the torch path, which also handles
+    non-finite activations). fp32 and bf16 rows are read as they are (no cast)."""
     kind = _EXPERT_KINDS.get(gate_up.dtype)
     if (kind is None or down.dtype != gate_up.dtype or (kind >= 2) != (scales is not None)
+            or out_dtype not in FLOAT_WEIGHT_DTYPES
             or gate_up.dim() != 3 or down.dim() != 3 or x.dim() != 2
             or not (gate_up.is_contiguous() and down.is_contiguous())
             or x.device.type != "cpu" or gate_up.device.type != "cpu"):
@@ -398,17 +413,18 @@ def experts_decode(x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.T
             or topk_weight.shape != (T, K)):
         raise ValueError(f"experts decode: rows {list(x.shape)}, picks {list(topk_idx.shape)}, "
                          f"gate_up {list(gate_up.shape)}, down {list(down.shape)} do not fit")
-    xf = x.detach().to(torch.float32).contiguous()
-    idx = topk_idx.to(torch.int64).contiguous()
-    w = topk_weight.detach().to(torch.float32).contiguous()
+    xf = x.detach().contiguous() if x.dtype in FLOAT_WEIGHT_DTYPES else x.detach().float()
+    idx = _as(topk_idx, torch.int64)
+    w = _as(topk_weight.detach(), torch.float32)
     gu_s, dn_s = (s.contiguous() for s in scales) if scales is not None else (None, None)
     gu_z, dn_z = (None if z is None else z.contiguous() for z in zeros)
-    out = torch.empty(T, D, dtype=torch.float32)
+    out = torch.empty(T, D, dtype=out_dtype)
     counts = torch.empty(E, dtype=torch.int64)
-    status = lib.dsmoe_experts_decode(
-        xf.data_ptr(), idx.data_ptr(), w.data_ptr(), T, K, kind, gate_up.data_ptr(),
-        _ptr(gu_s), _ptr(gu_z), down.data_ptr(), _ptr(dn_s), _ptr(dn_z), group_size, E, D, F,
-        out.data_ptr(), counts.data_ptr(), torch.get_num_threads())
+    status = lib.dsmoe_experts_decode_dtype(
+        xf.data_ptr(), xf.dtype == torch.bfloat16, idx.data_ptr(), w.data_ptr(), T, K, kind,
+        gate_up.data_ptr(), _ptr(gu_s), _ptr(gu_z), down.data_ptr(), _ptr(dn_s), _ptr(dn_z),
+        group_size, E, D, F, out.data_ptr(), out_dtype == torch.bfloat16, counts.data_ptr(),
+        torch.get_num_threads())
     if status == -2:
         raise MemoryError("experts decode: out of memory for the work buffers")
     if status == -3:
@@ -421,14 +437,16 @@ def experts_decode(x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.T
 
 def attention_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
                      sin: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, slot: int,
-                     mask: torch.Tensor | None, scale: float) -> torch.Tensor | None:
+                     mask: torch.Tensor | None, scale: float, same_dtype: bool = False
+                     ) -> torch.Tensor | None:
     """Multi-head attention of one decode step in one native call (see the C file):
     rotate the new query and key ("rotate half" RoPE), write key and value into the cache
     at ``slot``, attend over slots [0, slot]. q [B, 1, H*d], k and v [B, 1, Hkv*d],
     cos/sin [B, 1, d], keys/values one layer of the cache [B, Hkv, S_max, d] (contiguous),
     mask bool [B or 1, 1, 1, slot + 1] (True = may attend) or None; all fp32 or all bf16.
-    Returns fp32 [B, 1, H*d], or None when the kernels are unavailable or cannot take
-    these tensors (the caller then runs torch's ops)."""
+    Returns fp32 [B, 1, H*d] (``same_dtype``: in the inputs' dtype, rounded once), or None
+    when the kernels are unavailable or cannot take these tensors (the caller then runs
+    torch's ops)."""
     dtype = q.dtype
     tensors = (q, k, v, cos, sin, keys, values)
     if (dtype not in FLOAT_WEIGHT_DTYPES or any(t.dtype != dtype for t in tensors)
@@ -451,8 +469,8 @@ def attention_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: tor
     if lib is None:
         return None
     q, k, v, cos, sin = (t.contiguous() for t in (q, k, v, cos, sin))
-    out = torch.empty(B, 1, H * d, dtype=torch.float32)
-    status = lib.dsmoe_attention_decode(
+    out = torch.empty(B, 1, H * d, dtype=dtype if same_dtype else torch.float32)
+    status = (lib.dsmoe_attention_decode_dtype if same_dtype else lib.dsmoe_attention_decode)(
         q.data_ptr(), k.data_ptr(), v.data_ptr(), cos.data_ptr(), sin.data_ptr(),
         keys.data_ptr(), values.data_ptr(), None if rows is None else rows.data_ptr(), stride,
         out.data_ptr(), B, H, Hkv, d, S_max, slot, scale, int(dtype == torch.bfloat16))

@@ -10,6 +10,8 @@
  *   linear:  out = x @ W.T (+ bias), W fp32 / bf16 / int8 / int4 (the existing kernels)
  *   swiglu:  out = down(silu(gate x) * up x), all three matrices of one kind, fp32 inside
  *   rmsnorm: [s = x + delta, rounded], out = weight * round(s / sqrt(mean(s^2) + eps))
+ *   experts, attention: rows_matmul.c's one-call decode steps, reading and writing the
+ *            activations' dtype
  *   router:  fp32 gate logits, softmax, greedy top-k, gate weights (optionally divided by
  *            their sum), times the scaling factor: DeepSeek V1's routing
  * Matrices: kind 0 fp32, 1 bf16 ([N, K]); 2 int8 with bf16 scales [N]; 3 int4 nibbles
@@ -35,6 +37,16 @@ int dsmoe_float_blocks_matmul(const float *x, const void *w, int w_bf16, float *
 int dsmoe_int4_blocks_matmul(const float *x, const uint8_t *q, const uint16_t *s,
                              const uint16_t *z, float *out, int64_t P, const int64_t *blocks,
                              int64_t nb, int64_t N, int64_t K, int64_t g, int threads);
+int dsmoe_experts_decode(const float *x, const int64_t *idx, const float *w, int64_t T,
+                         int64_t K, int kind, const void *gate_up, const uint16_t *gu_scale,
+                         const uint16_t *gu_zero, const void *down, const uint16_t *dn_scale,
+                         const uint16_t *dn_zero, int64_t group, int64_t E, int64_t D,
+                         int64_t F, float *out, int64_t *counts, int threads);
+int dsmoe_attention_decode(const void *q, const void *k, const void *v, const void *cos,
+                           const void *sin, void *keys, void *values, const uint8_t *mask,
+                           int64_t mask_stride, float *out, int64_t B, int64_t H,
+                           int64_t Hkv, int64_t d, int64_t S_max, int64_t slot, float scale,
+                           int bf16);
 
 static inline float widen(uint16_t v) {
     uint32_t u = (uint32_t)v << 16;
@@ -209,5 +221,41 @@ int dsmoe_router_decode(const void *x, int bf16, int64_t T, const void *gate, in
             weight[t * K + k] = (renorm ? w / (picked + 1e-20f) : w) * scaling;
         }
     }
+    return status;
+}
+
+/* rows_matmul.c's dsmoe_experts_decode with x [T, D] and out [T, D] in their dtypes. */
+int dsmoe_experts_decode_dtype(const void *x, int x_bf16, const int64_t *idx, const float *w,
+                               int64_t T, int64_t K, int kind, const void *gate_up,
+                               const uint16_t *gu_scale, const uint16_t *gu_zero,
+                               const void *down, const uint16_t *dn_scale,
+                               const uint16_t *dn_zero, int64_t group, int64_t E, int64_t D,
+                               int64_t F, void *out, int out_bf16, int64_t *counts,
+                               int threads) {
+    float *xf = x_bf16 ? malloc((size_t)(T * D) * sizeof *xf) : (float *)x;
+    float *of = out_bf16 ? malloc((size_t)(T * D) * sizeof *of) : (float *)out;
+    int status = (!xf || !of) ? -2 : 0;
+    if (!status && x_bf16) to_f32(x, 1, T * D, xf);
+    if (!status)
+        status = dsmoe_experts_decode(xf, idx, w, T, K, kind, gate_up, gu_scale, gu_zero, down,
+                                      dn_scale, dn_zero, group, E, D, F, of, counts, threads);
+    if (!status && out_bf16) from_f32(of, T * D, out, 1);
+    if (x_bf16) free(xf);
+    if (out_bf16) free(of);
+    return status;
+}
+
+/* rows_matmul.c's dsmoe_attention_decode with out [B, H*d] in the inputs' dtype. */
+int dsmoe_attention_decode_dtype(const void *q, const void *k, const void *v, const void *cos,
+                                 const void *sin, void *keys, void *values,
+                                 const uint8_t *mask, int64_t mask_stride, void *out,
+                                 int64_t B, int64_t H, int64_t Hkv, int64_t d, int64_t S_max,
+                                 int64_t slot, float scale, int bf16) {
+    float *of = bf16 ? malloc((size_t)(B * H * d) * sizeof *of) : (float *)out;
+    if (!of) return -2;
+    int status = dsmoe_attention_decode(q, k, v, cos, sin, keys, values, mask, mask_stride, of,
+                                        B, H, Hkv, d, S_max, slot, scale, bf16);
+    if (!status && bf16) from_f32(of, B * H * d, out, 1);
+    if (bf16) free(of);
     return status;
 }

@@ -64,9 +64,9 @@ class Attention(nn.Module):
         d = self.head_dim
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)  # [B, S, H*d], [B, S, Hkv*d]
         if S == 1 and isinstance(cache, KVCache) and not records_grad(q, k, v):
-            out = self._native_step(q, k, v, cos, sin, mask, cache)  # [B, 1, H*d]
+            out = self._native_step(q, k, v, cos, sin, mask, cache)  # [B, 1, H*d], x's dtype
             if out is not None:
-                return self.o_proj(out.to(x.dtype))
+                return self.o_proj(out)
         q = q.view(B, S, self.num_heads, d).transpose(1, 2)  # [B, H, S, d]
         k = k.view(B, S, self.num_kv_heads, d).transpose(1, 2)  # [B, Hkv, S, d]
         v = v.view(B, S, self.num_kv_heads, d).transpose(1, 2)  # [B, Hkv, S, d]
@@ -92,7 +92,7 @@ class Attention(nn.Module):
         layer = self.layer_idx
         return native.attention_decode(q, k, v, cos, sin, cache.keys[layer],
                                        cache.values[layer], cache.seq_len, mask.mask,
-                                       self.head_dim ** -0.5)
+                                       self.head_dim ** -0.5, same_dtype=True)
 
 
 ATTENTION: dict[str, type[nn.Module]] = {"mha": Attention, "mla": MultiHeadLatentAttention}

@@ -169,8 +169,8 @@ class SwiGLUExperts(Experts):
         if (self.act is not F.silu or not decode_sized(tokens) or records_grad(tokens, *weights)
                 or compute_dtype(self.gate_up_proj) != tokens.dtype):
             return None
-        fused = native.experts_decode(tokens, topk_idx, topk_weight, *weights)
-        return None if fused is None else (fused[0].to(tokens.dtype), fused[1])
+        return native.experts_decode(tokens, topk_idx, topk_weight, *weights,
+                                     out_dtype=tokens.dtype)
 
     def gemm_plan(self, counts: torch.Tensor, n_rows: int) -> GroupedGEMM:
         """The GEMM plan for ``n_rows`` sorted rows, ``counts [E]`` per expert."""

@@ -62,9 +62,10 @@ class QuantSwiGLUExperts(Experts):
         int4 = {} if gu.bits == 8 else dict(
             zeros=(getattr(gu, "zero", None), getattr(dn, "zero", None)),
             group_size=gu.group_size)
-        fused = native.experts_decode(tokens, topk_idx, topk_weight, gu.qweight, dn.qweight,
-                                      (gu.scale, dn.scale), **int4)
-        return None if fused is None else (fused[0].to(tokens.dtype), fused[1])
+        if tokens.dtype not in native.FLOAT_WEIGHT_DTYPES:
+            return None  # (fp16 rows: torch's path)
+        return native.experts_decode(tokens, topk_idx, topk_weight, gu.qweight, dn.qweight,
+                                     (gu.scale, dn.scale), **int4, out_dtype=tokens.dtype)
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:  # [A, D]
         decoded = self._decode_step(x, counts)
