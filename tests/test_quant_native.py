@@ -315,11 +315,13 @@ def test_int4_falls_back_to_torchs_packed_kernel_without_the_library(monkeypatch
         native.library.cache_clear()
 
 
-@pytest.mark.parametrize("group,K", [(32, 32 * 37), (64, 64 * 19), (128, 128 * 21), (32, 2048)])
+@pytest.mark.parametrize("group,K", [(32, 32 * 37), (64, 64 * 19), (128, 128 * 21), (32, 2048),
+                                     (192, 192 * 20)])
 def test_native_int4_long_rows_cross_the_scale_windows(native_isa, group, K):
     """Rows of more than 16 groups (the avx512 paths hold 16 groups' scales in a register and
-    reload them per window), K % 128 of 0-3 blocks, 1-5 activation rows and a row count that
-    is no multiple of the 4 weight rows taken per pass."""
+    reload them per window; g = 192: windows and steps of 128 meet unevenly), K % 128 of 0-3
+    blocks, 1-5 activation rows and a row count that is no multiple of the 4 weight rows
+    taken per pass."""
     q, scale, zero = _int4_stack(1, 13, K, group, seed=K)
     for M in range(1, 6):
         x = torch.randn(M, K, generator=torch.Generator().manual_seed(M))
