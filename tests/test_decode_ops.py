@@ -292,3 +292,23 @@ def test_attention_decode_rounds_its_output_once_to_the_inputs_dtype():
     assert wide.dtype == torch.float32 and narrow.dtype == torch.bfloat16
     assert torch.equal(narrow, wide.to(torch.bfloat16))
     assert all(torch.equal(a, b) for a, b in zip(caches, copies))
+
+
+@pytest.mark.parametrize("bits", [0, 8, 4])
+def test_two_threads_give_the_one_thread_result(bits):
+    """The kernels split output rows between threads: each sum keeps its order."""
+    mlp = SwiGLUMLP(128, 256, init_std=0.1).to(torch.bfloat16).eval()
+    if bits:
+        quantize_model(mlp, bits=bits, group_size=64)
+    router = _router(64, 6, True, 1.0, torch.bfloat16)
+    x = torch.randn(2, 128).to(torch.bfloat16)
+    results = []
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        try:
+            with torch.no_grad():
+                results.append((mlp(x), *native.router_decode(x[:, :48].contiguous(),
+                                                               router.weight, 6, True, 1.0)))
+        finally:
+            torch.set_num_threads(1)
+    assert all(torch.equal(a, b) for a, b in zip(*results))
