@@ -159,6 +159,15 @@ def library() -> ctypes.CDLL | None:
     lib.dsmoe_q4_0_to_int4.argtypes = [ptr, ptr, ptr, i64]
     lib.dsmoe_q4_0_to_int4.restype = None
     lib.dsmoe_int4_isa.restype = ctypes.c_int
+    _declare_decode_ops(lib)
+    lib.dsmoe_int4_limit_isa.argtypes = [ctypes.c_int]
+    lib.dsmoe_int4_limit_isa.restype = ctypes.c_int
+    return lib
+
+
+def _declare_decode_ops(lib: ctypes.CDLL) -> None:
+    """Argument types of decode_ops.c's entry points (see the functions below)."""
+    ptr, i64 = ctypes.c_void_p, ctypes.c_int64
     lib.dsmoe_linear_decode.argtypes = [ptr, ctypes.c_int, i64, ctypes.c_int, ptr, ptr, ptr,
                                         i64, ptr, i64, i64, ptr, ctypes.c_int, ctypes.c_int]
     lib.dsmoe_linear_decode.restype = ctypes.c_int
@@ -177,9 +186,6 @@ def library() -> ctypes.CDLL | None:
                                         i64, ctypes.c_int, ctypes.c_float] + [ptr] * 5 + [
         ctypes.c_int]
     lib.dsmoe_router_decode.restype = ctypes.c_int
-    lib.dsmoe_int4_limit_isa.argtypes = [ctypes.c_int]
-    lib.dsmoe_int4_limit_isa.restype = ctypes.c_int
-    return lib
 
 
 def openmp_max_threads() -> int | None:
