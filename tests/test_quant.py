@@ -456,3 +456,29 @@ def test_q4_0_blocks_convert_the_same_natively_and_in_torch(monkeypatch) -> None
     theirs = q4_0_as_int4(np.ascontiguousarray(data), (4, n * 32 // 4))
     assert torch.equal(ours[0], theirs[0])
     assert torch.equal(ours[1].view(torch.int16), theirs[1].view(torch.int16))
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prefill_gemm_materialises_the_float_weight_in_chunks(monkeypatch, bits: int,
+                                                              dtype: torch.dtype) -> None:
+    """Past the row kernels, a quantized matrix is dequantized for a GEMM a chunk of output
+    rows at a time (a 16B model's lm_head or dense layer never exists whole in float), with
+    the same result as one GEMM over the whole matrix."""
+    torch.manual_seed(0)
+    linear = nn.Linear(128, 200, bias=False)
+    q = QuantLinear.from_linear(linear, bits=bits, group_size=32)
+    x = torch.randn(3, 24, 128).to(dtype)  # 72 rows: past both kernels' row limits
+    whole = q(x)
+    asked: list[int] = []
+    real = kernels.chunked_linear
+
+    def spy(rows, N, columns):
+        return real(rows, N, lambda n0, n1: asked.append(n1 - n0) or columns(n0, n1))
+
+    monkeypatch.setattr(kernels, "chunked_linear", spy)
+    monkeypatch.setattr(kernels, "GEMM_CHUNK_ELEMENTS", 64 * 128)
+    chunked = q(x)
+    assert asked == [64, 64, 64, 8]
+    tol = 1e-6 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(chunked, whole, rtol=tol, atol=tol)

@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -111,8 +112,32 @@ def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.
             out = torch._weight_int8pack_mm(aligned(rows.to(_KERNEL_DTYPE)), aligned(q), scale)
         out = out.to(x.dtype)
     else:
-        out = F.linear(rows, q.to(x.dtype)) * scale.to(x.dtype)
+        out = chunked_linear(rows, q.shape[0], lambda n0, n1: (  # scale on the output
+            F.linear(rows, q[n0:n1].to(x.dtype)) * scale[n0:n1].to(x.dtype)))
     return out.reshape(*x.shape[:-1], q.shape[0])
+
+
+# Float weights a prefill GEMM materialises at once: the output rows are taken in chunks
+# of at most this many elements (16 MB in bf16), so a 102,400-row lm_head or a dense
+# layer's [10944, 2048] matrix never exists whole in float next to its quantized form
+# (deepseek-moe-16b's peak RSS budget; a GEMM of 4096 x 2048 loses nothing to chunking).
+GEMM_CHUNK_ELEMENTS = 8 * 2**20
+
+
+def chunked_linear(rows: torch.Tensor, N: int,
+                   columns: Callable[[int, int], torch.Tensor]) -> torch.Tensor:
+    """rows [M, K] @ W.T -> [M, N], where ``columns(n0, n1)`` computes the output columns
+    [M, n1 - n0] from the float weight rows W[n0:n1], asked for in chunks of at most
+    GEMM_CHUNK_ELEMENTS weights (one call when the whole matrix fits)."""
+    K = rows.shape[-1]
+    step = max(1, GEMM_CHUNK_ELEMENTS // max(K, 1))
+    if step >= N:
+        return columns(0, N)
+    out = rows.new_empty(rows.shape[0], N)
+    for n0 in range(0, N, step):
+        n1 = min(N, n0 + step)
+        out[:, n0:n1] = columns(n0, n1)
+    return out
 
 
 # --- int4 -------------------------------------------------------------------------------
@@ -271,12 +296,20 @@ def int4_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
                                         group_size, [(0, 0, rows.shape[0])])
     if out is None:  # the GEMM in the rows' dtype (a bf16 GEMM's bf16 output would round
         # an fp32 model's prefill; fp32 rows cross over later, ~48 rows, but are rarer on CPU)
-        weight = native.int4_dequantize(q, scale, zero, group_size, x.dtype)
-        if weight is None:
-            weight = dequantize_int4(q, scale, torch.zeros_like(scale) if zero is None else zero,
-                                     x.dtype)
-        out = F.linear(rows, weight)
+        out = chunked_linear(rows, q.shape[0], lambda n0, n1: F.linear(rows, _int4_rows(
+            q[n0:n1], scale[n0:n1], None if zero is None else zero[n0:n1], group_size,
+            x.dtype)))
     return out.to(x.dtype).reshape(*x.shape[:-1], q.shape[0])
+
+
+def _int4_rows(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
+               group_size: int, dtype: torch.dtype) -> torch.Tensor:
+    """Canonical int4 rows [n, K/2] as float [n, K] (native dequantizer, else torch's)."""
+    weight = native.int4_dequantize(q, scale, zero, group_size, dtype)
+    if weight is None:
+        weight = dequantize_int4(q, scale, torch.zeros_like(scale) if zero is None else zero,
+                                 dtype)
+    return weight
 
 
 def int4_linear(x: torch.Tensor, packed: torch.Tensor, scale_zero: torch.Tensor,
