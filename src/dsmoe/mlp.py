@@ -50,16 +50,22 @@ class SwiGLUMLP(nn.Module):
         projections offer ``decode_operand`` (``Linear`` without bias, ``QuantLinear``;
         not LoRA-wrapped ones); None otherwise. At one token the three projections' casts
         and the activation were ~12 aten ops per shared-expert block."""
-        rows = x.reshape(-1, x.shape[-1])  # [T, D]
-        if (self.act is not F.silu or x.device.type != "cpu" or records_grad(x)
-                or not 0 < rows.shape[0] <= DECODE_STEP_MAX_ROWS):
+        operands = self.decode_operands(x)
+        if operands is None:
             return None
-        operands = [getattr(p, "decode_operand", _none)()
-                    for p in (self.gate_proj, self.up_proj, self.down_proj)]
-        if None in operands:
-            return None
-        out = native.swiglu_decode(rows.contiguous(), *operands)
+        out = native.swiglu_decode(x.reshape(-1, x.shape[-1]).contiguous(), *operands)
         return None if out is None else out.view(x.shape)
+
+    def decode_operands(self, x: torch.Tensor) -> tuple[native.Operand, ...] | None:
+        """(gate, up, down) as the native decode ops take them when ``x [..., D]`` is a
+        decode step they serve (silu, CPU, no gradient, at most ``DECODE_STEP_MAX_ROWS``
+        rows; a MoE layer's experts call adds this block's output itself); else None."""
+        if (self.act is not F.silu or x.device.type != "cpu" or records_grad(x)
+                or not 0 < x.numel() <= DECODE_STEP_MAX_ROWS * x.shape[-1]):
+            return None
+        operands = tuple(getattr(p, "decode_operand", _none)()
+                         for p in (self.gate_proj, self.up_proj, self.down_proj))
+        return None if None in operands else operands
 
 
 class ReLUMLP(nn.Module):

@@ -178,7 +178,7 @@ def _declare_decode_ops(lib: ctypes.CDLL) -> None:
     lib.dsmoe_rmsnorm_decode.restype = ctypes.c_int
     lib.dsmoe_experts_decode_dtype.argtypes = [ptr, ctypes.c_int, ptr, ptr, i64, i64,
                                                ctypes.c_int] + [ptr] * 6 + [
-        i64, i64, i64, i64, ptr, ctypes.c_int, ptr, ctypes.c_int]
+        i64, i64, i64, i64, ctypes.c_int, ptr, i64, i64, ptr, ctypes.c_int, ptr, ctypes.c_int]
     lib.dsmoe_experts_decode_dtype.restype = ctypes.c_int
     lib.dsmoe_attention_decode_dtype.argtypes = lib.dsmoe_attention_decode.argtypes
     lib.dsmoe_attention_decode_dtype.restype = ctypes.c_int
@@ -385,11 +385,34 @@ def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t if t.dtype == dtype and t.is_contiguous() else t.to(dtype).contiguous()
 
 
+def _shared_args(shared: tuple[Operand, Operand, Operand] | None, D: int
+                 ) -> tuple[int, ctypes.Array | None, int]:
+    """(kind or -1, the nine pointers, width Fs) of the shared experts' operands, checked
+    against the hidden size D."""
+    if shared is None:
+        return -1, None, 0
+    gate, up, down = shared
+    kind = _kind(gate)
+    per_byte = 2 if kind == 3 else 1
+    Fs = gate.weight.shape[0]
+    if (kind is None or _kind(up) != kind or _kind(down) != kind
+            or not gate.group_size == up.group_size == down.group_size
+            or gate.weight.shape != (Fs, D // per_byte) or up.weight.shape != gate.weight.shape
+            or down.weight.shape != (D, Fs // per_byte)):
+        raise ValueError(f"experts decode: shared experts gate {list(gate.weight.shape)}, up "
+                         f"{list(up.weight.shape)}, down {list(down.weight.shape)} do not fit "
+                         f"hidden size {D} (or mix kinds)")
+    ptrs = (ctypes.c_void_p * 9)(*(p for op in shared for p in (
+        op.weight.data_ptr(), _ptr(op.scale), _ptr(op.zero))))
+    return kind, ptrs, Fs
+
+
 def experts_decode(x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor,
                    gate_up: torch.Tensor, down: torch.Tensor,
                    scales: tuple[torch.Tensor, torch.Tensor] | None = None,
                    zeros: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None),
-                   group_size: int = 0, out_dtype: torch.dtype = torch.float32
+                   group_size: int = 0, out_dtype: torch.dtype = torch.float32,
+                   shared: tuple[Operand, Operand, Operand] | None = None
                    ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """A MoE layer's routed SwiGLU (silu) experts for a decode step in one native call:
     sort by expert, both matmuls, the activation and the weighted combine (see the C
@@ -400,7 +423,9 @@ def experts_decode(x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.T
     Returns (out [T, D] in ``out_dtype``, fp32 or bf16: fp32 sums rounded once,
     assignments per expert int64 [E]), or None when the kernels are unavailable or cannot
     take these tensors (the caller then runs the torch path, which also handles
-    non-finite activations). fp32 and bf16 rows are read as they are (no cast)."""
+    non-finite activations). fp32 and bf16 rows are read as they are (no cast).
+    ``shared``: the shared experts' (gate, up, down) SwiGLU operands, added to the routed
+    output before its rounding (the MoE layer's whole FFN in the one call)."""
     kind = _EXPERT_KINDS.get(gate_up.dtype)
     if (kind is None or down.dtype != gate_up.dtype or (kind >= 2) != (scales is not None)
             or out_dtype not in FLOAT_WEIGHT_DTYPES
@@ -419,6 +444,7 @@ def experts_decode(x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.T
             or topk_weight.shape != (T, K)):
         raise ValueError(f"experts decode: rows {list(x.shape)}, picks {list(topk_idx.shape)}, "
                          f"gate_up {list(gate_up.shape)}, down {list(down.shape)} do not fit")
+    shared_kind, shared_ptrs, Fs = _shared_args(shared, D)
     xf = x.detach().contiguous() if x.dtype in FLOAT_WEIGHT_DTYPES else x.detach().float()
     idx = _as(topk_idx, torch.int64)
     w = _as(topk_weight.detach(), torch.float32)
@@ -429,8 +455,9 @@ def experts_decode(x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.T
     status = lib.dsmoe_experts_decode_dtype(
         xf.data_ptr(), xf.dtype == torch.bfloat16, idx.data_ptr(), w.data_ptr(), T, K, kind,
         gate_up.data_ptr(), _ptr(gu_s), _ptr(gu_z), down.data_ptr(), _ptr(dn_s), _ptr(dn_z),
-        group_size, E, D, F, out.data_ptr(), out_dtype == torch.bfloat16, counts.data_ptr(),
-        torch.get_num_threads())
+        group_size, E, D, F, shared_kind, shared_ptrs,
+        shared[0].group_size if shared else 0, Fs, out.data_ptr(), out_dtype == torch.bfloat16,
+        counts.data_ptr(), torch.get_num_threads())
     if status == -2:
         raise MemoryError("experts decode: out of memory for the work buffers")
     if status == -3:

@@ -125,21 +125,33 @@ int dsmoe_linear_decode(const void *x, int x_bf16, int64_t M, int kind, const vo
 /* out [M, D] = down(silu(gate x) * up x) for x [M, D] (gate, up [F, D]; down [D, F]): a
  * dense SwiGLU MLP (the shared experts) in one call; fp32 from the kernels to the one
  * rounding of out, as the routed experts' decode step. */
+/* of [M, D] (+)= down(silu(gate xf) * up xf) for xf fp32 [M, D], m = {gate, up, down}. */
+static int swiglu_f32(const float *xf, int64_t M, int kind, const mat_t m[3], int64_t group,
+                      int64_t D, int64_t F, float *of, int add, int threads) {
+    float *buf = malloc((size_t)(M * (2 * F + (add ? D : 0))) * sizeof *buf);
+    if (!buf) return -2;
+    float *g = buf, *u = g + M * F, *y = add ? u + M * F : of;
+    int status = matmul(kind, &m[0], group, xf, M, F, D, g, threads);
+    if (!status) status = matmul(kind, &m[1], group, xf, M, F, D, u, threads);
+    for (int64_t i = 0; !status && i < M * F; i++) g[i] = g[i] / (1.f + expf(-g[i])) * u[i];
+    if (!status) status = matmul(kind, &m[2], group, g, M, D, F, y, threads);
+    for (int64_t i = 0; !status && add && i < M * D; i++) of[i] += y[i];
+    free(buf);
+    return status;
+}
+
 int dsmoe_swiglu_decode(const void *x, int64_t M, int bf16, int kind, const void *gate,
                         const uint16_t *gate_scale, const uint16_t *gate_zero, const void *up,
                         const uint16_t *up_scale, const uint16_t *up_zero, const void *down,
                         const uint16_t *down_scale, const uint16_t *down_zero, int64_t group,
                         int64_t D, int64_t F, void *out, int threads) {
-    float *buf = malloc((size_t)(M * (2 * D + 2 * F)) * sizeof *buf);
+    float *buf = malloc((size_t)(2 * M * D) * sizeof *buf);
     if (!buf) return -2;
-    float *xf = buf, *g = xf + M * D, *u = g + M * F, *of = u + M * F;
+    float *xf = buf, *of = xf + M * D;
     to_f32(x, bf16, M * D, xf);
-    mat_t mg = {gate, gate_scale, gate_zero}, mu = {up, up_scale, up_zero};
-    mat_t md = {down, down_scale, down_zero};
-    int status = matmul(kind, &mg, group, xf, M, F, D, g, threads);
-    if (!status) status = matmul(kind, &mu, group, xf, M, F, D, u, threads);
-    for (int64_t i = 0; !status && i < M * F; i++) g[i] = g[i] / (1.f + expf(-g[i])) * u[i];
-    if (!status) status = matmul(kind, &md, group, g, M, D, F, of, threads);
+    const mat_t m[3] = {{gate, gate_scale, gate_zero}, {up, up_scale, up_zero},
+                        {down, down_scale, down_zero}};
+    int status = swiglu_f32(xf, M, kind, m, group, D, F, of, 0, threads);
     if (!status) from_f32(of, M * D, out, bf16);
     free(buf);
     return status;
@@ -224,14 +236,17 @@ int dsmoe_router_decode(const void *x, int bf16, int64_t T, const void *gate, in
     return status;
 }
 
-/* rows_matmul.c's dsmoe_experts_decode with x [T, D] and out [T, D] in their dtypes. */
+/* rows_matmul.c's dsmoe_experts_decode with x [T, D] and out [T, D] in their dtypes, plus
+ * (shared_kind >= 0) the shared experts' SwiGLU (`shared`: gate, its scale, its zero, then
+ * up's and down's, width Fs) added before the one rounding: a MoE layer's whole FFN. */
 int dsmoe_experts_decode_dtype(const void *x, int x_bf16, const int64_t *idx, const float *w,
                                int64_t T, int64_t K, int kind, const void *gate_up,
                                const uint16_t *gu_scale, const uint16_t *gu_zero,
                                const void *down, const uint16_t *dn_scale,
                                const uint16_t *dn_zero, int64_t group, int64_t E, int64_t D,
-                               int64_t F, void *out, int out_bf16, int64_t *counts,
-                               int threads) {
+                               int64_t F, int shared_kind, const void *const *shared,
+                               int64_t shared_group, int64_t Fs, void *out, int out_bf16,
+                               int64_t *counts, int threads) {
     float *xf = x_bf16 ? malloc((size_t)(T * D) * sizeof *xf) : (float *)x;
     float *of = out_bf16 ? malloc((size_t)(T * D) * sizeof *of) : (float *)out;
     int status = (!xf || !of) ? -2 : 0;
@@ -239,6 +254,12 @@ int dsmoe_experts_decode_dtype(const void *x, int x_bf16, const int64_t *idx, co
     if (!status)
         status = dsmoe_experts_decode(xf, idx, w, T, K, kind, gate_up, gu_scale, gu_zero, down,
                                       dn_scale, dn_zero, group, E, D, F, of, counts, threads);
+    if (!status && shared_kind >= 0) {
+        const mat_t m[3] = {{shared[0], shared[1], shared[2]}, {shared[3], shared[4], shared[5]},
+                            {shared[6], shared[7], shared[8]}};
+        status = swiglu_f32(xf, T, shared_kind, m, shared_group, D, Fs, of, 1, threads);
+        if (status == -3) status = -4; /* the int4 kernel's bad group size, as the experts' */
+    }
     if (!status && out_bf16) from_f32(of, T * D, out, 1);
     if (x_bf16) free(xf);
     if (out_bf16) free(of);

@@ -50,10 +50,14 @@ class Experts(nn.Module):
         return None
 
     def decode_step(self, tokens: torch.Tensor, topk_idx: torch.Tensor,
-                    topk_weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+                    topk_weight: torch.Tensor, shared: tuple | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Dispatch, experts and combine of a decode step in one call: (routed output
         [T, D] in the tokens' dtype, assignments per expert [E]), or None where this module
-        has no such path (the dispatcher then plans, gathers and combines itself)."""
+        has no such path (the dispatcher then plans, gathers and combines itself).
+        ``shared``: the shared experts' ``native.Operand`` triple (``SwiGLUMLP``'s
+        ``decode_operands``), whose output the same call adds (taking them is all or
+        nothing: with None returned the caller runs them itself)."""
         return None
 
 
@@ -162,7 +166,8 @@ class SwiGLUExperts(Experts):
         return self._forward_rows(x, gemm)
 
     def decode_step(self, tokens: torch.Tensor, topk_idx: torch.Tensor,
-                    topk_weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+                    topk_weight: torch.Tensor, shared: tuple | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor] | None:
         """See ``Experts.decode_step``: on CPU, for at most ``DECODE_STEP_MAX_ROWS``
         gradient-free tokens of the weights' own dtype, ``native.experts_decode``."""
         weights = (self.gate_up_proj, self.down_proj)
@@ -170,7 +175,7 @@ class SwiGLUExperts(Experts):
                 or compute_dtype(self.gate_up_proj) != tokens.dtype):
             return None
         return native.experts_decode(tokens, topk_idx, topk_weight, *weights,
-                                     out_dtype=tokens.dtype)
+                                     out_dtype=tokens.dtype, shared=shared)
 
     def gemm_plan(self, counts: torch.Tensor, n_rows: int) -> GroupedGEMM:
         """The GEMM plan for ``n_rows`` sorted rows, ``counts [E]`` per expert."""

@@ -76,6 +76,10 @@ def _loss_terms(cfg: MoEConfig) -> dict[str, tuple[float, LossTerm]]:
     return terms
 
 
+def _none(*args: object) -> None:
+    return None
+
+
 # --- dispatchers ---------------------------------------------------------------------------
 @dataclass
 class Dispatched:
@@ -84,6 +88,7 @@ class Dispatched:
     out: torch.Tensor  # [T, D] routed output: each token's weighted sum over its K experts
     counts: torch.Tensor  # [E] assignments per expert chosen for these T tokens (pre-drop)
     dropped_fraction: torch.Tensor  # scalar: share of assignments dropped over capacity
+    shared_added: bool = False  # out already holds the shared experts' output
 
 
 class LocalDispatcher(nn.Module):
@@ -94,17 +99,20 @@ class LocalDispatcher(nn.Module):
     own overhead (benchmarks/quantized.py)."""
 
     def forward(self, tokens: torch.Tensor, route: RouterOutput, experts: nn.Module,
-                capacity_factor: float | None) -> Dispatched:
+                capacity_factor: float | None, shared: tuple | None = None) -> Dispatched:
+        """``shared``: the shared experts' operands, for the decode step's one call to add
+        (``Dispatched.shared_added`` says whether it did)."""
         T, K = route.topk_idx.shape
         E = route.scores.shape[-1]
         capacity = None
         if capacity_factor is not None:
             capacity = expert_capacity(capacity_factor, T, K, E)
         if capacity is None:  # a decode step the experts run in one native call
-            fused = experts.decode_step(tokens, route.topk_idx, route.topk_weight)
+            fused = experts.decode_step(tokens, route.topk_idx, route.topk_weight, shared)
             if fused is not None:
                 out, counts = fused
-                return Dispatched(out, counts, out.new_zeros((), dtype=torch.float32))
+                return Dispatched(out, counts, out.new_zeros((), dtype=torch.float32),
+                                  shared is not None)
         plan = plan_dispatch(route.topk_idx, E, capacity, route.topk_score)
         # gather -> experts -> combine; the gather is an index_select, not tokens[idx]:
         # CPU advanced indexing opens a thread pool region even for one decode token's rows.
@@ -156,9 +164,12 @@ class MoELayer(nn.Module):
 
         route = self.gate(tokens)
         capacity_factor = cfg.capacity_factor if cfg.drop_tokens and self.training else None
-        routed = self.dispatcher(tokens, route, self.experts, capacity_factor)
+        shared = None  # a decode step may fold the shared experts into the experts' call
+        if capacity_factor is None and self.shared_experts is not None:
+            shared = getattr(self.shared_experts, "decode_operands", _none)(tokens)
+        routed = self.dispatcher(tokens, route, self.experts, capacity_factor, shared)
         out = routed.out  # [T, D]
-        if self.shared_experts is not None:
+        if self.shared_experts is not None and not routed.shared_added:
             out = out + self.shared_experts(tokens)
 
         losses: dict[str, torch.Tensor] = {}

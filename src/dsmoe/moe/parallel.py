@@ -165,8 +165,9 @@ class AllToAllDispatcher(nn.Module):
                 f"local_experts={self.local_experts}")
 
     def forward(self, tokens: torch.Tensor, route: RouterOutput, experts: nn.Module,
-                capacity_factor: float | None) -> Dispatched:
-        """tokens [T, D] -> routed output [T, D] (weighted sum over the K experts)."""
+                capacity_factor: float | None, shared: tuple | None = None) -> Dispatched:
+        """tokens [T, D] -> routed output [T, D] (weighted sum over the K experts).
+        ``shared`` is ignored: the MoE layer runs its shared experts itself."""
         T, K = route.topk_idx.shape
         N, El = self.ep_size, self.local_experts
         dest = route.topk_idx // El  # [T, K] owning rank of each pick

@@ -52,7 +52,8 @@ class QuantSwiGLUExperts(Experts):
         return out
 
     def decode_step(self, tokens: torch.Tensor, topk_idx: torch.Tensor,
-                    topk_weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+                    topk_weight: torch.Tensor, shared: tuple | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor] | None:
         """See ``Experts.decode_step``: int8 and int4 silu experts in
         ``native.experts_decode``."""
         gu, dn = self.gate_up_proj, self.down_proj
@@ -65,7 +66,8 @@ class QuantSwiGLUExperts(Experts):
         if tokens.dtype not in native.FLOAT_WEIGHT_DTYPES:
             return None  # (fp16 rows: torch's path)
         return native.experts_decode(tokens, topk_idx, topk_weight, gu.qweight, dn.qweight,
-                                     (gu.scale, dn.scale), **int4, out_dtype=tokens.dtype)
+                                     (gu.scale, dn.scale), **int4, out_dtype=tokens.dtype,
+                                     shared=shared)
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:  # [A, D]
         decoded = self._decode_step(x, counts)
