@@ -69,6 +69,7 @@ class Header:
     tensors: list[TensorInfo]  # file order
     data_start: int  # first byte of the data section
     little_endian: bool = True
+    alignment: int = _DEFAULT_ALIGNMENT  # of every tensor's offset in the data section
 
 
 class _Cursor:
@@ -147,6 +148,8 @@ def _parse(data: Any, path: Path) -> Header:
     fields: dict[str, Any] = {}
     for i in range(n_kv):
         key = cur.raw_string(f"metadata key #{i}").decode("utf-8", "replace")
+        if key in fields:  # which copy counts is a guess; llama.cpp refuses such files too
+            raise cur.fail(f"metadata key {key!r} appears twice")
         value_type = cur.uint(4, f"the type of metadata key {key!r}")
         fields[key] = _value(cur, value_type, f"metadata key {key!r}", 0)
     cur.need(n_tensors * _MIN_TENSOR_BYTES, f"{n_tensors} tensor records")
@@ -159,7 +162,7 @@ def _parse(data: Any, path: Path) -> Header:
     start = -(-cur.pos // alignment) * alignment
     tensors = [TensorInfo(name, ne, kind, start + offset, n_bytes)
                for name, ne, kind, offset, n_bytes in records]
-    return Header(fields, tensors, start, order == "<")
+    return Header(fields, tensors, start, order == "<", alignment)
 
 
 def _value(cur: _Cursor, value_type: int, what: str, depth: int) -> Any:

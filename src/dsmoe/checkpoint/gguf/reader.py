@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from dsmoe.checkpoint.gguf import metadata
-from dsmoe.checkpoint.gguf.header import TensorInfo, read_header
+from dsmoe.checkpoint.gguf.header import Header, TensorInfo, read_header
 from dsmoe.checkpoint.gguf.names import (TensorSpec, from_llama_rope_rows, join_kv_b,
                                          rope_tail_rows, tensor_specs)
 from dsmoe.checkpoint.gguf.vocab import TokenizerData
@@ -64,7 +64,7 @@ _SHAPE_KEYS = {
 
 
 class GGUFFile:
-    """A validated, memory-mapped GGUF file: ``get(key)`` metadata, ``tensors`` by name."""
+    """A validated GGUF file (read, not mapped): ``get(key)`` metadata, ``tensors`` by name."""
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
@@ -78,17 +78,11 @@ class GGUFFile:
                              "expected b'GGUF')")
         if size < _HEADER_BYTES:
             raise ValueError(f"{self.path}: truncated GGUF file ({size} bytes)")
+        with open(self.path, "rb") as fh:
+            self._identity = _identity(os.fstat(fh.fileno()))
         header = read_header(self.path)
         self.fields: dict[str, Any] = header.fields
-        self.tensors: dict[str, TensorInfo] = {}
-        for t in header.tensors:
-            if t.name in self.tensors:
-                raise ValueError(f"{self.path}: tensor {t.name} is listed twice (corrupt file)")
-            if t.offset + t.n_bytes > size:
-                raise ValueError(f"{self.path}: truncated GGUF file: the tensor data ends early "
-                                 f"(tensor {t.name} ends at byte {t.offset + t.n_bytes}, the "
-                                 f"file has {size} bytes)")
-            self.tensors[t.name] = t
+        self.tensors = _index_tensors(self.path, header, size)
         self.little_endian = header.little_endian
 
     def get(self, key: str, default: Any = _MISSING) -> Any:
@@ -165,7 +159,7 @@ class GGUFFile:
             raise ValueError(f"{self.path}: {t.name} is {Q(t.tensor_type).name}, not Q4_0")
         self._check_little_endian(t)
         q_blocks, scales = q.view(-1, 16), scale.view(-1)  # [n, 16], [n]
-        with self._open() as fh:
+        with self._open(t) as fh:
             for first, raw in self._chunks(fh, t, first_block, scales.numel()):
                 rows = slice(first, first + raw.shape[0])
                 q4_0_into(raw, q_blocks[rows], scales[rows])
@@ -177,7 +171,7 @@ class GGUFFile:
         qtype = Q(t.tensor_type)
         if qtype in _FLOAT_TYPES:
             stored = torch.empty(shape, dtype=_FLOAT_TYPES[qtype])
-            with self._open() as fh:
+            with self._open(t) as fh:
                 _read_into(fh, stored.reshape(-1).view(torch.uint8), t.offset, self.path)
             if not self.little_endian:  # gguf-py reads such files; so does dsmoe
                 bits = stored.view({4: torch.int32, 2: torch.int16}[stored.element_size()])
@@ -187,18 +181,26 @@ class GGUFFile:
         if qtype in _BLOCK_BYTES:
             out = torch.empty(shape, dtype=dtype)
             flat = out.view(-1, 32)  # [n blocks, 32]
-            with self._open() as fh:
+            with self._open(t) as fh:
                 for first, raw in self._chunks(fh, t, 0, flat.shape[0]):
                     flat[first:first + raw.shape[0]] = dequantize_blocks(raw, qtype)
             return out
         raw = torch.empty(t.n_bytes, dtype=torch.uint8)
-        with self._open() as fh:
+        with self._open(t) as fh:
             _read_into(fh, raw, t.offset, self.path)
         data = raw.numpy().reshape(*shape[:-1], -1)  # [..., bytes per row], as gguf-py wants
         return dequantize(data, qtype, shape, f"{self.path}: {t.name}").to(dtype)
 
-    def _open(self):  # noqa: ANN202 - a raw file object
-        return open(self.path, "rb", buffering=0)
+    def _open(self, t: TensorInfo):  # noqa: ANN202 - a raw file object
+        """The file, unbuffered, if it is still the one whose header was parsed: a file
+        rewritten or replaced since (same name, other bytes) would otherwise be read as if
+        its tensors were where the old header put them, and load garbage silently."""
+        fh = open(self.path, "rb", buffering=0)
+        if _identity(os.fstat(fh.fileno())) != self._identity:
+            fh.close()
+            raise ValueError(f"{self.path}: the file changed since its header was read "
+                             f"(before reading tensor {t.name}): load it again")
+        return fh
 
     def _chunks(self, fh, t: TensorInfo, first_block: int, n_blocks: int
                 ) -> Iterator[tuple[int, torch.Tensor]]:
@@ -235,6 +237,35 @@ class GGUFFile:
             return
         for name, piece in zip(spec.hf_names, value.unbind(0)):
             yield name, piece.clone() if copy_experts else piece
+
+
+def _identity(st: os.stat_result) -> tuple[int, ...]:
+    """What changes when a file is rewritten, replaced or truncated."""
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def _index_tensors(path: Path, header: Header, size: int) -> dict[str, TensorInfo]:
+    """The tensor records by name, laid out as llama.cpp requires: each tensor's data
+    right after the previous one's (padded to the alignment), inside the file. Overlapping,
+    misaligned or reordered offsets, and a record whose type or dimensions were changed
+    (its data no longer ends where the next tensor starts), are refused here: read as
+    claimed, they would load garbage silently."""
+    tensors: dict[str, TensorInfo] = {}
+    expected = header.data_start  # where the next tensor's data must start
+    for t in header.tensors:
+        if t.name in tensors:
+            raise ValueError(f"{path}: tensor {t.name} is listed twice (corrupt file)")
+        if t.offset != expected:
+            raise ValueError(f"{path}: tensor {t.name} starts at byte {t.offset}, but the "
+                             f"tensors before it end at byte {expected} (GGUF tensors lie back "
+                             f"to back, each aligned to {header.alignment} bytes): corrupt file")
+        if t.offset + t.n_bytes > size:
+            raise ValueError(f"{path}: truncated GGUF file: the tensor data ends early "
+                             f"(tensor {t.name} ends at byte {t.offset + t.n_bytes}, the "
+                             f"file has {size} bytes)")
+        expected += -(-t.n_bytes // header.alignment) * header.alignment
+        tensors[t.name] = t
+    return tensors
 
 
 def _read_into(fh, out: torch.Tensor, offset: int, path: Path) -> None:

@@ -1,0 +1,119 @@
+"""Hostile GGUF files the header parser alone cannot refuse: duplicate metadata keys,
+tensor records whose offsets, types or dimensions do not describe the data section's
+layout, and a file that changes between parsing its header and reading its tensors. Each
+must fail with one line naming the file and the key or tensor, never load garbage.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from test_gguf import make_model
+
+from dsmoe.checkpoint.gguf import GGUFFile, write_model_gguf
+from dsmoe.cli import main
+
+
+def _assert_one_line_error(path: Path, capsys, message: str) -> None:
+    with pytest.raises(ValueError, match=rf"^{path}: .*{message}"):
+        GGUFFile(path)
+    assert main(["info", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and str(path) in err
+
+
+def test_a_metadata_key_given_twice_is_refused(tmp_path: Path, capsys) -> None:
+    """Which of two values counts would be a guess (llama.cpp refuses such files too)."""
+    path = tmp_path / "twice.gguf"
+    w = gguf.GGUFWriter(str(path), "deepseek")
+    w.add_block_count(3)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.close()
+    data = path.read_bytes()
+    count = struct.unpack_from("<Q", data, 16)[0]
+    key = b"deepseek.block_count"
+    entry = struct.pack("<Q", len(key)) + key + struct.pack("<II", 4, 1)  # block_count = 1
+    path.write_bytes(data[:16] + struct.pack("<Q", count + 1) + data[24:] + entry)
+    _assert_one_line_error(path, capsys, "metadata key 'deepseek.block_count' appears twice")
+
+
+def _two_tensors(path: Path) -> bytes:
+    """An F32 ``a`` [64] and ``b`` [32]: b's data starts 256 bytes into the data section."""
+    w = gguf.GGUFWriter(str(path), "deepseek")
+    w.add_tensor("a", np.ones(64, np.float32))
+    w.add_tensor("b", np.full(32, 2.0, np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path.read_bytes()
+
+
+def _record_field(data: bytes, name: bytes, field: str) -> int:
+    """Where the one-dimensional tensor record ``name``'s type or offset is stored."""
+    start = data.index(struct.pack("<Q", len(name)) + name) + 8 + len(name) + 4 + 8
+    return start if field == "type" else start + 4
+
+
+@pytest.mark.parametrize("name, field, value, message", [
+    (b"b", "offset", 0, "tensor b starts at byte \\d+, but the tensors before it end at"),
+    (b"b", "offset", 257, "tensor b starts at byte"),  # misaligned (and overlapping nothing)
+    (b"b", "offset", 288, "tensor b starts at byte"),  # aligned, but a gap before it
+    (b"a", "type", int(gguf.GGMLQuantizationType.F16), "tensor b starts at byte"),
+    (b"a", "type", int(gguf.GGMLQuantizationType.Q8_0), "tensor b starts at byte"),
+])
+def test_tensor_records_must_describe_the_data_layout(tmp_path: Path, capsys, name: bytes,
+                                                      field: str, value: int,
+                                                      message: str) -> None:
+    """Overlapping, misaligned or gapped offsets, or a type changed so that the data no
+    longer ends where the next tensor starts, all read some other tensor's bytes as this
+    one's; llama.cpp refuses them (gguf.cpp: "tensor ... has offset ..., expected ...")."""
+    path = tmp_path / "layout.gguf"
+    data = bytearray(_two_tensors(path))
+    at = _record_field(bytes(data), name, field)
+    data[at:at + (8 if field == "offset" else 4)] = struct.pack(
+        "<Q" if field == "offset" else "<I", value)
+    path.write_bytes(bytes(data))
+    _assert_one_line_error(path, capsys, message)
+
+
+def test_the_unchanged_layout_is_accepted(tmp_path: Path) -> None:
+    path = tmp_path / "layout.gguf"
+    _two_tensors(path)
+    f = GGUFFile(path)
+    b = f.tensors["b"]
+    assert torch.equal(f.read_float(b, b.shape, torch.float32), torch.full((32,), 2.0))
+
+
+def _replace(path: Path) -> None:
+    """Another file of the same size under the same name (a re-export, say)."""
+    other = path.with_suffix(".new")
+    other.write_bytes(path.read_bytes()[:-64] + b"\x7f" * 64)
+    os.replace(other, path)
+
+
+@pytest.mark.parametrize("change", [_replace, lambda path: os.truncate(path, 4096)],
+                         ids=["replaced", "truncated"])
+def test_a_file_changed_after_its_header_was_read_is_refused(tmp_path: Path, change) -> None:
+    """The header's offsets describe the old file: reading the new one as if they did would
+    load garbage silently (a same-size replacement) or fail without naming the tensor."""
+    path = tmp_path / "m.gguf"
+    write_model_gguf(make_model(), path, quant="q4_0")
+    f = GGUFFile(path)
+    t = f.tensors["blk.1.ffn_gate_exps.weight"]  # Q4_0, read into int4 or dequantized
+    change(path)
+    message = (rf"^{path}: the file changed since its header was read "
+               rf"\(before reading tensor {t.name}\)")
+    with pytest.raises(ValueError, match=message):
+        f.read_float(t, t.shape, torch.float32)
+    *lead, N, K = t.shape
+    with pytest.raises(ValueError, match=message):
+        f.read_int4(t, torch.empty(*lead, N, K // 2, dtype=torch.uint8),
+                    torch.empty(*lead, N, K // 32, dtype=torch.bfloat16))
