@@ -117,3 +117,46 @@ def test_a_file_changed_after_its_header_was_read_is_refused(tmp_path: Path, cha
     with pytest.raises(ValueError, match=message):
         f.read_int4(t, torch.empty(*lead, N, K // 2, dtype=torch.uint8),
                     torch.empty(*lead, N, K // 32, dtype=torch.bfloat16))
+
+
+_TRUNCATE_WHILE_PARSING = """
+import os, sys
+from pathlib import Path
+from dsmoe.checkpoint.gguf import header
+
+path = Path(sys.argv[1])
+parse_value = header._value
+
+def truncating(cur, value_type, what, depth):
+    if depth == 0 and "tokens" in what:  # past the first buffered MiB, before the rest
+        os.truncate(path, 4096)
+    return parse_value(cur, value_type, what, depth)
+
+header._value = truncating
+try:
+    header.read_header(path)
+except ValueError as exc:
+    print(exc)
+"""
+
+
+def test_a_file_truncated_while_its_header_is_parsed_is_an_error(tmp_path: Path) -> None:
+    """A header of 2.4 MB (a large vocabulary) cut short mid-parse, as when the same path
+    is exported again: parsing through a memory map died with SIGBUS (in a subprocess
+    here, so that the suite survives it)."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "vocab.gguf"
+    w = gguf.GGUFWriter(str(path), "deepseek")
+    w.add_token_list([f"token{i:06d}" for i in range(150_000)])
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.close()
+    assert path.stat().st_size > 2 << 20
+    done = subprocess.run([sys.executable, "-c", _TRUNCATE_WHILE_PARSING, str(path)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, f"died with {done.returncode}: {done.stderr[-500:]}"
+    assert done.stdout.startswith(f"{path}: cannot parse GGUF")
+    assert "metadata key 'tokenizer.ggml.tokens'" in done.stdout
+    assert "changed while being read?" in done.stdout

@@ -10,8 +10,9 @@ key, nothing is allocated in proportion to a claim, and a vocabulary parses in w
 second (one ``struct`` read per string, numpy for arrays of numbers).
 
 Values come out as ``GGUFReader``'s ``field.contents()`` gives them: int / float / bool / str,
-lists of those for arrays. The header is read through a memory map that is closed before
-returning, so none of the file's pages stay counted in the process's RSS.
+lists of those for arrays. The header is read (not mapped) into a buffer that grows as the
+parse needs it, so no page of the file stays counted in the process's RSS and a file
+truncated meanwhile is an error, not a SIGBUS.
 
 Layout (GGUF v2/v3): magic, u32 version, u64 tensor count, u64 key/value count; per key: a
 string (u64 length + bytes), u32 value type, the value (arrays: u32 element type, u64
@@ -23,7 +24,7 @@ of ``general.alignment`` (default 32) after the records.
 from __future__ import annotations
 
 import math
-import mmap
+import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +42,7 @@ _MIN_TENSOR_BYTES = 8 + 4 + 4 + 8  # empty name, no dims, type, offset
 _MAX_DIMS = 4  # GGML_MAX_DIMS
 _MAX_NESTING = 8  # arrays of arrays: llama.cpp writes none; refuse deep recursion
 _DEFAULT_ALIGNMENT = 32  # GGUF_DEFAULT_ALIGNMENT
+_FIRST_READ = 1 << 20  # a small model's whole header; larger ones grow the buffer
 
 
 @dataclass(frozen=True)
@@ -73,22 +75,36 @@ class Header:
 
 
 class _Cursor:
-    """Reads little- or big-endian values from ``data``, refusing to read past its end."""
+    """Reads little- or big-endian values from the open file ``fh``, refusing to read past
+    its end. The bytes come through a buffer that grows (at least doubling) as the parse
+    needs them, not a memory map: a mapped file truncated while being parsed (the same path
+    exported again, say) kills the process with SIGBUS instead of raising an error."""
 
-    def __init__(self, data: Any, path: Path, order: str) -> None:
-        self.data, self.path, self.order, self.pos = data, path, order, 0
+    def __init__(self, fh: Any, path: Path) -> None:
+        self.fh, self.path, self.order, self.pos = fh, path, "<", 0
+        self.size = os.fstat(fh.fileno()).st_size  # claims are held against this
+        self.data = bytearray(fh.read(min(self.size, _FIRST_READ)))
 
     def fail(self, what: str) -> ValueError:
         return ValueError(f"{self.path}: cannot parse GGUF (truncated or corrupt?): {what}")
 
     def left(self) -> int:
-        return len(self.data) - self.pos
+        return self.size - self.pos
 
     def need(self, n: int, what: str) -> None:
         """``n`` more bytes must exist: claims larger than the file are refused here."""
         if n > self.left():
             raise self.fail(f"{what} needs {n} bytes at offset {self.pos}, the file has only "
                             f"{self.left()} left")
+        if self.pos + n > len(self.data):
+            self._read_to(self.pos + n, what)
+
+    def _read_to(self, end: int, what: str) -> None:
+        """Buffer the file up to at least byte ``end``, which ``size`` said exists."""
+        self.data += self.fh.read(min(self.size, max(end, 2 * len(self.data))) - len(self.data))
+        if len(self.data) < end:
+            raise self.fail(f"{what}: the file ends at byte {len(self.data)}, but had "
+                            f"{self.size} bytes when it was opened (changed while being read?)")
 
     def scalar(self, code: str, what: str) -> Any:
         size = struct.calcsize(code)
@@ -127,21 +143,19 @@ def read_header(path: Path) -> Header:
     naming the file and the key or tensor) when a count or length claims more than the
     file holds, or a value or type is unknown."""
     with open(path, "rb") as fh:
-        if path.stat().st_size < (1 << 20):
-            return _parse(fh.read(), path)
-        with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as data:
-            return _parse(data, path)
+        return _parse(_Cursor(fh, path))
 
 
-def _parse(data: Any, path: Path) -> Header:
-    version = struct.unpack_from("<I", data, 4)[0]
-    order = ">" if version & 0xFFFF == 0 else "<"  # big-endian files: as gguf-py tells them
-    version = struct.unpack_from(order + "I", data, 4)[0]
+def _parse(cur: _Cursor) -> Header:
+    path = cur.path
+    cur.pos = 4
+    version = cur.uint(4, "the version")
+    if version & 0xFFFF == 0:  # big-endian files: as gguf-py tells them
+        cur.order, cur.pos = ">", 4
+        version = cur.uint(4, "the version")
     if version not in (2, 3):
         raise ValueError(f"{path}: GGUF version {version} is not supported (dsmoe reads "
                          "versions 2 and 3)")
-    cur = _Cursor(data, path, order)
-    cur.pos = 8
     n_tensors = cur.uint(8, "the tensor count")
     n_kv = cur.uint(8, "the metadata count")
     cur.need(n_kv * _MIN_KV_BYTES, f"{n_kv} metadata entries")
@@ -153,7 +167,7 @@ def _parse(data: Any, path: Path) -> Header:
         value_type = cur.uint(4, f"the type of metadata key {key!r}")
         fields[key] = _value(cur, value_type, f"metadata key {key!r}", 0)
     cur.need(n_tensors * _MIN_TENSOR_BYTES, f"{n_tensors} tensor records")
-    records = [_tensor_record(cur, i, len(data)) for i in range(n_tensors)]
+    records = [_tensor_record(cur, i, cur.size) for i in range(n_tensors)]
     alignment = fields.get("general.alignment", _DEFAULT_ALIGNMENT)
     if isinstance(alignment, bool) or not isinstance(alignment, int) or alignment <= 0 \
             or alignment & (alignment - 1):
@@ -162,7 +176,7 @@ def _parse(data: Any, path: Path) -> Header:
     start = -(-cur.pos // alignment) * alignment
     tensors = [TensorInfo(name, ne, kind, start + offset, n_bytes)
                for name, ne, kind, offset, n_bytes in records]
-    return Header(fields, tensors, start, order == "<", alignment)
+    return Header(fields, tensors, start, cur.order == "<", alignment)
 
 
 def _value(cur: _Cursor, value_type: int, what: str, depth: int) -> Any:
