@@ -160,3 +160,32 @@ def test_a_file_truncated_while_its_header_is_parsed_is_an_error(tmp_path: Path)
     assert done.stdout.startswith(f"{path}: cannot parse GGUF")
     assert "metadata key 'tokenizer.ggml.tokens'" in done.stdout
     assert "changed while being read?" in done.stdout
+
+
+@pytest.mark.parametrize("as_int4", [False, True], ids=["dequantized", "int4"])
+def test_a_file_shrinking_between_chunks_of_a_tensor_names_it(tmp_path: Path, monkeypatch,
+                                                              as_int4: bool) -> None:
+    """Past the check at open, the file can still shrink between two chunk reads."""
+    from dsmoe.checkpoint.gguf import reader
+
+    path = tmp_path / "m.gguf"
+    write_model_gguf(make_model(), path, quant="q4_0")
+    f = GGUFFile(path)
+    t = f.tensors["blk.1.ffn_gate_exps.weight"]  # Q4_0 [E, F, D]
+    monkeypatch.setattr(reader, "_CHUNK_BYTES", 18 * 4)  # four blocks per read
+    convert = reader.q4_0_into if as_int4 else reader.dequantize_blocks
+
+    def shrink_then(*args):  # after the first chunk: cut the file inside this tensor
+        os.truncate(path, t.offset + 18 * 6)
+        return convert(*args)
+
+    monkeypatch.setattr(reader, "q4_0_into" if as_int4 else "dequantize_blocks", shrink_then)
+    message = (rf"^{path}: truncated GGUF file: the data of tensor {t.name} ends at byte "
+               rf"{t.offset + 18 * 6}")
+    *lead, N, K = t.shape
+    with pytest.raises(ValueError, match=message):
+        if as_int4:
+            f.read_int4(t, torch.empty(*lead, N, K // 2, dtype=torch.uint8),
+                        torch.empty(*lead, N, K // 32, dtype=torch.bfloat16))
+        else:
+            f.read_float(t, t.shape, torch.float32)

@@ -172,7 +172,8 @@ class GGUFFile:
         if qtype in _FLOAT_TYPES:
             stored = torch.empty(shape, dtype=_FLOAT_TYPES[qtype])
             with self._open(t) as fh:
-                _read_into(fh, stored.reshape(-1).view(torch.uint8), t.offset, self.path)
+                _read_into(fh, stored.reshape(-1).view(torch.uint8), t.offset, self.path,
+                           t.name)
             if not self.little_endian:  # gguf-py reads such files; so does dsmoe
                 bits = stored.view({4: torch.int32, 2: torch.int16}[stored.element_size()])
                 stored = torch.from_numpy(bits.numpy().byteswap()).view(stored.dtype)
@@ -187,7 +188,7 @@ class GGUFFile:
             return out
         raw = torch.empty(t.n_bytes, dtype=torch.uint8)
         with self._open(t) as fh:
-            _read_into(fh, raw, t.offset, self.path)
+            _read_into(fh, raw, t.offset, self.path, t.name)
         data = raw.numpy().reshape(*shape[:-1], -1)  # [..., bytes per row], as gguf-py wants
         return dequantize(data, qtype, shape, f"{self.path}: {t.name}").to(dtype)
 
@@ -214,7 +215,8 @@ class GGUFFile:
         buffer = torch.empty(min(per_chunk, n_blocks), size, dtype=torch.uint8)
         for done in range(0, n_blocks, per_chunk):
             raw = buffer[:min(per_chunk, n_blocks - done)]
-            _read_into(fh, raw.view(-1), t.offset + (first_block + done) * size, self.path)
+            _read_into(fh, raw.view(-1), t.offset + (first_block + done) * size, self.path,
+                       t.name)
             yield done, raw
 
     def _check_little_endian(self, t: TensorInfo) -> None:
@@ -268,8 +270,8 @@ def _index_tensors(path: Path, header: Header, size: int) -> dict[str, TensorInf
     return tensors
 
 
-def _read_into(fh, out: torch.Tensor, offset: int, path: Path) -> None:
-    """Fill the contiguous uint8 ``out`` with the file's bytes from ``offset`` on. A read
+def _read_into(fh, out: torch.Tensor, offset: int, path: Path, name: str) -> None:
+    """Fill the contiguous uint8 ``out`` with tensor ``name``'s bytes from ``offset`` on. A read
     into the process's own memory, not a memory map: the page cache it goes through is
     not counted in this process's RSS, and nothing of the file stays resident in it."""
     view = memoryview(out.numpy()).cast("B")
@@ -278,8 +280,8 @@ def _read_into(fh, out: torch.Tensor, offset: int, path: Path) -> None:
     while done < len(view):
         got = fh.readinto(view[done:])
         if not got:
-            raise ValueError(f"{path}: truncated GGUF file: the data ends at byte "
-                             f"{offset + done}")
+            raise ValueError(f"{path}: truncated GGUF file: the data of tensor {name} ends "
+                             f"at byte {offset + done} (did the file shrink while being read?)")
         done += got
 
 
