@@ -189,3 +189,19 @@ def test_a_file_shrinking_between_chunks_of_a_tensor_names_it(tmp_path: Path, mo
                         torch.empty(*lead, N, K // 32, dtype=torch.bfloat16))
         else:
             f.read_float(t, t.shape, torch.float32)
+
+
+@pytest.mark.parametrize("value", [[2], "q4_0"], ids=["list", "string"])
+def test_a_file_type_that_is_not_an_integer_is_refused(tmp_path: Path, value) -> None:
+    """general.file_type picks the stored dtype and the int4 fast path; a list made a
+    TypeError traceback (unhashable), a string was silently read as float32."""
+    from test_hostile_readers import _with_metadata
+
+    from dsmoe.quant import load_model
+
+    path = _with_metadata(tmp_path / "typed.gguf", {"general.file_type": value})
+    message = rf"^{path}: metadata general.file_type = .* must be an integer"
+    with pytest.raises(ValueError, match=message):
+        load_model(path)
+    with pytest.raises(ValueError, match=message):
+        load_model(path, quant="int4")

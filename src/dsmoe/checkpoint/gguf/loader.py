@@ -42,12 +42,23 @@ def gguf_source(path: str | os.PathLike) -> Source:
     validated now, tensors dequantized one layer at a time."""
     f = GGUFFile(path)
     config = f.config()
-    stored = _FILE_DTYPES.get(f.get("general.file_type", 0), torch.float32)
-    q4_0 = f.get("general.file_type", 0) == QUANT_TYPES["q4_0"][1]
+    file_type = _file_type(f)
+    stored = _FILE_DTYPES.get(file_type, torch.float32)
+    q4_0 = file_type == QUANT_TYPES["q4_0"][1]
     return Source(config, lambda model: _check_against_model(f, config, model),
                   lambda dtype: native_groups(f, config, dtype), stored,
                   int4_groups=(lambda dtype: native_groups(f, config, dtype, True))
                   if q4_0 else None)
+
+
+def _file_type(f: GGUFFile) -> int:
+    """general.file_type, a llama_ftype: only a hint of the tensors' types (an unknown one
+    means float32), but a list or a string is a corrupt file, not a hint to ignore."""
+    value = f.get("general.file_type", 0)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{f.path}: metadata general.file_type = {value!r} must be an "
+                         f"integer (a llama.cpp file type), not {type(value).__name__}")
+    return value
 
 
 def load_gguf_model(path: str | os.PathLike, *, dtype: torch.dtype | str | None = torch.float32,
