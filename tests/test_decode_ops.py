@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 
 from dsmoe import native
 from dsmoe.config import ModelConfig
-from dsmoe.linear import Linear
+from dsmoe.linear import DECODE_MAX_ROWS, FP32_DECODE_MAX_ROWS, Linear
 from dsmoe.mlp import SwiGLUMLP
 from dsmoe.model import Transformer
 from dsmoe.model.norm import RMSNorm
@@ -69,7 +69,8 @@ def test_linear_layers_equal_the_cast_path_bit_for_bit(monkeypatch, dtype, kind,
         fast = layer(x)
         monkeypatch.setattr(native, "linear_decode", lambda *args, **kwargs: None)
         slow = layer(x)
-    expected = [rows] if kind != "float" or rows <= 4 else []  # float: DECODE_MAX_ROWS
+    limit = FP32_DECODE_MAX_ROWS if dtype == torch.float32 else DECODE_MAX_ROWS
+    expected = [rows] if kind != "float" or rows <= limit else []  # float: the row limits
     assert calls == expected and fast.dtype == dtype and fast.shape == (rows, 1, 64)
     if kind == "float":  # torch's path is F.linear, another summation order
         _assert_near(fast, slow, dtype, 0)

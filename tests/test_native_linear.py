@@ -17,7 +17,8 @@ from hypothesis import strategies as st
 
 from dsmoe import native
 from dsmoe.config import ModelConfig
-from dsmoe.linear import DECODE_MAX_ROWS, Linear, decode_linear, fp32_linear
+from dsmoe.linear import (DECODE_MAX_ROWS, FP32_DECODE_MAX_ROWS, Linear, decode_linear,
+                          fp32_linear)
 from dsmoe.model import Transformer
 from dsmoe.moe.experts import SwiGLUExperts
 from dsmoe.moe.grouped_gemm import DECODE_STEP_MAX_ROWS
@@ -59,15 +60,18 @@ def test_float_rows_match_the_exact_product(native_isa, M, N, K, bf16, seed):
 
 @needs_native
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("rows", [1, 2, 3, DECODE_MAX_ROWS])
+@pytest.mark.parametrize("rows", [1, 2, 3, DECODE_MAX_ROWS, FP32_DECODE_MAX_ROWS])
 def test_linear_decode_steps_equal_f_linear(calls, dtype, rows):
+    """Up to DECODE_MAX_ROWS rows go native; fp32 up to FP32_DECODE_MAX_ROWS."""
     torch.manual_seed(0)
     layer = Linear(96, 80, bias=True).to(dtype)
     x = torch.randn(rows, 1, 96).to(dtype)
     with torch.no_grad():
         out = layer(x)
         reference = (x.double() @ layer.weight.double().T + layer.bias.double())
-    assert calls == [rows] and out.shape == (rows, 1, 80) and out.dtype == dtype
+    limit = FP32_DECODE_MAX_ROWS if dtype == torch.float32 else DECODE_MAX_ROWS
+    assert calls == ([rows] if rows <= limit else [])
+    assert out.shape == (rows, 1, 80) and out.dtype == dtype
     if dtype == torch.float32:
         torch.testing.assert_close(out, F.linear(x, layer.weight, layer.bias), atol=1e-5,
                                    rtol=1e-5)
@@ -82,7 +86,9 @@ def test_training_prefill_and_input_major_weights_use_torch(calls):
     layer(x).sum().backward()  # training: gradients must flow
     assert calls == [] and x.grad is not None and layer.weight.grad is not None
     with torch.no_grad():
-        layer(torch.randn(DECODE_MAX_ROWS + 1, 64))  # prefill-sized
+        layer(torch.randn(FP32_DECODE_MAX_ROWS + 1, 64))  # prefill-sized
+        layer.bfloat16()(torch.randn(DECODE_MAX_ROWS + 1, 64).bfloat16())
+        layer.float()
         transposed = layer.weight.detach().T.contiguous().T  # input-major storage
         assert decode_linear(torch.randn(1, 64), transposed) is None
         assert decode_linear(torch.randn(1, 64).double(), layer.weight.double()) is None

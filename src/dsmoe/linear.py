@@ -4,8 +4,8 @@ A decode step multiplies each weight matrix by one row per sequence: the time go
 streaming the weights from memory, and on CPU torch's bf16 matrix-vector product reads
 them at about half the speed the native kernel does (``dsmoe.native``; measured in
 benchmarks/generate.py). ``decode_linear`` takes such products, when they are
-gradient-free, on CPU, with at most ``DECODE_MAX_ROWS`` rows and an output-major fp32 or
-bf16 weight; everything else (training, prefill, GPUs, ``set_matmul_layout``'s
+gradient-free, on CPU, with at most ``DECODE_MAX_ROWS`` rows (fp32:
+``FP32_DECODE_MAX_ROWS``) and an output-major fp32 or bf16 weight; everything else (training, prefill, GPUs, ``set_matmul_layout``'s
 input-major weights) goes to ``F.linear`` unchanged.
 
 Numerics: fp32 products summed in fp32 (bf16 weights and activations are widened
@@ -31,6 +31,12 @@ from dsmoe.autograd import records_grad
 # 1.4-2x for fp32, at 4 rows 1.05-1.35x and 1.3-2x; at 8 torch's blocked GEMMs are ~1.3-2x
 # faster, the kernels' activation rows no longer fitting in L1 beside the weight row).
 DECODE_MAX_ROWS = 4
+# fp32 products (weights and rows) go native up to 8 rows: torch's fp32 GEMM at 8 rows reads
+# the weight no faster than its GEMV, while the native kernel keeps splitting rows between
+# threads. Measured (one process, alternating, 3-layer 2B shape, batch-8 decode steps,
+# quiet machine): 1.46x faster on two threads, 1.10x on one; bf16 at 8 rows went 0.75x
+# (torch's bf16 GEMM reads ~2x faster there), so bf16 stays at DECODE_MAX_ROWS.
+FP32_DECODE_MAX_ROWS = 8
 # A CPU forward of at most this many rows (batch <= 8, one new token each) is a decode
 # step: the experts run expert by expert (dsmoe.moe.grouped_gemm), the native kernels taking
 # the experts with at most DECODE_MAX_ROWS rows; norms and shared experts take one native
@@ -42,11 +48,14 @@ def _native_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
                  out_dtype: torch.dtype) -> torch.Tensor | None:
     """``x [..., K] @ weight.T (+ bias)`` -> [..., N] in ``out_dtype`` by the native kernel
     (which reads and writes the activations in their dtype) if this product is a
-    gradient-free step of 1 to ``DECODE_MAX_ROWS`` rows it can take; else None."""
+    gradient-free step of 1 to ``DECODE_MAX_ROWS`` (fp32: ``FP32_DECODE_MAX_ROWS``) rows it
+    can take; else None."""
     if records_grad(x, weight):
         return None  # a ctypes call would cut the autograd graph
     rows = x.reshape(-1, x.shape[-1])  # [M, K]
-    if not 0 < rows.shape[0] <= DECODE_MAX_ROWS or rows.dtype not in native.FLOAT_WEIGHT_DTYPES:
+    fp32 = rows.dtype == weight.dtype == torch.float32
+    if (not 0 < rows.shape[0] <= (FP32_DECODE_MAX_ROWS if fp32 else DECODE_MAX_ROWS)
+            or rows.dtype not in native.FLOAT_WEIGHT_DTYPES):
         return None
     out = native.linear_decode(rows.contiguous(), native.Operand(weight), bias, out_dtype)
     return None if out is None else out.view(*x.shape[:-1], weight.shape[0])
