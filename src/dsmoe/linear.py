@@ -5,8 +5,9 @@ streaming the weights from memory, and on CPU torch's bf16 matrix-vector product
 them at about half the speed the native kernel does (``dsmoe.native``; measured in
 benchmarks/generate.py). ``decode_linear`` takes such products, when they are
 gradient-free, on CPU, with at most ``DECODE_MAX_ROWS`` rows (fp32:
-``FP32_DECODE_MAX_ROWS``) and an output-major fp32 or bf16 weight; everything else (training, prefill, GPUs, ``set_matmul_layout``'s
-input-major weights) goes to ``F.linear`` unchanged.
+``FP32_DECODE_MAX_ROWS``) and an output-major fp32 or bf16 weight; everything else
+(training, prefill, GPUs, ``set_matmul_layout``'s input-major weights) goes to ``F.linear``
+unchanged.
 
 Numerics: fp32 products summed in fp32 (bf16 weights and activations are widened
 exactly), rounded once to the activation dtype: for fp32 the same result as ``F.linear``
@@ -31,11 +32,10 @@ from dsmoe.autograd import records_grad
 # 1.4-2x for fp32, at 4 rows 1.05-1.35x and 1.3-2x; at 8 torch's blocked GEMMs are ~1.3-2x
 # faster, the kernels' activation rows no longer fitting in L1 beside the weight row).
 DECODE_MAX_ROWS = 4
-# fp32 products (weights and rows) go native up to 8 rows: torch's fp32 GEMM at 8 rows reads
-# the weight no faster than its GEMV, while the native kernel keeps splitting rows between
-# threads. Measured (one process, alternating, 3-layer 2B shape, batch-8 decode steps,
-# quiet machine): 1.46x faster on two threads, 1.10x on one; bf16 at 8 rows went 0.75x
-# (torch's bf16 GEMM reads ~2x faster there), so bf16 stays at DECODE_MAX_ROWS.
+# fp32 products (weights and rows) go native up to 8 rows: on whole batch-8 decode steps
+# (one process, alternating both limits, 3-layer 2B shape, quiet machine) that was 1.46x
+# faster on two threads and 1.10x on one, whatever the single-matrix timings above say; bf16
+# at 8 rows went 0.75x, so bf16 stays at DECODE_MAX_ROWS.
 FP32_DECODE_MAX_ROWS = 8
 # A CPU forward of at most this many rows (batch <= 8, one new token each) is a decode
 # step: the experts run expert by expert (dsmoe.moe.grouped_gemm), the native kernels taking

@@ -47,8 +47,8 @@ def run(args: argparse.Namespace) -> int:
         tokenizer_dir = _tokenizer_dir(source, Path(tmp))
         with _progress(f"quantize int{args.bits}") as update:
             quantize_checkpoint(source, args.out, bits=args.bits, group_size=args.group_size,
-                                symmetric=args.symmetric, dtype=DTYPES[args.dtype], tokenizer_dir=tokenizer_dir,
-                                progress=update)
+                                symmetric=args.symmetric, dtype=DTYPES[args.dtype],
+                                tokenizer_dir=tokenizer_dir, progress=update)
     size = sum(f.stat().st_size for f in Path(args.out).glob("*.safetensors"))
     print(f"wrote {args.out} (int{args.bits}, {size / 2**20:.1f} MiB of weights)")
     return 0

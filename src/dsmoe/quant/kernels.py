@@ -172,7 +172,8 @@ def quantize_int4(weight: torch.Tensor, group_size: int
 # Candidate scales of the symmetric search, as multiples of Q4_0's: the extreme value maps
 # to -(8 + 0.1 i) instead of -8 (the candidates llama.cpp's k-quant search tries).
 _SYMMETRIC_STEPS = tuple(8.0 / (8.0 + 0.1 * i) for i in range(-9, 10))
-_SEARCH_ROWS = 64  # rows per chunk of the search: its temporaries stay in L2 (~1.5x faster than 1024)
+# Rows per chunk of the search: its temporaries stay in L2 (~1.5x faster than 1024 rows).
+_SEARCH_ROWS = 64
 
 
 def quantize_int4_symmetric(weight: torch.Tensor, group_size: int
