@@ -339,6 +339,31 @@ def test_moe_layers_add_the_shared_experts_inside_the_experts_call(monkeypatch, 
     _assert_near(fast, slow, dtype, 0 if bits != 4 else 4)
 
 
+def test_shared_experts_of_mixed_int4_groups_run_beside_the_experts_call(monkeypatch):
+    """int4 picks a smaller group for a matrix whose inputs 128 does not divide (the shared
+    expert's down projection, 96 inputs: groups 128, 128, 32): no native SwiGLU step takes
+    that mix, so the layer adds the shared experts itself instead of failing."""
+    torch.manual_seed(0)
+    cfg = ModelConfig.preset("tiny").replace(
+        vocab_size=300, hidden_size=256, num_attention_heads=4, num_key_value_heads=4,
+        num_hidden_layers=1, moe_intermediate_size=96, first_k_dense_replace=0)
+    model = quantize_model(Transformer(cfg).eval(), bits=4, group_size=128)
+    mlp = model.layers[0].mlp.shared_experts
+    assert [m.group_size for m in (mlp.gate_proj, mlp.up_proj, mlp.down_proj)] == [128, 128, 32]
+    prompt = torch.randint(0, 300, (1, 5))
+    with torch.inference_mode():
+        assert mlp.decode_operands(torch.randn(1, 256)) is None
+        cache = model.new_cache(1, 8)
+        model(prompt, cache=cache)
+        fast = model(prompt[:, :1], cache=cache).logits
+    _torch_only(monkeypatch)
+    with torch.inference_mode():
+        cache = model.new_cache(1, 8)
+        model(prompt, cache=cache)
+        slow = model(prompt[:, :1], cache=cache).logits
+    _assert_near(fast, slow, torch.float32, 4)
+
+
 def test_shared_experts_are_added_before_the_one_rounding():
     T, D, F, E = 2, 64, 32, 4
     routed = SwiGLUExperts(E, D, F, init_std=0.2)

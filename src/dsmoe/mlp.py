@@ -59,13 +59,16 @@ class SwiGLUMLP(nn.Module):
     def decode_operands(self, x: torch.Tensor) -> tuple[native.Operand, ...] | None:
         """(gate, up, down) as the native decode ops take them when ``x [..., D]`` is a
         decode step they serve (silu, CPU, no gradient, at most ``DECODE_STEP_MAX_ROWS``
-        rows; a MoE layer's experts call adds this block's output itself); else None."""
+        rows; a MoE layer's experts call adds this block's output itself), all three of one
+        kind and group size; else None."""
         if (self.act is not F.silu or x.device.type != "cpu" or records_grad(x)
                 or not 0 < x.numel() <= DECODE_STEP_MAX_ROWS * x.shape[-1]):
             return None
         operands = tuple(getattr(p, "decode_operand", _none)()
                          for p in (self.gate_proj, self.up_proj, self.down_proj))
-        return None if None in operands else operands
+        if None in operands or native.uniform_kind(*operands) is None:
+            return None
+        return operands
 
 
 class ReLUMLP(nn.Module):

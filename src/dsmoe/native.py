@@ -392,12 +392,11 @@ def _shared_args(shared: tuple[Operand, Operand, Operand] | None, D: int
     if shared is None:
         return -1, None, 0
     gate, up, down = shared
-    kind = _kind(gate)
+    kind = uniform_kind(gate, up, down)
     per_byte = 2 if kind == 3 else 1
     Fs = gate.weight.shape[0]
-    if (kind is None or _kind(up) != kind or _kind(down) != kind
-            or not gate.group_size == up.group_size == down.group_size
-            or gate.weight.shape != (Fs, D // per_byte) or up.weight.shape != gate.weight.shape
+    if (kind is None or gate.weight.shape != (Fs, D // per_byte)
+            or up.weight.shape != gate.weight.shape
             or down.weight.shape != (D, Fs // per_byte)):
         raise ValueError(f"experts decode: shared experts gate {list(gate.weight.shape)}, up "
                          f"{list(up.weight.shape)}, down {list(down.weight.shape)} do not fit "
@@ -558,6 +557,17 @@ def _kind(op: Operand) -> int | None:
     return kind
 
 
+def uniform_kind(*ops: Operand) -> int | None:
+    """The one kind operands share with one group size (the native SwiGLU steps take no
+    mix: ``QuantMatrix`` may keep a shape int4 cannot take in int8, or pick a smaller
+    group), else None."""
+    kind = _kind(ops[0])
+    if kind is None or any(_kind(op) != kind or op.group_size != ops[0].group_size
+                           for op in ops[1:]):
+        return None
+    return kind
+
+
 def _rows_ok(x: torch.Tensor) -> bool:
     return (x.dim() == 2 and x.dtype in FLOAT_WEIGHT_DTYPES and x.device.type == "cpu"
             and x.is_contiguous())
@@ -595,10 +605,9 @@ def swiglu_decode(x: torch.Tensor, gate: Operand, up: Operand, down: Operand
     """down(silu(gate x) * up x) for x [M, D] (gate, up [F, D], down [D, F], all of one
     kind and group size) in one call -> [M, D] in x's dtype (fp32 inside, rounded once).
     None when the kernels are unavailable or cannot take these tensors."""
-    kind = _kind(gate)
+    kind = uniform_kind(gate, up, down)
     lib = library()
-    if (kind is None or lib is None or not _rows_ok(x) or _kind(up) != kind
-            or _kind(down) != kind or not gate.group_size == up.group_size == down.group_size):
+    if kind is None or lib is None or not _rows_ok(x):
         return None
     M, D = x.shape
     per_byte = 2 if kind == 3 else 1
