@@ -124,6 +124,34 @@ def test_quantized_round_trip_within_tolerance(tmp_path: Path, case: str, quant:
     assert agree >= min_top1, f"{case} {quant}: top-1 agreement {agree:.3f}"
 
 
+@pytest.mark.parametrize("case", ["v2_lite", "v2_lite_rope_halves"])
+def test_q4_0_gguf_loads_as_int4_with_hf_rows(tmp_path: Path, case: str) -> None:
+    """An MLA Q4_0 GGUF loads with quant="int4": the Q4_0 matrices are taken as stored, and
+    kv_b_proj, which llama.cpp splits into attn_k_b and attn_v_b per head (k transposed),
+    is joined from floats, as quantizing the dequantized model would give."""
+    from dsmoe.quant import QuantMatrix, load_model, quantize_model
+
+    path = tmp_path / "m.gguf"
+    write_model_gguf(mla_model(case), path, quant="q4_0")
+    floats = load_model(path)  # the Q4_0 values dequantized
+    int4 = load_model(path, quant="int4")
+    reference = dict(floats.named_parameters())
+    stored = 0
+    for name, module in int4.named_modules():
+        if isinstance(module, QuantMatrix) and module.symmetric and "kv_b_proj" not in name:
+            weight = reference.get(f"{name}.weight", reference.get(name))  # linear / experts
+            torch.testing.assert_close(module.dequantize(), weight, rtol=2**-7, atol=1e-7,
+                                       msg=name)
+            stored += 1
+    assert stored > 0
+    # the same as quantizing the dequantized model (Q4_0's values are their own best int4)
+    expected = quantize_model(floats, 4, 32, symmetric=True)
+    ids = torch.randint(0, 320, (2, 12))
+    with torch.no_grad():
+        want, got = expected(ids).logits, int4(ids).logits
+    assert torch.equal(got, want)
+
+
 @pytest.mark.parametrize("case", HALVES)
 def test_rope_halves_are_written_in_llama_cpp_pair_order(tmp_path: Path, case: str) -> None:
     """q's and kv_a's rope rows are reordered, so the file holds a pair-order model with the

@@ -106,12 +106,15 @@ def native_groups(f: GGUFFile, config: ModelConfig, dtype: torch.dtype | None,
 def _int4_as_stored(f: GGUFFile, spec: TensorSpec) -> bool:
     """Whether ``spec`` loads straight into an int4 matrix: a Q4_0 weight matrix of a
     module ``quantize_model`` makes int4 (not the embedding or the output, whose bits are
-    lm_head_bits) of a shape the int4 format takes with groups of 32."""
+    lm_head_bits) of a shape the int4 format takes with groups of 32. Not MLA's
+    ``attn_k_b``/``attn_v_b``: kv_b_proj joins them per head with k transposed, which Q4_0
+    blocks (groups along the other axis) cannot follow, so they arrive as floats."""
     from dsmoe.quant.kernels import int4_group_size
 
     if f.tensors[spec.gguf_name].tensor_type != QUANT_TYPES["q4_0"][0] or spec.keep_f32:
         return False
-    if spec.gguf_name in ("token_embd.weight", "output.weight") or len(spec.shape) < 2:
+    if (spec.gguf_name in ("token_embd.weight", "output.weight") or len(spec.shape) < 2
+            or spec.kv_b_part is not None):
         return False
     return int4_group_size(spec.shape[-1], spec.shape[-2], 32) == 32
 

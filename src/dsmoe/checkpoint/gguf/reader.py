@@ -63,6 +63,16 @@ _SHAPE_KEYS = {
 }
 
 
+
+def _hf_rows(spec: TensorSpec, rows: torch.Tensor) -> torch.Tensor:
+    """A tensor's rows (weights, or an int4 matrix's nibbles and scales, row for row) with
+    llama.cpp's q/k row order undone: per-head pairs (MHA) or MLA's rope tail."""
+    if spec.rope_heads is not None:
+        rows = from_llama_rope_rows(rows, spec.rope_heads)
+    if spec.rope_tail is not None:
+        rows = rope_tail_rows(rows, spec.rope_tail, to_llama=False)
+    return rows
+
 class GGUFFile:
     """A validated GGUF file (read, not mapped): ``get(key)`` metadata, ``tensors`` by name."""
 
@@ -132,12 +142,7 @@ class GGUFFile:
     def load(self, spec: TensorSpec, dtype: torch.dtype) -> torch.Tensor:
         """One tensor in torch order and ``dtype``, with llama.cpp's q/k row order undone.
         Always a fresh tensor of the process's own memory (the file is read, not mapped)."""
-        out = self.read_float(self.tensors[spec.gguf_name], spec.shape, dtype)
-        if spec.rope_heads is not None:
-            out = from_llama_rope_rows(out, spec.rope_heads)
-        if spec.rope_tail is not None:
-            out = rope_tail_rows(out, spec.rope_tail, to_llama=False)
-        return out
+        return _hf_rows(spec, self.read_float(self.tensors[spec.gguf_name], spec.shape, dtype))
 
     def load_int4(self, spec: TensorSpec) -> tuple[torch.Tensor, torch.Tensor]:
         """A Q4_0 tensor as dsmoe's symmetric int4 (``q4_0_as_int4``), rows in HF order."""
@@ -145,9 +150,7 @@ class GGUFFile:
         q = torch.empty(*lead, N, K // 2, dtype=torch.uint8)
         scale = torch.empty(*lead, N, K // 32, dtype=torch.bfloat16)
         self.read_int4(self.tensors[spec.gguf_name], q, scale)
-        if spec.rope_heads is not None:
-            q, scale = (from_llama_rope_rows(v, spec.rope_heads) for v in (q, scale))
-        return q, scale
+        return _hf_rows(spec, q), _hf_rows(spec, scale)
 
     def read_int4(self, t: TensorInfo, q: torch.Tensor, scale: torch.Tensor,
                   first_block: int = 0) -> None:
