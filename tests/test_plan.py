@@ -281,6 +281,7 @@ def test_search_picks_the_cheapest_layout_that_fits() -> None:
 @pytest.mark.parametrize("method, layout, flags", [
     ("train", plan_memory.Layout(4, True, True, True),
      "dsmoe train --nproc 8 --ep 4 --fsdp --activation-checkpointing --offload-optimizer"),
+    ("train", plan_memory.Layout(1, True), "dsmoe train --nproc 8 --ep 1 --fsdp"),  # default: 8
     ("full", plan_memory.Layout(1, False), "dsmoe finetune --full --nproc 8"),
     ("full", plan_memory.Layout(2, False), None),  # finetune's --ep needs --fsdp
     ("full", plan_memory.Layout(2, True, True), None),  # no recomputation in finetune

@@ -75,7 +75,9 @@ def dsmoe_flags(plan: Plan) -> str | None:
         return None
     flags = {"train": "dsmoe train", "full": "dsmoe finetune --full",
              "lora": "dsmoe finetune"}[method] + f" --nproc {plan.devices}"
-    for on, flag in ((layout.ep > 1, f"--ep {layout.ep}"), (layout.fsdp, "--fsdp"),
+    # dsmoe train's --ep defaults to every rank, finetune's to 1: train always names it
+    ep_flag = layout.ep > 1 or (method == "train" and plan.devices > 1)
+    for on, flag in ((ep_flag, f"--ep {layout.ep}"), (layout.fsdp, "--fsdp"),
                      (layout.activation_checkpointing, "--activation-checkpointing"),
                      (layout.cpu_offload, "--offload-optimizer")):
         flags += f" {flag}" if on else ""
