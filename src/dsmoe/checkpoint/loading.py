@@ -106,7 +106,6 @@ def load_source(source: Source, *, dtype: torch.dtype | str | None, device: torc
                 model_cls: type[nn.Module] | None = None) -> nn.Module:
     """Steps 2-4 for an opened source."""
     from dsmoe.checkpoint.dtypes import resolve_dtype
-    from dsmoe.model.transformer import Transformer
     from dsmoe.quant.convert import quantize_model
 
     target = resolve_dtype(dtype)
@@ -114,8 +113,7 @@ def load_source(source: Source, *, dtype: torch.dtype | str | None, device: torc
         target = source.stored_dtype
         if target is None and quant is not None and source.quant is None:
             target = torch.float32  # quantizing a float checkpoint: float parts in fp32
-    with torch.device("meta"), _NoMetaInit():
-        model = (model_cls or Transformer)(source.config)
+    model = meta_model(source.config, model_cls)
     if source.quant is None:
         source.check(model)  # a float checkpoint is checked against the float model
     if quant is not None:
@@ -126,6 +124,15 @@ def load_source(source: Source, *, dtype: torch.dtype | str | None, device: torc
     fill(model, source.groups(target), dtype=target, device=device, owns_views=source.owns_views,
          progress=progress, total=source.config.num_hidden_layers + 1)
     return materialize(model, device)
+
+
+def meta_model(config: ModelConfig, model_cls: type[nn.Module] | None = None) -> nn.Module:
+    """``model_cls(config)`` (default ``Transformer``) on the meta device, shapes only,
+    without running its random initialisation (see ``_NoMetaInit``)."""
+    from dsmoe.model.transformer import Transformer
+
+    with torch.device("meta"), _NoMetaInit():
+        return (model_cls or Transformer)(config)
 
 
 class _NoMetaInit(TorchFunctionMode):

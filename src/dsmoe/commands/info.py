@@ -88,19 +88,16 @@ def _type_counts(types: list[str]) -> dict[str, int]:
 def _load_problem(directory: Path) -> str | None:
     """Why loading would refuse the directory (names, shapes, stored dtypes such as int32 or
     fp8), from the check loading itself makes; None when it would load."""
-    import torch
-
     from dsmoe.checkpoint.hf import hf_source
-    from dsmoe.model import Transformer
+    from dsmoe.checkpoint.loading import meta_model
     from dsmoe.quant.checkpoint import is_quantized_checkpoint
 
     if is_quantized_checkpoint(directory):  # int8/int4 and scales by design: its own
         return None                         # loader checks that layout
     try:
         source = hf_source(directory)
-        with torch.device("meta"):
-            model = Transformer(source.config)
-        source.check(model)  # what loading runs before reading a byte of weights
+        # what loading runs before reading a byte of weights
+        source.check(meta_model(source.config))
     except ValueError as exc:
         return str(exc).removeprefix("checkpoint does not match the config: ")
     return None
