@@ -25,7 +25,7 @@ Sections (each prints a markdown table):
   16b      with --big: a random deepseek-moe-16b-shaped Q4_0 GGUF (9.4 GB) written tensor by
            tensor (its fp32 form, 65 GB, never exists), run by llama.cpp and by dsmoe (int4
            from the Q4_0 blocks, ``load_model(gguf, quant="int4")``) like the others, then
-           deleted. ``write_random_quantized`` writes a random quantized directory instead.
+           deleted.
 
 Timings on a shared machine vary: the load average is printed with every table.
 
@@ -416,43 +416,6 @@ def _dir_gib(path: Path) -> float:
 
 
 # --- the 16B shape ---------------------------------------------------------------------------
-def write_random_quantized(preset: str, directory: Path, bits: int = 8) -> float:
-    """A random quantized checkpoint of ``preset`` written tensor by tensor (never in float):
-    int weights uniform, scales so weights have std ~0.02, float parts as DeepSeek inits."""
-    import torch
-
-    from dsmoe import ModelConfig
-    from dsmoe.model import Transformer
-    from dsmoe.quant import (QuantConfig, QuantizedCheckpointWriter, checkpoint_layout,
-                             quantize_model)
-
-    config = ModelConfig.preset(preset)
-    with torch.device("meta"):
-        model = Transformer(config)
-    quantize_model(model, bits)
-    layout = checkpoint_layout(model, dtype=torch.bfloat16)
-    gen = torch.Generator().manual_seed(0)
-    start = time.perf_counter()
-    with QuantizedCheckpointWriter(directory, config, QuantConfig(bits=bits),
-                                   float_dtype=torch.bfloat16) as writer:
-        for name, (shape, dtype) in layout.items():
-            if dtype == torch.int8:
-                value = torch.randint(-127, 128, shape, dtype=torch.int8, generator=gen)
-            elif dtype == torch.uint8:
-                value = torch.randint(0, 256, shape, dtype=torch.uint8, generator=gen)
-            elif name.endswith(".scale"):
-                value = torch.full(shape, 0.02 * 3**0.5 / 127, dtype=dtype)
-            elif name.endswith(".zero"):
-                value = torch.zeros(shape, dtype=dtype)
-            elif "norm" in name:
-                value = torch.ones(shape, dtype=dtype)
-            else:
-                value = (torch.randn(shape, generator=gen) * 0.02).to(dtype)
-            writer.add(name, value)
-            del value
-    return time.perf_counter() - start
-
-
 def write_random_gguf(preset: str, path: Path) -> float:
     """A random Q4_0 GGUF of ``preset`` written tensor by tensor (its floats never exist):
     random nibbles with fp16 block scales so weights have std ~0.02, token_embd and output
