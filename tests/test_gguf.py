@@ -17,7 +17,7 @@ from conftest import assert_close, moe_config, randomize_
 from dsmoe.checkpoint.gguf import (GGUFFile, TokenizerData, load_gguf, load_tokenizer, read_gguf,
                                    write_gguf, write_model_gguf)
 from dsmoe.checkpoint.gguf.names import from_llama_rope_rows, to_llama_rope_rows
-from dsmoe.checkpoint.gguf.reader import dequantize
+from dsmoe.checkpoint.gguf.reader import _BLOCK_BYTES, dequantize_blocks
 from dsmoe.checkpoint.gguf.writer import ModelAsHF
 from dsmoe.model import Transformer
 from dsmoe.model.rope import RotaryEmbedding, apply_rotary
@@ -340,7 +340,8 @@ def test_own_q8_0_q4_0_dequantisation_matches_the_gguf_package() -> None:
     for qtype in (gguf.GGMLQuantizationType.Q8_0, gguf.GGMLQuantizationType.Q4_0):
         raw = gguf.quants.quantize(x, qtype)
         ref = gguf.quants.dequantize(raw, qtype)
-        assert torch.equal(dequantize(raw, qtype, (8, 96), "x"), torch.from_numpy(ref))
+        blocks = torch.from_numpy(raw.reshape(-1)).view(-1, _BLOCK_BYTES[qtype])
+        assert torch.equal(dequantize_blocks(blocks, qtype).reshape(8, 96), torch.from_numpy(ref))
 
 
 # --- RoPE row order -----------------------------------------------------------------------

@@ -42,6 +42,18 @@ def _same_as_gguf_py(path: Path) -> None:
             int(t.tensor_type), int(t.data_offset), int(t.n_bytes)), t.name
 
 
+
+def _q4_0_as_int4(data: np.ndarray, shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference: a whole tensor's Q4_0 bytes [..., N, K] -> q uint8 [..., N, K/2] and scale
+    bf16 [..., N, K/32] in one ``q4_0_into`` call (the reader converts chunk by chunk)."""
+    *lead, N, K = shape
+    blocks = torch.from_numpy(np.array(data).reshape(-1)).view(-1, 18)  # [n, 18]
+    q = torch.empty(*lead, N, K // 2, dtype=torch.uint8)
+    scale = torch.empty(*lead, N, K // 32, dtype=torch.bfloat16)
+    reader.q4_0_into(blocks, q.view(-1, 16), scale.view(-1))
+    return q, scale
+
+
 def test_header_equals_gguf_py_on_a_dsmoe_file(tmp_path: Path, tokenizer) -> None:  # noqa: F811
     path = tmp_path / "m.gguf"
     write_model_gguf(make_model(), path, tokenizer, quant="q4_0")
@@ -94,7 +106,7 @@ def test_chunked_reads_equal_whole_tensor_reads(tmp_path: Path, monkeypatch) -> 
         expected = torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type))
         assert torch.equal(f.read_float(info, shape, torch.float32), expected.reshape(shape))
         if t.tensor_type == gguf.GGMLQuantizationType.Q4_0:
-            q, scale = reader.q4_0_as_int4(t.data, shape)
+            q, scale = _q4_0_as_int4(t.data, shape)
             mine_q, mine_scale = torch.empty_like(q), torch.empty_like(scale)
             f.read_int4(info, mine_q, mine_scale)
             assert torch.equal(mine_q, q) and torch.equal(mine_scale.view(torch.int16),
@@ -112,7 +124,7 @@ def test_int4_experts_land_in_their_stacked_slots(tmp_path: Path) -> None:
     E, F2, half = experts.gate_up_proj.qweight.shape
     for part, name in enumerate(("ffn_gate_exps", "ffn_up_exps")):
         t = tensors[f"blk.1.{name}.weight"]
-        q, scale = reader.q4_0_as_int4(t.data, (E, F2 // 2, 2 * half))
+        q, scale = _q4_0_as_int4(t.data, (E, F2 // 2, 2 * half))
         rows = slice(part * F2 // 2, (part + 1) * F2 // 2)
         assert torch.equal(experts.gate_up_proj.qweight[:, rows], q)
         assert torch.equal(experts.gate_up_proj.scale[:, rows].view(torch.int16),

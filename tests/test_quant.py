@@ -440,20 +440,23 @@ def test_symmetric_int4_beats_llama_cpps_q4_0() -> None:
 def test_q4_0_blocks_convert_the_same_natively_and_in_torch(monkeypatch) -> None:
     """The native Q4_0 repacking (one pass over the bytes) equals the torch one, for block
     scales of every kind fp16 has (normal, subnormal, zero, negative)."""
-    import numpy as np
-
     from dsmoe import native
-    from dsmoe.checkpoint.gguf.reader import q4_0_as_int4
+    from dsmoe.checkpoint.gguf.reader import q4_0_into
 
     n = 4 * 64
     d = torch.cat([torch.randn(n // 4), torch.randn(n // 4) * 1e-6,  # subnormal in fp16
                    torch.zeros(n // 4), -torch.rand(n // 4) * 60000]).to(torch.float16)
     blocks = torch.randint(0, 256, (n, 18), dtype=torch.uint8)
     blocks[:, :2] = d.view(torch.uint8).reshape(n, 2)
-    data = blocks.numpy().reshape(4, -1)  # as GGUFReader maps it: [rows, bytes]
-    ours = q4_0_as_int4(data, (4, n * 32 // 4))
+
+    def convert() -> tuple[torch.Tensor, torch.Tensor]:
+        q, scale = torch.empty(n, 16, dtype=torch.uint8), torch.empty(n, dtype=torch.bfloat16)
+        q4_0_into(blocks, q, scale)
+        return q, scale
+
+    ours = convert()
     monkeypatch.setattr(native, "q4_0_to_int4", lambda blocks, out=None: None)
-    theirs = q4_0_as_int4(np.ascontiguousarray(data), (4, n * 32 // 4))
+    theirs = convert()
     assert torch.equal(ours[0], theirs[0])
     assert torch.equal(ours[1].view(torch.int16), theirs[1].view(torch.int16))
 

@@ -145,7 +145,7 @@ class GGUFFile:
         return _hf_rows(spec, self.read_float(self.tensors[spec.gguf_name], spec.shape, dtype))
 
     def load_int4(self, spec: TensorSpec) -> tuple[torch.Tensor, torch.Tensor]:
-        """A Q4_0 tensor as dsmoe's symmetric int4 (``q4_0_as_int4``), rows in HF order."""
+        """A Q4_0 tensor as dsmoe's symmetric int4 (``q4_0_into``), rows in HF order."""
         *lead, N, K = spec.shape
         q = torch.empty(*lead, N, K // 2, dtype=torch.uint8)
         scale = torch.empty(*lead, N, K // 32, dtype=torch.bfloat16)
@@ -301,15 +301,9 @@ def dequantize_blocks(raw: torch.Tensor, qtype: gguf.GGMLQuantizationType) -> to
 
 def dequantize(data: np.ndarray, qtype: gguf.GGMLQuantizationType, shape: tuple[int, ...],
                what: str) -> torch.Tensor:
-    """GGUF tensor data (bytes, or the stored float array) -> a torch tensor of ``shape``
-    (float32, or the stored float type for F16/BF16)."""
-    if qtype in (Q.F32, Q.F16):
-        return torch.from_numpy(np.array(data)).reshape(shape)
-    raw = torch.from_numpy(np.array(data).reshape(-1))  # uint8 bytes (a copy of its own)
-    if qtype == Q.BF16:
-        return raw.view(torch.bfloat16).reshape(shape)
-    if qtype in _BLOCK_BYTES:
-        return dequantize_blocks(raw.view(-1, _BLOCK_BYTES[qtype]), qtype).reshape(shape)
+    """GGUF data (bytes [..., bytes per row]) of a type dsmoe does not read itself (Q4_K,
+    Q6_K, ...; ``read_float`` reads the float types and Q8_0 / Q4_0) -> float32 ``shape``,
+    through gguf-py."""
     try:
         values = gguf.quants.dequantize(np.asarray(data), qtype)
     except NotImplementedError as exc:
@@ -330,17 +324,6 @@ def q4_0_into(blocks: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> Non
         values = torch.cat([blocks[:, 2:] & 0x0F, blocks[:, 2:] >> 4], dim=1)  # [n, 32]
         q.copy_(pack_nibbles(values))
         scale.copy_(blocks[:, :2].contiguous().view(torch.float16).view(-1))
-
-
-def q4_0_as_int4(data: np.ndarray, shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Q4_0 data (bytes) of a tensor ``shape`` [..., N, K] -> q uint8 [..., N, K/2] and
-    scale bf16 [..., N, K/32] (``q4_0_into``)."""
-    *lead, N, K = shape
-    blocks = torch.from_numpy(np.array(data).reshape(-1)).view(-1, 18)  # [n, 18]
-    q = torch.empty(*lead, N, K // 2, dtype=torch.uint8)
-    scale = torch.empty(*lead, N, K // 32, dtype=torch.bfloat16)
-    q4_0_into(blocks, q.view(-1, 16), scale.view(-1))
-    return q, scale
 
 
 def read_gguf(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32
