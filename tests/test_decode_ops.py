@@ -1,6 +1,6 @@
 """The CPU decode step's small native ops (csrc/decode_ops.c via ``dsmoe.native``) and where
 the model takes them: linear layers reading and writing their activations' dtype, the
-shared experts' SwiGLU, RMSNorm (with the residual add), V1 routing, and the routed
+shared experts' SwiGLU, RMSNorm (with the residual add), every routing method, and the routed
 experts' and attention's one-call steps without casts around them.
 
 Each must give torch's result: the linear layers bit for bit (the same kernel, one
@@ -17,7 +17,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import needs_native, spy_native
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dsmoe import native
@@ -164,58 +164,117 @@ def test_rmsnorm_module_takes_the_native_step_only_without_gradients(monkeypatch
 
 
 # --- router ----------------------------------------------------------------------------------
-def _router(E: int, K: int, renorm: bool, scaling: float, dtype: torch.dtype) -> Router:
+# topk_method -> the config keys of its groups (n_group / n_devices and how many are kept).
+GROUP_KEYS = {"greedy": None, "group_limited_greedy": ("n_group", "topk_group"),
+              "noaux_tc": ("n_group", "topk_group"),
+              "device_limited": ("n_devices", "max_devices_per_token")}
+
+
+def _router(E: int, K: int, renorm: bool, scaling: float, dtype: torch.dtype,
+            method: str = "greedy", groups: int = 1, keep: int = 1,
+            scoring: str = "softmax") -> Router:
+    keys = GROUP_KEYS[method]
     cfg = ModelConfig.preset("tiny").replace(
         hidden_size=48, n_routed_experts=E, num_experts_per_tok=K, norm_topk_prob=renorm,
-        routed_scaling_factor=scaling)
+        routed_scaling_factor=scaling, topk_method=method, scoring_func=scoring,
+        **(dict(zip(keys, (groups, keep))) if keys else {}))
     return Router(cfg).to(dtype)
 
 
-@given(T=st.integers(1, 8), E=st.sampled_from([4, 16, 64]), K=st.integers(1, 4),
-       renorm=st.booleans(), scaling=st.sampled_from([1.0, 2.5]), bf16=st.booleans(),
-       zeros=st.booleans(), seed=st.integers(0, 2**16))
-def test_router_decode_picks_torchs_experts_with_torchs_weights(T, E, K, renorm, scaling,
-                                                                bf16, zeros, seed):
+@st.composite
+def routings(draw):
+    """(method, scoring, E, K, groups, keep) that the config accepts."""
+    method = draw(st.sampled_from(sorted(GROUP_KEYS)))
+    scoring = "sigmoid" if method == "noaux_tc" else draw(st.sampled_from(["softmax", "sigmoid"]))
+    E = draw(st.sampled_from([8, 16, 64]))
+    groups = keep = 1
+    if method != "greedy":  # keeping every group would be greedy again: keep fewer
+        groups = draw(st.sampled_from([g for g in (2, 4, 8) if E // g >= 2]))
+        keep = draw(st.integers(1, groups - 1))
+    K = draw(st.integers(1, min(8, keep * (E // groups))))
+    return method, scoring, E, K, groups, keep
+
+
+def _native_route(router: Router, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    rank, groups, keep = router.grouping
+    return native.router_decode(x, router.weight, router.top_k, router.renormalize,
+                                router.scaling, sigmoid=router.sigmoid,
+                                bias=router.e_score_correction_bias, group_rank=rank,
+                                groups=groups, keep_groups=keep)
+
+
+@settings(max_examples=60)  # ~2 ms each; 15 rarely drew a group ranking that decides
+@given(routing=routings(), T=st.integers(1, 8), renorm=st.booleans(),
+       scaling=st.sampled_from([1.0, 2.5]), bf16=st.booleans(),
+       ties=st.sampled_from(["none", "row", "bias"]), seed=st.integers(0, 2**16))
+def test_router_decode_picks_torchs_experts_with_torchs_weights(routing, T, renorm, scaling,
+                                                                bf16, ties, seed):
+    """Every routing method: torch's selection run on the native scores picks the same
+    experts (ties: of the same scores), the picks keep to their groups, and the weights
+    equal torch's path's to fp32 rounding."""
+    method, scoring, E, K, groups, keep = routing
     torch.manual_seed(seed)
     dtype = torch.bfloat16 if bf16 else torch.float32
-    router = _router(E, K, renorm, scaling, dtype)
+    router = _router(E, K, renorm, scaling, dtype, method, groups, keep, scoring)
+    bias = router.e_score_correction_bias
+    if bias is not None:  # V3's balancing bias; "bias": equal steps, ties between experts
+        bias.copy_(torch.randint(-2, 3, (E,)) * 0.05 if ties == "bias" else torch.randn(E) * 0.1)
     x = torch.randn(T, 48).to(dtype)
-    if zeros:
-        x[0] = 0  # every score equal: a tie over all experts
+    if ties == "row":
+        x[0] = 0  # every score equal: a tie over all experts and groups
     with torch.no_grad():
-        idx, weight, score, scores, logits = native.router_decode(
-            x, router.weight, K, router.renormalize, router.scaling)
+        idx, weight, score, scores, logits = _native_route(router, x)
         router.native_decode = False
         ref = router(x)
     torch.testing.assert_close(logits, ref.logits, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(scores, ref.scores, atol=1e-7, rtol=1e-5)
-    # the same experts; where scores tie, any of the tied experts is as good
-    got = scores.gather(1, idx).sort(-1, descending=True).values
-    want = scores.topk(K, dim=-1).values  # native scores: ties judged on one set of values
-    assert torch.equal(got, want), f"picked {idx} with scores {got}, best are {want}"
-    assert idx.unique(dim=-1).shape == idx.shape or all(len(set(r)) == K for r in idx.tolist())
-    order = ref.topk_idx.argsort(-1)  # compare weights expert by expert
-    same = torch.equal(idx.sort(-1).values, ref.topk_idx.sort(-1).values)
-    if same and not zeros:
-        ref_w = ref.topk_weight.gather(1, order)
-        got_w = weight.gather(1, idx.argsort(-1))
-        torch.testing.assert_close(got_w, ref_w, atol=1e-7, rtol=1e-5)
+    choice = scores if bias is None else scores + bias  # [T, E], the native values
+    want = router.select(choice)  # torch's selection on the same values
+    got_c = choice.gather(1, idx)
+    assert torch.equal(got_c, got_c.sort(-1, descending=True).values)  # descending order
+    assert torch.equal(got_c, choice.gather(1, want).sort(-1, descending=True).values)
+    assert all(len(set(row)) == K for row in idx.tolist())
+    if groups > 1:  # every pick inside the kept groups
+        assert all(len({e // (E // groups) for e in row}) <= keep for row in idx.tolist())
     torch.testing.assert_close(score, scores.gather(1, idx), atol=0, rtol=0)
+    for t in range(T):  # weights expert by expert where both paths picked the same ones
+        if torch.equal(idx[t].sort().values, ref.topk_idx[t].sort().values):
+            torch.testing.assert_close(weight[t, idx[t].argsort()],
+                                       ref.topk_weight[t, ref.topk_idx[t].argsort()],
+                                       atol=1e-7, rtol=1e-5)
 
 
-def test_router_takes_the_native_step_for_v1_only(monkeypatch):
-    calls = spy_native(monkeypatch, "router_decode", lambda x, *rest: [x.shape[0]])
-    router = _router(16, 2, True, 1.0, torch.bfloat16)
+@pytest.mark.parametrize("method", sorted(GROUP_KEYS))
+def test_router_decode_breaks_ties_toward_the_lower_id(method):
+    """All scores equal: the first groups, then the first experts in them, as torch's topk
+    keeps the lower index of a tie; a bias that lifts the last group moves the picks."""
+    scoring = "sigmoid" if method == "noaux_tc" else "softmax"
+    router = _router(16, 3, True, 1.0, torch.float32, method, 4, 2, scoring)
+    x = torch.zeros(1, 48)
+    with torch.no_grad():
+        assert _native_route(router, x)[0].tolist() == [[0, 1, 2]]
+        if router.e_score_correction_bias is not None:
+            router.e_score_correction_bias[12:] = 0.25  # the last group, a tie inside it
+            router.e_score_correction_bias[14] = 0.5
+            assert _native_route(router, x)[0].tolist() == [[14, 12, 13]]
+            router.e_score_correction_bias.zero_()[0] = 0.3  # group 0 has the best expert,
+            router.e_score_correction_bias[[4, 5, 8, 9]] = 0.2  # 1 and 2 the best two
+            assert _native_route(router, x)[0].tolist() == [[4, 5, 8]]
+
+
+@pytest.mark.parametrize("method", sorted(GROUP_KEYS))
+def test_router_takes_the_native_step_for_every_method(monkeypatch, method):
+    calls = spy_native(monkeypatch, "router_decode", lambda x, *rest, **kw: [x.shape[0]])
+    scoring = "sigmoid" if method == "noaux_tc" else "softmax"
+    router = _router(16, 2, True, 1.0, torch.bfloat16, method, 4, 2, scoring)
     with torch.no_grad():
         out = router(torch.randn(3, 48).to(torch.bfloat16))
         router(torch.randn(9, 48).to(torch.bfloat16))  # prefill-sized
     assert calls == [3] and out.topk_idx.dtype == torch.int64 and out.topk_weight.dtype == torch.float32
-    v3 = Router(ModelConfig.preset("tiny").replace(
-        hidden_size=48, n_routed_experts=16, num_experts_per_tok=2, topk_method="noaux_tc",
-        scoring_func="sigmoid", n_group=4, topk_group=2))
-    with torch.no_grad():
-        v3(torch.randn(1, 48))
     router.float()(torch.randn(1, 48, requires_grad=True)).topk_weight.sum().backward()
+    router.select = lambda c: router._own_select(c)  # analysis.disabled_top_experts' swap
+    with torch.no_grad():
+        router(torch.randn(1, 48))
     assert calls == [3]
 
 
@@ -256,6 +315,35 @@ def test_decode_steps_take_every_native_op_and_equal_torchs(monkeypatch, dtype, 
     _assert_near(fast_logits, slow_logits, dtype, bits)
     if dtype == torch.float32 and bits != 4:
         assert torch.equal(fast, slow)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("preset", ["tiny-v2", "tiny-v3"])
+def test_mla_models_route_their_decode_steps_natively(monkeypatch, dtype, preset):
+    """V2's group-limited and V3's sigmoid + bias routing: one native call per MoE layer
+    and step, the torch path's logits."""
+    torch.manual_seed(0)
+    cfg = ModelConfig.preset(preset).replace(vocab_size=300, num_hidden_layers=3,
+                                             initializer_range=0.1)
+    model = Transformer(cfg).to(dtype).eval()
+    with torch.no_grad():
+        for layer in model.moe_layers():
+            layer.gate.weight.normal_(std=1.0)  # decisive routing: no near-ties
+            if layer.gate.e_score_correction_bias is not None:
+                layer.gate.e_score_correction_bias.normal_(std=0.1)
+    routed = spy_native(monkeypatch, "router_decode", lambda x, *rest, **kw: [x.shape[0]])
+    prompt = torch.randint(0, 300, (2, 6))
+    with torch.inference_mode():
+        cache = model.new_cache(2, 8)
+        model(prompt, cache=cache)
+        fast = model(prompt[:, :1], cache=cache).logits
+    assert routed == [2, 2]  # the step's two MoE layers (the prompt is prefill-sized)
+    monkeypatch.setattr(native, "router_decode", lambda *args, **kwargs: None)
+    with torch.inference_mode():
+        cache = model.new_cache(2, 8)
+        model(prompt, cache=cache)
+        slow = model(prompt[:, :1], cache=cache).logits
+    _assert_near(fast, slow, dtype, 0)
 
 
 # --- the one-call experts and attention, in the activations' dtype ------------------------

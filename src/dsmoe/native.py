@@ -182,10 +182,10 @@ def _declare_decode_ops(lib: ctypes.CDLL) -> None:
     lib.dsmoe_experts_decode_dtype.restype = ctypes.c_int
     lib.dsmoe_attention_decode_dtype.argtypes = lib.dsmoe_attention_decode.argtypes
     lib.dsmoe_attention_decode_dtype.restype = ctypes.c_int
-    lib.dsmoe_router_decode.argtypes = [ptr, ctypes.c_int, i64, ptr, ctypes.c_int, i64, i64,
-                                        i64, ctypes.c_int, ctypes.c_float] + [ptr] * 5 + [
-        ctypes.c_int]
-    lib.dsmoe_router_decode.restype = ctypes.c_int
+    lib.dsmoe_route_decode.argtypes = [ptr, ctypes.c_int, i64, ptr, ctypes.c_int, i64, i64, i64,
+                                       ctypes.c_int, ptr, ctypes.c_int, i64, i64, ctypes.c_int,
+                                       ctypes.c_float] + [ptr] * 5 + [ctypes.c_int]
+    lib.dsmoe_route_decode.restype = ctypes.c_int
 
 
 def openmp_max_threads() -> int | None:
@@ -650,12 +650,22 @@ def rmsnorm_decode(x: torch.Tensor, weight: torch.Tensor, eps: float,
     return total, out
 
 
+# Selection codes of ``dsmoe_route_decode``: how the kept expert groups are ranked (none:
+# every expert competes).
+ROUTE_GROUP_RANKS = {None: 0, "max": 1, "top2": 2}
+
+
 def router_decode(x: torch.Tensor, gate: torch.Tensor, k: int, renormalize: bool,
-                  scaling: float) -> tuple[torch.Tensor, ...] | None:
-    """DeepSeek V1's routing (softmax scores, greedy top-k) of x [T, D] by the gate weight
-    [E, D] (fp32 or bf16) in one call -> (topk_idx int64 [T, K], weight, topk_score fp32
-    [T, K], scores, logits fp32 [T, E]), the picks in descending order of score; None when
-    the kernels are unavailable, cannot take these tensors, or a logit is not finite."""
+                  scaling: float, *, sigmoid: bool = False, bias: torch.Tensor | None = None,
+                  group_rank: str | None = None, groups: int = 1, keep_groups: int = 1
+                  ) -> tuple[torch.Tensor, ...] | None:
+    """Routing of x [T, D] by the gate weight [E, D] (fp32 or bf16) in one call -> (topk_idx
+    int64 [T, K], weight, topk_score fp32 [T, K], scores, logits fp32 [T, E]), the picks in
+    descending order of (bias-corrected) score. Softmax scores (``sigmoid``: V3's), plus the
+    fp32 ``bias`` [E] for the selection only; ``group_rank`` "max" / "top2" keeps the
+    ``keep_groups`` best of ``groups`` contiguous expert groups (moe/router.py's
+    ``select_group_limited``), None picks among all experts. None when the kernels are
+    unavailable, cannot take these tensors, or a logit is not finite."""
     lib = library()
     if (lib is None or not _rows_ok(x) or gate.dtype not in FLOAT_WEIGHT_DTYPES
             or gate.dim() != 2 or gate.shape[1] != x.shape[1] or not gate.is_contiguous()
@@ -663,12 +673,21 @@ def router_decode(x: torch.Tensor, gate: torch.Tensor, k: int, renormalize: bool
         return None
     T, D = x.shape
     E = gate.shape[0]
+    method = ROUTE_GROUP_RANKS[group_rank]
+    if method and (groups < 1 or E % groups or not 0 < keep_groups <= groups
+                   or k > keep_groups * (E // groups) or (method == 2 and E // groups < 2)):
+        return None  # torch's selection raises its own error for these
+    if bias is not None and (bias.dtype != torch.float32 or bias.shape != (E,)
+                             or bias.device.type != "cpu" or not bias.is_contiguous()):
+        return None
     logits, scores = torch.empty(T, E), torch.empty(T, E)
     idx, score, weight = torch.empty(T, k, dtype=torch.int64), torch.empty(T, k), torch.empty(T, k)
-    status = lib.dsmoe_router_decode(
+    status = lib.dsmoe_route_decode(
         x.data_ptr(), x.dtype == torch.bfloat16, T, gate.data_ptr(), gate.dtype == torch.bfloat16,
-        E, D, k, renormalize, scaling, logits.data_ptr(), scores.data_ptr(), idx.data_ptr(),
-        score.data_ptr(), weight.data_ptr(), torch.get_num_threads())
+        E, D, k, sigmoid, _ptr(bias), method, groups if method else 1,
+        keep_groups if method else 1, renormalize, scaling, logits.data_ptr(),
+        scores.data_ptr(), idx.data_ptr(), score.data_ptr(), weight.data_ptr(),
+        torch.get_num_threads())
     if status == -2:
         raise MemoryError("router decode: out of memory")
     return (idx, weight, score, scores, logits) if status == 0 else None

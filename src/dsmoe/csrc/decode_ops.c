@@ -12,8 +12,9 @@
  *   rmsnorm: [s = x + delta, rounded], out = weight * round(s / sqrt(mean(s^2) + eps))
  *   experts, attention: rows_matmul.c's one-call decode steps, reading and writing the
  *            activations' dtype
- *   router:  fp32 gate logits, softmax, greedy top-k, gate weights (optionally divided by
- *            their sum), times the scaling factor: DeepSeek V1's routing
+ *   router:  fp32 gate logits, softmax or sigmoid scores, (bias-corrected, group-limited)
+ *            top-k, gate weights (optionally divided by their sum) times the scaling
+ *            factor: every DeepSeek generation's routing
  * Matrices: kind 0 fp32, 1 bf16 ([N, K]); 2 int8 with bf16 scales [N]; 3 int4 nibbles
  * [N, K/2] with bf16 scales and zeros [N, G] in groups of `group` (zeros NULL: symmetric).
  * Returns 0; -1 an activation is not finite (int8 / int4: the caller takes torch's path),
@@ -189,50 +190,98 @@ int dsmoe_rmsnorm_decode(const void *x, const void *delta, void *sum, const void
     return 0;
 }
 
-/* V1 routing of x [T, D] (dtype bf16 or fp32) by the gate weight [E, D] (fp32 or bf16):
- *   logits = x @ gate.T (fp32), scores = softmax(logits) (exp(l - max) / sum, as torch)
- *   idx = the K largest scores (a tie goes to the lower expert id), in descending order
+/* Routing of decode rows (every method of moe/router.py; the torch path's order of
+ * operations, so the same experts and fp32 weights to a few ulp):
+ *   logits = x @ gate.T (fp32); scores = softmax (exp(l - max) / sum, as torch) or sigmoid
+ *   choice = scores (+ bias [E], fp32: V3 steers the selection, never the weights)
+ *   method 0: the K best choices of all E experts (V1)
+ *          1, 2: only inside the `keep` best of `groups` contiguous expert groups, ranked
+ *          by their best choice (1: V2 group-limited, device-limited) or by the sum of their
+ *          two best (2: V3 noaux_tc); experts of the other groups never win
+ *   idx = the picks in descending order of choice, a tie to the lower expert / group id
  *   weight = scores[idx] (/ (their sum + 1e-20) with renorm) * scaling
- * Outputs: logits and scores fp32 [T, E], idx int64 [T, K], topk_score and weight fp32
- * [T, K]. Returns -1 when a logit is not finite (torch's path handles it), -2 out of
- * memory. */
-int dsmoe_router_decode(const void *x, int bf16, int64_t T, const void *gate, int gate_bf16,
-                        int64_t E, int64_t D, int64_t K, int renorm, float scaling,
-                        float *logits, float *scores, int64_t *idx, float *topk_score,
-                        float *weight, int threads) {
+ * x [T, D] bf16 or fp32, gate [E, D] fp32 or bf16. Outputs: logits and scores fp32 [T, E],
+ * idx int64 [T, K], topk_score and weight fp32 [T, K]. Returns -1 when a logit or a bias is
+ * not finite (torch's path handles it), -2 out of memory. */
+
+/* One row's scores p [E] from its logits l [E]; -1 when a logit is not finite. */
+static int score_row(const float *l, int64_t E, int sigmoid, float *p) {
+    float top = -INFINITY, total = 0.f;
+    for (int64_t e = 0; e < E; e++) {
+        if (!isfinite(l[e])) return -1;
+        top = fmaxf(top, l[e]);
+    }
+    if (sigmoid) {
+        for (int64_t e = 0; e < E; e++) p[e] = 1.f / (1.f + expf(-l[e]));
+        return 0;
+    }
+    for (int64_t e = 0; e < E; e++) total += p[e] = expf(l[e] - top);
+    float inv = 1.f / total;
+    for (int64_t e = 0; e < E; e++) p[e] *= inv;
+    return 0;
+}
+
+/* The index of the largest v[i] (i < n) with taken[i] == 0, marked taken; the first of
+ * equals wins (torch's topk keeps the lower index of a tie). -1 when all are taken. */
+static int64_t take_best(const float *v, int64_t n, unsigned char *taken) {
+    int64_t best = -1;
+    for (int64_t i = 0; i < n; i++)
+        if (!taken[i] && (best < 0 || v[i] > v[best])) best = i;
+    if (best >= 0) taken[best] = 1;
+    return best;
+}
+
+/* Marks taken every expert of c [E] outside the `keep` best of `groups` groups (method
+ * 1: a group's best choice ranks it, 2: the sum of its best two). gs [G], gt [G] work. */
+static void mask_groups(const float *c, int64_t E, int method, int64_t groups, int64_t keep,
+                        float *gs, unsigned char *gt, unsigned char *taken) {
+    int64_t size = E / groups;
+    for (int64_t g = 0; g < groups; g++) {
+        float a = -INFINITY, b = -INFINITY; /* the group's best and second best */
+        for (int64_t e = g * size; e < (g + 1) * size; e++) {
+            if (c[e] > a) b = a, a = c[e];
+            else if (c[e] > b) b = c[e];
+        }
+        gs[g] = method == 2 ? a + b : a;
+        gt[g] = 0;
+    }
+    for (int64_t j = 0; j < keep; j++) take_best(gs, groups, gt);
+    for (int64_t e = 0; e < E; e++) taken[e] = !gt[e / size]; /* the other groups' experts never win */
+}
+
+int dsmoe_route_decode(const void *x, int bf16, int64_t T, const void *gate, int gate_bf16,
+                       int64_t E, int64_t D, int64_t K, int sigmoid, const float *bias,
+                       int method, int64_t groups, int64_t keep, int renorm, float scaling,
+                       float *logits, float *scores, int64_t *idx, float *topk_score,
+                       float *weight, int threads) {
     mat_t m = {gate, NULL, NULL};
     float *xf = bf16 ? malloc((size_t)(T * D) * sizeof *xf) : (float *)x;
-    if (!xf) return -2;
-    if (bf16) to_f32(x, 1, T * D, xf);
-    int status = matmul(gate_bf16, &m, 0, xf, T, E, D, logits, threads);
-    if (bf16) free(xf);
+    float *work = malloc((size_t)(E + groups) * (sizeof(float) + 1));
+    int status = (!xf || !work) ? -2 : 0;
+    if (!status && bf16) to_f32(x, 1, T * D, xf);
+    if (!status) status = matmul(gate_bf16, &m, 0, xf, T, E, D, logits, threads);
+    float *c = work, *gs = c + E;
+    unsigned char *taken = (unsigned char *)(gs + groups), *gt = taken + E;
+    for (int64_t e = 0; !status && bias && e < E; e++)
+        if (!isfinite(bias[e])) status = -1;
     for (int64_t t = 0; !status && t < T; t++) {
-        const float *l = logits + t * E;
-        float *p = scores + t * E, top = -INFINITY, total = 0.f;
-        for (int64_t e = 0; e < E; e++) {
-            if (!isfinite(l[e])) return -1;
-            top = fmaxf(top, l[e]);
+        float *p = scores + t * E, picked = 0.f;
+        status = score_row(logits + t * E, E, sigmoid, p);
+        for (int64_t e = 0; e < E; e++) c[e] = bias ? p[e] + bias[e] : p[e];
+        if (method) mask_groups(c, E, method, groups, keep, gs, gt, taken);
+        else memset(taken, 0, (size_t)E);
+        for (int64_t k = 0; !status && k < K; k++) {
+            int64_t best = take_best(c, E, taken);
+            if (best < 0) status = -1; /* fewer experts allowed than K: torch's path */
+            else idx[t * K + k] = best, picked += topk_score[t * K + k] = p[best];
         }
-        for (int64_t e = 0; e < E; e++) total += p[e] = expf(l[e] - top);
-        float inv = 1.f / total;
-        for (int64_t e = 0; e < E; e++) p[e] *= inv;
-        float picked = 0.f;
-        for (int64_t k = 0; k < K; k++) { /* K passes: E and K are small */
-            int64_t best = -1;
-            for (int64_t e = 0; e < E; e++) {
-                int taken = 0;
-                for (int64_t j = 0; j < k; j++) taken |= idx[t * K + j] == e;
-                if (!taken && (best < 0 || p[e] > p[best])) best = e;
-            }
-            idx[t * K + k] = best;
-            topk_score[t * K + k] = p[best];
-            picked += p[best];
-        }
-        for (int64_t k = 0; k < K; k++) {
+        for (int64_t k = 0; !status && k < K; k++) {
             float w = topk_score[t * K + k];
             weight[t * K + k] = (renorm ? w / (picked + 1e-20f) : w) * scaling;
         }
     }
+    if (bf16) free(xf);
+    free(work);
     return status;
 }
 

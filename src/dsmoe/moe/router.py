@@ -66,17 +66,23 @@ def select_group_limited(choice: torch.Tensor, k: int, n_groups: int, keep_group
     return torch.topk(masked, k, dim=-1, sorted=False).indices
 
 
+def grouping(cfg: ModelConfig) -> tuple[str | None, int, int]:
+    """(group ranking, groups, groups kept) of ``cfg.topk_method`` (ranking None: plain
+    top-k): the one description the torch selection and the native decode step share."""
+    return {
+        "greedy": (None, 1, 1),
+        "group_limited_greedy": ("max", cfg.n_group, cfg.topk_group),
+        "device_limited": ("max", cfg.n_devices, cfg.max_devices),
+        "noaux_tc": ("top2", cfg.n_group, cfg.topk_group),
+    }[cfg.topk_method]
+
+
 def _selector(cfg: ModelConfig) -> Callable[[torch.Tensor], torch.Tensor]:
     k = cfg.num_experts_per_tok
-    registry: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-        "greedy": lambda c: select_greedy(c, k),
-        "group_limited_greedy": lambda c: select_group_limited(
-            c, k, cfg.n_group, cfg.topk_group, "max"),
-        "device_limited": lambda c: select_group_limited(
-            c, k, cfg.n_devices, cfg.max_devices, "max"),
-        "noaux_tc": lambda c: select_group_limited(c, k, cfg.n_group, cfg.topk_group, "top2"),
-    }
-    return registry[cfg.topk_method]
+    rank, groups, keep = grouping(cfg)
+    if rank is None:
+        return lambda c: select_greedy(c, k)
+    return lambda c: select_group_limited(c, k, groups, keep, rank)
 
 
 class Router(nn.Module):
@@ -97,14 +103,16 @@ class Router(nn.Module):
         else:
             self.e_score_correction_bias = None
         self.score = SCORING[cfg.scoring_func]
-        self.select = _selector(cfg)
+        self.select = self._own_select = _selector(cfg)
         self.renormalize = cfg.norm_topk_prob and cfg.num_experts_per_tok > 1
         self.scaling = cfg.routed_scaling_factor
         self.init_std = cfg.initializer_range
-        # V1 routing (softmax, greedy, no bias): a CPU decode step's router is one native
-        # call (native.router_decode); ~10 aten ops per layer otherwise. Other methods: torch.
-        self.native_decode = (cfg.scoring_func == "softmax" and cfg.topk_method == "greedy"
-                              and self.e_score_correction_bias is None)
+        # A CPU decode step's router is one native call (native.router_decode) for every
+        # method: ~10-20 aten ops per layer otherwise. Tests turn it off to get torch's path;
+        # a replaced ``select`` (analysis.disabled_top_experts) also runs in torch.
+        self.native_decode = True
+        self.sigmoid = cfg.scoring_func == "sigmoid"
+        self.grouping = grouping(cfg)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -125,11 +133,15 @@ class Router(nn.Module):
         return result
 
     def forward(self, x: torch.Tensor) -> RouterOutput:  # x: [T, D]
-        if self.native_decode and x.device.type == "cpu" and x.shape[0] <= DECODE_STEP_MAX_ROWS:
+        if (self.native_decode and self.select is self._own_select and x.device.type == "cpu"
+                and x.shape[0] <= DECODE_STEP_MAX_ROWS):
             weight = self.weight
             if not records_grad(x, weight):  # a decode step: all of it in one native call
-                out = native.router_decode(x.contiguous(), weight, self.top_k,
-                                           self.renormalize, self.scaling)
+                rank, groups, keep = self.grouping
+                out = native.router_decode(
+                    x.contiguous(), weight, self.top_k, self.renormalize, self.scaling,
+                    sigmoid=self.sigmoid, bias=self.e_score_correction_bias, group_rank=rank,
+                    groups=groups, keep_groups=keep)
                 if out is not None:
                     return RouterOutput(*out)
         logits = fp32_linear(x, self.weight)  # [T, E], fp32
