@@ -32,12 +32,12 @@ Shapes: B batch, S_max cache slots, L layers, Hkv key/value heads, d head dim, V
 
 from __future__ import annotations
 
-import itertools
 import weakref
 from typing import TYPE_CHECKING, Callable
 
 import torch
 
+from dsmoe import native, native_step
 from dsmoe.model.cache import KVCache, LatentCache
 from dsmoe.model.mask import AttentionMask
 from dsmoe.model.rope import _LENGTH_DEPENDENT
@@ -126,8 +126,7 @@ _SLOT_ROUNDING = 256
 def _graph_decoder(model: "Transformer", batch_size: int, max_seq_len: int, compile: bool
                    ) -> "StaticDecoder":
     slots = -(-max_seq_len // _SLOT_ROUNDING) * _SLOT_ROUNDING
-    addresses = tuple(t.data_ptr() for t in itertools.chain(model.parameters(), model.buffers()))
-    key = (batch_size, slots, compile, addresses)
+    key = (batch_size, slots, compile, native_step.model_addresses(model))
     kept = _DECODERS.setdefault(model, {})
     decoder = kept.pop(key, None) or StaticDecoder(model, batch_size, slots, compile=compile)
     kept[key] = decoder  # most recently used last
@@ -138,17 +137,70 @@ def _graph_decoder(model: "Transformer", batch_size: int, max_seq_len: int, comp
 
 def make_decoder(model: "Transformer", batch_size: int, max_seq_len: int, *,
                  cuda_graph: bool | None = None, compile: bool = False
-                 ) -> "EagerDecoder | StaticDecoder":
+                 ) -> "EagerDecoder | StaticDecoder | NativeDecoder":
     """The decoder ``generate`` uses: a CUDA-graph ``StaticDecoder`` where the model
     supports one (``cuda_graph=None``: on CUDA; True: required, else an error naming why),
-    else the eager one. Graph decoders are captured once and reused."""
+    else on CPU the one-native-call ``NativeDecoder`` where the model qualifies
+    (``native_unsupported_reason``), else the eager one. Graph decoders are captured once
+    and reused."""
     if cuda_graph is None:
         cuda_graph = graph_unsupported_reason(model) is None
     if cuda_graph:  # StaticDecoder refuses a model it cannot capture, naming why
         return _graph_decoder(model, batch_size, max_seq_len, compile)
     if compile:
         raise ValueError("compile=True needs the CUDA-graph decoder (cuda_graph=True)")
+    if native_unsupported_reason(model, batch_size) is None:
+        return NativeDecoder(model, batch_size, max_seq_len)
     return EagerDecoder(model, batch_size, max_seq_len)
+
+
+def native_unsupported_reason(model: "Transformer", batch_size: int = 1) -> str | None:
+    """Why this model's CPU decode step of ``batch_size`` rows cannot be one native call
+    (``NativeDecoder``), or None if it can."""
+    return native_step.unsupported_reason(model, batch_size)
+
+
+class NativeDecoder(EagerDecoder):
+    """Prefill through ``Transformer.forward`` into a ``KVCache`` as ``EagerDecoder`` does,
+    then decode each token in one native call (csrc/decode_step.c): the per-module path's
+    numerics without its ~80 Python module calls per layer. The plan of pointers is built
+    at construction and again by ``prefill`` when the model's tensors moved. A step whose
+    activations are not finite is redone through the modules (their torch fallbacks)."""
+
+    def __init__(self, model: "Transformer", batch_size: int, max_seq_len: int) -> None:
+        super().__init__(model, batch_size, max_seq_len)
+        self.plan = native_step.build_plan(model, self.cache, batch_size)
+        self.scratch = native.decode_step_scratch(self.plan.model)
+        self.valid = torch.ones(batch_size, max_seq_len, dtype=torch.uint8)  # [B, S_max]
+        self.positions = torch.zeros(batch_size, dtype=torch.long)  # [B]
+
+    def prefill(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                attention_mask: torch.Tensor) -> torch.Tensor:
+        if native_step.model_addresses(self.model) != self.plan.addresses:
+            self.plan = native_step.build_plan(self.model, self.cache, self.cache.batch_size)
+            self.scratch = native.decode_step_scratch(self.plan.model)
+        logits = super().prefill(input_ids, positions, attention_mask)
+        P = input_ids.shape[1]
+        self.valid.fill_(1)
+        self.valid[:, :P] = attention_mask
+        self.positions.copy_(positions[:, -1] + 1)
+        return logits
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        cache = self.cache
+        cache.check_room(1)
+        slot = cache.seq_len
+        ids = tokens.reshape(-1).to(torch.long).contiguous()  # [B]
+        logits = native.decode_step(self.plan.model, ids, self.positions, self.valid, slot,
+                                    self.scratch)
+        if logits is None:  # not finite somewhere: the modules' own fallbacks decide
+            self.mask = self.valid[:, :slot + 1].long()
+            logits = _last_logits(self.model, ids.view(-1, 1), self.positions.view(-1, 1),
+                                  self.mask, cache)
+            self.positions += 1
+            return logits
+        cache.advance(1)
+        return logits
 
 
 def graph_expert_kernel(dtype: torch.dtype) -> str:

@@ -33,7 +33,7 @@ import torch
 
 SOURCE = "rows_matmul.c"
 # One library; the int4 kernels and the decode step's small ops have files of their own.
-SOURCES = (SOURCE, "int4_matmul.c", "decode_ops.c")
+SOURCES = (SOURCE, "int4_matmul.c", "decode_ops.c", "decode_step.c")
 # int4 has a level of its own (vpdpbusd); the other kernels run "avx512" at level 3.
 ISA_NAMES = {3: "avx512vnni", 2: "avx512", 1: "avx2", 0: "portable C"}
 _ENV_SWITCH = "DSMOE_NATIVE_KERNELS"
@@ -160,6 +160,7 @@ def library() -> ctypes.CDLL | None:
     lib.dsmoe_q4_0_to_int4.restype = None
     lib.dsmoe_int4_isa.restype = ctypes.c_int
     _declare_decode_ops(lib)
+    _declare_decode_step(lib)
     lib.dsmoe_int4_limit_isa.argtypes = [ctypes.c_int]
     lib.dsmoe_int4_limit_isa.restype = ctypes.c_int
     return lib
@@ -691,3 +692,87 @@ def router_decode(x: torch.Tensor, gate: torch.Tensor, k: int, renormalize: bool
     if status == -2:
         raise MemoryError("router decode: out of memory")
     return (idx, weight, score, scores, logits) if status == 0 else None
+
+
+# --- a whole decode step in one call (csrc/decode_step.c) ----------------------------------
+_i64, _ptr_t = ctypes.c_int64, ctypes.c_void_p
+
+
+class StepOp(ctypes.Structure):
+    """decode_step.c's ``step_op``: one weight matrix [N, K] (``Operand``'s fields) and an
+    optional bias [N] in the activations' dtype."""
+
+    _fields_ = [("kind", _i64), ("group", _i64), ("N", _i64), ("K", _i64), ("w", _ptr_t),
+                ("scale", _ptr_t), ("zero", _ptr_t), ("bias", _ptr_t)]
+
+
+class StepLayer(ctypes.Structure):
+    """decode_step.c's ``step_layer``: one block's norms, projections, cache, routing and
+    FFN (routing -1: dense SwiGLU in ``shared``)."""
+
+    _fields_ = [("in_norm", _ptr_t), ("post_norm", _ptr_t), ("in_eps", ctypes.c_float),
+                ("post_eps", ctypes.c_float), ("q", StepOp), ("k", StepOp), ("v", StepOp),
+                ("o", StepOp), ("keys", _ptr_t), ("values", _ptr_t), ("routing", _i64),
+                ("gate", _ptr_t), ("gate_bf16", _i64), ("E", _i64), ("top_k", _i64),
+                ("renorm", _i64), ("scaling", ctypes.c_float), ("ekind", _i64),
+                ("egroup", _i64), ("F", _i64), ("gate_up", _ptr_t), ("gu_scale", _ptr_t),
+                ("gu_zero", _ptr_t), ("down", _ptr_t), ("dn_scale", _ptr_t),
+                ("dn_zero", _ptr_t), ("skind", _i64), ("sgroup", _i64), ("Fs", _i64),
+                ("shared", _ptr_t * 9)]
+
+
+class StepModel(ctypes.Structure):
+    """decode_step.c's ``step_model``: the shapes, the embedding, the RoPE table [S_max, d],
+    the final norm and head, and the layers."""
+
+    _fields_ = [(name, _i64) for name in ("n_layers", "B", "D", "H", "Hkv", "d", "S_max", "V",
+                                          "bf16", "max_E", "max_K")] + [
+        ("final_eps", ctypes.c_float), ("attn_scale", ctypes.c_float), ("embed", _ptr_t),
+        ("final_norm", _ptr_t), ("cos", _ptr_t), ("sin", _ptr_t), ("head", StepOp),
+        ("layers", ctypes.POINTER(StepLayer))]
+
+
+def _declare_decode_step(lib: ctypes.CDLL) -> None:
+    plan = ctypes.POINTER(StepModel)
+    lib.dsmoe_decode_step_scratch_bytes.argtypes = [plan]
+    lib.dsmoe_decode_step_scratch_bytes.restype = _i64
+    lib.dsmoe_decode_step.argtypes = [plan, _ptr_t, _ptr_t, _ptr_t, _i64, _ptr_t, _ptr_t,
+                                      ctypes.c_int]
+    lib.dsmoe_decode_step.restype = ctypes.c_int
+
+
+def decode_step_scratch(plan: StepModel) -> torch.Tensor | None:
+    """The work buffer ``decode_step`` needs for ``plan`` (allocate once per plan)."""
+    lib = library()
+    if lib is None:
+        return None
+    return torch.empty(lib.dsmoe_decode_step_scratch_bytes(ctypes.byref(plan)), dtype=torch.uint8)
+
+
+_STEP_ERRORS = {
+    -2: (MemoryError, "out of memory for the attention scores or expert buffers"),
+    -4: (ValueError, "an int4 group size the kernels do not take"),
+    -5: (ValueError, "a position beyond the decoder's RoPE table (max_seq_len)"),
+    -6: (ValueError, "a token id outside [0, vocab_size)"),
+    -7: (ValueError, "a routing kind the native step does not know"),
+}
+
+
+def decode_step(plan: StepModel, tokens: torch.Tensor, positions: torch.Tensor,
+                valid: torch.Tensor, slot: int, scratch: torch.Tensor) -> torch.Tensor | None:
+    """One decode step of the whole model in one native call (see decode_step.c): tokens
+    int64 [B] at ``positions`` int64 [B] (advanced by one in place on success), attending
+    to the slots ``valid`` uint8 [B, S_max] marks, writing the cache at ``slot``. Returns
+    fp32 logits [B, V], or None when an activation was not finite (the caller redoes the
+    step through the modules; nothing but the cache at ``slot`` was written)."""
+    lib = library()
+    if lib is None:
+        return None
+    logits = torch.empty(plan.B, plan.V, dtype=torch.float32)
+    status = lib.dsmoe_decode_step(ctypes.byref(plan), tokens.data_ptr(), positions.data_ptr(),
+                                   valid.data_ptr(), slot, scratch.data_ptr(),
+                                   logits.data_ptr(), torch.get_num_threads())
+    if status in _STEP_ERRORS:
+        error, why = _STEP_ERRORS[status]
+        raise error(f"native decode step: {why}")
+    return logits if status == 0 else None

@@ -42,7 +42,7 @@ class QuantLinear(QuantMatrix):
         return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self._decode(x) if self.bias is None else None
+        out = self._decode(x)
         if out is not None:
             return out
         out = self.matmul(x)  # [..., N]
@@ -50,10 +50,13 @@ class QuantLinear(QuantMatrix):
 
     def _decode(self, x: torch.Tensor) -> torch.Tensor | None:
         """A gradient-free CPU product of a few rows in one native call that reads and
-        writes x's dtype (``matmul`` casts to fp32 and back around the same kernel)."""
+        writes x's dtype (``matmul`` casts to fp32 and back around the same kernel). A
+        bias of x's dtype is added to the fp32 sums before the one rounding, as ``Linear``'s
+        decode step and the whole-model step (``NativeDecoder``) add theirs."""
         rows = x.reshape(-1, x.shape[-1])  # [M, K]
-        op = self.decode_operand()
-        if op is None or not 0 < rows.shape[0] <= self.kernel_max_rows or records_grad(rows):
+        op, bias = self.decode_operand(), self.bias
+        if (op is None or not 0 < rows.shape[0] <= self.kernel_max_rows
+                or records_grad(rows, bias) or (bias is not None and bias.dtype != x.dtype)):
             return None
-        out = native.linear_decode(rows.contiguous(), op)
+        out = native.linear_decode(rows.contiguous(), op, bias)
         return None if out is None else out.view(*x.shape[:-1], self.out_features)

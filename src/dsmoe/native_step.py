@@ -1,0 +1,233 @@
+"""The plan of a whole-model native decode step (csrc/decode_step.c): built once per decoder.
+
+Why: the per-module CPU decode path calls one native op per module, and at one token per
+sequence its Python and ctypes overhead (~83 calls and ~60 aten ops per layer, ~3.5 ms per
+token of the 2B shape) does not shrink with threads while the kernels do. The plan
+gathers every pointer and shape the step needs into ctypes structures, so a step is one
+call (``native.decode_step``).
+
+Design choices:
+- Which models qualify is decided here, from the modules themselves, by the same tests
+  their own decode paths make (``decode_operand``, ``decode_operands``,
+  ``Router.native_decode``, the experts' kinds): a model the step cannot run exactly as
+  the modules would gets a reason (``unsupported_reason``) and the eager decoder.
+- Exact module types, not subclasses: a subclass (LoRA, a custom attention) may change
+  what forward computes, which the plan would silently skip.
+- The plan holds the tensors it points at (``Plan.keep``): replacing a model's weights
+  cannot leave it dangling, and ``Plan.addresses`` tells the decoder to rebuild.
+- RoPE's cos/sin come from a table of every cache position computed once by the model's
+  own ``rotary`` (no length-dependent scaling), in the activations' dtype.
+
+Shapes: B rows, D hidden, L layers, S_max cache slots, d head dim, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import itertools
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dsmoe import native
+from dsmoe.linear import DECODE_STEP_MAX_ROWS, Linear
+from dsmoe.mlp import SwiGLUMLP
+from dsmoe.model.attention import Attention
+from dsmoe.model.block import Block
+from dsmoe.model.cache import KVCache
+from dsmoe.model.norm import RMSNorm
+from dsmoe.model.rope import _LENGTH_DEPENDENT
+from dsmoe.moe.experts import SwiGLUExperts
+from dsmoe.moe.layer import LocalDispatcher, MoELayer
+from dsmoe.moe.router import Router
+from dsmoe.quant.experts import QuantSwiGLUExperts
+from dsmoe.quant.linear import QuantLinear
+
+if TYPE_CHECKING:
+    from dsmoe.model import Transformer
+
+_FLOAT_KIND = {torch.float32: 0, torch.bfloat16: 1}
+
+
+class Unsupported(Exception):
+    """Why a model's decode step cannot be the one native call (its message)."""
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+@dataclass
+class Plan:
+    model: native.StepModel
+    layers: ctypes.Array
+    keep: list = field(default_factory=list)  # every tensor the structures point at
+    addresses: tuple = ()  # the model's tensors' data_ptrs when built
+
+
+def model_addresses(model: "Transformer") -> tuple[int, ...]:
+    return tuple(t.data_ptr() for t in itertools.chain(model.parameters(), model.buffers()))
+
+
+def _op(module: nn.Module, dtype: torch.dtype, keep: list, name: str) -> native.StepOp:
+    """A projection as the step takes it: a ``Linear`` of the activations' dtype or a
+    ``QuantLinear`` in dsmoe's own layout, with its bias in the activations' dtype."""
+    if type(module) is Linear:
+        if module.weight.dtype != dtype or not module.weight.is_contiguous():
+            raise Unsupported(f"{name}: a {module.weight.dtype} weight in {dtype} activations "
+                              "or input-major storage")
+        op = native.Operand(module.weight)
+    elif type(module) is QuantLinear:
+        op = module.decode_operand()
+        if op is None:
+            raise Unsupported(f"{name}: int4 in torch's packed layout")
+    else:
+        raise Unsupported(f"{name} is a {type(module).__name__}, not Linear or QuantLinear")
+    bias = module.bias
+    if bias is not None:
+        bias = bias.detach().to(dtype).contiguous()
+        keep.append(bias)
+    keep.extend(t for t in op[:3] if t is not None)
+    N, K = module.out_features, module.in_features
+    return native.StepOp(native._EXPERT_KINDS[op.weight.dtype], op.group_size, N, K,
+                         op.weight.data_ptr(), _ptr(op.scale), _ptr(op.zero), _ptr(bias))
+
+
+def _norm(norm: nn.Module, dtype: torch.dtype, name: str) -> tuple[int, float]:
+    if type(norm) is not RMSNorm or norm.weight.dtype != dtype or not norm.weight.is_contiguous():
+        raise Unsupported(f"{name} is not an RMSNorm with a {dtype} weight")
+    return norm.weight.data_ptr(), norm.eps
+
+
+def _swiglu(mlp: nn.Module, layer: native.StepLayer, x: torch.Tensor, name: str) -> None:
+    """A dense SwiGLU (the FFN or the shared experts) into ``layer``'s shared fields."""
+    if type(mlp) is not SwiGLUMLP or (ops := mlp.decode_operands(x)) is None:
+        raise Unsupported(f"{name} is not a silu SwiGLUMLP of one native weight kind")
+    layer.skind = native.uniform_kind(*ops)
+    layer.sgroup, layer.Fs = ops[0].group_size, ops[0].weight.shape[0]
+    layer.shared[:] = [_ptr(t) for op in ops for t in op[:3]]
+
+
+def _experts(moe: MoELayer, layer: native.StepLayer, dtype: torch.dtype, name: str) -> None:
+    """The router and the routed experts of a MoE layer into ``layer``."""
+    gate, experts = moe.gate, moe.experts
+    if type(gate) is not Router or not gate.native_decode or not gate.weight.is_contiguous() \
+            or gate.weight.dtype not in _FLOAT_KIND:
+        raise Unsupported(f"{name}.gate: routing other than V1's (softmax, greedy, no bias)")
+    if type(moe.dispatcher) is not LocalDispatcher:
+        raise Unsupported(f"{name}: experts outside this process ({type(moe.dispatcher).__name__})")
+    layer.routing, layer.gate, layer.gate_bf16 = 0, gate.weight.data_ptr(), gate.weight.dtype == torch.bfloat16
+    layer.E, layer.top_k, layer.renorm, layer.scaling = (gate.num_experts, gate.top_k,
+                                                         gate.renormalize, gate.scaling)
+    if experts.act is not F.silu:
+        raise Unsupported(f"{name}.experts: an activation other than silu")
+    if type(experts) is SwiGLUExperts:
+        gu, dn = experts.gate_up_proj, experts.down_proj
+        if gu.dtype != dtype or not (gu.is_contiguous() and dn.is_contiguous()):
+            raise Unsupported(f"{name}.experts: {gu.dtype} weights in {dtype} activations")
+        layer.ekind, layer.egroup = _FLOAT_KIND[dtype], 0
+        layer.gate_up, layer.down = gu.data_ptr(), dn.data_ptr()
+        layer.F = gu.shape[1] // 2
+    elif type(experts) is QuantSwiGLUExperts:
+        gu, dn = experts.gate_up_proj, experts.down_proj
+        if gu.packed or (gu.bits, gu.group_size) != (dn.bits, dn.group_size):
+            raise Unsupported(f"{name}.experts: int4 in torch's packed layout or mixed kinds")
+        layer.ekind, layer.egroup = (2, 0) if gu.bits == 8 else (3, gu.group_size)
+        layer.gate_up, layer.down = gu.qweight.data_ptr(), dn.qweight.data_ptr()
+        layer.gu_scale, layer.dn_scale = gu.scale.data_ptr(), dn.scale.data_ptr()
+        if gu.bits == 4 and not gu.symmetric:
+            layer.gu_zero, layer.dn_zero = gu.zero.data_ptr(), dn.zero.data_ptr()
+        layer.F = experts.expert_size
+    else:
+        raise Unsupported(f"{name}.experts is a {type(experts).__name__}")
+
+
+def _layer(block: nn.Module, cache: KVCache | None, x: torch.Tensor, keep: list, i: int
+           ) -> native.StepLayer:
+    name = f"layers.{i}"
+    if type(block) is not Block or type(block.self_attn) is not Attention:
+        raise Unsupported(f"{name}: not a Block with multi-head attention (MHA)")
+    layer = native.StepLayer()
+    layer.in_norm, layer.in_eps = _norm(block.input_layernorm, x.dtype, f"{name}.input_layernorm")
+    layer.post_norm, layer.post_eps = _norm(block.post_attention_layernorm, x.dtype,
+                                            f"{name}.post_attention_layernorm")
+    attn = block.self_attn
+    for proj in ("q", "k", "v", "o"):
+        setattr(layer, proj, _op(getattr(attn, f"{proj}_proj"), x.dtype, keep,
+                                 f"{name}.self_attn.{proj}_proj"))
+    if cache is not None:
+        layer.keys, layer.values = cache.keys[i].data_ptr(), cache.values[i].data_ptr()
+    layer.routing, layer.skind = -1, -1
+    if type(block.mlp) is MoELayer:
+        _experts(block.mlp, layer, x.dtype, f"{name}.mlp")
+        if block.mlp.shared_experts is not None:
+            _swiglu(block.mlp.shared_experts, layer, x, f"{name}.mlp.shared_experts")
+    else:
+        _swiglu(block.mlp, layer, x, f"{name}.mlp")
+    return layer
+
+
+def _check_model(model: "Transformer", batch_size: int) -> torch.dtype:
+    """The activations' dtype of a model the step may run, else ``Unsupported``."""
+    embed = model.embed_tokens.weight
+    if embed.device.type != "cpu":
+        raise Unsupported(f"the native step runs on CPU (this model is on {embed.device.type})")
+    if native.library() is None:
+        raise Unsupported("the native kernels are unavailable (DSMOE_NATIVE_KERNELS=0 or no "
+                          "C compiler)")
+    if not 0 < batch_size <= DECODE_STEP_MAX_ROWS:
+        raise Unsupported(f"batch size {batch_size} is over {DECODE_STEP_MAX_ROWS} rows")
+    if model.training:
+        raise Unsupported("the model is in training mode")
+    if model.config.attention_type != "mha":
+        raise Unsupported(f"attention_type {model.config.attention_type!r} is not 'mha'")
+    if model.rotary.kind in _LENGTH_DEPENDENT:
+        raise Unsupported(f"rope_scaling {model.rotary.kind!r} depends on the sequence length")
+    if embed.dtype not in _FLOAT_KIND or type(model.embed_tokens) is not nn.Embedding:
+        raise Unsupported(f"a {embed.dtype} embedding (the step takes fp32 or bf16 activations)")
+    if model.lm_head.out_features != embed.shape[0]:
+        raise Unsupported(f"lm_head has {model.lm_head.out_features} outputs for "
+                          f"{embed.shape[0]} embedding rows")
+    return embed.dtype
+
+
+def unsupported_reason(model: "Transformer", batch_size: int = 1) -> str | None:
+    """Why this model's CPU decode step cannot be one native call, or None if it can."""
+    try:
+        build_plan(model, None, batch_size)
+    except Unsupported as exc:
+        return str(exc)
+    return None
+
+
+@torch.no_grad()
+def build_plan(model: "Transformer", cache: KVCache | None, batch_size: int) -> Plan:
+    """The step's structures for ``model`` decoding ``batch_size`` rows into ``cache``
+    (None: only the checks); raises ``Unsupported`` (naming the module) where the step
+    cannot run the model."""
+    dtype = _check_model(model, batch_size)
+    B, S_max = batch_size, 1 if cache is None else cache.max_seq_len
+    x = torch.empty(B, 1, model.config.hidden_size, dtype=dtype)  # what decode_operands tests
+    keep: list = [*model.parameters(), *model.buffers()]
+    layers = (native.StepLayer * len(model.layers))(
+        *(_layer(block, cache, x, keep, i) for i, block in enumerate(model.layers)))
+    plan = native.StepModel()
+    cfg, embed = model.config, model.embed_tokens.weight
+    plan.n_layers, plan.B, plan.D, plan.S_max, plan.V = len(layers), B, cfg.hidden_size, S_max, embed.shape[0]
+    plan.H, plan.Hkv, plan.d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    plan.bf16 = dtype == torch.bfloat16
+    plan.max_E = max([layer.E for layer in layers] + [1])
+    plan.max_K = max([layer.top_k for layer in layers] + [1])
+    plan.attn_scale = cfg.head_dim ** -0.5
+    plan.embed = embed.data_ptr()
+    plan.final_norm, plan.final_eps = _norm(model.norm, dtype, "norm")
+    plan.head = _op(model.lm_head, dtype, keep, "lm_head")
+    if cache is not None:
+        cos, sin = model.rotary(torch.arange(S_max).view(1, S_max), S_max, dtype)  # [1, S_max, d]
+        keep += [cos.contiguous(), sin.contiguous(), cache.keys, cache.values]
+        plan.cos, plan.sin = keep[-4].data_ptr(), keep[-3].data_ptr()
+    plan.layers = ctypes.cast(layers, ctypes.POINTER(native.StepLayer))
+    return Plan(plan, layers, keep, model_addresses(model))
