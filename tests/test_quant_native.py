@@ -196,6 +196,36 @@ def test_quantized_experts_decode_in_one_call_per_matrix(monkeypatch, bits, kern
     torch.testing.assert_close(fast, loop, atol=2e-2 if bits == 8 else 3e-2, rtol=2e-2)
 
 
+@needs_native
+@pytest.mark.parametrize("bits, kernel, table_arg, limit", [
+    (8, "int8_blocks_matmul", 3, "INT8_BLOCKS_MAX_ROWS"),
+    (4, "int4_blocks_matmul", 5, "INT4_BLOCKS_MAX_ROWS")])
+def test_quantized_experts_prefill_few_row_experts_in_one_call(monkeypatch, bits, kernel,
+                                                               table_arg, limit):
+    """A prompt's experts with at most ``prefill_max_rows`` rows go to one row-kernel call
+    per matrix (their rows gathered, the table renumbered), the busier ones to the
+    per-expert loop; together equal to the loop for all."""
+    from dsmoe.moe.experts import SwiGLUExperts
+    from dsmoe.quant.experts import QuantSwiGLUExperts
+
+    experts = QuantSwiGLUExperts.from_experts(SwiGLUExperts(6, 64, 32, init_std=0.1),
+                                              bits=bits, group_size=32)
+    monkeypatch.setattr(kernels, limit, 3)
+    counts = torch.tensor([1, 0, 3, 5, 2, 4])  # experts 0, 2, 4 take the row kernel
+    x = torch.randn(int(counts.sum()), 64)
+    tables = []
+    real = getattr(native, kernel)
+    monkeypatch.setattr(native, kernel, lambda *a: tables.append(
+        (a[0].shape[0], a[table_arg])) or real(*a))
+    with torch.no_grad():
+        fast = experts(x, counts)
+        few = [(0, 0, 1), (2, 1, 3), (4, 4, 2)]  # (expert, first gathered row, rows)
+        assert tables[:2] == [(6, few), (6, few)]  # (then the loop's one-matrix calls)
+        monkeypatch.setattr(native, kernel, lambda *a: None)
+        loop = experts(x, counts)
+    torch.testing.assert_close(fast, loop, atol=2e-2 if bits == 8 else 3e-2, rtol=2e-2)
+
+
 # --- int4 (csrc/int4_matmul.c) -----------------------------------------------------------
 def _int4_stack(E: int, N: int, K: int, group: int, seed: int, symmetric: bool = False):
     g = torch.Generator().manual_seed(seed)

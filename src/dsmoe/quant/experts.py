@@ -2,9 +2,11 @@
 
 forward(x_sorted [A, D], counts [E]) -> [A, D], rows grouped by expert exactly as the MoE
 dispatch hands them over, so ``MoELayer``'s router, dispatch and combine run unchanged.
-Each expert with rows is two kernel calls on its slice of the stacks (no grouped int
-kernel exists in torch on CPU); a decode step is instead two calls of
-dsmoe's native kernel (int8 or int4) for all experts at once (``QuantMatrix.matmul_blocks``):
+Experts with few rows (a decode step's, and most of a short prompt's: up to
+``QuantMatrix.prefill_max_rows``) run in two calls of dsmoe's native row kernels (int8 or
+int4) for all of them at once (``QuantMatrix.matmul_blocks``); each expert with more rows
+is two kernel calls on its slice of the stacks (dequantize + GEMM; no grouped int kernel
+exists in torch on CPU):
   gate_up = x_e @ gate_up_proj[e].T   [n_e, 2F]  (gate rows first, then up, as in fp)
   out_e   = (act(gate) * up) @ down_proj[e].T   [n_e, D]
 
@@ -12,6 +14,8 @@ Shapes: A assignments sorted by expert, D hidden, F expert width, E experts.
 """
 
 from __future__ import annotations
+
+import itertools
 
 import torch
 import torch.nn.functional as F
@@ -70,31 +74,40 @@ class QuantSwiGLUExperts(Experts):
                                      shared=shared)
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:  # [A, D]
-        decoded = self._decode_step(x, counts)
-        if decoded is not None:
-            return decoded
-        out = x.new_empty(x.shape)
-        start = 0
-        for e, n in enumerate(counts.tolist()):
-            if n == 0:
-                continue
+        blocks = expert_blocks(counts.tolist())
+        limit = min(self.gate_up_proj.prefill_max_rows, self.down_proj.prefill_max_rows)
+        few = [b for b in blocks if b[2] <= limit]  # (a narrow down_proj stays int8)
+        out = self._row_kernels(x, few) if few else None
+        rest = [b for b in blocks if b[2] > limit] if out is not None else blocks
+        out = x.new_empty(x.shape) if out is None else out
+        for e, start, n in rest:  # dequantize + GEMM per expert
             rows = x[start:start + n]  # [n, D]
             gate, up = self.gate_up_proj.matmul(rows, e).chunk(2, dim=-1)  # [n, F] x2
             out[start:start + n] = self.down_proj.matmul(self.act(gate) * up, e)
-            start += n
         return out
 
-    def _decode_step(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor | None:
-        """A decode step (at most ``kernel_max_rows`` rows per expert) in two native
-        calls for all experts instead of two kernel calls per expert; None otherwise."""
-        counts_list = counts.tolist()
-        limit = min(self.gate_up_proj.kernel_max_rows, self.down_proj.kernel_max_rows)
-        if not counts_list or max(counts_list) > limit:  # (a narrow down_proj stays int8)
-            return None
-        blocks = expert_blocks(counts_list)
-        gate_up = self.gate_up_proj.matmul_blocks(x, blocks)  # fp32 [A, 2F]
+    def _row_kernels(self, x: torch.Tensor, few: list[tuple[int, int, int]]
+                     ) -> torch.Tensor | None:
+        """The experts of ``few`` blocks (each at most ``prefill_max_rows`` rows) in two
+        native calls for all of them, -> [A, D] in x's dtype with those rows filled (the
+        rest uninitialised), or None where the native kernels cannot run. One call instead
+        of two kernel calls per expert: a 128-token prompt of the 2B shape gives each of
+        63 experts ~14 rows, and per-expert calls paid Python overhead and a thread
+        barrier each, and fell to dequantize + GEMM above a few rows."""
+        if sum(n for *_, n in few) == len(x):
+            rows, blocks = x, few  # every row (a decode step): no gather
+        else:
+            index = torch.tensor([i for _, start, n in few for i in range(start, start + n)])
+            rows = x.index_select(0, index)  # [a, D]: a rows of these experts
+            firsts = itertools.accumulate((n for *_, n in few[:-1]), initial=0)
+            blocks = [(e, first, n) for (e, _, n), first in zip(few, firsts)]
+        gate_up = self.gate_up_proj.matmul_blocks(rows, blocks)  # fp32 [a, 2F]
         if gate_up is None:
             return None
-        gate, up = gate_up.chunk(2, dim=-1)  # [A, F] x2
-        out = self.down_proj.matmul_blocks(self.act(gate) * up, blocks)  # fp32 [A, D]
-        return None if out is None else out.to(x.dtype)
+        gate, up = gate_up.chunk(2, dim=-1)  # [a, F] x2
+        done = self.down_proj.matmul_blocks(self.act(gate) * up, blocks)  # fp32 [a, D]
+        if done is None:
+            return None
+        if rows is x:
+            return done.to(x.dtype)
+        return x.new_empty(x.shape).index_copy_(0, index, done.to(x.dtype))

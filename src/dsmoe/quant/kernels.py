@@ -62,6 +62,15 @@ INT8_KERNEL_MAX_ROWS = 12
 # The same for the native int4 kernel against (native) dequantize to bf16 + bf16 GEMM: for a
 # 2816 x 2048 expert they cross between 16 and 24 rows (CPU time, benchmarks/quantized.py).
 INT4_KERNEL_MAX_ROWS = 16
+# The same for a stack of experts in prefill, where one row-kernel call serves every expert
+# with at most this many rows (MoE experts see few rows each: ~14 for a 128-token prompt of
+# the 2B shape) and each expert above it is dequantized for a GEMM. Without a call and a
+# thread barrier per expert the row kernel pays up to more rows: 3-layer 2B shape, 128-token
+# prefill, one thread, CPU time, medians of 7 alternating: int4 g128 at limits 16 / 32 / 48
+# / 64 ran +4.5% / +9% / +11.5% / +10% over per-expert calls; g32 symmetric +3% / +7% / +7%
+# / +6%; int8 peaked at its own crossover (12: +5%, 24: -1%, 48: -11%).
+INT4_BLOCKS_MAX_ROWS = 48
+INT8_BLOCKS_MAX_ROWS = INT8_KERNEL_MAX_ROWS
 _KERNEL_DTYPE = torch.bfloat16
 
 

@@ -131,6 +131,13 @@ class QuantMatrix(nn.Module):
         """Rows per matrix up to which ``matmul_blocks``' row kernels beat a GEMM."""
         return kernels.INT8_KERNEL_MAX_ROWS if self.bits == 8 else kernels.INT4_KERNEL_MAX_ROWS
 
+    @property
+    def prefill_max_rows(self) -> int:
+        """Rows per matrix of a stack up to which one ``matmul_blocks`` call for all the
+        matrices beats a dequantize + GEMM per matrix (no per-matrix calls or barriers)."""
+        return (kernels.INT8_BLOCKS_MAX_ROWS if self.bits == 8
+                else kernels.INT4_BLOCKS_MAX_ROWS)
+
     # --- conversions ----------------------------------------------------------------------
     @torch.no_grad()
     def set_float(self, weight: torch.Tensor) -> None:
