@@ -99,6 +99,22 @@ def test_native_step_matches_torch_without_native_kernels(kind: str, monkeypatch
         assert_close(g, w, atol=tol, rtol=0, what=f"{kind} vs torch, step {i}")
 
 
+@pytest.mark.parametrize("routing", [
+    dict(scoring_func="sigmoid", topk_method="noaux_tc", n_group=2, topk_group=1),
+    dict(topk_method="group_limited_greedy", n_group=2, topk_group=1),
+])
+def test_native_step_routes_as_the_router(routing: dict) -> None:
+    """V2/V3 routing methods on MHA models: the step calls the router's own native routing."""
+    cfg = generation_config().replace(**routing)
+    model = _model("fp32", cfg)
+    if model.layers[1].mlp.gate.e_score_correction_bias is not None:
+        model.layers[1].mlp.gate.e_score_correction_bias.normal_(std=0.3)
+    want, tokens = _decode(EagerDecoder(model, 3, 9), PROMPTS[3], None, 4)
+    got, _ = _decode(NativeDecoder(model, 3, 9), PROMPTS[3], tokens, 4)
+    for i, (g, w) in enumerate(zip(got, want)):
+        assert_close(g, w, atol=1e-5, rtol=0, what=f"{routing} step {i}")
+
+
 def test_each_step_is_one_native_call(monkeypatch) -> None:
     """make_decoder picks the native step on CPU, and a step calls nothing else native."""
     model = _model("int8")
@@ -156,7 +172,6 @@ def test_token_outside_the_vocabulary_is_an_error() -> None:
 @pytest.mark.parametrize(("change", "why"), [
     (dict(attention_type="mla"), "not 'mha'"),
     (dict(rope_scaling={"type": "dynamic", "factor": 2.0}), "depends on the sequence length"),
-    (dict(scoring_func="sigmoid"), "routing other than V1's"),
 ])
 def test_unsupported_models_decode_eagerly(change: dict, why: str) -> None:
     base = ModelConfig.preset("tiny-v2") if change.get("attention_type") == "mla" else None

@@ -111,17 +111,35 @@ def _swiglu(mlp: nn.Module, layer: native.StepLayer, x: torch.Tensor, name: str)
     layer.shared[:] = [_ptr(t) for op in ops for t in op[:3]]
 
 
+def _router(gate: nn.Module, layer: native.StepLayer, name: str) -> None:
+    """The router's native routing call's arguments into ``layer``. Whether that call
+    takes these settings is asked of it, on one zero row: its checks stay in one place."""
+    if (type(gate) is not Router or not gate.native_decode or gate.select is not gate._own_select
+            or gate.weight.dtype not in _FLOAT_KIND):
+        raise Unsupported(f"{name}.gate: routing the native step cannot run (a replaced "
+                          "selection, or native routing switched off)")
+    rank, groups, keep = gate.grouping
+    bias = gate.e_score_correction_bias
+    settings = dict(sigmoid=gate.sigmoid, bias=bias, group_rank=rank, groups=groups,
+                    keep_groups=keep)
+    probe = torch.zeros(1, gate.weight.shape[1], dtype=gate.weight.dtype)
+    if native.router_decode(probe, gate.weight, gate.top_k, gate.renormalize, gate.scaling,
+                            **settings) is None:
+        raise Unsupported(f"{name}.gate: routing settings the native call does not take")
+    layer.routing, layer.gate, layer.bias = 0, gate.weight.data_ptr(), _ptr(bias)
+    layer.gate_bf16 = gate.weight.dtype == torch.bfloat16
+    layer.E, layer.top_k, layer.renorm, layer.scaling = (gate.num_experts, gate.top_k,
+                                                         gate.renormalize, gate.scaling)
+    layer.sigmoid, layer.method = gate.sigmoid, native.ROUTE_GROUP_RANKS[rank]
+    layer.groups, layer.keep = (groups, keep) if rank else (1, 1)
+
+
 def _experts(moe: MoELayer, layer: native.StepLayer, dtype: torch.dtype, name: str) -> None:
     """The router and the routed experts of a MoE layer into ``layer``."""
     gate, experts = moe.gate, moe.experts
-    if type(gate) is not Router or not gate.native_decode or not gate.weight.is_contiguous() \
-            or gate.weight.dtype not in _FLOAT_KIND:
-        raise Unsupported(f"{name}.gate: routing other than V1's (softmax, greedy, no bias)")
     if type(moe.dispatcher) is not LocalDispatcher:
         raise Unsupported(f"{name}: experts outside this process ({type(moe.dispatcher).__name__})")
-    layer.routing, layer.gate, layer.gate_bf16 = 0, gate.weight.data_ptr(), gate.weight.dtype == torch.bfloat16
-    layer.E, layer.top_k, layer.renorm, layer.scaling = (gate.num_experts, gate.top_k,
-                                                         gate.renormalize, gate.scaling)
+    _router(gate, layer, name)
     if experts.act is not F.silu:
         raise Unsupported(f"{name}.experts: an activation other than silu")
     if type(experts) is SwiGLUExperts:

@@ -15,8 +15,8 @@
  *   logits = head(norm(x)) in the activation dtype, widened to fp32
  * Attention runs one task per (row, key/value head) on the kernels' OpenMP pool (the
  * per-module call is single-threaded), each writing its heads of the output rounded to
- * the activation dtype. Routing goes through route() only, so routing
- * kinds beyond V1's plug in there.
+ * the activation dtype. Routing goes through route() only (every method of decode_ops.c's
+ * dsmoe_route_decode), so routing kinds to come plug in there.
  *
  * Returns 0; -1 an activation or logit is not finite (the caller redoes the step through
  * the modules, whose torch fallbacks handle it; the cache slot is rewritten there),
@@ -42,10 +42,11 @@ int dsmoe_swiglu_decode(const void *x, int64_t M, int bf16, int kind, const void
                         int64_t D, int64_t F, void *out, int threads);
 int dsmoe_rmsnorm_decode(const void *x, const void *delta, void *sum, const void *weight,
                          void *out, int64_t M, int64_t D, float eps, int bf16);
-int dsmoe_router_decode(const void *x, int bf16, int64_t T, const void *gate, int gate_bf16,
-                        int64_t E, int64_t D, int64_t K, int renorm, float scaling,
-                        float *logits, float *scores, int64_t *idx, float *topk_score,
-                        float *weight, int threads);
+int dsmoe_route_decode(const void *x, int bf16, int64_t T, const void *gate, int gate_bf16,
+                       int64_t E, int64_t D, int64_t K, int sigmoid, const float *bias,
+                       int method, int64_t groups, int64_t keep, int renorm, float scaling,
+                       float *logits, float *scores, int64_t *idx, float *topk_score,
+                       float *weight, int threads);
 int dsmoe_experts_decode_dtype(const void *x, int x_bf16, const int64_t *idx, const float *w,
                                int64_t T, int64_t K, int kind, const void *gate_up,
                                const uint16_t *gu_scale, const uint16_t *gu_zero,
@@ -72,9 +73,10 @@ typedef struct {
     float in_eps, post_eps;
     step_op q, k, v, o;
     void *keys, *values; /* this layer's cache [B, Hkv, S_max, d] */
-    int64_t routing;     /* -1: a dense SwiGLU FFN; 0: V1 softmax, greedy top-k */
+    int64_t routing;     /* -1: a dense SwiGLU FFN; 0: decode_ops.c's dsmoe_route_decode */
     const void *gate;    /* router [E, D], fp32 or bf16 */
-    int64_t gate_bf16, E, top_k, renorm;
+    const float *bias;   /* the selection bias [E] (V3) or NULL */
+    int64_t gate_bf16, E, top_k, renorm, sigmoid, method, groups, keep;
     float scaling;
     int64_t ekind, egroup, F; /* routed experts: gate_up [E, 2F, D], down [E, D, F] */
     const void *gate_up, *gu_scale, *gu_zero, *down, *dn_scale, *dn_zero;
@@ -144,9 +146,10 @@ static int route(const step_model *m, const step_layer *l, const void *h, step_b
                  int threads) {
     switch (l->routing) {
     case 0:
-        return dsmoe_router_decode(h, (int)m->bf16, m->B, l->gate, (int)l->gate_bf16, l->E,
-                                   m->D, l->top_k, (int)l->renorm, l->scaling, b->logits,
-                                   b->scores, b->idx, b->topk, b->weight, threads);
+        return dsmoe_route_decode(h, (int)m->bf16, m->B, l->gate, (int)l->gate_bf16, l->E,
+                                  m->D, l->top_k, (int)l->sigmoid, l->bias, (int)l->method,
+                                  l->groups, l->keep, (int)l->renorm, l->scaling, b->logits,
+                                  b->scores, b->idx, b->topk, b->weight, threads);
     default:
         return -7;
     }
