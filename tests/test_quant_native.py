@@ -359,3 +359,31 @@ def test_native_int4_long_rows_cross_the_scale_windows(native_isa, group, K):
         w = _int4_weight(q[0], scale[0], zero[0])
         err = (out.double() - x.double() @ w.T).abs()
         assert (err <= _int4_bound(x, w)).all(), (M, (err - _int4_bound(x, w)).max().item())
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_two_threads_share_the_blocks_in_pieces_with_the_one_thread_result(native_isa, bits):
+    """Threads take outputs in pieces of 64 rows, whichever is free: N = 150 gives two full
+    pieces and one that ends inside a pass of four weight rows, for each of three blocks
+    (one of them empty); every output must keep its one-thread value."""
+    torch.manual_seed(4)
+    if bits == 8:
+        q, scale = kernels.quantize_int8(torch.randn(3, 150, 96))
+        run = lambda x, blocks: native.int8_blocks_matmul(x, q, scale, blocks)  # noqa: E731
+    else:
+        q, scale, zero = _int4_stack(3, 150, 128, 32, seed=4)
+        run = lambda x, blocks: native.int4_blocks_matmul(x, q, scale, zero, 32, blocks)  # noqa: E731
+    x = torch.randn(6, q.shape[-1] * (2 if bits == 4 else 1))
+    blocks = [(2, 0, 1), (0, 1, 0), (1, 1, 5)]
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = run(x, blocks)
+        alone = [run(x[first:first + rows], [(e, 0, rows)]) for e, first, rows in blocks]
+        torch.set_num_threads(2)
+        two = run(x, blocks)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, two)
+    for (e, first, rows), part in zip(blocks, alone):
+        assert torch.equal(one[first:first + rows], part)

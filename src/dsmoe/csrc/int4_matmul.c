@@ -461,25 +461,37 @@ typedef struct {
     float *out;
 } job4_t;
 
-/* Outputs [n0, n1) of every block (expert, first row, rows), as in rows_matmul.c. */
-static void int4_slice(const job4_t *j, int64_t n0, int64_t n1) {
+/* Outputs [n0, n1) of block b (expert, first row, rows), as in rows_matmul.c. */
+static void int4_block(const job4_t *j, int64_t b, int64_t n0, int64_t n1) {
     int64_t G = j->K / j->g;
-    for (int64_t b = 0; b < j->nb; b++) {
-        int64_t e = j->blocks[3 * b], first = j->blocks[3 * b + 1], rows = j->blocks[3 * b + 2];
-        for (int64_t n = n0; n < n1; n += NWMAX) {
-            int nw = n1 - n < NWMAX ? (int)(n1 - n) : NWMAX;
-            int64_t wrow = e * j->N + n;
-            const uint8_t *q = j->q + wrow * (j->K / 2);
-            const uint16_t *s = j->s + wrow * G, *z = j->z ? j->z + wrow * G : NULL;
-            for (int64_t m = 0; m < rows; m += TILE) {
-                int R = rows - m < TILE ? (int)(rows - m) : TILE;
-                float res[NWMAX * TILE];
-                j->tile(q, s, z, nw, j->a, first + m, R, j->g, res);
-                for (int w = 0; w < nw; w++)
-                    for (int r = 0; r < R; r++)
-                        j->out[(first + m + r) * j->N + n + w] = res[w * TILE + r];
-            }
+    int64_t e = j->blocks[3 * b], first = j->blocks[3 * b + 1], rows = j->blocks[3 * b + 2];
+    for (int64_t n = n0; n < n1; n += NWMAX) {
+        int nw = n1 - n < NWMAX ? (int)(n1 - n) : NWMAX;
+        int64_t wrow = e * j->N + n;
+        const uint8_t *q = j->q + wrow * (j->K / 2);
+        const uint16_t *s = j->s + wrow * G, *z = j->z ? j->z + wrow * G : NULL;
+        for (int64_t m = 0; m < rows; m += TILE) {
+            int R = rows - m < TILE ? (int)(rows - m) : TILE;
+            float res[NWMAX * TILE];
+            j->tile(q, s, z, nw, j->a, first + m, R, j->g, res);
+            for (int w = 0; w < nw; w++)
+                for (int r = 0; r < R; r++)
+                    j->out[(first + m + r) * j->N + n + w] = res[w * TILE + r];
         }
+    }
+}
+
+/* Every block's outputs in pieces of PIECE rows (a multiple of NWMAX, so tiles stay
+ * whole), each taken by whichever thread asks next (*next counts the pieces handed out).
+ * Why not a fixed range per thread: on a shared machine one thread is often descheduled
+ * for a while, and a fixed split then waits for it at the region's end (two threads
+ * measured slower than one); with pieces the running thread takes over the rest. */
+#define PIECE 64
+static void int4_pieces(const job4_t *j, int64_t *next) {
+    int64_t per = (j->N + PIECE - 1) / PIECE, total = j->nb * per;
+    for (int64_t i; (i = __atomic_fetch_add(next, 1, __ATOMIC_RELAXED)) < total;) {
+        int64_t n0 = i % per * PIECE;
+        int4_block(j, i / per, n0, n0 + PIECE < j->N ? n0 + PIECE : j->N);
     }
 }
 
@@ -511,18 +523,14 @@ int dsmoe_int4_blocks_matmul(const float *x, const uint8_t *q, const uint16_t *s
     if (status == 0) {
         job4_t job = {.blocks = blocks, .nb = nb, .N = N, .K = K, .g = g, .q = q, .s = s,
                       .z = z, .a = &a, .tile = tile_kernel(level), .out = out};
+        int64_t next = 0;
 #ifdef _OPENMP
         if (threads > 1 && N >= 64 * threads) {
 #pragma omp parallel num_threads(threads)
-            {
-                /* slices start at multiples of NWMAX so the tiles stay whole */
-                int64_t t = omp_get_thread_num(), T = omp_get_num_threads(), U = N / NWMAX;
-                int64_t n0 = U * t / T * NWMAX, n1 = t + 1 == T ? N : U * (t + 1) / T * NWMAX;
-                int4_slice(&job, n0, n1);
-            }
+            int4_pieces(&job, &next);
         } else
 #endif
-            int4_slice(&job, 0, N);
+            int4_pieces(&job, &next);
     }
     (void)threads;
     free(buf);

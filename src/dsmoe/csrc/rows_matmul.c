@@ -360,23 +360,33 @@ static void float_slice(const job_t *j, int64_t n0, int64_t n1) {
     }
 }
 
-/* Run `slice` over all N outputs, split between `threads` OpenMP threads when there are
- * enough outputs to share (each thread then streams its share of every matrix). */
+/* Outputs [0, N) of every block in pieces of PIECE rows, each taken by whichever thread
+ * asks next (*next counts the pieces handed out). Why not a fixed range per thread: on a
+ * shared machine one thread is often descheduled for a while, and a fixed split then
+ * waits for it at the region's end (two threads measured slower than one); with pieces
+ * the running thread takes over the rest. Every output keeps its summation order. */
+#define PIECE 64
+static void pieces(void (*slice)(const job_t *, int64_t, int64_t), const job_t *job, int64_t N,
+                   int64_t *next) {
+    for (int64_t i; (i = __atomic_fetch_add(next, 1, __ATOMIC_RELAXED)) * PIECE < N;)
+        slice(job, i * PIECE, (i + 1) * PIECE < N ? (i + 1) * PIECE : N);
+}
+
+/* Run `slice` over all N outputs, shared between `threads` OpenMP threads when there are
+ * enough outputs to share. */
 static void run(void (*slice)(const job_t *, int64_t, int64_t), const job_t *job,
                 int threads) {
+    int64_t next = 0;
 #ifdef _OPENMP
     if (threads > 1 && job->N >= 64 * threads) {
 #pragma omp parallel num_threads(threads)
-        {
-            int64_t t = omp_get_thread_num(), T = omp_get_num_threads();
-            slice(job, job->N * t / T, job->N * (t + 1) / T);
-        }
+        pieces(slice, job, job->N, &next);
         return;
     }
 #else
     (void)threads;
 #endif
-    slice(job, 0, job->N);
+    pieces(slice, job, job->N, &next);
 }
 
 /* int8: q [E, N, K], scale [E, N]. Returns 0 on success, -1 when x is not finite (the
@@ -425,8 +435,8 @@ int dsmoe_float_blocks_matmul(const float *x, const void *w, int w_bf16, float *
  * over a few rows, inside one OpenMP region:
  *   1. counting sort of the T*K assignments by expert; gather their token rows (xs [A, D])
  *   2. gate_up = xs @ gate_up[e].T per expert block           [A, 2F]
- *   3. h = silu(gate) * up; each thread owns the same f range of gate and up,
- *      so no barrier between 2 and 3                          [A, F]
+ *   3. h = silu(gate) * up; each piece of work takes the same f range of gate
+ *      and up, so no barrier between 2 and 3                  [A, F]
  *   4. ys = h @ down[e].T per expert block                     [A, D]
  *   5. out[t] = sum_k w[t, k] * ys[row of (t, k)], k in order   [T, D]
  * Weights: kind 0 fp32, 1 bf16 (gate_up [E, 2F, D], down [E, D, F]), 2 int8 with bf16
@@ -442,29 +452,39 @@ typedef struct {
     int16_t *hi;
     float *sh;
     int64_t T, K, A, D, F;
+    int64_t next[2]; /* pieces handed out of steps 2-3 and of step 4 */
     int int8, status;
 } moe_job_t;
 
+/* Step 2 and 3 in pieces of f (as `pieces`): gate rows [f0, f1) and up rows [F + f0, F + f1)
+ * in one piece, so its thread applies the activation at once, without a barrier. */
+static void gate_up_pieces(moe_job_t *m, void (*slice)(const job_t *, int64_t, int64_t)) {
+    int64_t F = m->F;
+    for (int64_t i; (i = __atomic_fetch_add(&m->next[0], 1, __ATOMIC_RELAXED)) * PIECE < F;) {
+        int64_t f0 = i * PIECE, f1 = f0 + PIECE < F ? f0 + PIECE : F;
+        slice(&m->gu, f0, f1);
+        slice(&m->gu, F + f0, F + f1);
+        for (int64_t a = 0; a < m->A; a++) {
+            const float *g = m->gu_out + a * 2 * F;
+            for (int64_t f = f0; f < f1; f++) m->h[a * F + f] = g[f] / (1.f + expf(-g[f])) * g[F + f];
+        }
+    }
+}
+
 static void moe_thread(moe_job_t *m, int64_t t, int64_t nt) {
     void (*slice)(const job_t *, int64_t, int64_t) = m->int8 ? int8_slice : float_slice;
-    int64_t F = m->F, f0 = F * t / nt, f1 = F * (t + 1) / nt;
-    slice(&m->gu, f0, f1);
-    slice(&m->gu, F + f0, F + f1);
-    for (int64_t a = 0; a < m->A; a++) {
-        const float *g = m->gu_out + a * 2 * F;
-        for (int64_t f = f0; f < f1; f++) m->h[a * F + f] = g[f] / (1.f + expf(-g[f])) * g[F + f];
-    }
+    gate_up_pieces(m, slice);
 #ifdef _OPENMP
 #pragma omp barrier
 #pragma omp single
 #endif
-    if (m->int8 && to_fixed(m->h, m->hi, m->sh, m->A, F)) m->status = -1;
+    if (m->int8 && to_fixed(m->h, m->hi, m->sh, m->A, m->F)) m->status = -1;
     if (m->status) return; /* read after single's barrier: every thread sees it */
-    int64_t d0 = m->D * t / nt, d1 = m->D * (t + 1) / nt;
-    slice(&m->dn, d0, d1);
+    pieces(slice, &m->dn, m->D, &m->next[1]);
 #ifdef _OPENMP
 #pragma omp barrier
 #endif
+    int64_t d0 = m->D * t / nt, d1 = m->D * (t + 1) / nt;
     for (int64_t tok = 0; tok < m->T; tok++) {
         float *o = m->out + tok * m->D;
         for (int64_t d = d0; d < d1; d++) o[d] = 0.f;
@@ -579,7 +599,8 @@ int dsmoe_experts_decode(const float *x, const int64_t *idx, const float *w, int
         }
         moe_job_t m = {.gu = gu_job, .dn = dn_job, .slot_row = slot_row, .w = w, .ys = ys,
                        .gu_out = gu, .h = h, .out = out, .hi = xi, .sh = sh, .T = T, .K = K,
-                       .A = A, .D = D, .F = F, .int8 = kind == 2, .status = 0};
+                       .A = A, .D = D, .F = F, .next = {0, 0}, .int8 = kind == 2,
+                       .status = 0};
 #ifdef _OPENMP
         if (threads > 1 && F >= 64 * threads) {
 #pragma omp parallel num_threads(threads)
