@@ -58,6 +58,45 @@ def test_float_rows_match_the_exact_product(native_isa, M, N, K, bf16, seed):
     assert out.dtype == torch.float32 and ((out.double() - exact).abs() <= bound).all()
 
 
+@settings(max_examples=25, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])  # the path is constant
+@given(M=st.integers(1, 17), N=st.integers(1, 40), K=st.integers(1, 300),
+       seed=st.integers(0, 2**16))
+def test_bf16_rows_of_a_bf16_model_match_the_exact_product(native_isa, M, N, K, seed):
+    """Rows that are bf16 numbers (a bf16 model's activations) meet bf16 weights as bf16
+    pairs where the CPU has vdpbf16ps: up to 8 rows per pass, 64- and 32-weight steps and a
+    masked tail, all within the fp32 summation bound of the exact product."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(M, K, generator=g).bfloat16().float()
+    w = torch.randn(N, K, generator=g).bfloat16()
+    out = native.float_rows_matmul(x, w)
+    exact = x.double() @ w.double().T
+    bound = K * 2.0**-23 * (x.double().abs() @ w.double().abs().T) + 1e-30
+    assert ((out.double() - exact).abs() <= bound).all()
+
+
+@needs_native
+def test_subnormal_bf16_rows_are_not_flushed(native_isa):
+    """vdpbf16ps reads bf16 subnormals as zero: rows holding one take the exact path."""
+    tiny = 2.0**-130  # a bf16 (and fp32) subnormal
+    x = torch.zeros(2, 96)
+    x[:, 5] = tiny
+    x[1, 7] = 1.0  # a normal row beside it
+    out = native.float_rows_matmul(x, torch.ones(3, 96, dtype=torch.bfloat16))
+    assert out[0].tolist() == [tiny] * 3 and out[1].tolist() == [1.0 + tiny] * 3
+
+
+@needs_native
+@pytest.mark.parametrize("threads", [1, 2])
+def test_stream_read_reads_every_element(threads):
+    buf = torch.arange(1000.0)  # 1000 floats: the vector loop and a tail
+    assert native.stream_read(buf, threads) == pytest.approx(float(buf.sum()), rel=1e-6)
+    with pytest.raises(ValueError, match="contiguous fp32"):
+        native.stream_read(buf.double(), 1)
+    with pytest.raises(ValueError, match="threads must be >= 1, got 0"):
+        native.stream_read(buf, 0)
+
+
 @needs_native
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows", [1, 2, 3, DECODE_MAX_ROWS, FP32_DECODE_MAX_ROWS])

@@ -150,6 +150,8 @@ def library() -> ctypes.CDLL | None:
     lib.dsmoe_omp_max_threads.restype = ctypes.c_int
     lib.dsmoe_rows_limit_isa.argtypes = [ctypes.c_int]
     lib.dsmoe_rows_limit_isa.restype = ctypes.c_int
+    lib.dsmoe_stream_read.argtypes = [ptr, i64, ctypes.c_int]
+    lib.dsmoe_stream_read.restype = ctypes.c_float
     lib.dsmoe_int4_blocks_matmul.argtypes = [ptr, ptr, ptr, ptr, ptr, i64, ptr, i64, i64, i64,
                                              i64, ctypes.c_int]
     lib.dsmoe_int4_blocks_matmul.restype = ctypes.c_int
@@ -214,6 +216,20 @@ def limit_isa(name: str) -> str:
         raise ValueError(f"isa must be one of {sorted(levels)}, got {name!r}")
     rows = lib.dsmoe_rows_limit_isa(levels[name])
     return ISA_NAMES[max(rows, lib.dsmoe_int4_limit_isa(levels[name]))]
+
+
+def stream_read(buf: torch.Tensor, threads: int) -> float | None:
+    """Read every element of the contiguous fp32 CPU tensor ``buf`` once, as fast as this
+    code can (wide loads into independent sums, ``threads`` contiguous slices) and return
+    their sum: timed over a buffer far beyond the last-level cache, it measures the memory
+    bandwidth the weight kernels could at best draw. None when the kernels are unavailable."""
+    if buf.dtype != torch.float32 or buf.device.type != "cpu" or not buf.is_contiguous():
+        raise ValueError(f"stream_read: buf must be a contiguous fp32 CPU tensor, got "
+                         f"{buf.dtype} on {buf.device}")
+    if threads < 1:
+        raise ValueError(f"stream_read: threads must be >= 1, got {threads}")
+    lib = library()
+    return None if lib is None else lib.dsmoe_stream_read(buf.data_ptr(), buf.numel(), threads)
 
 
 Block = tuple[int, int, int]  # (matrix of the stack, first row, rows)

@@ -40,6 +40,10 @@
 #include <omp.h>
 #endif
 
+/* Bytes ahead of the weight row that the bf16-pair kernel at 4-8 rows asks for: its loop
+ * issues loads too slowly for the hardware prefetcher to run ahead (8 rows of 1280 streamed
+ * 1.5-2x faster with it on one thread; at 1-2 rows it made no difference or was slower). */
+#define PREFETCH 2048
 #define CHUNK 4096 /* weights per int32 accumulation (see Overflow above) */
 #define XMAX 32767.f
 
@@ -210,6 +214,64 @@ FDOT4(fdot4_avx2_f32, "avx2,fma", __m256, _mm256_setzero_ps, _mm256_loadu_ps, W_
       _mm256_fmadd_ps, hsum256, 8, TAIL_F32)
 FDOT4(fdot4_avx2_bf16, "avx2,fma", __m256, _mm256_setzero_ps, _mm256_loadu_ps, W_BF16_256,
       _mm256_fmadd_ps, hsum256, 8, TAIL_BF16)
+
+/* --- bf16 weights times rows that are bf16 numbers: vdpbf16ps (level 3) ------------------
+ *
+ * Why: a bf16 model's activations are bf16 (widened to fp32 on the way in), so rows and
+ * weights can meet as bf16 pairs: one vdpbf16ps multiplies 32 of each and adds them into 16
+ * fp32 sums, with no widening. At one row this frees the core for the memory stream; at
+ * 4-8 rows, where the widen + FMA loop is bound by arithmetic and by re-reading fp32 rows
+ * that no longer fit in L1 (~3 GB/s at 8 rows), it does twice the multiply-adds per
+ * instruction from bf16 rows half the size (8 rows of 1280: 20 KB, in L1).
+ * Numerics: a product of two bf16 is exact in fp32 and each is added with one
+ * round-to-nearest-even, as an FMA does, so the result is the widen + FMA result up to
+ * summation order, except that the instruction treats bf16 subnormals (|v| < 2^-126) as
+ * zero and flushes subnormal sums: weights below 2^-126 count as zero (rows with one
+ * take the exact path: see bf16_exact).
+ * Up to 8 rows per weight row; two sums per row over consecutive 32-weight steps so that
+ * the instruction's latency overlaps. */
+__attribute__((target("avx512f,avx512bw,avx512bf16"), always_inline))
+static inline void bdot_m(const uint16_t *x, const uint16_t *w, int64_t K, const int M,
+                          float *out) {
+    __m512 a[8], b[8];
+    for (int m = 0; m < M; m++) a[m] = b[m] = _mm512_setzero_ps();
+    int64_t k = 0;
+    for (; k + 64 <= K; k += 64) {
+        if (M >= 4) { /* see PREFETCH */
+            _mm_prefetch((const char *)(w + k) + PREFETCH, _MM_HINT_T0);
+            _mm_prefetch((const char *)(w + k) + PREFETCH + 64, _MM_HINT_T0);
+        }
+        __m512bh w0 = (__m512bh)_mm512_loadu_si512(w + k);
+        __m512bh w1 = (__m512bh)_mm512_loadu_si512(w + k + 32);
+        for (int m = 0; m < M; m++) {
+            a[m] = _mm512_dpbf16_ps(a[m], (__m512bh)_mm512_loadu_si512(x + m * K + k), w0);
+            b[m] = _mm512_dpbf16_ps(b[m], (__m512bh)_mm512_loadu_si512(x + m * K + k + 32), w1);
+        }
+    }
+    for (; k < K; k += 32) { /* masked loads: the lanes past K are zero on both sides */
+        __mmask32 live = K - k >= 32 ? 0xffffffffu : (1u << (K - k)) - 1u;
+        __m512bh wt = (__m512bh)_mm512_maskz_loadu_epi16(live, w + k);
+        for (int m = 0; m < M; m++)
+            a[m] = _mm512_dpbf16_ps(a[m], (__m512bh)_mm512_maskz_loadu_epi16(live, x + m * K + k),
+                                    wt);
+    }
+    for (int m = 0; m < M; m++) out[m] = _mm512_reduce_add_ps(_mm512_add_ps(a[m], b[m]));
+}
+
+/* M (1-8) rows x [M, K] bf16 against one weight row w [K]: out [M]. */
+__attribute__((target("avx512f,avx512bw,avx512bf16")))
+static void bdot_rows(const uint16_t *x, const uint16_t *w, int64_t K, int64_t M, float *out) {
+    switch (M) { /* a constant M keeps the sums in registers */
+    case 1: bdot_m(x, w, K, 1, out); break;
+    case 2: bdot_m(x, w, K, 2, out); break;
+    case 3: bdot_m(x, w, K, 3, out); break;
+    case 4: bdot_m(x, w, K, 4, out); break;
+    case 5: bdot_m(x, w, K, 5, out); break;
+    case 6: bdot_m(x, w, K, 6, out); break;
+    case 7: bdot_m(x, w, K, 7, out); break;
+    default: bdot_m(x, w, K, 8, out); break;
+    }
+}
 #endif
 
 /* The kernels of one code path. */
@@ -228,10 +290,14 @@ static const kernels_t AVX512 = {dot_avx512, fdot_avx512_f32, fdot_avx512_bf16,
                                  fdot4_avx512_f32, fdot4_avx512_bf16};
 #endif
 
-/* The fastest path this CPU supports, at most `limit` (2 avx512, 1 avx2, 0 portable). */
+/* The fastest path this CPU supports, at most `limit` (3 avx512 with vdpbf16ps for bf16
+ * weights, 2 avx512, 1 avx2, 0 portable). */
 static int pick(int limit) {
 #if defined(__x86_64__)
     __builtin_cpu_init();
+    if (limit >= 3 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+        __builtin_cpu_supports("avx512bf16"))
+        return 3;
     if (limit >= 2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw"))
         return 2;
     if (limit >= 1 && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return 1;
@@ -243,9 +309,9 @@ static int pick(int limit) {
 static int chosen_isa = -1;
 
 static const kernels_t *chosen(void) {
-    if (chosen_isa < 0) chosen_isa = pick(2);
+    if (chosen_isa < 0) chosen_isa = pick(3);
 #if defined(__x86_64__)
-    if (chosen_isa == 2) return &AVX512;
+    if (chosen_isa >= 2) return &AVX512;
     if (chosen_isa == 1) return &AVX2;
 #endif
     return &PORTABLE;
@@ -261,7 +327,8 @@ int dsmoe_omp_max_threads(void) {
 #endif
 }
 
-/* Which code path runs: 2 avx512, 1 avx2, 0 portable (reported by native.py). */
+/* Which code path runs: 3 avx512 + vdpbf16ps, 2 avx512, 1 avx2, 0 portable (reported by
+ * native.py). */
 int dsmoe_rows_isa(void) {
     chosen();
     return chosen_isa;
@@ -272,6 +339,62 @@ int dsmoe_rows_isa(void) {
 int dsmoe_rows_limit_isa(int limit) {
     chosen_isa = pick(limit);
     return chosen_isa;
+}
+
+static int chosen_isa_at_least(int level) {
+    chosen();
+    return chosen_isa >= level;
+}
+
+/* --- the streaming-read probe ---------------------------------------------------------
+ *
+ * Why: benchmarks/generate.py bounds decode speed by bytes per step / bandwidth, and a torch
+ * fp32 `sum` is no ceiling (the fp32 kernels drew 113% of its rate). This is the fastest
+ * read this code knows: 64-byte loads into eight independent accumulators (no FMA, no
+ * widening), contiguous slices of buf split between `threads`. Returns the sum of the n
+ * floats (which the caller ignores) so that no load can be optimised away. */
+#if defined(__x86_64__)
+__attribute__((target("avx512f")))
+static float read_avx512(const float *buf, int64_t n) {
+    __m512 a[8];
+    for (int i = 0; i < 8; i++) a[i] = _mm512_setzero_ps();
+    int64_t k = 0;
+    for (; k + 128 <= n; k += 128) {
+        for (int i = 0; i < 8; i++) a[i] = _mm512_add_ps(a[i], _mm512_loadu_ps(buf + k + 16 * i));
+    }
+    for (int i = 1; i < 8; i++) a[0] = _mm512_add_ps(a[0], a[i]);
+    float tail = 0.f;
+    for (; k < n; k++) tail += buf[k];
+    return _mm512_reduce_add_ps(a[0]) + tail;
+}
+#endif
+
+static float read_slice(const float *buf, int64_t n) {
+#if defined(__x86_64__)
+    if (chosen_isa_at_least(2)) return read_avx512(buf, n);
+#endif
+    float a[8] = {0.f};
+    int64_t k = 0;
+    for (; k + 8 <= n; k += 8)
+        for (int i = 0; i < 8; i++) a[i] += buf[k + i];
+    for (; k < n; k++) a[0] += buf[k];
+    return a[0] + a[1] + a[2] + a[3] + a[4] + a[5] + a[6] + a[7];
+}
+
+float dsmoe_stream_read(const float *buf, int64_t n, int threads) {
+    float total = 0.f;
+#ifdef _OPENMP
+    if (threads > 1) {
+#pragma omp parallel num_threads(threads) reduction(+ : total)
+        {
+            int64_t t = omp_get_thread_num(), T = omp_get_num_threads();
+            total += read_slice(buf + n * t / T, n * (t + 1) / T - n * t / T);
+        }
+        return total;
+    }
+#endif
+    (void)threads;
+    return read_slice(buf, n);
 }
 
 /* x as 16-bit fixed point, one scale per row. Returns 0, or -1 when x holds inf/nan. */
@@ -324,6 +447,7 @@ typedef struct {
     fdot_fn fdot;
     fdot4_fn fdot4;
     const float *x;
+    const uint16_t *xb; /* x as bf16 when every row is bf16 numbers and level 3 runs, else NULL */
     const char *w;
     int64_t w_size;
     float *out;
@@ -352,9 +476,30 @@ static void float_rows(fdot_fn dot, fdot4_fn dot4, const float *x, const char *w
     }
 }
 
+/* float_rows for bf16 weights and rows (vdpbf16ps), eight rows per pass over a weight row. */
+static void bf16_rows(const uint16_t *x, const uint16_t *w, float *out, int64_t M, int64_t N,
+                      int64_t K, int64_t n0, int64_t n1) {
+#if defined(__x86_64__)
+    float eight[8];
+    for (int64_t n = n0; n < n1; n++)
+        for (int64_t m = 0; m < M; m += 8) {
+            int64_t rows = M - m < 8 ? M - m : 8;
+            bdot_rows(x + m * K, w + n * K, K, rows, eight);
+            for (int64_t i = 0; i < rows; i++) out[(m + i) * N + n] = eight[i];
+        }
+#else
+    (void)x, (void)w, (void)out, (void)M, (void)N, (void)K, (void)n0, (void)n1;
+#endif
+}
+
 static void float_slice(const job_t *j, int64_t n0, int64_t n1) {
     for (int64_t b = 0; b < j->nb; b++) {
         int64_t e = j->blocks[3 * b], first = j->blocks[3 * b + 1], rows = j->blocks[3 * b + 2];
+        if (j->xb) {
+            bf16_rows(j->xb + first * j->K, (const uint16_t *)j->w + e * j->N * j->K,
+                      j->out + first * j->N, rows, j->N, j->K, n0, n1);
+            continue;
+        }
         float_rows(j->fdot, j->fdot4, j->x + first * j->K, j->w + e * j->N * j->K * j->w_size,
                    j->w_size, j->out + first * j->N, rows, j->N, j->K, n0, n1);
     }
@@ -414,16 +559,40 @@ int dsmoe_int8_blocks_matmul(const float *x, const int8_t *q, const uint16_t *sc
     return 0;
 }
 
+/* x [P, K] as bf16 for vdpbf16ps (level 3, bf16 weights) when every element is a bf16
+ * number other than a subnormal (which the instruction would read as zero): a bf16 model's
+ * activations. NULL otherwise (the caller takes the exact widen + FMA path) or when out of
+ * memory; the caller frees the result. */
+static uint16_t *bf16_exact(const float *x, int64_t P, int64_t K, int w_bf16) {
+    if (!w_bf16 || chosen_isa < 3 || P < 1) return NULL;
+    uint16_t *xb = malloc((size_t)(P * K) * sizeof *xb + 64);
+    for (int64_t i = 0; xb && i < P * K; i++) {
+        uint32_t u;
+        memcpy(&u, x + i, sizeof u);
+        if ((u & 0xffffu) || ((u & 0x7f800000u) == 0 && (u & 0x7fffffffu))) {
+            free(xb);
+            return NULL;
+        }
+        xb[i] = (uint16_t)(u >> 16);
+    }
+    return xb;
+}
+
 /* float: w fp32 or bf16 [E, N, K] (w_bf16: 0 or 1). Returns 0. */
 int dsmoe_float_blocks_matmul(const float *x, const void *w, int w_bf16, float *out,
                               const int64_t *blocks, int64_t nb, int64_t N, int64_t K,
                               int threads) {
     const kernels_t *kern = chosen();
+    int64_t P = 0; /* rows of x: the end of the last block */
+    for (int64_t b = 0; b < nb; b++)
+        if (blocks[3 * b + 1] + blocks[3 * b + 2] > P) P = blocks[3 * b + 1] + blocks[3 * b + 2];
+    uint16_t *xb = bf16_exact(x, P, K, w_bf16);
     job_t job = {.blocks = blocks, .nb = nb, .N = N, .K = K,
                  .fdot = w_bf16 ? kern->bf16 : kern->f32,
-                 .fdot4 = w_bf16 ? kern->bf16x4 : kern->f32x4, .x = x, .w = w,
+                 .fdot4 = w_bf16 ? kern->bf16x4 : kern->f32x4, .x = x, .xb = xb, .w = w,
                  .w_size = w_bf16 ? 2 : 4, .out = out};
     run(float_slice, &job, threads);
+    free(xb);
     return 0;
 }
 
@@ -574,6 +743,7 @@ int dsmoe_experts_decode(const float *x, const int64_t *idx, const float *w, int
     int64_t *blocks = ibuf, *next = ibuf + 3 * E, *slot_row = ibuf + 4 * E;
     float *xs = fbuf, *gu = xs + A * D, *h = gu + A * 2 * F, *ys = h + A * F;
     float *sx = ys + A * D, *sh = sx + A;
+    uint16_t *xb = NULL; /* xs as bf16 pairs (see bf16_exact) */
     int64_t nb = sort_slots(x, idx, T, K, E, D, counts, slot_row, blocks, next, xs);
     int status = nb < 0 ? (int)nb : 0;
     if (!status && kind == 2 && to_fixed(xs, xi, sx, A, D)) status = -1;
@@ -595,6 +765,8 @@ int dsmoe_experts_decode(const float *x, const int64_t *idx, const float *w, int
             gu_job.fdot = dn_job.fdot = kind == 1 ? kern->bf16 : kern->f32;
             gu_job.fdot4 = dn_job.fdot4 = kind == 1 ? kern->bf16x4 : kern->f32x4;
             gu_job.x = xs, gu_job.w = gate_up, dn_job.x = h, dn_job.w = down;
+            /* h = silu(gate) * up is fp32, not bf16: the down projection stays exact */
+            gu_job.xb = xb = bf16_exact(xs, A, D, kind == 1);
             gu_job.w_size = dn_job.w_size = (int64_t)ws;
         }
         moe_job_t m = {.gu = gu_job, .dn = dn_job, .slot_row = slot_row, .w = w, .ys = ys,
@@ -611,7 +783,7 @@ int dsmoe_experts_decode(const float *x, const int64_t *idx, const float *w, int
         (void)threads;
         status = m.status;
     }
-    free(ibuf), free(fbuf), free(xi);
+    free(ibuf), free(fbuf), free(xi), free(xb);
     return status;
 }
 
