@@ -24,7 +24,8 @@ Kernels (measured in ``benchmarks/quantized.py``; see its table):
         u8 x s8 integer dot products on the unpacked nibbles, AVX512-VNNI where the CPU
         has it), reading the canonical layout below directly, so the weights are the
         checkpoint's tensors (used in place from the file) and convert back for free. For
-        more rows the weight is dequantized (native code) for one GEMM.
+        more rows the weight is dequantized (native code) for one GEMM; a stack of experts
+        keeps the row kernel up to INT4_BLOCKS_MAX_ROWS rows per expert (one call for all).
         Without the native library: ``torch._weight_int4pack_mm_for_cpu`` on a weight
         repacked once by ``torch._convert_weight_to_int4pack_for_cpu`` (an opaque,
         CPU-specific layout that cannot be converted back cheaply), for any rows.
