@@ -185,6 +185,10 @@ def _declare_decode_ops(lib: ctypes.CDLL) -> None:
     lib.dsmoe_experts_decode_dtype.restype = ctypes.c_int
     lib.dsmoe_attention_decode_dtype.argtypes = lib.dsmoe_attention_decode.argtypes
     lib.dsmoe_attention_decode_dtype.restype = ctypes.c_int
+    lib.dsmoe_mla_decode.argtypes = [ptr, ptr, ptr, ctypes.c_float, ptr, ptr, ctypes.c_int,
+                                     ptr, ptr, i64, ptr, ptr] + [i64] * 8 + [
+        ctypes.c_float, ctypes.c_int, ctypes.c_int]
+    lib.dsmoe_mla_decode.restype = ctypes.c_int
     lib.dsmoe_route_decode.argtypes = [ptr, ctypes.c_int, i64, ptr, ctypes.c_int, i64, i64, i64,
                                        ctypes.c_int, ptr, ctypes.c_int, i64, i64, ctypes.c_int,
                                        ctypes.c_float] + [ptr] * 5 + [ctypes.c_int]
@@ -508,15 +512,11 @@ def attention_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: tor
             or cos.shape != (B, 1, d) or sin.shape != cos.shape or values.shape != keys.shape
             or d % 2 or H % Hkv or not 0 <= slot < S_max):
         return None
-    rows, stride = None, 0
-    if mask is not None:
-        if mask.dtype != torch.bool or mask.shape[-1] != slot + 1 or mask.shape[0] not in (1, B):
-            return None
-        rows = mask.reshape(mask.shape[0], slot + 1).contiguous().view(torch.uint8)
-        stride = 0 if rows.shape[0] == 1 else slot + 1
+    masked = _mask_rows(mask, B, slot + 1)
     lib = library()
-    if lib is None:
+    if masked is None or lib is None:
         return None
+    rows, stride = masked
     q, k, v, cos, sin = (t.contiguous() for t in (q, k, v, cos, sin))
     out = torch.empty(B, 1, H * d, dtype=dtype if same_dtype else torch.float32)
     status = (lib.dsmoe_attention_decode_dtype if same_dtype else lib.dsmoe_attention_decode)(
@@ -525,6 +525,70 @@ def attention_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: tor
         out.data_ptr(), B, H, Hkv, d, S_max, slot, scale, int(dtype == torch.bfloat16))
     if status == -2:
         raise MemoryError("attention decode: out of memory for the scores")
+    return out
+
+
+class MLAShape(NamedTuple):
+    """Multi-head Latent Attention's widths: H heads, n nope and r rope dims of a query /
+    key, v of a value, C the latent rank."""
+    heads: int
+    nope: int
+    rope: int
+    v: int
+    rank: int
+
+
+def _mask_rows(mask: torch.Tensor | None, B: int, keys: int
+               ) -> tuple[torch.Tensor | None, int] | None:
+    """A decode step's bool mask [B or 1, 1, 1, keys] as uint8 rows and their stride (0: one
+    row for every sequence); (None, 0) without a mask; None for any other mask."""
+    if mask is None:
+        return None, 0
+    if mask.dtype != torch.bool or mask.shape[-1] != keys or mask.shape[0] not in (1, B):
+        return None
+    rows = mask.reshape(mask.shape[0], keys).contiguous().view(torch.uint8)
+    return rows, 0 if rows.shape[0] == 1 else keys
+
+
+def mla_decode(q: torch.Tensor, kv: torch.Tensor, norm_weight: torch.Tensor, eps: float,
+               cos: torch.Tensor, sin: torch.Tensor, interleaved: bool, latents: torch.Tensor,
+               slot: int, mask: torch.Tensor | None, w_kv_b: torch.Tensor, scale: float,
+               shape: MLAShape) -> torch.Tensor | None:
+    """MLA's absorbed decode attention in one call (see csrc/decode_ops.c): normalise and
+    rotate the new latent into the cache at ``slot``, absorb each head's query through
+    W_UK, attend over slots [0, slot], values through W_UV. q [B, 1, H*(n+r)] (q_proj's
+    output), kv [B, 1, C+r] (kv_a_proj_with_mqa's), norm_weight [C], cos/sin [B, 1, r],
+    latents one layer of the cache [B, S_max, C+r] (contiguous), mask bool [B or 1, 1, 1,
+    slot + 1] or None, w_kv_b [H*(n+v), C]; all of one dtype, fp32 or bf16. Returns
+    [B, 1, H*v] in that dtype (o_proj's input), or None when the kernels are unavailable or
+    cannot take these tensors (the caller runs torch's ops)."""
+    H, n, r, v, C = shape
+    tensors = (q, kv, norm_weight, cos, sin, latents, w_kv_b)
+    dtype = q.dtype
+    if (dtype not in FLOAT_WEIGHT_DTYPES or any(t.dtype != dtype for t in tensors)
+            or any(t.device.type != "cpu" for t in tensors) or latents.dim() != 3
+            or not latents.is_contiguous() or r % 2):
+        return None
+    B, S_max, W = latents.shape
+    if (q.shape != (B, 1, H * (n + r)) or kv.shape != (B, 1, C + r) or W != C + r
+            or cos.shape != (B, 1, r) or sin.shape != cos.shape
+            or norm_weight.shape != (C,) or w_kv_b.shape != (H * (n + v), C)
+            or not 0 <= slot < S_max):
+        return None
+    rows = _mask_rows(mask, B, slot + 1)
+    lib = library()
+    if rows is None or lib is None:
+        return None
+    q, kv, norm_weight, cos, sin, w_kv_b = (t.contiguous() for t in (q, kv, norm_weight, cos,
+                                                                     sin, w_kv_b))
+    out = torch.empty(B, 1, H * v, dtype=dtype)
+    status = lib.dsmoe_mla_decode(
+        q.data_ptr(), kv.data_ptr(), norm_weight.data_ptr(), eps, cos.data_ptr(),
+        sin.data_ptr(), interleaved, latents.data_ptr(), _ptr(rows[0]), rows[1],
+        w_kv_b.data_ptr(), out.data_ptr(), B, H, n, r, v, C, S_max, slot, scale,
+        dtype == torch.bfloat16, torch.get_num_threads())
+    if status == -2:
+        raise MemoryError("MLA decode: out of memory for the scores")
     return out
 
 

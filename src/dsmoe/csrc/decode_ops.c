@@ -12,6 +12,7 @@
  *   rmsnorm: [s = x + delta, rounded], out = weight * round(s / sqrt(mean(s^2) + eps))
  *   experts, attention: rows_matmul.c's one-call decode steps, reading and writing the
  *            activations' dtype
+ *   mla:     Multi-head Latent Attention's whole absorbed step over its latent cache (below)
  *   router:  fp32 gate logits, softmax or sigmoid scores, (bias-corrected, group-limited)
  *            top-k, gate weights (optionally divided by their sum) times the scaling
  *            factor: every DeepSeek generation's routing
@@ -328,4 +329,142 @@ int dsmoe_attention_decode_dtype(const void *q, const void *k, const void *v, co
     if (!status && bf16) from_f32(of, B * H * d, out, 1);
     if (bf16) free(of);
     return status;
+}
+
+/* --- Multi-head Latent Attention's decode step over the latent cache in one call -----------
+ * (model/mla.py's absorbed form).
+ *
+ * Why: at one query per sequence, torch runs the absorbed form as ~270 small aten ops per
+ * layer, and its SDPA (enable_gqa) copies the shared latent cache once per head: at
+ * DeepSeek-V2-Lite's shape and 128 cached tokens ~10 ms per layer and token on one core,
+ * for ~5 M multiply-adds. Here, per sequence b (after q_proj and kv_a_proj_with_mqa):
+ *   latent = [rmsnorm(c_kv) * norm_w | rope(k_rope)] written into the cache at `slot`
+ *   per head h: q_lat = q_nope W_UK[h] ([n] x [n, C]), q = [q_lat | rope(q_rope)]
+ *               p = softmax(scale * q . latent[t] over the slots t <= slot the mask allows)
+ *               out[h] = W_UV[h] (sum_t p[t] latent[t, :C])
+ * in the model's dtype (bf16 = 1: bf16, else fp32) with torch's roundings where they are
+ * state or cheap to keep (the cached latent, the rotations, q_lat and the attention's
+ * output are rounded to the dtype as torch rounds them), fp32 sums otherwise; out rounded
+ * once. RoPE: the half layout ([x1, x2] -> x cos + [-x2, x1] sin) or, interleaved, pairs
+ * (2i, 2i+1) returned in the half layout, as model/rope.py.
+ * Tensors: q [B, H*(n+r)], kv [B, C+r], norm_w [C], cos/sin [B, r], latents one layer of
+ * the cache [B, S_max, C+r], w_kv_b [H*(n+v), C] (per head: n key rows, then v value
+ * rows), mask uint8 rows [B or 1, slot+1] (stride 0: one row for all) or NULL, out
+ * [B, H*v]. Returns 0, or -2 out of memory.
+ */
+
+/* f as torch's result in the dtype: bf16 rounds it, fp32 keeps it. */
+static inline float rnd(float f, int bf16) { return bf16 ? widen(narrow(f)) : f; }
+
+/* dst [r] fp32 = x [r] rotated by cos/sin [r], each product and sum rounded as torch's. */
+static void rope(const void *x, const void *cos, const void *sin, int64_t r, int interleaved,
+                 int bf16, float *dst) {
+    int64_t h = r / 2;
+    for (int64_t i = 0; i < h; i++) {
+        int64_t a = interleaved ? 2 * i : i, b = interleaved ? 2 * i + 1 : i + h;
+        float x1 = get(x, a, bf16), x2 = get(x, b, bf16);
+        float c1 = get(cos, i, bf16), s1 = get(sin, i, bf16);
+        float c2 = interleaved ? c1 : get(cos, i + h, bf16);
+        float s2 = interleaved ? s1 : get(sin, i + h, bf16);
+        dst[i] = rnd(rnd(x1 * c1, bf16) + rnd(-x2 * s1, bf16), bf16);
+        dst[i + h] = rnd(rnd(x2 * c2, bf16) + rnd(x1 * s2, bf16), bf16);
+    }
+}
+
+typedef struct {
+    const void *q, *kv, *norm_w, *cos, *sin, *w;
+    void *latents;
+    const uint8_t *mask;
+    int64_t mask_stride, B, H, n, r, v, C, S_max, slot;
+    float eps, scale;
+    int interleaved, bf16;
+} mla_t;
+
+/* Sequence b's new latent into the cache at the slot: [norm(c_kv) | rope(k_rope)]. */
+static void write_latent(const mla_t *m, int64_t b, float *tmp) {
+    int64_t W = m->C + m->r, at = (b * m->S_max + m->slot) * W;
+    char *row = (char *)m->latents + at * (m->bf16 ? 2 : 4);
+    const char *kv = (const char *)m->kv + b * W * (m->bf16 ? 2 : 4);
+    dsmoe_rmsnorm_decode(kv, NULL, NULL, m->norm_w, row, 1, m->C, m->eps, m->bf16);
+    int64_t off = m->C * (m->bf16 ? 2 : 4), cs = b * m->r * (m->bf16 ? 2 : 4);
+    rope(kv + off, (const char *)m->cos + cs, (const char *)m->sin + cs, m->r, m->interleaved,
+         m->bf16, tmp);
+    from_f32(tmp, m->r, row + off, m->bf16);
+}
+
+/* qc [C + r] fp32: head h's query of sequence b in the latent space, [q_nope W_UK | rope]. */
+static void absorb(const mla_t *m, int64_t b, int64_t h, float *qc) {
+    int64_t C = m->C, es = m->bf16 ? 2 : 4;
+    const char *q = (const char *)m->q + (b * m->H + h) * (m->n + m->r) * es;
+    memset(qc, 0, (size_t)C * sizeof *qc);
+    for (int64_t i = 0; i < m->n; i++) { /* row by row: an axpy the compiler vectorises */
+        float a = get(q, i, m->bf16);
+        int64_t at = (h * (m->n + m->v) + i) * C;
+        if (m->bf16)
+            for (int64_t c = 0; c < C; c++) qc[c] += a * widen(((const uint16_t *)m->w)[at + c]);
+        else
+            for (int64_t c = 0; c < C; c++) qc[c] += a * ((const float *)m->w)[at + c];
+    }
+    for (int64_t c = 0; m->bf16 && c < C; c++) qc[c] = rnd(qc[c], 1); /* torch's einsum */
+    int64_t cs = b * m->r * es;
+    rope(q + m->n * es, (const char *)m->cos + cs, (const char *)m->sin + cs, m->r,
+         m->interleaved, m->bf16, qc + C);
+}
+
+/* Head h of sequence b from its scores s [T] (T = slot + 1): softmax, the weighted latent
+ * o [C] (rounded as SDPA's output), then W_UV -> of [v] fp32. */
+static void attend(const mla_t *m, int64_t b, int64_t h, float *s, float *o, float *of) {
+    int64_t T = m->slot + 1, C = m->C, W = C + m->r;
+    const uint8_t *allow = m->mask ? m->mask + b * m->mask_stride : NULL;
+    float top = -INFINITY, total = 0.f;
+    for (int64_t t = 0; t < T; t++)
+        if (!allow || allow[t]) top = fmaxf(top, s[t] * m->scale);
+    for (int64_t t = 0; t < T; t++)
+        total += s[t] = (!allow || allow[t]) ? expf(s[t] * m->scale - top) : 0.f;
+    memset(o, 0, (size_t)C * sizeof *o);
+    const char *lat = (const char *)m->latents + b * m->S_max * W * (m->bf16 ? 2 : 4);
+    for (int64_t t = 0; t < T; t++) {
+        float p = s[t] / total;
+        if (p == 0.f) continue;
+        if (m->bf16)
+            for (int64_t c = 0; c < C; c++) o[c] += p * widen(((const uint16_t *)lat)[t * W + c]);
+        else
+            for (int64_t c = 0; c < C; c++) o[c] += p * ((const float *)lat)[t * W + c];
+    }
+    for (int64_t c = 0; m->bf16 && c < C; c++) o[c] = rnd(o[c], 1);
+    const int64_t one[3] = {0, 0, 1};
+    const char *w_uv = (const char *)m->w + (h * (m->n + m->v) + m->n) * C * (m->bf16 ? 2 : 4);
+    dsmoe_float_blocks_matmul(o, w_uv, m->bf16, of, one, 1, m->v, C, 1);
+}
+
+/* Sequence b: the cache write, every head's query, the scores of all heads against the
+ * cached latents in one matmul, then each head's softmax and values. */
+static void sequence(const mla_t *m, int64_t b, float *buf, float *of, int threads) {
+    int64_t H = m->H, W = m->C + m->r, T = m->slot + 1;
+    float *qc = buf, *s = qc + H * W, *o = s + H * T;
+    write_latent(m, b, o);
+#pragma omp parallel for num_threads(threads) if (threads > 1) schedule(static)
+    for (int64_t h = 0; h < H; h++) absorb(m, b, h, qc + h * W);
+    const int64_t all[3] = {0, 0, H};
+    const char *lat = (const char *)m->latents + b * m->S_max * W * (m->bf16 ? 2 : 4);
+    dsmoe_float_blocks_matmul(qc, lat, m->bf16, s, all, 1, T, W, threads);
+#pragma omp parallel for num_threads(threads) if (threads > 1) schedule(static)
+    for (int64_t h = 0; h < H; h++) attend(m, b, h, s + h * T, o + h * m->C, of + h * m->v);
+}
+
+int dsmoe_mla_decode(const void *q, const void *kv, const void *norm_w, float eps,
+                     const void *cos, const void *sin, int interleaved, void *latents,
+                     const uint8_t *mask, int64_t mask_stride, const void *w_kv_b, void *out,
+                     int64_t B, int64_t H, int64_t n, int64_t r, int64_t v, int64_t C,
+                     int64_t S_max, int64_t slot, float scale, int bf16, int threads) {
+    mla_t m = {q, kv, norm_w, cos, sin, w_kv_b, latents, mask, mask_stride, B, H, n, r, v,
+               C, S_max, slot, eps, scale, interleaved, bf16};
+    int64_t T = slot + 1;
+    float *buf = malloc((size_t)(H * (C + r + T + C) + B * H * v) * sizeof *buf);
+    if (!buf) return -2;
+    float *of = buf + H * (C + r + T + C);
+    for (int64_t b = 0; b < B; b++) sequence(&m, b, buf, of + b * H * v, threads);
+    from_f32(of, B * H * v, out, bf16);
+    free(buf);
+    return 0;
 }

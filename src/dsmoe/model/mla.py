@@ -19,6 +19,10 @@ Design choices:
               against the cache itself, one shared "head" of width C + r; the weighted
               latents go through W_UV (the value half) per head before o_proj. Nothing per
               head is ever materialised for the cached tokens.
+  A CPU decode step (one new token per sequence, no gradients) runs the absorbed form after
+  the two projections as one native call (``native.mla_decode``: the latent norm, both
+  rotations, the cache write, the attention and W_UV): torch's ~270 small ops per layer,
+  its SDPA copying the latent cache once per head, cost ~3x the call at V2-Lite's shape.
   The absorbed form reads kv_b_proj's weight: a plain Linear's, or a quantized module's
   ``dequantize()`` (duck-typed: model/ imports nothing above it; [H*(n+v), C] per step is
   cheap beside expanding every cached token). A LoRA-wrapped kv_b_proj adds to its output,
@@ -36,6 +40,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dsmoe import native
+from dsmoe.autograd import records_grad
 from dsmoe.config import ModelConfig
 from dsmoe.linear import Linear
 from dsmoe.model.cache import LatentCache
@@ -54,6 +60,7 @@ class MultiHeadLatentAttention(nn.Module):
       2. with a cache: append the latent; after a cached prefix, attend absorbed (step 3b)
       3a. expanded: K, V of all T latents by kv_b_proj; SDPA; o_proj
       3b. absorbed: SDPA of [q_nope W_UK | q_rope] against the latents; W_UV; o_proj
+          (a CPU decode step: steps 1-3b after the projections in one native call)
     """
 
     def __init__(self, config: ModelConfig, layer_idx: int) -> None:
@@ -95,10 +102,16 @@ class MultiHeadLatentAttention(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 mask: AttentionMask, cache: LatentCache | None = None) -> torch.Tensor:
         B, S, _ = x.shape  # [B, S, D]
-        q = self._queries(x).view(B, S, self.num_heads, -1).transpose(1, 2)  # [B, H, S, n+r]
+        q = self._queries(x)  # [B, S, H*(n+r)]
+        kv = self.kv_a_proj_with_mqa(x)  # [B, S, C+r]
+        if S == 1 and cache is not None and cache.seq_len > 0 and not records_grad(q, kv):
+            out = self._native_step(q, kv, cos, sin, mask, cache)  # [B, 1, H*v]
+            if out is not None:
+                return self.o_proj(out)
+        q = q.view(B, S, self.num_heads, -1).transpose(1, 2)  # [B, H, S, n+r]
         q_nope, q_rope = q.split([self.nope_dim, self.rope_dim], dim=-1)
         q_rope = self.rotate(q_rope, cos, sin)  # [B, H, S, r]
-        c_kv, k_rope = self.kv_a_proj_with_mqa(x).split([self.kv_rank, self.rope_dim], dim=-1)
+        c_kv, k_rope = kv.split([self.kv_rank, self.rope_dim], dim=-1)
         k_rope = self.rotate(k_rope.unsqueeze(1), cos, sin).squeeze(1)  # [B, S, r]
         latent = torch.cat((self.kv_a_layernorm(c_kv), k_rope), dim=-1)  # [B, S, C+r]
         if cache is not None:
@@ -108,6 +121,25 @@ class MultiHeadLatentAttention(nn.Module):
             if w_kv_b is not None:
                 return self._absorbed(q_nope, q_rope, latent, mask, w_kv_b)
         return self._expanded(q_nope, q_rope, latent, mask)
+
+    def _native_step(self, q: torch.Tensor, kv: torch.Tensor, cos: torch.Tensor,
+                     sin: torch.Tensor, mask: AttentionMask, cache: LatentCache
+                     ) -> torch.Tensor | None:
+        """A CPU decode step's latent norm, RoPE, cache write and absorbed attention in one
+        native call (torch: ~270 small ops per layer, its SDPA copying the latent cache per
+        head); None where it does not apply. The cache's fill level advances after all
+        layers, as ever."""
+        if cache.seq_len >= cache.max_seq_len:
+            return None  # a full cache, whose error the torch path raises
+        w_kv_b = self._kv_b_weight(q.dtype)  # None: a LoRA-wrapped kv_b_proj
+        if w_kv_b is None or records_grad(w_kv_b, self.kv_a_layernorm.weight):
+            return None
+        shape = native.MLAShape(self.num_heads, self.nope_dim, self.rope_dim, self.v_dim,
+                                self.kv_rank)
+        return native.mla_decode(
+            q, kv, self.kv_a_layernorm.weight, self.kv_a_layernorm.eps, cos, sin,
+            self.rotate is ROTARY_LAYOUTS["interleaved"], cache.latents[self.layer_idx],
+            cache.seq_len, mask.mask, w_kv_b, self.scale, shape)
 
     def _kv_b_weight(self, dtype: torch.dtype) -> torch.Tensor | None:
         """kv_b_proj's weight [H*(n+v), C] for the absorbed form, or None (see the module
