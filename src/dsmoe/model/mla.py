@@ -104,7 +104,8 @@ class MultiHeadLatentAttention(nn.Module):
         B, S, _ = x.shape  # [B, S, D]
         q = self._queries(x)  # [B, S, H*(n+r)]
         kv = self.kv_a_proj_with_mqa(x)  # [B, S, C+r]
-        if S == 1 and cache is not None and cache.seq_len > 0 and not records_grad(q, kv):
+        if (S == 1 and isinstance(cache, LatentCache) and cache.seq_len > 0
+                and not records_grad(q, kv)):  # (decode.py's static step: its own writer)
             out = self._native_step(q, kv, cos, sin, mask, cache)  # [B, 1, H*v]
             if out is not None:
                 return self.o_proj(out)
