@@ -315,14 +315,18 @@ def worker_dsmoe(path: str, fmt: str, prompt: int, decode: int, threads: int,
 
 def _time_dsmoe(model, prompt: int, decode: int, rounds: int) -> dict:
     """Best and median of ``rounds`` prefill / decode measurements (best: the least
-    disturbed by other processes on a shared machine). Greedy picks as ``generate`` makes
-    them (numpy's argmax, as the llama.cpp worker's)."""
+    disturbed by other processes on a shared machine). Decoding runs through the decoder
+    ``generate`` uses (``make_decoder``: on CPU the one-native-call step where the model
+    qualifies), greedy picks as ``generate`` makes them (numpy's argmax, as the llama.cpp
+    worker's)."""
     import torch
 
+    from dsmoe.decode import make_decoder
     from dsmoe.generate import greedy_tokens
 
     V = model.config.vocab_size
     ids = torch.randint(0, V, (1, prompt), generator=torch.Generator().manual_seed(0))
+    positions, mask = torch.arange(prompt).view(1, prompt), torch.ones_like(ids)
     prefill, decoding = [], []
     with torch.inference_mode():
         model(ids[:, :8])  # warm-up
@@ -330,13 +334,11 @@ def _time_dsmoe(model, prompt: int, decode: int, rounds: int) -> dict:
             start = time.perf_counter()
             model(ids, logits_to_keep=1)
             prefill.append(prompt / (time.perf_counter() - start))
-            cache = model.new_cache(1, prompt + decode + 1)
-            logits = model(ids, cache=cache, logits_to_keep=1).logits
-            token = greedy_tokens(logits[:, -1]).view(1, 1)
+            decoder = make_decoder(model, 1, prompt + decode + 1)
+            token = greedy_tokens(decoder.prefill(ids, positions, mask))  # [1]
             start = time.perf_counter()
             for _ in range(decode):
-                logits = model(token, cache=cache, logits_to_keep=1).logits
-                token = greedy_tokens(logits[:, -1]).view(1, 1)
+                token = greedy_tokens(decoder.step(token))
             decoding.append(decode / (time.perf_counter() - start))
     return _rates(prefill, decoding)
 

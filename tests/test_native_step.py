@@ -188,6 +188,9 @@ def test_other_fallback_reasons(monkeypatch) -> None:
     assert "batch size 9" in native_unsupported_reason(model, 9)
     assert "training mode" in native_unsupported_reason(model.train())
     model.eval()
+    hook = model.layers[2].mlp.register_forward_hook(lambda *args: None)
+    assert "layers.2.mlp has forward hooks" in native_unsupported_reason(model)
+    hook.remove()
     model.layers[1].mlp.dispatcher = torch.nn.Identity()  # e.g. expert parallelism's
     assert "experts outside this process" in native_unsupported_reason(model)
     try:

@@ -27,6 +27,11 @@ Design choices:
   afterwards, and the cache entries they wrote lie at or after the current slot, so each
   is overwritten by a real step before any query can see it.
 
+On CPU the same seam gives ``NativeDecoder``: the whole step (embedding, blocks, norm,
+head) is one native call over a plan of pointers built once (``dsmoe.native_step``,
+csrc/decode_step.c), for the models whose every piece the native ops take; the others
+decode eagerly (``native_unsupported_reason`` says why).
+
 Shapes: B batch, S_max cache slots, L layers, Hkv key/value heads, d head dim, V vocab.
 """
 

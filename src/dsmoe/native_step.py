@@ -200,6 +200,10 @@ def _check_model(model: "Transformer", batch_size: int) -> torch.dtype:
         raise Unsupported(f"batch size {batch_size} is over {DECODE_STEP_MAX_ROWS} rows")
     if model.training:
         raise Unsupported("the model is in training mode")
+    hooked = next((name or "the model" for name, module in model.named_modules()
+                   if module._forward_hooks or module._forward_pre_hooks), None)
+    if hooked is not None:  # e.g. benchmarks/generate.py's routing recorder
+        raise Unsupported(f"{hooked} has forward hooks, which the native step would skip")
     if model.config.attention_type != "mha":
         raise Unsupported(f"attention_type {model.config.attention_type!r} is not 'mha'")
     if model.rotary.kind in _LENGTH_DEPENDENT:
