@@ -69,8 +69,11 @@ INT4_KERNEL_MAX_ROWS = 16
 # thread barrier per expert the row kernel pays up to more rows: 3-layer 2B shape, 128-token
 # prefill, one thread, CPU time, medians of 7 alternating: int4 g128 at limits 16 / 32 / 48
 # / 64 ran +4.5% / +9% / +11.5% / +10% over per-expert calls; g32 symmetric +3% / +7% / +7%
-# / +6%; int8 peaked at its own crossover (12: +5%, 24: -1%, 48: -11%).
-INT4_BLOCKS_MAX_ROWS = 48
+# / +6%; int8 peaked at its own crossover (12: +5%, 24: -1%, 48: -11%). Once the int4 tiles
+# loaded their group offsets once per tile, 96 beat 48 by 2-3% (g128 and g32; 128 and 256
+# were no better), although alone a GEMM overtakes the row kernel at ~64 rows: in a forward
+# each per-expert GEMM also pays its dequantized copy (3.9 MB, past L2) and its calls.
+INT4_BLOCKS_MAX_ROWS = 96
 INT8_BLOCKS_MAX_ROWS = INT8_KERNEL_MAX_ROWS
 _KERNEL_DTYPE = torch.bfloat16
 
