@@ -134,3 +134,32 @@ def test_the_combine_weights_each_pick():
     torch.testing.assert_close(out.double(), 0.25 * expert(5) + 2.0 * expert(2), atol=1e-6,
                                rtol=1e-5)
     assert counts.tolist() == [0, 0, 1, 0, 0, 1] + [0] * 10
+
+
+@needs_native
+@pytest.mark.parametrize("kind", ["bf16", "int8", "int4", "int4 symmetric"])
+def test_two_threads_give_the_one_thread_result_bit_for_bit(native_isa, kind):
+    """One parallel region per call, outputs taken in pieces of 64 rows by whichever thread
+    is free: F = 160 ends in a short piece. Every sum keeps its one-thread order."""
+    bits = {"int8": 8, "int4": 4, "int4 symmetric": 4}.get(kind)
+    cfg = ModelConfig.preset("tiny").replace(moe_intermediate_size=160)
+    layer = MoELayer(cfg).eval().to(torch.bfloat16 if kind == "bf16" else torch.float32)
+    if bits is not None:
+        layer.experts = QuantSwiGLUExperts.from_experts(
+            layer.experts, bits=bits, symmetric=kind == "int4 symmetric", group_size=32)
+    E, D = layer.config.n_routed_experts, layer.config.hidden_size
+    x = torch.randn(3, D).to(layer.experts.gate_up_proj.dtype if bits is None else torch.float32)
+    idx, w = torch.stack([torch.randperm(E)[:4] for _ in range(3)]), torch.rand(3, 4)
+    before = torch.get_num_threads()
+    try:
+        results = []
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            with torch.no_grad():
+                results.append(layer.experts.decode_step(x, idx, w)[0])
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(*results)
+    if bits == 4:  # rows finite, silu(gate) * up not: found when quantized for down
+        huge = torch.full((1, D), 1e30)
+        assert layer.experts.decode_step(huge, idx[:1], w[:1]) is None

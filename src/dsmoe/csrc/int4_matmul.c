@@ -501,46 +501,81 @@ static void int4_pieces(const job4_t *j, int64_t *next) {
     }
 }
 
+/* The matmul in parts, for a caller that runs its own parallel region (rows_matmul.c's
+ * experts decode step): dsmoe_int4_begin quantizes x on one thread, dsmoe_int4_slice
+ * computes outputs [n0, n1) of every block (threads at once on disjoint ranges),
+ * dsmoe_int4_end frees. */
+typedef struct int4_mm {
+    job4_t job;
+    acts_t a;
+} int4_mm_t;
+
 /* q [E, N, K/2], s and z [E, N, G] (z may be NULL), x [P, K]; `blocks` as in
- * rows_matmul.c. Returns 0, -1 when x is not finite, -2 out of memory, -3 bad shape. */
-int dsmoe_int4_blocks_matmul(const float *x, const uint8_t *q, const uint16_t *s,
-                             const uint16_t *z, float *out, int64_t P, const int64_t *blocks,
-                             int64_t nb, int64_t N, int64_t K, int64_t g, int threads) {
+ * rows_matmul.c. *mm: the matmul, or NULL when the status is not 0 (-1 x not finite, -2
+ * out of memory, -3 bad group). */
+int dsmoe_int4_begin(int4_mm_t **mm, const float *x, const uint8_t *q, const uint16_t *s,
+                     const uint16_t *z, float *out, int64_t P, const int64_t *blocks,
+                     int64_t nb, int64_t N, int64_t K, int64_t g) {
+    *mm = NULL;
     if (g < 32 || (g != 32 && g % 64) || K % g) return -3; /* see lane_scales */
     int level = dsmoe_int4_isa();
     int64_t rows = P > 0 ? P : 1;
-    /* one buffer: plan [K/128, PLAN], xi [rows, K] (both 64-byte aligned), dx [rows, K/32],
-     * dxe [rows, K/8], xs [rows, G] */
+    /* one buffer: the matmul, plan [K/128, PLAN], xi [rows, K] (all 64-byte aligned),
+     * dx [rows, K/32], dxe [rows, K/8], xs [rows, G] */
+    size_t head = (sizeof(int4_mm_t) + 63) / 64 * 64;
     size_t plan = (size_t)(K / WIDE * PLAN) * sizeof(int32_t), xi = ((size_t)(rows * K) + 63) / 64 * 64;
     size_t floats = (size_t)(rows * (K / 32 + K / 8 + K / g));
-    char *buf = aligned_alloc(64, plan + xi + floats * sizeof(float));
+    char *buf = aligned_alloc(64, (head + plan + xi + floats * sizeof(float) + 63) / 64 * 64);
     if (!buf) return -2;
-    acts_t a = {.plan = (int32_t *)buf, .xi = (int8_t *)(buf + plan), .K = K, .G = K / g};
-    a.dx = (float *)(buf + plan + xi);
-    a.dxe = a.dx + rows * (K / 32);
-    a.xs = a.dxe + rows * (K / 8);
-    plan_scales(K, g, a.plan);
+    int4_mm_t *m = (int4_mm_t *)buf;
+    buf += head;
+    acts_t *a = &m->a;
+    *a = (acts_t){.plan = (int32_t *)buf, .xi = (int8_t *)(buf + plan), .K = K, .G = K / g};
+    a->dx = (float *)(buf + plan + xi);
+    a->dxe = a->dx + rows * (K / 32);
+    a->xs = a->dxe + rows * (K / 8);
+    plan_scales(K, g, a->plan);
     int status;
 #if defined(__x86_64__)
-    if (level >= 2) status = quantize_wide(x, P, g, &a);
+    if (level >= 2) status = quantize_wide(x, P, g, a);
     else
 #endif
-        status = quantize_narrow(x, P, g, &a);
-    if (status == 0) {
-        job4_t job = {.blocks = blocks, .nb = nb, .N = N, .K = K, .g = g, .q = q, .s = s,
-                      .z = z, .a = &a, .tile = tile_kernel(level), .out = out};
-        int64_t next = 0;
-#ifdef _OPENMP
-        if (threads > 1 && N >= 64 * threads) {
-#pragma omp parallel num_threads(threads)
-            int4_pieces(&job, &next);
-        } else
-#endif
-            int4_pieces(&job, &next);
+        status = quantize_narrow(x, P, g, a);
+    if (status) {
+        free(m);
+        return status;
     }
+    m->job = (job4_t){.blocks = blocks, .nb = nb, .N = N, .K = K, .g = g, .q = q, .s = s,
+                      .z = z, .a = a, .tile = tile_kernel(level), .out = out};
+    *mm = m;
+    return 0;
+}
+
+void dsmoe_int4_slice(const void *mm, int64_t n0, int64_t n1) {
+    const job4_t *j = &((const int4_mm_t *)mm)->job;
+    for (int64_t b = 0; b < j->nb; b++) int4_block(j, b, n0, n1);
+}
+
+void dsmoe_int4_end(int4_mm_t *mm) { free(mm); }
+
+/* The whole matmul on `threads` threads; returns dsmoe_int4_begin's status. */
+int dsmoe_int4_blocks_matmul(const float *x, const uint8_t *q, const uint16_t *s,
+                             const uint16_t *z, float *out, int64_t P, const int64_t *blocks,
+                             int64_t nb, int64_t N, int64_t K, int64_t g, int threads) {
+    int4_mm_t *mm;
+    int status = dsmoe_int4_begin(&mm, x, q, s, z, out, P, blocks, nb, N, K, g);
+    if (status) return status;
+    int64_t next = 0;
+#ifdef _OPENMP
+    if (threads > 1 && N >= 64 * threads) {
+#pragma omp parallel num_threads(threads)
+        int4_pieces(&mm->job, &next);
+    } else
+#endif
+        int4_pieces(&mm->job, &next);
     (void)threads;
-    free(buf);
-    return status;
+    dsmoe_int4_end(mm);
+    return 0;
 }
 
 /* One group of g weights (g/2 bytes at qb) as floats low + sc * q, fp32 or bf16, in order. */

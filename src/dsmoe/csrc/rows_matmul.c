@@ -511,16 +511,17 @@ static void float_slice(const job_t *j, int64_t n0, int64_t n1) {
  * waits for it at the region's end (two threads measured slower than one); with pieces
  * the running thread takes over the rest. Every output keeps its summation order. */
 #define PIECE 64
-static void pieces(void (*slice)(const job_t *, int64_t, int64_t), const job_t *job, int64_t N,
-                   int64_t *next) {
+typedef void (*rows_fn)(const void *job, int64_t n0, int64_t n1);
+static void int8_any(const void *job, int64_t n0, int64_t n1) { int8_slice(job, n0, n1); }
+static void float_any(const void *job, int64_t n0, int64_t n1) { float_slice(job, n0, n1); }
+static void pieces(rows_fn rows, const void *job, int64_t N, int64_t *next) {
     for (int64_t i; (i = __atomic_fetch_add(next, 1, __ATOMIC_RELAXED)) * PIECE < N;)
-        slice(job, i * PIECE, (i + 1) * PIECE < N ? (i + 1) * PIECE : N);
+        rows(job, i * PIECE, (i + 1) * PIECE < N ? (i + 1) * PIECE : N);
 }
 
 /* Run `slice` over all N outputs, shared between `threads` OpenMP threads when there are
  * enough outputs to share. */
-static void run(void (*slice)(const job_t *, int64_t, int64_t), const job_t *job,
-                int threads) {
+static void run(rows_fn slice, const job_t *job, int threads) {
     int64_t next = 0;
 #ifdef _OPENMP
     if (threads > 1 && job->N >= 64 * threads) {
@@ -553,7 +554,7 @@ int dsmoe_int8_blocks_matmul(const float *x, const int8_t *q, const uint16_t *sc
     }
     job_t job = {.blocks = blocks, .nb = nb, .N = N, .K = K, .dot = chosen()->int8,
                  .xi = xi, .sx = sx, .q = q, .scale = scale, .out = out};
-    run(int8_slice, &job, threads);
+    run(int8_any, &job, threads);
     free(xi);
     free(sx);
     return 0;
@@ -591,7 +592,7 @@ int dsmoe_float_blocks_matmul(const float *x, const void *w, int w_bf16, float *
                  .fdot = w_bf16 ? kern->bf16 : kern->f32,
                  .fdot4 = w_bf16 ? kern->bf16x4 : kern->f32x4, .x = x, .xb = xb, .w = w,
                  .w_size = w_bf16 ? 2 : 4, .out = out};
-    run(float_slice, &job, threads);
+    run(float_any, &job, threads);
     free(xb);
     return 0;
 }
@@ -609,60 +610,94 @@ int dsmoe_float_blocks_matmul(const float *x, const void *w, int w_bf16, float *
  *   4. ys = h @ down[e].T per expert block                     [A, D]
  *   5. out[t] = sum_k w[t, k] * ys[row of (t, k)], k in order   [T, D]
  * Weights: kind 0 fp32, 1 bf16 (gate_up [E, 2F, D], down [E, D, F]), 2 int8 with bf16
- * scales per output row ([E, 2F], [E, D]), 3 int4 (see moe_int4). All sums in fp32; the
+ * scales per output row ([E, 2F], [E, D]), 3 int4 (int4_matmul.c's, in parts). All sums in fp32; the
  * result is rounded once by the caller. counts [E] receives the assignments per expert.
  * Returns 0; -1 when an activation is not finite (int8/int4: the caller takes torch's
  * path), -2 out of memory, -3 an expert id outside [0, E), -4 a bad int4 group size. */
+/* int4_matmul.c's matmul in parts (built into the same library; see there). */
+struct int4_mm;
+int dsmoe_int4_begin(struct int4_mm **mm, const float *x, const uint8_t *q, const uint16_t *s,
+                     const uint16_t *z, float *out, int64_t P, const int64_t *blocks,
+                     int64_t nb, int64_t N, int64_t K, int64_t g);
+void dsmoe_int4_slice(const void *mm, int64_t n0, int64_t n1);
+void dsmoe_int4_end(struct int4_mm *mm);
+
 typedef struct {
-    job_t gu, dn;
+    rows_fn rows;            /* the kind's slice: outputs [n0, n1) of every block */
+    const void *gu, *dn;     /* the jobs of steps 2 and 4 (int4: struct int4_mm) */
+    job_t gu8, dn8;          /* int8 and float: the jobs */
+    uint16_t *xb;            /* bf16: xs as bf16 pairs (see bf16_exact) or NULL */
+    struct int4_mm *gu4, *dn4;
+    const uint16_t *dn_scale, *dn_zero; /* int4: step 4's matrices */
+    const void *down;
+    const int64_t *blocks;
+    int64_t nb, group;
     const int64_t *slot_row;
-    const float *w, *ys;
-    float *gu_out, *h, *out;
+    const float *w;
+    float *ys, *gu_out, *h, *out;
     int16_t *hi;
     float *sh;
     int64_t T, K, A, D, F;
-    int64_t next[2]; /* pieces handed out of steps 2-3 and of step 4 */
-    int int8, status;
+    int64_t next[2], done[2]; /* pieces of steps 2-3 and of step 4: handed out, done */
+    int kind, status;
 } moe_job_t;
+
+/* Step 4's activations from h (one thread): int8 fixed point, int4 quantized blocks. */
+static void down_acts(moe_job_t *m) {
+    if (m->kind == 2 && to_fixed(m->h, m->hi, m->sh, m->A, m->F)) m->status = -1;
+    if (m->kind == 3) {
+        m->status = dsmoe_int4_begin(&m->dn4, m->h, m->down, m->dn_scale, m->dn_zero, m->ys,
+                                     m->A, m->blocks, m->nb, m->D, m->F, m->group);
+        if (m->status == -3) m->status = -4; /* a bad group, not a bad expert id */
+        m->dn = m->dn4;
+    }
+}
 
 /* Step 2 and 3 in pieces of f (as `pieces`): gate rows [f0, f1) and up rows [F + f0, F + f1)
  * in one piece, so its thread applies the activation at once, without a barrier. */
-static void gate_up_pieces(moe_job_t *m, void (*slice)(const job_t *, int64_t, int64_t)) {
+static void gate_up_pieces(moe_job_t *m) {
     int64_t F = m->F;
     for (int64_t i; (i = __atomic_fetch_add(&m->next[0], 1, __ATOMIC_RELAXED)) * PIECE < F;) {
         int64_t f0 = i * PIECE, f1 = f0 + PIECE < F ? f0 + PIECE : F;
-        slice(&m->gu, f0, f1);
-        slice(&m->gu, F + f0, F + f1);
+        m->rows(m->gu, f0, f1);
+        m->rows(m->gu, F + f0, F + f1);
         for (int64_t a = 0; a < m->A; a++) {
             const float *g = m->gu_out + a * 2 * F;
             for (int64_t f = f0; f < f1; f++) m->h[a * F + f] = g[f] / (1.f + expf(-g[f])) * g[F + f];
         }
+        if (__atomic_add_fetch(&m->done[0], 1, __ATOMIC_ACQ_REL) == (F + PIECE - 1) / PIECE)
+            down_acts(m); /* the last piece's thread: every h is written */
     }
 }
 
-static void moe_thread(moe_job_t *m, int64_t t, int64_t nt) {
-    void (*slice)(const job_t *, int64_t, int64_t) = m->int8 ? int8_slice : float_slice;
-    gate_up_pieces(m, slice);
-#ifdef _OPENMP
-#pragma omp barrier
-#pragma omp single
-#endif
-    if (m->int8 && to_fixed(m->h, m->hi, m->sh, m->A, m->F)) m->status = -1;
-    if (m->status) return; /* read after single's barrier: every thread sees it */
-    pieces(slice, &m->dn, m->D, &m->next[1]);
-#ifdef _OPENMP
-#pragma omp barrier
-#endif
-    int64_t d0 = m->D * t / nt, d1 = m->D * (t + 1) / nt;
-    for (int64_t tok = 0; tok < m->T; tok++) {
-        float *o = m->out + tok * m->D;
-        for (int64_t d = d0; d < d1; d++) o[d] = 0.f;
-        for (int64_t k = 0; k < m->K; k++) {
-            float wk = m->w[tok * m->K + k];
-            const float *y = m->ys + m->slot_row[tok * m->K + k] * m->D;
-            for (int64_t d = d0; d < d1; d++) o[d] += wk * y[d];
+/* Step 4 in pieces of d, then step 5 on the thread that finishes the last piece. */
+static void down_pieces(moe_job_t *m) {
+    int64_t D = m->D;
+    for (int64_t i; (i = __atomic_fetch_add(&m->next[1], 1, __ATOMIC_RELAXED)) * PIECE < D;) {
+        m->rows(m->dn, i * PIECE, (i + 1) * PIECE < D ? (i + 1) * PIECE : D);
+        if (__atomic_add_fetch(&m->done[1], 1, __ATOMIC_ACQ_REL) < (D + PIECE - 1) / PIECE)
+            continue;
+        for (int64_t tok = 0; tok < m->T; tok++) { /* every ys is written */
+            float *o = m->out + tok * D;
+            for (int64_t d = 0; d < D; d++) o[d] = 0.f;
+            for (int64_t k = 0; k < m->K; k++) {
+                float wk = m->w[tok * m->K + k];
+                const float *y = m->ys + m->slot_row[tok * m->K + k] * D;
+                for (int64_t d = 0; d < D; d++) o[d] += wk * y[d];
+            }
         }
     }
+}
+
+/* Steps 2-5 on every thread of one parallel region: its only barrier is the one before
+ * step 4 (the serial steps between run on whichever thread finishes last). */
+static void moe_thread(moe_job_t *m) {
+    gate_up_pieces(m);
+#ifdef _OPENMP
+#pragma omp barrier
+#endif
+    if (m->status) return; /* read after the barrier: every thread sees it */
+    down_pieces(m);
 }
 
 /* Counting sort by expert: counts, the sorted row of every slot, the block table, and the
@@ -692,38 +727,39 @@ static int64_t sort_slots(const float *x, const int64_t *idx, int64_t T, int64_t
     return nb;
 }
 
-/* int4_matmul.c's kernel (built into the same library). */
-int dsmoe_int4_blocks_matmul(const float *x, const uint8_t *q, const uint16_t *s,
-                             const uint16_t *z, float *out, int64_t P, const int64_t *blocks,
-                             int64_t nb, int64_t N, int64_t K, int64_t g, int threads);
-
-/* Steps 2-5 for int4 weights (kind 3: nibbles [E, 2F, D/2] and [E, D, F/2], scales and
- * zeros bf16 [E, N, G], zeros NULL when symmetric): two calls of the int4 kernel (each its
- * own parallel region), the activation and the combine serial; -1 for non-finite rows. */
-static int moe_int4(const float *xs, const int64_t *blocks, int64_t nb, const int64_t *slot_row,
-                    const float *w, const void *gate_up, const uint16_t *const sz[4],
-                    const void *down, int64_t g, int64_t T, int64_t K, int64_t D, int64_t F,
-                    float *gu, float *h, float *ys, float *out, int threads) {
-    int64_t A = T * K;
-    int status = dsmoe_int4_blocks_matmul(xs, gate_up, sz[0], sz[1], gu, A, blocks, nb, 2 * F,
-                                          D, g, threads);
-    for (int64_t a = 0; !status && a < A; a++)
-        for (int64_t f = 0; f < F; f++) {
-            float gate = gu[a * 2 * F + f];
-            h[a * F + f] = gate / (1.f + expf(-gate)) * gu[a * 2 * F + F + f];
-        }
-    if (!status)
-        status = dsmoe_int4_blocks_matmul(h, down, sz[2], sz[3], ys, A, blocks, nb, D, F, g,
-                                          threads);
-    for (int64_t tok = 0; !status && tok < T; tok++) {
-        float *o = out + tok * D;
-        for (int64_t d = 0; d < D; d++) o[d] = 0.f;
-        for (int64_t k = 0; k < K; k++) {
-            const float *y = ys + slot_row[tok * K + k] * D;
-            for (int64_t d = 0; d < D; d++) o[d] += w[tok * K + k] * y[d];
-        }
+/* Steps 2 and 4's jobs of m's kind (int4: step 2's activations quantized, int8: in fixed
+ * point into xi, sx); returns the status. xs [A, D] the rows sorted by expert. */
+static int moe_jobs(moe_job_t *m, const float *xs, const void *gate_up, const uint16_t *gu_scale,
+                    const uint16_t *gu_zero, float *sx) {
+    int64_t A = m->A, D = m->D, F = m->F;
+    if (m->kind == 3) {
+        m->rows = dsmoe_int4_slice;
+        int status = dsmoe_int4_begin(&m->gu4, xs, gate_up, gu_scale, gu_zero, m->gu_out, A,
+                                      m->blocks, m->nb, 2 * F, D, m->group);
+        m->gu = m->gu4;
+        return status == -3 ? -4 : status;
     }
-    return status == -3 ? -4 : status;
+    const kernels_t *kern = chosen();
+    job_t *gu = &m->gu8, *dn = &m->dn8;
+    *gu = (job_t){.blocks = m->blocks, .nb = m->nb, .N = 2 * F, .K = D, .out = m->gu_out};
+    *dn = (job_t){.blocks = m->blocks, .nb = m->nb, .N = D, .K = F, .out = m->ys};
+    m->gu = gu, m->dn = dn;
+    if (m->kind == 2) {
+        m->rows = int8_any;
+        gu->dot = dn->dot = kern->int8;
+        gu->xi = m->hi, gu->sx = sx, gu->q = gate_up, gu->scale = gu_scale;
+        /* the activation h is re-quantised into the same buffer once xs is consumed */
+        dn->xi = m->hi, dn->sx = m->sh, dn->q = m->down, dn->scale = m->dn_scale;
+        return to_fixed(xs, m->hi, sx, A, D) ? -1 : 0;
+    }
+    m->rows = float_any;
+    gu->fdot = dn->fdot = m->kind == 1 ? kern->bf16 : kern->f32;
+    gu->fdot4 = dn->fdot4 = m->kind == 1 ? kern->bf16x4 : kern->f32x4;
+    gu->x = xs, gu->w = gate_up, dn->x = m->h, dn->w = m->down;
+    /* h = silu(gate) * up is fp32, not bf16: the down projection stays exact */
+    gu->xb = m->xb = bf16_exact(xs, A, D, m->kind == 1);
+    gu->w_size = dn->w_size = m->kind == 0 ? 4 : m->kind == 1 ? 2 : 1;
+    return 0;
 }
 
 int dsmoe_experts_decode(const float *x, const int64_t *idx, const float *w, int64_t T,
@@ -743,47 +779,27 @@ int dsmoe_experts_decode(const float *x, const int64_t *idx, const float *w, int
     int64_t *blocks = ibuf, *next = ibuf + 3 * E, *slot_row = ibuf + 4 * E;
     float *xs = fbuf, *gu = xs + A * D, *h = gu + A * 2 * F, *ys = h + A * F;
     float *sx = ys + A * D, *sh = sx + A;
-    uint16_t *xb = NULL; /* xs as bf16 pairs (see bf16_exact) */
     int64_t nb = sort_slots(x, idx, T, K, E, D, counts, slot_row, blocks, next, xs);
     int status = nb < 0 ? (int)nb : 0;
-    if (!status && kind == 2 && to_fixed(xs, xi, sx, A, D)) status = -1;
-    if (!status && kind == 3) {
-        const uint16_t *sz[4] = {gu_scale, gu_zero, dn_scale, dn_zero};
-        status = moe_int4(xs, blocks, nb, slot_row, w, gate_up, sz, down, group, T, K, D, F,
-                          gu, h, ys, out, threads);
-    } else if (!status) {
-        const kernels_t *kern = chosen();
-        size_t ws = kind == 0 ? 4 : kind == 1 ? 2 : 1;
-        job_t gu_job = {.blocks = blocks, .nb = nb, .N = 2 * F, .K = D, .out = gu};
-        job_t dn_job = {.blocks = blocks, .nb = nb, .N = D, .K = F, .out = ys};
-        if (kind == 2) {
-            gu_job.dot = dn_job.dot = kern->int8;
-            gu_job.xi = xi, gu_job.sx = sx, gu_job.q = gate_up, gu_job.scale = gu_scale;
-            /* the activation h is re-quantised into the same buffer once xs is consumed */
-            dn_job.xi = xi, dn_job.sx = sh, dn_job.q = down, dn_job.scale = dn_scale;
-        } else {
-            gu_job.fdot = dn_job.fdot = kind == 1 ? kern->bf16 : kern->f32;
-            gu_job.fdot4 = dn_job.fdot4 = kind == 1 ? kern->bf16x4 : kern->f32x4;
-            gu_job.x = xs, gu_job.w = gate_up, dn_job.x = h, dn_job.w = down;
-            /* h = silu(gate) * up is fp32, not bf16: the down projection stays exact */
-            gu_job.xb = xb = bf16_exact(xs, A, D, kind == 1);
-            gu_job.w_size = dn_job.w_size = (int64_t)ws;
-        }
-        moe_job_t m = {.gu = gu_job, .dn = dn_job, .slot_row = slot_row, .w = w, .ys = ys,
-                       .gu_out = gu, .h = h, .out = out, .hi = xi, .sh = sh, .T = T, .K = K,
-                       .A = A, .D = D, .F = F, .next = {0, 0}, .int8 = kind == 2,
-                       .status = 0};
+    moe_job_t m = {.dn_scale = dn_scale, .dn_zero = dn_zero, .down = down, .blocks = blocks,
+                   .nb = nb, .group = group, .slot_row = slot_row, .w = w, .ys = ys,
+                   .gu_out = gu, .h = h, .out = out, .hi = xi, .sh = sh, .T = T, .K = K,
+                   .A = A, .D = D, .F = F, .next = {0, 0}, .done = {0, 0}, .kind = kind,
+                   .status = 0};
+    if (!status) status = moe_jobs(&m, xs, gate_up, gu_scale, gu_zero, sx);
+    if (!status) {
 #ifdef _OPENMP
         if (threads > 1 && F >= 64 * threads) {
 #pragma omp parallel num_threads(threads)
-            moe_thread(&m, omp_get_thread_num(), omp_get_num_threads());
+            moe_thread(&m);
         } else
 #endif
-            moe_thread(&m, 0, 1);
-        (void)threads;
+            moe_thread(&m);
         status = m.status;
     }
-    free(ibuf), free(fbuf), free(xi), free(xb);
+    (void)threads;
+    dsmoe_int4_end(m.gu4), dsmoe_int4_end(m.dn4);
+    free(ibuf), free(fbuf), free(xi), free(m.xb);
     return status;
 }
 
