@@ -137,3 +137,32 @@ def test_prefill_gradients_and_a_lora_kv_b_keep_torchs_ops(monkeypatch):
     with torch.no_grad():
         model(prompt[:, :1], cache=cache)
     assert calls == []
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_two_threads_give_the_one_thread_result(dtype):
+    """Heads are split between threads, and the scores' matmul by key rows: every sum
+    keeps its order, so the output and the cache are bit-identical."""
+    cfg = _config(4, 8, 8, 12, 24, True, True)
+    attn = MultiHeadLatentAttention(cfg, 0)
+    with torch.no_grad():
+        for p in attn.parameters():
+            p.normal_(std=0.3)
+    attn = attn.to(dtype).eval()
+    x = torch.randn(2, 1, 32).to(dtype)
+    cos, sin = RotaryEmbedding(8, cfg.rope_theta, 64, cfg.rope_scaling)(
+        torch.full((2, 1), 70), 71, dtype)
+    results = []
+    for threads in (1, 2):
+        torch.manual_seed(1)
+        cache = attn.new_cache(cfg, 2, 80, dtype=dtype, device="cpu")
+        cache.latents.normal_()
+        cache.seq_len = 70
+        torch.set_num_threads(threads)
+        try:
+            with torch.no_grad():
+                results.append((attn(x, cos, sin, build_attention_mask(None, 1, 70, x.device),
+                                     cache), cache.latents))
+        finally:
+            torch.set_num_threads(1)
+    assert all(torch.equal(a, b) for a, b in zip(*results))
