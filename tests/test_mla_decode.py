@@ -166,3 +166,18 @@ def test_two_threads_give_the_one_thread_result(dtype):
         finally:
             torch.set_num_threads(1)
     assert all(torch.equal(a, b) for a, b in zip(*results))
+
+
+def test_a_row_that_may_attend_nowhere_gives_zeros_as_sdpa():
+    """build_attention_mask never makes one, but native.mla_decode is public: an all-False
+    mask row yields zeros (torch's SDPA), not NaN."""
+    H, n, r, v, C, B, P = 2, 4, 2, 4, 8, 2, 3
+    torch.manual_seed(0)
+    latents = torch.randn(B, P + 2, C + r)
+    mask = torch.ones(B, 1, 1, P + 1, dtype=torch.bool)
+    mask[1] = False
+    out = native.mla_decode(torch.randn(B, 1, H * (n + r)), torch.randn(B, 1, C + r),
+                            torch.ones(C), 1e-6, torch.ones(B, 1, r), torch.zeros(B, 1, r),
+                            True, latents, P, mask, torch.randn(H * (n + v), C), 0.5,
+                            native.MLAShape(H, n, r, v, C))
+    assert out[0].abs().sum() > 0 and torch.equal(out[1], torch.zeros(1, H * v))

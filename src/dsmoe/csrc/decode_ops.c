@@ -423,7 +423,7 @@ static void attend(const mla_t *m, int64_t b, int64_t h, float *s, float *o, flo
         total += s[t] = (!allow || allow[t]) ? expf(s[t] * m->scale - top) : 0.f;
     memset(o, 0, (size_t)C * sizeof *o);
     const char *lat = (const char *)m->latents + b * m->S_max * W * (m->bf16 ? 2 : 4);
-    for (int64_t t = 0; t < T; t++) {
+    for (int64_t t = 0; t < T && total > 0.f; t++) { /* none allowed: zeros, as SDPA's */
         float p = s[t] / total;
         if (p == 0.f) continue;
         if (m->bf16)
