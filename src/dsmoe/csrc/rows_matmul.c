@@ -40,9 +40,10 @@
 #include <omp.h>
 #endif
 
-/* Bytes ahead of the weight row that the bf16-pair kernel at 4-8 rows asks for: its loop
- * issues loads too slowly for the hardware prefetcher to run ahead (8 rows of 1280 streamed
- * 1.5-2x faster with it on one thread; at 1-2 rows it made no difference or was slower). */
+/* Bytes ahead of the weight row that the kernels of 4-8 rows (FDOT4, the bf16-pair kernel)
+ * ask for: their loops issue loads too slowly for the hardware prefetcher to run ahead
+ * (bf16 pairs, 8 rows of 1280: 1.5-2x faster with it on one thread; fp32, 8 rows:
+ * 1.1-1.2x; at 1-2 rows it made no difference or was slower, so FDOT1 has none). */
 #define PREFETCH 2048
 #define CHUNK 4096 /* weights per int32 accumulation (see Overflow above) */
 #define XMAX 32767.f
@@ -187,13 +188,14 @@ FDOT1(fdot_avx2_bf16, "avx2,fma", __m256, _mm256_setzero_ps, _mm256_loadu_ps, W_
 /* Four activation rows (x, x + K, x + 2K, x + 3K) against one weight row: each weight
  * vector is loaded (and widened) once for four FMAs, so a decode step of a few sequences
  * costs little more memory traffic than one. */
-#define FDOT4(NAME, TARGET, VEC, ZERO, LOADX, LOADW, FMA, HSUM, STEP, TAIL)                  \
+#define FDOT4(NAME, TARGET, VEC, ZERO, LOADX, LOADW, FMA, HSUM, STEP, TAIL, ES)              \
     __attribute__((target(TARGET)))                                                           \
     static void NAME(const float *x, const void *w, int64_t K, float *out) {                  \
         const float *x0 = x, *x1 = x + K, *x2 = x + 2 * K, *x3 = x + 3 * K;                   \
         VEC a0 = ZERO(), a1 = ZERO(), a2 = ZERO(), a3 = ZERO();                               \
         int64_t k = 0;                                                                        \
         for (; k + STEP <= K; k += STEP) {                                                    \
+            _mm_prefetch((const char *)(w) + k * ES + PREFETCH, _MM_HINT_T0); /* see PREFETCH */\
             VEC v = LOADW(w, k);                                                              \
             a0 = FMA(LOADX(x0 + k), v, a0);                                                   \
             a1 = FMA(LOADX(x1 + k), v, a1);                                                   \
@@ -207,13 +209,13 @@ FDOT1(fdot_avx2_bf16, "avx2,fma", __m256, _mm256_setzero_ps, _mm256_loadu_ps, W_
     }
 
 FDOT4(fdot4_avx512_f32, "avx512f", __m512, _mm512_setzero_ps, _mm512_loadu_ps, W_F32_512,
-      _mm512_fmadd_ps, _mm512_reduce_add_ps, 16, TAIL_F32)
+      _mm512_fmadd_ps, _mm512_reduce_add_ps, 16, TAIL_F32, 4)
 FDOT4(fdot4_avx512_bf16, "avx512f", __m512, _mm512_setzero_ps, _mm512_loadu_ps, W_BF16_512,
-      _mm512_fmadd_ps, _mm512_reduce_add_ps, 16, TAIL_BF16)
+      _mm512_fmadd_ps, _mm512_reduce_add_ps, 16, TAIL_BF16, 2)
 FDOT4(fdot4_avx2_f32, "avx2,fma", __m256, _mm256_setzero_ps, _mm256_loadu_ps, W_F32_256,
-      _mm256_fmadd_ps, hsum256, 8, TAIL_F32)
+      _mm256_fmadd_ps, hsum256, 8, TAIL_F32, 4)
 FDOT4(fdot4_avx2_bf16, "avx2,fma", __m256, _mm256_setzero_ps, _mm256_loadu_ps, W_BF16_256,
-      _mm256_fmadd_ps, hsum256, 8, TAIL_BF16)
+      _mm256_fmadd_ps, hsum256, 8, TAIL_BF16, 2)
 
 /* --- bf16 weights times rows that are bf16 numbers: vdpbf16ps (level 3) ------------------
  *
