@@ -182,6 +182,30 @@ def test_unsupported_models_decode_eagerly(change: dict, why: str) -> None:
     assert type(make_decoder(model, 1, 8)) is EagerDecoder
 
 
+def test_layouts_the_step_cannot_read_decode_eagerly() -> None:
+    """The step copies embedding rows by offset and adds biases of the activations' dtype,
+    as the modules' decode paths do: anything else is refused, not misread."""
+    model = _model("fp32")
+    table = model.embed_tokens.weight
+    model.embed_tokens.weight = torch.nn.Parameter(table.detach().t().contiguous().t())
+    assert "embedding table is not contiguous" in native_unsupported_reason(model)
+    biased = _model("bf16", attention_bias=True)
+    biased.layers[0].self_attn.q_proj.bias.data = biased.layers[0].self_attn.q_proj.bias.float()
+    assert "layers.0.self_attn.q_proj: a torch.float32 bias" in native_unsupported_reason(biased)
+
+
+def test_decode_step_checks_what_it_is_given() -> None:
+    decoder = NativeDecoder(_model("fp32"), 2, 9)
+    plan, scratch = decoder.plan.model, decoder.scratch
+    ids, pos, valid = torch.zeros(2, dtype=torch.long), decoder.positions, decoder.valid
+    with pytest.raises(ValueError, match=r"slot 9 outside the cache's \[0, 9\)"):
+        native.decode_step(plan, ids, pos, valid, 9, scratch)
+    with pytest.raises(ValueError, match=r"tokens must be contiguous torch.int64 \[2\]"):
+        native.decode_step(plan, ids[:1], pos, valid, 0, scratch)
+    with pytest.raises(ValueError, match="scratch smaller"):
+        native.decode_step(plan, ids, pos, valid, 0, scratch[:1])
+
+
 def test_other_fallback_reasons(monkeypatch) -> None:
     model = _model("fp32")
     assert native_unsupported_reason(model, 3) is None

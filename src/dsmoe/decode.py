@@ -154,9 +154,10 @@ def make_decoder(model: "Transformer", batch_size: int, max_seq_len: int, *,
         return _graph_decoder(model, batch_size, max_seq_len, compile)
     if compile:
         raise ValueError("compile=True needs the CUDA-graph decoder (cuda_graph=True)")
-    if native_unsupported_reason(model, batch_size) is None:
+    try:  # the plan's build is the check: it is made once
         return NativeDecoder(model, batch_size, max_seq_len)
-    return EagerDecoder(model, batch_size, max_seq_len)
+    except native_step.Unsupported:
+        return EagerDecoder(model, batch_size, max_seq_len)
 
 
 def native_unsupported_reason(model: "Transformer", batch_size: int = 1) -> str | None:

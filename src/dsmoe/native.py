@@ -849,7 +849,19 @@ def decode_step(plan: StepModel, tokens: torch.Tensor, positions: torch.Tensor,
     lib = library()
     if lib is None:
         return None
-    logits = torch.empty(plan.B, plan.V, dtype=torch.float32)
+    B = plan.B
+    if not 0 <= slot < plan.S_max:
+        raise ValueError(f"native decode step: slot {slot} outside the cache's "
+                         f"[0, {plan.S_max})")
+    for name, t, dtype, shape in (("tokens", tokens, torch.long, (B,)),
+                                  ("positions", positions, torch.long, (B,)),
+                                  ("valid", valid, torch.uint8, (B, plan.S_max))):
+        if t.dtype != dtype or tuple(t.shape) != shape or not t.is_contiguous():
+            raise ValueError(f"native decode step: {name} must be contiguous {dtype} "
+                             f"{list(shape)}, got {t.dtype} {list(t.shape)}")
+    if scratch.numel() < lib.dsmoe_decode_step_scratch_bytes(ctypes.byref(plan)):
+        raise ValueError("native decode step: scratch smaller than decode_step_scratch's")
+    logits = torch.empty(B, plan.V, dtype=torch.float32)
     status = lib.dsmoe_decode_step(ctypes.byref(plan), tokens.data_ptr(), positions.data_ptr(),
                                    valid.data_ptr(), slot, scratch.data_ptr(),
                                    logits.data_ptr(), torch.get_num_threads())

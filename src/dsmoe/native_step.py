@@ -56,10 +56,6 @@ class Unsupported(Exception):
     """Why a model's decode step cannot be the one native call (its message)."""
 
 
-def _ptr(t: torch.Tensor | None) -> int | None:
-    return None if t is None else t.data_ptr()
-
-
 @dataclass
 class Plan:
     model: native.StepModel
@@ -86,14 +82,13 @@ def _op(module: nn.Module, dtype: torch.dtype, keep: list, name: str) -> native.
             raise Unsupported(f"{name}: int4 in torch's packed layout")
     else:
         raise Unsupported(f"{name} is a {type(module).__name__}, not Linear or QuantLinear")
-    bias = module.bias
-    if bias is not None:
-        bias = bias.detach().to(dtype).contiguous()
-        keep.append(bias)
+    bias = module.bias  # as the modules' own decode paths: a bias of the activations' dtype
+    if bias is not None and (bias.dtype != dtype or not bias.is_contiguous()):
+        raise Unsupported(f"{name}: a {bias.dtype} bias in {dtype} activations")
     keep.extend(t for t in op[:3] if t is not None)
     N, K = module.out_features, module.in_features
     return native.StepOp(native._EXPERT_KINDS[op.weight.dtype], op.group_size, N, K,
-                         op.weight.data_ptr(), _ptr(op.scale), _ptr(op.zero), _ptr(bias))
+                         op.weight.data_ptr(), *map(native._ptr, (op.scale, op.zero, bias)))
 
 
 def _norm(norm: nn.Module, dtype: torch.dtype, name: str) -> tuple[int, float]:
@@ -106,9 +101,11 @@ def _swiglu(mlp: nn.Module, layer: native.StepLayer, x: torch.Tensor, name: str)
     """A dense SwiGLU (the FFN or the shared experts) into ``layer``'s shared fields."""
     if type(mlp) is not SwiGLUMLP or (ops := mlp.decode_operands(x)) is None:
         raise Unsupported(f"{name} is not a silu SwiGLUMLP of one native weight kind")
-    layer.skind = native.uniform_kind(*ops)
-    layer.sgroup, layer.Fs = ops[0].group_size, ops[0].weight.shape[0]
-    layer.shared[:] = [_ptr(t) for op in ops for t in op[:3]]
+    try:
+        layer.skind, pointers, layer.Fs = native._shared_args(ops, x.shape[-1])
+    except ValueError as exc:
+        raise Unsupported(f"{name}: {exc}") from None
+    layer.sgroup, layer.shared[:] = ops[0].group_size, list(pointers)
 
 
 def _router(gate: nn.Module, layer: native.StepLayer, name: str) -> None:
@@ -126,7 +123,7 @@ def _router(gate: nn.Module, layer: native.StepLayer, name: str) -> None:
     if native.router_decode(probe, gate.weight, gate.top_k, gate.renormalize, gate.scaling,
                             **settings) is None:
         raise Unsupported(f"{name}.gate: routing settings the native call does not take")
-    layer.routing, layer.gate, layer.bias = 0, gate.weight.data_ptr(), _ptr(bias)
+    layer.routing, layer.gate, layer.bias = 0, gate.weight.data_ptr(), native._ptr(bias)
     layer.gate_bf16 = gate.weight.dtype == torch.bfloat16
     layer.E, layer.top_k, layer.renorm, layer.scaling = (gate.num_experts, gate.top_k,
                                                          gate.renormalize, gate.scaling)
@@ -210,6 +207,8 @@ def _check_model(model: "Transformer", batch_size: int) -> torch.dtype:
         raise Unsupported(f"rope_scaling {model.rotary.kind!r} depends on the sequence length")
     if embed.dtype not in _FLOAT_KIND or type(model.embed_tokens) is not nn.Embedding:
         raise Unsupported(f"a {embed.dtype} embedding (the step takes fp32 or bf16 activations)")
+    if not embed.is_contiguous():  # the step copies rows out of it by offset
+        raise Unsupported("the embedding table is not contiguous")
     if model.lm_head.out_features != embed.shape[0]:
         raise Unsupported(f"lm_head has {model.lm_head.out_features} outputs for "
                           f"{embed.shape[0]} embedding rows")
