@@ -487,17 +487,17 @@ static void int4_block(const job4_t *j, int64_t b, int64_t n0, int64_t n1) {
     }
 }
 
-/* Every block's outputs in pieces of PIECE rows (a multiple of NWMAX, so tiles stay
+/* Every block's outputs in pieces of `piece` rows (dsmoe_piece_rows: a multiple of NWMAX, so tiles stay
  * whole), each taken by whichever thread asks next (*next counts the pieces handed out).
  * Why not a fixed range per thread: on a shared machine one thread is often descheduled
  * for a while, and a fixed split then waits for it at the region's end (two threads
  * measured slower than one); with pieces the running thread takes over the rest. */
-#define PIECE 64
-static void int4_pieces(const job4_t *j, int64_t *next) {
-    int64_t per = (j->N + PIECE - 1) / PIECE, total = j->nb * per;
+int64_t dsmoe_piece_rows(int64_t N, int threads); /* rows_matmul.c: rows per piece */
+static void int4_pieces(const job4_t *j, int64_t piece, int64_t *next) {
+    int64_t per = (j->N + piece - 1) / piece, total = j->nb * per;
     for (int64_t i; (i = __atomic_fetch_add(next, 1, __ATOMIC_RELAXED)) < total;) {
-        int64_t n0 = i % per * PIECE;
-        int4_block(j, i / per, n0, n0 + PIECE < j->N ? n0 + PIECE : j->N);
+        int64_t n0 = i % per * piece;
+        int4_block(j, i / per, n0, n0 + piece < j->N ? n0 + piece : j->N);
     }
 }
 
@@ -565,15 +565,14 @@ int dsmoe_int4_blocks_matmul(const float *x, const uint8_t *q, const uint16_t *s
     int4_mm_t *mm;
     int status = dsmoe_int4_begin(&mm, x, q, s, z, out, P, blocks, nb, N, K, g);
     if (status) return status;
-    int64_t next = 0;
+    int64_t next = 0, piece = dsmoe_piece_rows(N, threads);
 #ifdef _OPENMP
     if (threads > 1 && N >= 64 * threads) {
 #pragma omp parallel num_threads(threads)
-        int4_pieces(&mm->job, &next);
+        int4_pieces(&mm->job, piece, &next);
     } else
 #endif
-        int4_pieces(&mm->job, &next);
-    (void)threads;
+        int4_pieces(&mm->job, piece, &next);
     dsmoe_int4_end(mm);
     return 0;
 }
