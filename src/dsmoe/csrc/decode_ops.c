@@ -380,16 +380,19 @@ typedef struct {
     int interleaved, bf16;
 } mla_t;
 
-/* Sequence b's new latent into the cache at the slot: [norm(c_kv) | rope(k_rope)]. */
-static void write_latent(const mla_t *m, int64_t b, float *tmp) {
+/* Sequence b's new latent into the cache at the slot: [norm(c_kv) | rope(k_rope)]. Returns
+ * the norm's status (-2: out of memory, nothing written). */
+static int write_latent(const mla_t *m, int64_t b, float *tmp) {
     int64_t W = m->C + m->r, at = (b * m->S_max + m->slot) * W;
     char *row = (char *)m->latents + at * (m->bf16 ? 2 : 4);
     const char *kv = (const char *)m->kv + b * W * (m->bf16 ? 2 : 4);
-    dsmoe_rmsnorm_decode(kv, NULL, NULL, m->norm_w, row, 1, m->C, m->eps, m->bf16);
+    int status = dsmoe_rmsnorm_decode(kv, NULL, NULL, m->norm_w, row, 1, m->C, m->eps, m->bf16);
+    if (status) return status;
     int64_t off = m->C * (m->bf16 ? 2 : 4), cs = b * m->r * (m->bf16 ? 2 : 4);
     rope(kv + off, (const char *)m->cos + cs, (const char *)m->sin + cs, m->r, m->interleaved,
          m->bf16, tmp);
     from_f32(tmp, m->r, row + off, m->bf16);
+    return 0;
 }
 
 /* qc [C + r] fp32: head h's query of sequence b in the latent space, [q_nope W_UK | rope]. */
@@ -413,7 +416,7 @@ static void absorb(const mla_t *m, int64_t b, int64_t h, float *qc) {
 
 /* Head h of sequence b from its scores s [T] (T = slot + 1): softmax, the weighted latent
  * o [C] (rounded as SDPA's output), then W_UV -> of [v] fp32. */
-static void attend(const mla_t *m, int64_t b, int64_t h, float *s, float *o, float *of) {
+static int attend(const mla_t *m, int64_t b, int64_t h, float *s, float *o, float *of) {
     int64_t T = m->slot + 1, C = m->C, W = C + m->r;
     const uint8_t *allow = m->mask ? m->mask + b * m->mask_stride : NULL;
     float top = -INFINITY, total = 0.f;
@@ -434,22 +437,26 @@ static void attend(const mla_t *m, int64_t b, int64_t h, float *s, float *o, flo
     for (int64_t c = 0; m->bf16 && c < C; c++) o[c] = rnd(o[c], 1);
     const int64_t one[3] = {0, 0, 1};
     const char *w_uv = (const char *)m->w + (h * (m->n + m->v) + m->n) * C * (m->bf16 ? 2 : 4);
-    dsmoe_float_blocks_matmul(o, w_uv, m->bf16, of, one, 1, m->v, C, 1);
+    return dsmoe_float_blocks_matmul(o, w_uv, m->bf16, of, one, 1, m->v, C, 1);
 }
 
 /* Sequence b: the cache write, every head's query, the scores of all heads against the
  * cached latents in one matmul, then each head's softmax and values. */
-static void sequence(const mla_t *m, int64_t b, float *buf, float *of, int threads) {
+static int sequence(const mla_t *m, int64_t b, float *buf, float *of, int threads) {
     int64_t H = m->H, W = m->C + m->r, T = m->slot + 1;
     float *qc = buf, *s = qc + H * W, *o = s + H * T;
-    write_latent(m, b, o);
+    int status = write_latent(m, b, o);
+    if (status) return status;
 #pragma omp parallel for num_threads(threads) if (threads > 1) schedule(static)
     for (int64_t h = 0; h < H; h++) absorb(m, b, h, qc + h * W);
     const int64_t all[3] = {0, 0, H};
     const char *lat = (const char *)m->latents + b * m->S_max * W * (m->bf16 ? 2 : 4);
-    dsmoe_float_blocks_matmul(qc, lat, m->bf16, s, all, 1, T, W, threads);
-#pragma omp parallel for num_threads(threads) if (threads > 1) schedule(static)
-    for (int64_t h = 0; h < H; h++) attend(m, b, h, s + h * T, o + h * m->C, of + h * m->v);
+    status = dsmoe_float_blocks_matmul(qc, lat, m->bf16, s, all, 1, T, W, threads);
+    int failed = 0;
+#pragma omp parallel for num_threads(threads) if (threads > 1) schedule(static) reduction(|:failed)
+    for (int64_t h = 0; h < H; h++)
+        failed |= attend(m, b, h, s + h * T, o + h * m->C, of + h * m->v) != 0;
+    return status ? status : failed ? -2 : 0;
 }
 
 int dsmoe_mla_decode(const void *q, const void *kv, const void *norm_w, float eps,
@@ -463,8 +470,9 @@ int dsmoe_mla_decode(const void *q, const void *kv, const void *norm_w, float ep
     float *buf = malloc((size_t)(H * (C + r + T + C) + B * H * v) * sizeof *buf);
     if (!buf) return -2;
     float *of = buf + H * (C + r + T + C);
-    for (int64_t b = 0; b < B; b++) sequence(&m, b, buf, of + b * H * v, threads);
-    from_f32(of, B * H * v, out, bf16);
+    int status = 0;
+    for (int64_t b = 0; !status && b < B; b++) status = sequence(&m, b, buf, of + b * H * v, threads);
+    if (!status) from_f32(of, B * H * v, out, bf16);
     free(buf);
-    return 0;
+    return status;
 }

@@ -94,6 +94,8 @@ class QuantSwiGLUExperts(Experts):
         of two kernel calls per expert: a 128-token prompt of the 2B shape gives each of
         63 experts ~14 rows, and per-expert calls paid Python overhead and a thread
         barrier each, and fell to dequantize + GEMM above a few rows."""
+        if not self.gate_up_proj.takes_blocks(x):  # e.g. QLoRA training: gather nothing
+            return None
         if sum(n for *_, n in few) == len(x):
             rows, blocks = x, few  # every row (a decode step): no gather
         else:

@@ -98,13 +98,18 @@ class QuantMatrix(nn.Module):
         sz = self.scale_zero if index is None else self.scale_zero[index]
         return kernels.int4_linear(x, q, sz, self.group_size, self.out_features)
 
+    def takes_blocks(self, x: torch.Tensor) -> bool:
+        """Whether ``matmul_blocks`` can run rows like ``x`` (a stack in dsmoe's own layout,
+        rows without a gradient; the native call itself may still decline)."""
+        return self.stack and not self.packed and not records_grad(x)
+
     def matmul_blocks(self, x: torch.Tensor, blocks: list[tuple[int, int, int]]
                       ) -> torch.Tensor | None:
         """For a stack: rows [first, first + rows) of ``x [P, K]`` times matrix e, per
         ``(e, first, rows)`` block, in one native call -> fp32 [P, N] (zeros outside the
         blocks). None where that call does not apply: rows needing a gradient, or the
         native kernels unavailable; the caller then loops over ``matmul``."""
-        if not self.stack or records_grad(x) or self.packed:
+        if not self.takes_blocks(x):
             return None
         N, K = self.out_features, self.in_features
         if self.bits == 8:
