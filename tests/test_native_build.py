@@ -31,7 +31,7 @@ def test_the_native_library_builds_and_loads_where_a_compiler_exists(tmp_path):
         return
     # Rebuild into a scratch directory to show why (the cached failure only warned).
     sources = {name: resources.files("dsmoe").joinpath("csrc", name).read_bytes()
-               for name in native.SOURCES}
+               for name in native.SOURCES + native.HEADERS}
     target = tmp_path / "probe.so"
     try:
         native._build(sources, target)
@@ -42,7 +42,8 @@ def test_the_native_library_builds_and_loads_where_a_compiler_exists(tmp_path):
 
 
 def test_every_source_file_is_part_of_the_library():
-    """A C file in csrc/ that SOURCES leaves out would never be compiled or tested."""
-    on_disk = {p.name for p in resources.files("dsmoe").joinpath("csrc").iterdir()
-               if p.name.endswith(".c")}
-    assert on_disk == set(native.SOURCES)
+    """A C file or header in csrc/ that SOURCES / HEADERS leave out would never be
+    compiled (or would be missing from the build directory and the cache key)."""
+    on_disk = {p.name for p in resources.files("dsmoe").joinpath("csrc").iterdir()}
+    assert {n for n in on_disk if n.endswith(".c")} == set(native.SOURCES)
+    assert {n for n in on_disk if n.endswith(".h")} == set(native.HEADERS)

@@ -34,6 +34,9 @@ import torch
 SOURCE = "rows_matmul.c"
 # One library; the int4 kernels and the decode step's small ops have files of their own.
 SOURCES = (SOURCE, "int4_matmul.c", "decode_ops.c", "decode_step.c")
+# Included by every source (the entry points the files call in one another): part of the
+# build's inputs and its cache key, not compiled on its own.
+HEADERS = ("dsmoe_kernels.h",)
 # int4 has a level of its own (vpdpbusd); the other kernels run "avx512" at level 3.
 ISA_NAMES = {3: "avx512vnni", 2: "avx512", 1: "avx2", 0: "portable C"}
 _ENV_SWITCH = "DSMOE_NATIVE_KERNELS"
@@ -91,8 +94,9 @@ def _openmp_flags(runtime: Path | None) -> list[list[str]]:
 
 
 def _build(sources: dict[str, bytes], target: Path) -> None:
-    """Compile ``sources`` (name -> text) into the shared library ``target`` (atomically:
-    temp + rename)."""
+    """Compile ``sources`` (name -> text; the ``.c`` files are compiled, the others, the
+    headers they include, only written beside them) into the shared library ``target``
+    (atomically: temp + rename)."""
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
         raise RuntimeError("no C compiler found (set CC)")
@@ -102,7 +106,8 @@ def _build(sources: dict[str, bytes], target: Path) -> None:
         for file, text in zip(files, sources.values()):
             file.write_bytes(text)
         out = Path(tmp) / target.name
-        base = [compiler, "-O3", "-shared", "-fPIC", *map(str, files), "-o", str(out)]
+        compiled = [str(file) for file in files if file.suffix == ".c"]
+        base = [compiler, "-O3", "-shared", "-fPIC", *compiled, "-o", str(out)]
         errors = []
         for extra in _openmp_flags(torch_openmp_runtime()):
             result = subprocess.run(base + extra + ["-lm"], capture_output=True, text=True)
@@ -120,7 +125,7 @@ def library() -> ctypes.CDLL | None:
         return None
     try:
         sources = {name: resources.files("dsmoe").joinpath("csrc", name).read_bytes()
-                   for name in SOURCES}
+                   for name in SOURCES + HEADERS}
         key = hashlib.sha256(b"".join(sources.values()) + _cpu_signature().encode() +
                              (os.environ.get("CC") or "").encode() +
                              str(torch_openmp_runtime()).encode()).hexdigest()[:16]

@@ -29,26 +29,7 @@
 #include <immintrin.h>
 #endif
 
-/* The weight kernels (rows_matmul.c, int4_matmul.c; one library). */
-int dsmoe_int8_blocks_matmul(const float *x, const int8_t *q, const uint16_t *scale,
-                             float *out, int64_t P, const int64_t *blocks, int64_t nb,
-                             int64_t N, int64_t K, int threads);
-int dsmoe_float_blocks_matmul(const float *x, const void *w, int w_bf16, float *out,
-                              const int64_t *blocks, int64_t nb, int64_t N, int64_t K,
-                              int threads);
-int dsmoe_int4_blocks_matmul(const float *x, const uint8_t *q, const uint16_t *s,
-                             const uint16_t *z, float *out, int64_t P, const int64_t *blocks,
-                             int64_t nb, int64_t N, int64_t K, int64_t g, int threads);
-int dsmoe_experts_decode(const float *x, const int64_t *idx, const float *w, int64_t T,
-                         int64_t K, int kind, const void *gate_up, const uint16_t *gu_scale,
-                         const uint16_t *gu_zero, const void *down, const uint16_t *dn_scale,
-                         const uint16_t *dn_zero, int64_t group, int64_t E, int64_t D,
-                         int64_t F, float *out, int64_t *counts, int threads);
-int dsmoe_attention_decode(const void *q, const void *k, const void *v, const void *cos,
-                           const void *sin, void *keys, void *values, const uint8_t *mask,
-                           int64_t mask_stride, float *out, int64_t B, int64_t H,
-                           int64_t Hkv, int64_t d, int64_t S_max, int64_t slot, float scale,
-                           int bf16);
+#include "dsmoe_kernels.h"
 
 static inline float widen(uint16_t v) {
     uint32_t u = (uint32_t)v << 16;

@@ -30,36 +30,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-/* Entry points of decode_ops.c and rows_matmul.c (one library). */
-int dsmoe_linear_decode(const void *x, int x_bf16, int64_t M, int kind, const void *w,
-                        const uint16_t *scale, const uint16_t *zero, int64_t group,
-                        const void *bias, int64_t N, int64_t K, void *out, int out_bf16,
-                        int threads);
-int dsmoe_swiglu_decode(const void *x, int64_t M, int bf16, int kind, const void *gate,
-                        const uint16_t *gate_scale, const uint16_t *gate_zero, const void *up,
-                        const uint16_t *up_scale, const uint16_t *up_zero, const void *down,
-                        const uint16_t *down_scale, const uint16_t *down_zero, int64_t group,
-                        int64_t D, int64_t F, void *out, int threads);
-int dsmoe_rmsnorm_decode(const void *x, const void *delta, void *sum, const void *weight,
-                         void *out, int64_t M, int64_t D, float eps, int bf16);
-int dsmoe_route_decode(const void *x, int bf16, int64_t T, const void *gate, int gate_bf16,
-                       int64_t E, int64_t D, int64_t K, int sigmoid, const float *bias,
-                       int method, int64_t groups, int64_t keep, int renorm, float scaling,
-                       float *logits, float *scores, int64_t *idx, float *topk_score,
-                       float *weight, int threads);
-int dsmoe_experts_decode_dtype(const void *x, int x_bf16, const int64_t *idx, const float *w,
-                               int64_t T, int64_t K, int kind, const void *gate_up,
-                               const uint16_t *gu_scale, const uint16_t *gu_zero,
-                               const void *down, const uint16_t *dn_scale,
-                               const uint16_t *dn_zero, int64_t group, int64_t E, int64_t D,
-                               int64_t F, int shared_kind, const void *const *shared,
-                               int64_t shared_group, int64_t Fs, void *out, int out_bf16,
-                               int64_t *counts, int threads);
-int dsmoe_attention_decode_dtype(const void *q, const void *k, const void *v, const void *cos,
-                                 const void *sin, void *keys, void *values,
-                                 const uint8_t *mask, int64_t mask_stride, void *out,
-                                 int64_t B, int64_t H, int64_t Hkv, int64_t d, int64_t S_max,
-                                 int64_t slot, float scale, int bf16);
+#include "dsmoe_kernels.h"
 
 /* One weight matrix [N, K] and its optional bias [N] (activation dtype); kinds as in
  * decode_ops.c: 0 fp32, 1 bf16, 2 int8, 3 int4. */

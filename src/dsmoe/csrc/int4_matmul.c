@@ -38,6 +38,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include "dsmoe_kernels.h"
 #if defined(__x86_64__)
 #include <immintrin.h>
 #endif
@@ -492,7 +493,6 @@ static void int4_block(const job4_t *j, int64_t b, int64_t n0, int64_t n1) {
  * Why not a fixed range per thread: on a shared machine one thread is often descheduled
  * for a while, and a fixed split then waits for it at the region's end (two threads
  * measured slower than one); with pieces the running thread takes over the rest. */
-int64_t dsmoe_piece_rows(int64_t N, int threads); /* rows_matmul.c: rows per piece */
 static void int4_pieces(const job4_t *j, int64_t piece, int64_t *next) {
     int64_t per = (j->N + piece - 1) / piece, total = j->nb * per;
     for (int64_t i; (i = __atomic_fetch_add(next, 1, __ATOMIC_RELAXED)) < total;) {

@@ -33,6 +33,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include "dsmoe_kernels.h"
 #if defined(__x86_64__)
 #include <immintrin.h>
 #endif
@@ -626,14 +627,6 @@ int dsmoe_float_blocks_matmul(const float *x, const void *w, int w_bf16, float *
  * result is rounded once by the caller. counts [E] receives the assignments per expert.
  * Returns 0; -1 when an activation is not finite (int8/int4: the caller takes torch's
  * path), -2 out of memory, -3 an expert id outside [0, E), -4 a bad int4 group size. */
-/* int4_matmul.c's matmul in parts (built into the same library; see there). */
-struct int4_mm;
-int dsmoe_int4_begin(struct int4_mm **mm, const float *x, const uint8_t *q, const uint16_t *s,
-                     const uint16_t *z, float *out, int64_t P, const int64_t *blocks,
-                     int64_t nb, int64_t N, int64_t K, int64_t g);
-void dsmoe_int4_slice(const void *mm, int64_t n0, int64_t n1);
-void dsmoe_int4_end(struct int4_mm *mm);
-
 typedef struct {
     rows_fn rows;            /* the kind's slice: outputs [n0, n1) of every block */
     const void *gu, *dn;     /* the jobs of steps 2 and 4 (int4: struct int4_mm) */
