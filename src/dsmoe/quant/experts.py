@@ -15,8 +15,6 @@ Shapes: A assignments sorted by expert, D hidden, F expert width, E experts.
 
 from __future__ import annotations
 
-import itertools
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -74,10 +72,11 @@ class QuantSwiGLUExperts(Experts):
                                      shared=shared)
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:  # [A, D]
-        blocks = expert_blocks(counts.tolist())
+        sizes = counts.tolist()
+        blocks = expert_blocks(sizes)
         limit = min(self.gate_up_proj.prefill_max_rows, self.down_proj.prefill_max_rows)
-        few = [b for b in blocks if b[2] <= limit]  # (a narrow down_proj stays int8)
-        out = self._row_kernels(x, few) if few else None
+        few = [n if n <= limit else 0 for n in sizes]  # (a narrow down_proj stays int8)
+        out = self._row_kernels(x, counts, few) if any(few) else None
         rest = [b for b in blocks if b[2] > limit] if out is not None else blocks
         out = x.new_empty(x.shape) if out is None else out
         for e, start, n in rest:  # dequantize + GEMM per expert
@@ -86,23 +85,23 @@ class QuantSwiGLUExperts(Experts):
             out[start:start + n] = self.down_proj.matmul(self.act(gate) * up, e)
         return out
 
-    def _row_kernels(self, x: torch.Tensor, few: list[tuple[int, int, int]]
+    def _row_kernels(self, x: torch.Tensor, counts: torch.Tensor, few: list[int]
                      ) -> torch.Tensor | None:
-        """The experts of ``few`` blocks (each at most ``prefill_max_rows`` rows) in two
-        native calls for all of them, -> [A, D] in x's dtype with those rows filled (the
-        rest uninitialised), or None where the native kernels cannot run. One call instead
+        """The experts with ``few`` [E] rows (``counts``' where at most ``prefill_max_rows``,
+        else 0) in two native calls for all of them, -> [A, D] in x's dtype with their rows
+        filled (the rest uninitialised), or None where the native kernels cannot run. One call instead
         of two kernel calls per expert: a 128-token prompt of the 2B shape gives each of
         63 experts ~14 rows, and per-expert calls paid Python overhead and a thread
         barrier each, and fell to dequantize + GEMM above a few rows."""
         if not self.gate_up_proj.takes_blocks(x):  # e.g. QLoRA training: gather nothing
             return None
-        if sum(n for *_, n in few) == len(x):
-            rows, blocks = x, few  # every row (a decode step): no gather
+        blocks = expert_blocks(few)  # rows of these experts, packed in expert order
+        if sum(few) == len(x):
+            rows = x  # every row (a decode step): no gather
         else:
-            index = torch.tensor([i for _, start, n in few for i in range(start, start + n)])
+            taken = torch.tensor([n > 0 for n in few]).repeat_interleave(counts.cpu())  # [A]
+            index = taken.nonzero().squeeze(1)
             rows = x.index_select(0, index)  # [a, D]: a rows of these experts
-            firsts = itertools.accumulate((n for *_, n in few[:-1]), initial=0)
-            blocks = [(e, first, n) for (e, _, n), first in zip(few, firsts)]
         gate_up = self.gate_up_proj.matmul_blocks(rows, blocks)  # fp32 [a, 2F]
         if gate_up is None:
             return None
