@@ -189,6 +189,10 @@ def test_layouts_the_step_cannot_read_decode_eagerly() -> None:
     table = model.embed_tokens.weight
     model.embed_tokens.weight = torch.nn.Parameter(table.detach().t().contiguous().t())
     assert "embedding table is not contiguous" in native_unsupported_reason(model)
+    mixed = _model("bf16")
+    down = mixed.layers[1].mlp.experts.down_proj
+    down.data = down.data.float()  # gate_up bf16, down fp32: the experts call takes one kind
+    assert "layers.1.mlp.experts" in native_unsupported_reason(mixed)
     biased = _model("bf16", attention_bias=True)
     biased.layers[0].self_attn.q_proj.bias.data = biased.layers[0].self_attn.q_proj.bias.float()
     assert "layers.0.self_attn.q_proj: a torch.float32 bias" in native_unsupported_reason(biased)

@@ -141,7 +141,7 @@ def _experts(moe: MoELayer, layer: native.StepLayer, dtype: torch.dtype, name: s
         raise Unsupported(f"{name}.experts: an activation other than silu")
     if type(experts) is SwiGLUExperts:
         gu, dn = experts.gate_up_proj, experts.down_proj
-        if gu.dtype != dtype or not (gu.is_contiguous() and dn.is_contiguous()):
+        if {gu.dtype, dn.dtype} != {dtype} or not (gu.is_contiguous() and dn.is_contiguous()):
             raise Unsupported(f"{name}.experts: {gu.dtype} weights in {dtype} activations")
         layer.ekind, layer.egroup = _FLOAT_KIND[dtype], 0
         layer.gate_up, layer.down = gu.data_ptr(), dn.data_ptr()
