@@ -75,6 +75,31 @@ def test_bf16_rows_of_a_bf16_model_match_the_exact_product(native_isa, M, N, K, 
     assert ((out.double() - exact).abs() <= bound).all()
 
 
+@pytest.mark.parametrize("weights, rows", [
+    (torch.float32, "fp32"),  # fp32 FMAs
+    (torch.bfloat16, "fp32"),  # bf16 weights widened
+    (torch.bfloat16, "bf16"),  # bf16 pairs (vdpbf16ps where the CPU has it)
+])
+def test_avx512_rows_are_batch_invariant(native_isa, weights, rows):
+    """On the AVX-512 paths an output's sum is ordered the same whatever the other rows and
+    weight rows of its pass: a sequence decodes to the same bits alone or batched with 1-16
+    others, at every position, for odd N (a weight row without a partner) and a K with a
+    masked tail and several folds."""
+    if not native_isa.startswith("avx512"):
+        pytest.skip("the AVX2 and portable paths combine one- and four-row dots")
+    g = torch.Generator().manual_seed(0)
+    N, K = 7, 16 * 16 * 2 + 37
+    x = torch.randn(17, K, generator=g)
+    if rows == "bf16":
+        x = x.bfloat16().float()
+    w = torch.randn(N, K, generator=g).to(weights)
+    alone = torch.cat([native.float_rows_matmul(x[i:i + 1], w) for i in range(17)])
+    for M in (2, 3, 8, 9, 17):
+        batched = native.float_rows_matmul(x[:M], w)
+        assert torch.equal(batched, alone[:M]), f"{M} rows"
+    assert torch.equal(native.float_rows_matmul(x, w[1:]), alone[:, 1:])  # other partners
+
+
 @needs_native
 def test_subnormal_bf16_rows_are_not_flushed(native_isa):
     """vdpbf16ps reads bf16 subnormals as zero: rows holding one take the exact path."""

@@ -29,6 +29,12 @@ from dsmoe.moe.layer import MoELayer
 from dsmoe.moe.parallel import parallelize_layer, slice_experts
 
 ATOL, RTOL = 1e-6, 1e-5
+# Outputs: the EP ranks' experts run inside the dispatcher's autograd Function, where grad is
+# off, so few-row blocks take dsmoe's native kernels; the single-process reference runs
+# torch.mm under autograd. Both are fp32 sums of the same terms in different orders, and the
+# outputs reach ~30 (mean |y| ~4: std-0.3 weights, routed_scaling_factor 2.5), where one ulp
+# is ~2e-6.
+OUT_ATOL = 1e-5
 
 
 def _run(worker: Callable[..., dict], nproc: int, *args: Any) -> list[dict]:
@@ -106,7 +112,7 @@ def _check_layer_parity(cfg: ModelConfig, ep: int, world: int | None = None,
     layer, state, x, probe, ref = _reference(cfg)
     ranks = _run(_layer_worker, world, cfg, state, x.detach(), probe, ep, update_bias)
     out = torch.cat([r["out"] for r in ranks])
-    assert_close(out, ref.hidden_states.detach(), atol=ATOL, rtol=RTOL, what="outputs")
+    assert_close(out, ref.hidden_states.detach(), atol=OUT_ATOL, rtol=RTOL, what="outputs")
     x_grad = torch.cat([r["x_grad"] for r in ranks]) / world
     assert_close(x_grad, x.grad, atol=ATOL, rtol=RTOL, what="input gradients")
     aux = float(ref.aux_loss.detach())

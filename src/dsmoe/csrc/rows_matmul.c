@@ -41,11 +41,22 @@
 #include <omp.h>
 #endif
 
-/* Bytes ahead of the weight row that the kernels of 4-8 rows (FDOT4, the bf16-pair kernel)
- * ask for: their loops issue loads too slowly for the hardware prefetcher to run ahead
- * (bf16 pairs, 8 rows of 1280: 1.5-2x faster with it on one thread; fp32, 8 rows:
- * 1.1-1.2x; at 1-2 rows it made no difference or was slower, so FDOT1 has none). */
+/* Bytes ahead of the weight row that FDOT4 (the AVX2 kernel of 3-4 rows) asks for: its
+ * loop issues loads too slowly for the hardware prefetcher to run ahead (1.1-1.2x). */
 #define PREFETCH 2048
+/* Bytes ahead of the weight rows that the AVX-512 kernels of several weight rows x 1-8
+ * activation rows (ROWS_F, ROWS_BF) ask to have in L2 (prefetcht1), one stream over the
+ * rows they read. Why: with 8 activation rows a 64-byte weight line costs ~9 loads and 8
+ * multiply-adds, so few weight lines are in flight and the loop stalls on memory; with the
+ * hardware prefetcher alone (or a near prefetcht0) 8 rows of 1280 drew 7-10 GB/s on one
+ * Zen 4 core, with this 17-21 GB/s, the rate of a plain read (benchmarks/, measured in C:
+ * 4 KB ahead was slower, 16 KB the same). */
+#define PREFETCH_FAR 8192
+/* Vector steps each output sums on its own before the sum is folded into a running total:
+ * fp32 chains of 16 (256 weights) instead of K / 16, so the rounding error grows with
+ * 16 + K / 256 additions, not K / 16 (K = 1280: within that of the four-accumulator dots
+ * these kernels replaced; torch's is ~2x larger). */
+#define FOLD 16
 #define CHUNK 4096 /* weights per int32 accumulation (see Overflow above) */
 #define XMAX 32767.f
 
@@ -209,14 +220,111 @@ FDOT1(fdot_avx2_bf16, "avx2,fma", __m256, _mm256_setzero_ps, _mm256_loadu_ps, W_
         out[3] = HSUM(a3) + TAIL(x3 + k, w, k, K);                                            \
     }
 
-FDOT4(fdot4_avx512_f32, "avx512f", __m512, _mm512_setzero_ps, _mm512_loadu_ps, W_F32_512,
-      _mm512_fmadd_ps, _mm512_reduce_add_ps, 16, TAIL_F32, 4)
-FDOT4(fdot4_avx512_bf16, "avx512f", __m512, _mm512_setzero_ps, _mm512_loadu_ps, W_BF16_512,
-      _mm512_fmadd_ps, _mm512_reduce_add_ps, 16, TAIL_BF16, 2)
 FDOT4(fdot4_avx2_f32, "avx2,fma", __m256, _mm256_setzero_ps, _mm256_loadu_ps, W_F32_256,
       _mm256_fmadd_ps, hsum256, 8, TAIL_F32, 4)
 FDOT4(fdot4_avx2_bf16, "avx2,fma", __m256, _mm256_setzero_ps, _mm256_loadu_ps, W_BF16_256,
       _mm256_fmadd_ps, hsum256, 8, TAIL_BF16, 2)
+
+/* --- AVX-512: two weight rows x 1-8 activation rows per pass ------------------------------
+ *
+ * Why two weight rows: each activation vector loaded then serves both, so 8 activation rows
+ * cost 5 loads per two weight vectors instead of 9 per one (fp32 rows of 1280, 40 KB, do not
+ * fit in L1: they come from L2), and the far prefetch (PREFETCH_FAR) keeps the weights
+ * streaming while the core multiplies. One accumulator per output, k ascending, folded into
+ * a running sum every FOLD steps: a pass has 2-16 independent sums, and an output's sum
+ * depends neither on how many activation rows share the pass nor on which weight row is its
+ * partner, so a sequence decodes to the same bits alone or in a batch. The last partial vector is read with masked loads (zeros past K,
+ * on both sides). M > 8 rows take passes of 8 over the two weight rows, which stay in L1. */
+#define ROWS_PASS(NAME, TARGET, STEP, XT, LOADX, MASKX, LOADW, MASKW, MUL_ADD, ES)          \
+    __attribute__((target(TARGET), always_inline))                                            \
+    static inline void NAME(const XT *x, const char *w, int64_t K, const int R, const int M,   \
+                            float *out, int64_t N) {                                          \
+        __m512 a[2][8], sum[2][8];                                                            \
+        for (int r = 0; r < R; r++)                                                           \
+            for (int m = 0; m < M; m++) sum[r][m] = _mm512_setzero_ps();                      \
+        const char *ahead = w + PREFETCH_FAR; /* one stream over the R rows (see PREFETCH_FAR) */\
+        int64_t k = 0;                                                                        \
+        do { /* FOLD steps into a, then a into sum */                                         \
+            for (int r = 0; r < R; r++)                                                       \
+                for (int m = 0; m < M; m++) a[r][m] = _mm512_setzero_ps();                    \
+            for (const int64_t end = k + FOLD * STEP; k + STEP <= K && k < end; k += STEP) {  \
+                for (int i = 0; i < R * STEP * ES; i += 64)                                   \
+                    _mm_prefetch(ahead + R * k * ES + i, _MM_HINT_T1);                        \
+                __m512 v[2];                                                                  \
+                for (int r = 0; r < R; r++) v[r] = LOADW(w + r * K * ES, k);                  \
+                for (int m = 0; m < M; m++) {                                                 \
+                    __m512 xv = LOADX(x + m * K + k);                                         \
+                    for (int r = 0; r < R; r++) a[r][m] = MUL_ADD(a[r][m], xv, v[r]);         \
+                }                                                                             \
+            }                                                                                 \
+            if (k + STEP > K && k < K) { /* the last partial vector */                        \
+                const uint32_t live = (1u << (K - k)) - 1u;                                   \
+                __m512 v[2];                                                                  \
+                for (int r = 0; r < R; r++) v[r] = MASKW(live, w + r * K * ES, k);            \
+                for (int m = 0; m < M; m++) {                                                 \
+                    __m512 xv = MASKX(live, x + m * K + k);                                   \
+                    for (int r = 0; r < R; r++) a[r][m] = MUL_ADD(a[r][m], xv, v[r]);         \
+                }                                                                             \
+                k = K;                                                                        \
+            }                                                                                 \
+            for (int r = 0; r < R; r++)                                                       \
+                for (int m = 0; m < M; m++) sum[r][m] = _mm512_add_ps(sum[r][m], a[r][m]);    \
+        } while (k < K);                                                                      \
+        for (int r = 0; r < R; r++)                                                           \
+            for (int m = 0; m < M; m++) out[m * N + r] = _mm512_reduce_add_ps(sum[r][m]);     \
+    }
+
+/* outputs [n0, n1) of out [M, N] = x [M, K] @ w [N, K].T: pairs of weight rows, passes of up
+ * to 8 activation rows (a constant count keeps the sums in registers). */
+#define ROWS_DRIVER(NAME, PASS, TARGET, XT, ES)                                               \
+    __attribute__((target(TARGET))) static void NAME(const void *xv, const void *wv, float *out,\
+                                                     int64_t M, int64_t N, int64_t K,         \
+                                                     int64_t n0, int64_t n1) {                \
+        const XT *x = xv;                                                                     \
+        for (int64_t n = n0; n < n1; n += 2) {                                                \
+            const char *w = (const char *)wv + n * K * ES;                                    \
+            const int two = n + 1 < n1;                                                       \
+            for (int64_t m = 0; m < M; m += 8) {                                              \
+                const XT *xm = x + m * K;                                                     \
+                float *o = out + m * N + n;                                                   \
+                switch ((M - m < 8 ? M - m : 8) * 2 - 2 + two) { /* rows, R */ \
+                case 0: PASS(xm, w, K, 1, 1, o, N); break;                                     \
+                case 1: PASS(xm, w, K, 2, 1, o, N); break;                                     \
+                case 2: PASS(xm, w, K, 1, 2, o, N); break;                                     \
+                case 3: PASS(xm, w, K, 2, 2, o, N); break;                                     \
+                case 4: PASS(xm, w, K, 1, 3, o, N); break;                                     \
+                case 5: PASS(xm, w, K, 2, 3, o, N); break;                                     \
+                case 6: PASS(xm, w, K, 1, 4, o, N); break;                                     \
+                case 7: PASS(xm, w, K, 2, 4, o, N); break;                                     \
+                case 8: PASS(xm, w, K, 1, 5, o, N); break;                                     \
+                case 9: PASS(xm, w, K, 2, 5, o, N); break;                                     \
+                case 10: PASS(xm, w, K, 1, 6, o, N); break;                                    \
+                case 11: PASS(xm, w, K, 2, 6, o, N); break;                                    \
+                case 12: PASS(xm, w, K, 1, 7, o, N); break;                                    \
+                case 13: PASS(xm, w, K, 2, 7, o, N); break;                                    \
+                case 14: PASS(xm, w, K, 1, 8, o, N); break;                                    \
+                default: PASS(xm, w, K, 2, 8, o, N); break;                                   \
+                }                                                                             \
+            }                                                                                 \
+        }                                                                                     \
+    }
+
+#define FMA_512(a, x, w) _mm512_fmadd_ps(x, w, a)
+#define MASK_F32(live, p) _mm512_maskz_loadu_ps((__mmask16)(live), p)
+#define W_F32(p, k) _mm512_loadu_ps((const float *)(p) + (k))
+#define W_F32_MASK(live, p, k) _mm512_maskz_loadu_ps((__mmask16)(live), (const float *)(p) + (k))
+#define W_WIDEN(p, k) bf16x16_avx512((const uint16_t *)(p) + (k))
+#define W_WIDEN_MASK(live, p, k)                                                              \
+    _mm512_castsi512_ps(_mm512_slli_epi32(                                                    \
+        _mm512_cvtepu16_epi32(_mm512_castsi512_si256(                                         \
+            _mm512_maskz_loadu_epi16((__mmask32)(live), (const uint16_t *)(p) + (k)))),       \
+        16))
+ROWS_PASS(f32_pass, "avx512f,avx512bw", 16, float, _mm512_loadu_ps, MASK_F32, W_F32,
+          W_F32_MASK, FMA_512, 4)
+ROWS_PASS(widen_pass, "avx512f,avx512bw", 16, float, _mm512_loadu_ps, MASK_F32, W_WIDEN,
+          W_WIDEN_MASK, FMA_512, 2)
+ROWS_DRIVER(f32_rows_avx512, f32_pass, "avx512f,avx512bw", float, 4)
+ROWS_DRIVER(widen_rows_avx512, widen_pass, "avx512f,avx512bw", float, 2)
 
 /* --- bf16 weights times rows that are bf16 numbers: vdpbf16ps (level 3) ------------------
  *
@@ -231,66 +339,35 @@ FDOT4(fdot4_avx2_bf16, "avx2,fma", __m256, _mm256_setzero_ps, _mm256_loadu_ps, W
  * summation order, except that the instruction treats bf16 subnormals (|v| < 2^-126) as
  * zero and flushes subnormal sums: weights below 2^-126 count as zero (rows with one
  * take the exact path: see bf16_exact).
- * Up to 8 rows per weight row; two sums per row over consecutive 32-weight steps so that
- * the instruction's latency overlaps. */
-__attribute__((target("avx512f,avx512bw,avx512bf16"), always_inline))
-static inline void bdot_m(const uint16_t *x, const uint16_t *w, int64_t K, const int M,
-                          float *out) {
-    __m512 a[8], b[8];
-    for (int m = 0; m < M; m++) a[m] = b[m] = _mm512_setzero_ps();
-    int64_t k = 0;
-    for (; k + 64 <= K; k += 64) {
-        if (M >= 4) { /* see PREFETCH */
-            _mm_prefetch((const char *)(w + k) + PREFETCH, _MM_HINT_T0);
-            _mm_prefetch((const char *)(w + k) + PREFETCH + 64, _MM_HINT_T0);
-        }
-        __m512bh w0 = (__m512bh)_mm512_loadu_si512(w + k);
-        __m512bh w1 = (__m512bh)_mm512_loadu_si512(w + k + 32);
-        for (int m = 0; m < M; m++) {
-            a[m] = _mm512_dpbf16_ps(a[m], (__m512bh)_mm512_loadu_si512(x + m * K + k), w0);
-            b[m] = _mm512_dpbf16_ps(b[m], (__m512bh)_mm512_loadu_si512(x + m * K + k + 32), w1);
-        }
-    }
-    for (; k < K; k += 32) { /* masked loads: the lanes past K are zero on both sides */
-        __mmask32 live = K - k >= 32 ? 0xffffffffu : (1u << (K - k)) - 1u;
-        __m512bh wt = (__m512bh)_mm512_maskz_loadu_epi16(live, w + k);
-        for (int m = 0; m < M; m++)
-            a[m] = _mm512_dpbf16_ps(a[m], (__m512bh)_mm512_maskz_loadu_epi16(live, x + m * K + k),
-                                    wt);
-    }
-    for (int m = 0; m < M; m++) out[m] = _mm512_reduce_add_ps(_mm512_add_ps(a[m], b[m]));
-}
-
-/* M (1-8) rows x [M, K] bf16 against one weight row w [K]: out [M]. */
-__attribute__((target("avx512f,avx512bw,avx512bf16")))
-static void bdot_rows(const uint16_t *x, const uint16_t *w, int64_t K, int64_t M, float *out) {
-    switch (M) { /* a constant M keeps the sums in registers */
-    case 1: bdot_m(x, w, K, 1, out); break;
-    case 2: bdot_m(x, w, K, 2, out); break;
-    case 3: bdot_m(x, w, K, 3, out); break;
-    case 4: bdot_m(x, w, K, 4, out); break;
-    case 5: bdot_m(x, w, K, 5, out); break;
-    case 6: bdot_m(x, w, K, 6, out); break;
-    case 7: bdot_m(x, w, K, 7, out); break;
-    default: bdot_m(x, w, K, 8, out); break;
-    }
-}
+ * Same passes as above, 32 k per step. */
+#define DP_BF16(a, x, w) _mm512_dpbf16_ps(a, (__m512bh)(x), (__m512bh)(w))
+#define X_PAIRS(p) _mm512_castsi512_ps(_mm512_loadu_si512(p))
+#define X_PAIRS_MASK(live, p) _mm512_castsi512_ps(_mm512_maskz_loadu_epi16((__mmask32)(live), p))
+#define W_PAIRS(p, k) X_PAIRS((const uint16_t *)(p) + (k))
+#define W_PAIRS_MASK(live, p, k) X_PAIRS_MASK(live, (const uint16_t *)(p) + (k))
+ROWS_PASS(pairs_pass, "avx512f,avx512bw,avx512bf16", 32, uint16_t, X_PAIRS, X_PAIRS_MASK,
+          W_PAIRS, W_PAIRS_MASK, DP_BF16, 2)
+ROWS_DRIVER(pairs_rows_avx512, pairs_pass, "avx512f,avx512bw,avx512bf16", uint16_t, 2)
 #endif
 
-/* The kernels of one code path. */
+/* The kernels of one code path: one-row dots (attention), and for the float matmuls either
+ * whole-slice kernels (frows: AVX-512) or the one- and four-row dots float_rows combines. */
+typedef void (*frows_fn)(const void *x, const void *w, float *out, int64_t M, int64_t N,
+                         int64_t K, int64_t n0, int64_t n1);
 typedef struct {
     dot_fn int8;
     fdot_fn f32, bf16;
     fdot4_fn f32x4, bf16x4;
+    frows_fn f32rows, bf16rows;
 } kernels_t;
 
 static const kernels_t PORTABLE = {dot_generic, fdot_generic_f32, fdot_generic_bf16,
-                                   fdot4_generic_f32, fdot4_generic_bf16};
+                                   fdot4_generic_f32, fdot4_generic_bf16, NULL, NULL};
 #if defined(__x86_64__)
 static const kernels_t AVX2 = {dot_avx2, fdot_avx2_f32, fdot_avx2_bf16, fdot4_avx2_f32,
-                               fdot4_avx2_bf16};
-static const kernels_t AVX512 = {dot_avx512, fdot_avx512_f32, fdot_avx512_bf16,
-                                 fdot4_avx512_f32, fdot4_avx512_bf16};
+                               fdot4_avx2_bf16, NULL, NULL};
+static const kernels_t AVX512 = {dot_avx512, fdot_avx512_f32, fdot_avx512_bf16, NULL, NULL,
+                                 f32_rows_avx512, widen_rows_avx512};
 #endif
 
 /* The fastest path this CPU supports, at most `limit` (3 avx512 with vdpbf16ps for bf16
@@ -449,6 +526,7 @@ typedef struct {
     /* float */
     fdot_fn fdot;
     fdot4_fn fdot4;
+    frows_fn frows; /* the whole-slice kernel, else NULL (then float_rows combines the dots) */
     const float *x;
     const uint16_t *xb; /* x as bf16 when every row is bf16 numbers and level 3 runs, else NULL */
     const char *w;
@@ -479,32 +557,29 @@ static void float_rows(fdot_fn dot, fdot4_fn dot4, const float *x, const char *w
     }
 }
 
-/* float_rows for bf16 weights and rows (vdpbf16ps), eight rows per pass over a weight row. */
-static void bf16_rows(const uint16_t *x, const uint16_t *w, float *out, int64_t M, int64_t N,
-                      int64_t K, int64_t n0, int64_t n1) {
-#if defined(__x86_64__)
-    float eight[8];
-    for (int64_t n = n0; n < n1; n++)
-        for (int64_t m = 0; m < M; m += 8) {
-            int64_t rows = M - m < 8 ? M - m : 8;
-            bdot_rows(x + m * K, w + n * K, K, rows, eight);
-            for (int64_t i = 0; i < rows; i++) out[(m + i) * N + n] = eight[i];
-        }
-#else
-    (void)x, (void)w, (void)out, (void)M, (void)N, (void)K, (void)n0, (void)n1;
-#endif
+/* The float kernels of the path `kern` for fp32 (w_bf16 0) or bf16 weights. */
+static void float_kernels(job_t *j, const kernels_t *kern, int w_bf16) {
+    j->fdot = w_bf16 ? kern->bf16 : kern->f32;
+    j->fdot4 = w_bf16 ? kern->bf16x4 : kern->f32x4;
+    j->frows = w_bf16 ? kern->bf16rows : kern->f32rows;
 }
 
 static void float_slice(const job_t *j, int64_t n0, int64_t n1) {
     for (int64_t b = 0; b < j->nb; b++) {
         int64_t e = j->blocks[3 * b], first = j->blocks[3 * b + 1], rows = j->blocks[3 * b + 2];
-        if (j->xb) {
-            bf16_rows(j->xb + first * j->K, (const uint16_t *)j->w + e * j->N * j->K,
-                      j->out + first * j->N, rows, j->N, j->K, n0, n1);
+        const char *w = j->w + e * j->N * j->K * j->w_size;
+        float *out = j->out + first * j->N;
+#if defined(__x86_64__)
+        if (j->xb) { /* bf16 pairs (level 3: see bf16_exact) */
+            pairs_rows_avx512(j->xb + first * j->K, w, out, rows, j->N, j->K, n0, n1);
             continue;
         }
-        float_rows(j->fdot, j->fdot4, j->x + first * j->K, j->w + e * j->N * j->K * j->w_size,
-                   j->w_size, j->out + first * j->N, rows, j->N, j->K, n0, n1);
+#endif
+        if (j->frows)
+            j->frows(j->x + first * j->K, w, out, rows, j->N, j->K, n0, n1);
+        else
+            float_rows(j->fdot, j->fdot4, j->x + first * j->K, w, j->w_size, out, rows, j->N,
+                       j->K, n0, n1);
     }
 }
 
@@ -601,10 +676,9 @@ int dsmoe_float_blocks_matmul(const float *x, const void *w, int w_bf16, float *
     for (int64_t b = 0; b < nb; b++)
         if (blocks[3 * b + 1] + blocks[3 * b + 2] > P) P = blocks[3 * b + 1] + blocks[3 * b + 2];
     uint16_t *xb = bf16_exact(x, P, K, w_bf16);
-    job_t job = {.blocks = blocks, .nb = nb, .N = N, .K = K,
-                 .fdot = w_bf16 ? kern->bf16 : kern->f32,
-                 .fdot4 = w_bf16 ? kern->bf16x4 : kern->f32x4, .x = x, .xb = xb, .w = w,
+    job_t job = {.blocks = blocks, .nb = nb, .N = N, .K = K, .x = x, .xb = xb, .w = w,
                  .w_size = w_bf16 ? 2 : 4, .out = out};
+    float_kernels(&job, kern, w_bf16);
     run(float_any, &job, threads);
     free(xb);
     return 0;
@@ -759,8 +833,8 @@ static int moe_jobs(moe_job_t *m, const float *xs, const void *gate_up, const ui
         return to_fixed(xs, m->hi, sx, A, D) ? -1 : 0;
     }
     m->rows = float_any;
-    gu->fdot = dn->fdot = m->kind == 1 ? kern->bf16 : kern->f32;
-    gu->fdot4 = dn->fdot4 = m->kind == 1 ? kern->bf16x4 : kern->f32x4;
+    float_kernels(gu, kern, m->kind == 1);
+    float_kernels(dn, kern, m->kind == 1);
     gu->x = xs, gu->w = gate_up, dn->x = m->h, dn->w = m->down;
     /* h = silu(gate) * up is fp32, not bf16: the down projection stays exact */
     gu->xb = m->xb = bf16_exact(xs, A, D, m->kind == 1);
