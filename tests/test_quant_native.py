@@ -73,6 +73,28 @@ def test_long_rows_of_extreme_values_do_not_overflow_the_int32_sums(native_isa):
 
 
 @needs_native
+@pytest.mark.parametrize("M", [1, 3, 8, 11])
+def test_every_int8_path_gives_the_same_bits(M):
+    """The integer sums are exact and each path adds them into float chunk by chunk in the
+    same order, so the AVX-512 passes (two weight rows x up to 8 rows), the AVX2 dots and
+    the portable loop agree to the bit, across int32 chunks, a masked tail and odd N."""
+    g = torch.Generator().manual_seed(M)
+    x = torch.randn(M, 4096 + 100 + 7, generator=g)
+    q, scale = kernels.quantize_int8(torch.randn(9, x.shape[1], generator=g))
+    best = native.isa()
+    results = {}
+    try:
+        for isa in ("avx512vnni", "avx512", "avx2", "portable C"):
+            if native.limit_isa(isa) == isa:
+                results[isa] = native.int8_rows_matmul(x, q, scale)
+    finally:
+        native.limit_isa(best)
+    first = next(iter(results.values()))
+    assert len(results) >= 1 and all(torch.equal(r, first) for r in results.values()), \
+        {isa: (r - first).abs().max().item() for isa, r in results.items()}
+
+
+@needs_native
 def test_zero_rows_give_zero_and_threads_give_identical_results():
     torch.manual_seed(1)
     x = torch.randn(3, 512)

@@ -21,11 +21,12 @@
  * 64 weights (avx512; per 32 with avx2), so a lane stays below 2^31 for CHUNK weights; lanes
  * are summed in int64 and chunks in float.
  *
- * float: fp32 FMAs with four independent accumulators per row (bf16 weights widened by a
- * shift); exact fp32 products, summation order aside.
+ * float: fp32 FMAs (bf16 weights widened by a shift, or bf16 pairs by vdpbf16ps); exact
+ * fp32 products, summation order aside.
  *
- * Every kernel streams one weight row at a time and keeps it in L1 across the M activation
- * rows. Built at run time by dsmoe/native.py (cc -O3 -shared, no torch headers); the ISA
+ * The AVX-512 kernels stream two weight rows at a time through passes of up to 8
+ * activation rows (see "two weight rows" below); the AVX2 and portable ones one weight row,
+ * kept in L1 across the M activation rows. Built at run time by dsmoe/native.py (cc -O3 -shared, no torch headers); the ISA
  * is picked once from __builtin_cpu_supports, so one binary runs on any x86-64, and other
  * CPUs get the portable loops. With -fopenmp, `threads` > 1 splits the output rows.
  */
@@ -82,6 +83,7 @@ static int64_t dot_avx512(const int16_t *x, const int8_t *w, int64_t K) {
     __m512i a0 = _mm512_setzero_si512(), a1 = _mm512_setzero_si512();
     int64_t k = 0;
     for (; k + 64 <= K; k += 64) {
+        _mm_prefetch((const char *)(w + k) + PREFETCH_FAR, _MM_HINT_T1);
         __m512i w0 = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(w + k)));
         __m512i w1 = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(w + k + 32)));
         a0 = _mm512_add_epi32(a0, _mm512_madd_epi16(w0, _mm512_loadu_si512(x + k)));
@@ -237,8 +239,8 @@ FDOT4(fdot4_avx2_bf16, "avx2,fma", __m256, _mm256_setzero_ps, _mm256_loadu_ps, W
  * on both sides). M > 8 rows take passes of 8 over the two weight rows, which stay in L1. */
 #define ROWS_PASS(NAME, TARGET, STEP, XT, LOADX, MASKX, LOADW, MASKW, MUL_ADD, ES)          \
     __attribute__((target(TARGET), always_inline))                                            \
-    static inline void NAME(const XT *x, const char *w, int64_t K, const int R, const int M,   \
-                            float *out, int64_t N) {                                          \
+    static inline void NAME(const XT *x, const char *w, int64_t K, float *out, int64_t N,      \
+                            const int R, const int M) {                                       \
         __m512 a[2][8], sum[2][8];                                                            \
         for (int r = 0; r < R; r++)                                                           \
             for (int m = 0; m < M; m++) sum[r][m] = _mm512_setzero_ps();                      \
@@ -274,6 +276,28 @@ FDOT4(fdot4_avx2_bf16, "avx2,fma", __m256, _mm256_setzero_ps, _mm256_loadu_ps, W
             for (int m = 0; m < M; m++) out[m * N + r] = _mm512_reduce_add_ps(sum[r][m]);     \
     }
 
+/* PASS(..., R, M) for a selector (M - 1) * 2 + (R - 1), M 1-8 activation rows, R 1-2 weight
+ * rows: constants, so that each pass keeps its sums in registers. */
+#define RM_SWITCH(sel, PASS, ...)                                                              \
+    switch (sel) {                                                                             \
+    case 0: PASS(__VA_ARGS__, 1, 1); break;                                                    \
+    case 1: PASS(__VA_ARGS__, 2, 1); break;                                                    \
+    case 2: PASS(__VA_ARGS__, 1, 2); break;                                                    \
+    case 3: PASS(__VA_ARGS__, 2, 2); break;                                                    \
+    case 4: PASS(__VA_ARGS__, 1, 3); break;                                                    \
+    case 5: PASS(__VA_ARGS__, 2, 3); break;                                                    \
+    case 6: PASS(__VA_ARGS__, 1, 4); break;                                                    \
+    case 7: PASS(__VA_ARGS__, 2, 4); break;                                                    \
+    case 8: PASS(__VA_ARGS__, 1, 5); break;                                                    \
+    case 9: PASS(__VA_ARGS__, 2, 5); break;                                                    \
+    case 10: PASS(__VA_ARGS__, 1, 6); break;                                                   \
+    case 11: PASS(__VA_ARGS__, 2, 6); break;                                                   \
+    case 12: PASS(__VA_ARGS__, 1, 7); break;                                                   \
+    case 13: PASS(__VA_ARGS__, 2, 7); break;                                                   \
+    case 14: PASS(__VA_ARGS__, 1, 8); break;                                                   \
+    default: PASS(__VA_ARGS__, 2, 8); break;                                                   \
+    }
+
 /* outputs [n0, n1) of out [M, N] = x [M, K] @ w [N, K].T: pairs of weight rows, passes of up
  * to 8 activation rows (a constant count keeps the sums in registers). */
 #define ROWS_DRIVER(NAME, PASS, TARGET, XT, ES)                                               \
@@ -287,24 +311,7 @@ FDOT4(fdot4_avx2_bf16, "avx2,fma", __m256, _mm256_setzero_ps, _mm256_loadu_ps, W
             for (int64_t m = 0; m < M; m += 8) {                                              \
                 const XT *xm = x + m * K;                                                     \
                 float *o = out + m * N + n;                                                   \
-                switch ((M - m < 8 ? M - m : 8) * 2 - 2 + two) { /* rows, R */ \
-                case 0: PASS(xm, w, K, 1, 1, o, N); break;                                     \
-                case 1: PASS(xm, w, K, 2, 1, o, N); break;                                     \
-                case 2: PASS(xm, w, K, 1, 2, o, N); break;                                     \
-                case 3: PASS(xm, w, K, 2, 2, o, N); break;                                     \
-                case 4: PASS(xm, w, K, 1, 3, o, N); break;                                     \
-                case 5: PASS(xm, w, K, 2, 3, o, N); break;                                     \
-                case 6: PASS(xm, w, K, 1, 4, o, N); break;                                     \
-                case 7: PASS(xm, w, K, 2, 4, o, N); break;                                     \
-                case 8: PASS(xm, w, K, 1, 5, o, N); break;                                     \
-                case 9: PASS(xm, w, K, 2, 5, o, N); break;                                     \
-                case 10: PASS(xm, w, K, 1, 6, o, N); break;                                    \
-                case 11: PASS(xm, w, K, 2, 6, o, N); break;                                    \
-                case 12: PASS(xm, w, K, 1, 7, o, N); break;                                    \
-                case 13: PASS(xm, w, K, 2, 7, o, N); break;                                    \
-                case 14: PASS(xm, w, K, 1, 8, o, N); break;                                    \
-                default: PASS(xm, w, K, 2, 8, o, N); break;                                   \
-                }                                                                             \
+                RM_SWITCH((M - m < 8 ? M - m : 8) * 2 - 2 + two, PASS, xm, w, K, o, N);       \
             }                                                                                 \
         }                                                                                     \
     }
@@ -348,26 +355,100 @@ ROWS_DRIVER(widen_rows_avx512, widen_pass, "avx512f,avx512bw", float, 2)
 ROWS_PASS(pairs_pass, "avx512f,avx512bw,avx512bf16", 32, uint16_t, X_PAIRS, X_PAIRS_MASK,
           W_PAIRS, W_PAIRS_MASK, DP_BF16, 2)
 ROWS_DRIVER(pairs_rows_avx512, pairs_pass, "avx512f,avx512bw,avx512bf16", uint16_t, 2)
+
+/* int8 in the same passes: R weight rows, widened to int16 once per 32 weights, times M
+ * rows of 16-bit fixed point (vpmaddwd), one int32 sum per output per CHUNK (exact, see
+ * Overflow), taken in int64 and added to acc[r][m] in float: to the bit what int8_rows and
+ * dot_avx512 compute (integer sums do not depend on their order), at 8 rows without
+ * re-widening each weight vector 8 times. */
+__attribute__((target("avx512f,avx512bw"), always_inline))
+static inline void int8_pass(const int16_t *x, const int8_t *w, int64_t K, float acc[2][8],
+                             const int R, const int M) {
+    const char *ahead = (const char *)w + PREFETCH_FAR; /* see PREFETCH_FAR */
+    for (int r = 0; r < R; r++)
+        for (int m = 0; m < M; m++) acc[r][m] = 0.f;
+    for (int64_t c = 0; c < K; c += CHUNK) {
+        const int64_t end = c + CHUNK < K ? c + CHUNK : K;
+        __m512i a[2][8];
+        for (int r = 0; r < R; r++)
+            for (int m = 0; m < M; m++) a[r][m] = _mm512_setzero_si512();
+        int64_t k = c;
+        for (; k + 32 <= end; k += 32) { /* unmasked: masked loads here cost ~25% */
+            _mm_prefetch(ahead + R * k, _MM_HINT_T1);
+            __m512i v[2];
+            for (int r = 0; r < R; r++)
+                v[r] = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(w + r * K + k)));
+            for (int m = 0; m < M; m++) {
+                __m512i xv = _mm512_loadu_si512(x + m * K + k);
+                for (int r = 0; r < R; r++)
+                    a[r][m] = _mm512_add_epi32(a[r][m], _mm512_madd_epi16(v[r], xv));
+            }
+        }
+        if (k < end) { /* the last partial vector: zeros past K on both sides */
+            const __mmask32 live = (1u << (end - k)) - 1u;
+            __m512i v[2];
+            for (int r = 0; r < R; r++)
+                v[r] = _mm512_cvtepi8_epi16(_mm512_castsi512_si256(
+                    _mm512_maskz_loadu_epi8((__mmask64)live, w + r * K + k)));
+            for (int m = 0; m < M; m++) {
+                __m512i xv = _mm512_maskz_loadu_epi16(live, x + m * K + k);
+                for (int r = 0; r < R; r++)
+                    a[r][m] = _mm512_add_epi32(a[r][m], _mm512_madd_epi16(v[r], xv));
+            }
+        }
+        for (int r = 0; r < R; r++)
+            for (int m = 0; m < M; m++) {
+                __m512i wide = _mm512_add_epi64(
+                    _mm512_cvtepi32_epi64(_mm512_castsi512_si256(a[r][m])),
+                    _mm512_cvtepi32_epi64(_mm512_extracti64x4_epi64(a[r][m], 1)));
+                acc[r][m] += (float)_mm512_reduce_add_epi64(wide);
+            }
+    }
+}
+
+__attribute__((target("avx512f,avx512bw")))
+static void int8_rows_avx512(const int16_t *xi, const float *sx, const int8_t *q,
+                             const uint16_t *scale, float *out, int64_t M, int64_t N, int64_t K,
+                             int64_t n0, int64_t n1) {
+    float acc[2][8];
+    for (int64_t n = n0; n < n1; n += 2) {
+        const int two = n + 1 < n1;
+        for (int64_t m = 0; m < M; m += 8) {
+            const int64_t rows = M - m < 8 ? M - m : 8;
+            RM_SWITCH(rows * 2 - 2 + two, int8_pass, xi + m * K, q + n * K, K, acc);
+            for (int r = 0; r <= two; r++) {
+                const float s = bf16_to_float(scale[n + r]);
+                for (int64_t i = 0; i < rows; i++)
+                    out[(m + i) * N + n + r] = acc[r][i] * sx[m + i] * s;
+            }
+        }
+    }
+}
 #endif
 
 /* The kernels of one code path: one-row dots (attention), and for the float matmuls either
  * whole-slice kernels (frows: AVX-512) or the one- and four-row dots float_rows combines. */
 typedef void (*frows_fn)(const void *x, const void *w, float *out, int64_t M, int64_t N,
                          int64_t K, int64_t n0, int64_t n1);
+typedef void (*i8rows_fn)(const int16_t *xi, const float *sx, const int8_t *q,
+                          const uint16_t *scale, float *out, int64_t M, int64_t N, int64_t K,
+                          int64_t n0, int64_t n1);
 typedef struct {
     dot_fn int8;
+    i8rows_fn int8rows; /* int8's whole-slice kernel (AVX-512), else NULL: int8_rows + int8 */
     fdot_fn f32, bf16;
     fdot4_fn f32x4, bf16x4;
     frows_fn f32rows, bf16rows;
 } kernels_t;
 
-static const kernels_t PORTABLE = {dot_generic, fdot_generic_f32, fdot_generic_bf16,
+static const kernels_t PORTABLE = {dot_generic, NULL, fdot_generic_f32, fdot_generic_bf16,
                                    fdot4_generic_f32, fdot4_generic_bf16, NULL, NULL};
 #if defined(__x86_64__)
-static const kernels_t AVX2 = {dot_avx2, fdot_avx2_f32, fdot_avx2_bf16, fdot4_avx2_f32,
+static const kernels_t AVX2 = {dot_avx2, NULL, fdot_avx2_f32, fdot_avx2_bf16, fdot4_avx2_f32,
                                fdot4_avx2_bf16, NULL, NULL};
-static const kernels_t AVX512 = {dot_avx512, fdot_avx512_f32, fdot_avx512_bf16, NULL, NULL,
-                                 f32_rows_avx512, widen_rows_avx512};
+static const kernels_t AVX512 = {dot_avx512, int8_rows_avx512, fdot_avx512_f32,
+                                 fdot_avx512_bf16, NULL, NULL, f32_rows_avx512,
+                                 widen_rows_avx512};
 #endif
 
 /* The fastest path this CPU supports, at most `limit` (3 avx512 with vdpbf16ps for bf16
@@ -519,6 +600,7 @@ typedef struct {
     int64_t nb, N, K;
     /* int8 */
     dot_fn dot;
+    i8rows_fn int8rows; /* the whole-slice kernel, else NULL (int8_rows over dot) */
     const int16_t *xi;
     const float *sx;
     const int8_t *q;
@@ -537,8 +619,14 @@ typedef struct {
 static void int8_slice(const job_t *j, int64_t n0, int64_t n1) {
     for (int64_t b = 0; b < j->nb; b++) {
         int64_t e = j->blocks[3 * b], first = j->blocks[3 * b + 1], rows = j->blocks[3 * b + 2];
-        int8_rows(j->dot, j->xi + first * j->K, j->sx + first, j->q + e * j->N * j->K,
-                  j->scale + e * j->N, j->out + first * j->N, rows, j->N, j->K, n0, n1);
+        const int16_t *xi = j->xi + first * j->K;
+        const int8_t *q = j->q + e * j->N * j->K;
+        if (j->int8rows)
+            j->int8rows(xi, j->sx + first, q, j->scale + e * j->N, j->out + first * j->N, rows,
+                        j->N, j->K, n0, n1);
+        else
+            int8_rows(j->dot, xi, j->sx + first, q, j->scale + e * j->N, j->out + first * j->N,
+                      rows, j->N, j->K, n0, n1);
     }
 }
 
@@ -641,6 +729,7 @@ int dsmoe_int8_blocks_matmul(const float *x, const int8_t *q, const uint16_t *sc
         return -1;
     }
     job_t job = {.blocks = blocks, .nb = nb, .N = N, .K = K, .dot = chosen()->int8,
+                 .int8rows = chosen()->int8rows,
                  .xi = xi, .sx = sx, .q = q, .scale = scale, .out = out};
     run(int8_any, &job, threads);
     free(xi);
@@ -827,6 +916,7 @@ static int moe_jobs(moe_job_t *m, const float *xs, const void *gate_up, const ui
     if (m->kind == 2) {
         m->rows = int8_any;
         gu->dot = dn->dot = kern->int8;
+        gu->int8rows = dn->int8rows = kern->int8rows;
         gu->xi = m->hi, gu->sx = sx, gu->q = gate_up, gu->scale = gu_scale;
         /* the activation h is re-quantised into the same buffer once xs is consumed */
         dn->xi = m->hi, dn->sx = m->sh, dn->q = m->down, dn->scale = m->dn_scale;
