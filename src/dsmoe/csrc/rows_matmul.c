@@ -26,9 +26,9 @@
  *
  * The AVX-512 kernels stream two weight rows at a time through passes of up to 8
  * activation rows (see "two weight rows" below); the AVX2 and portable ones one weight row,
- * kept in L1 across the M activation rows. Built at run time by dsmoe/native.py (cc -O3 -shared, no torch headers); the ISA
- * is picked once from __builtin_cpu_supports, so one binary runs on any x86-64, and other
- * CPUs get the portable loops. With -fopenmp, `threads` > 1 splits the output rows.
+ * kept in L1 across the M activation rows. Built at run time by dsmoe/native.py (cc -O3
+ * -shared, no torch headers); the ISA is picked once from __builtin_cpu_supports, so one
+ * binary runs on any x86-64, and other CPUs get the portable loops. With -fopenmp, `threads` > 1 splits the output rows.
  */
 #include <math.h>
 #include <stdint.h>
@@ -45,8 +45,8 @@
 /* Bytes ahead of the weight row that FDOT4 (the AVX2 kernel of 3-4 rows) asks for: its
  * loop issues loads too slowly for the hardware prefetcher to run ahead (1.1-1.2x). */
 #define PREFETCH 2048
-/* Bytes ahead of the weight rows that the AVX-512 kernels of several weight rows x 1-8
- * activation rows (ROWS_F, ROWS_BF) ask to have in L2 (prefetcht1), one stream over the
+/* Bytes ahead of the weight rows that the AVX-512 kernels (ROWS_PASS, int8_pass, and
+ * dot_avx512 for int8's single rows) ask to have in L2 (prefetcht1), one stream over the
  * rows they read. Why: with 8 activation rows a 64-byte weight line costs ~9 loads and 8
  * multiply-adds, so few weight lines are in flight and the loop stalls on memory; with the
  * hardware prefetcher alone (or a near prefetcht0) 8 rows of 1280 drew 7-10 GB/s on one
@@ -235,8 +235,9 @@ FDOT4(fdot4_avx2_bf16, "avx2,fma", __m256, _mm256_setzero_ps, _mm256_loadu_ps, W
  * streaming while the core multiplies. One accumulator per output, k ascending, folded into
  * a running sum every FOLD steps: a pass has 2-16 independent sums, and an output's sum
  * depends neither on how many activation rows share the pass nor on which weight row is its
- * partner, so a sequence decodes to the same bits alone or in a batch. The last partial vector is read with masked loads (zeros past K,
- * on both sides). M > 8 rows take passes of 8 over the two weight rows, which stay in L1. */
+ * partner, so a sequence decodes to the same bits alone or in a batch. The last partial
+ * vector is read with masked loads (zeros past K, on both sides). M > 8 rows take passes of
+ * 8 over the two weight rows, which stay in L1. */
 #define ROWS_PASS(NAME, TARGET, STEP, XT, LOADX, MASKX, LOADW, MASKW, MUL_ADD, ES)          \
     __attribute__((target(TARGET), always_inline))                                            \
     static inline void NAME(const XT *x, const char *w, int64_t K, float *out, int64_t N,      \
