@@ -84,7 +84,8 @@ def test_avx512_rows_are_batch_invariant(native_isa, weights, rows):
     """On the AVX-512 paths an output's sum is ordered the same whatever the other rows and
     weight rows of its pass: a sequence decodes to the same bits alone or batched with 1-16
     others, at every position, for odd N (a weight row without a partner) and a K with a
-    masked tail and several folds."""
+    masked tail and several folds. (Within one path: a call whose rows are not all bf16
+    numbers widens every row, so one such row changes the others' path.)"""
     if not native_isa.startswith("avx512"):
         pytest.skip("the AVX2 and portable paths combine one- and four-row dots")
     g = torch.Generator().manual_seed(0)

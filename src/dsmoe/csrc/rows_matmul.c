@@ -28,7 +28,8 @@
  * activation rows (see "two weight rows" below); the AVX2 and portable ones one weight row,
  * kept in L1 across the M activation rows. Built at run time by dsmoe/native.py (cc -O3
  * -shared, no torch headers); the ISA is picked once from __builtin_cpu_supports, so one
- * binary runs on any x86-64, and other CPUs get the portable loops. With -fopenmp, `threads` > 1 splits the output rows.
+ * binary runs on any x86-64, and other CPUs get the portable loops. With -fopenmp,
+ * `threads` > 1 splits the output rows.
  */
 #include <math.h>
 #include <stdint.h>
@@ -45,13 +46,12 @@
 /* Bytes ahead of the weight row that FDOT4 (the AVX2 kernel of 3-4 rows) asks for: its
  * loop issues loads too slowly for the hardware prefetcher to run ahead (1.1-1.2x). */
 #define PREFETCH 2048
-/* Bytes ahead of the weight rows that the AVX-512 kernels (ROWS_PASS, int8_pass, and
- * dot_avx512 for int8's single rows) ask to have in L2 (prefetcht1), one stream over the
- * rows they read. Why: with 8 activation rows a 64-byte weight line costs ~9 loads and 8
- * multiply-adds, so few weight lines are in flight and the loop stalls on memory; with the
- * hardware prefetcher alone (or a near prefetcht0) 8 rows of 1280 drew 7-10 GB/s on one
- * Zen 4 core, with this 17-21 GB/s, the rate of a plain read (benchmarks/, measured in C:
- * 4 KB ahead was slower, 16 KB the same). */
+/* Bytes ahead of the weight rows that the AVX-512 kernels (ROWS_PASS, int8_pass) ask to
+ * have in L2 (prefetcht1), one stream over the rows they read. Why: with 8 activation rows
+ * a 64-byte weight line costs ~9 loads and 8 multiply-adds, so few weight lines are in
+ * flight and the loop stalls on memory; with the hardware prefetcher alone (or a near
+ * prefetcht0) 8 rows of 1280 drew 7-10 GB/s on one Zen 4 core, with this 17-21 GB/s, the
+ * rate of a plain read (measured in C: 4 KB ahead was slower, 16 KB the same). */
 #define PREFETCH_FAR 8192
 /* Vector steps each output sums on its own before the sum is folded into a running total:
  * fp32 chains of 16 (256 weights) instead of K / 16, so the rounding error grows with
@@ -78,26 +78,6 @@ static int64_t dot_generic(const int16_t *x, const int8_t *w, int64_t K) {
 }
 
 #if defined(__x86_64__)
-__attribute__((target("avx512f,avx512bw")))
-static int64_t dot_avx512(const int16_t *x, const int8_t *w, int64_t K) {
-    __m512i a0 = _mm512_setzero_si512(), a1 = _mm512_setzero_si512();
-    int64_t k = 0;
-    for (; k + 64 <= K; k += 64) {
-        _mm_prefetch((const char *)(w + k) + PREFETCH_FAR, _MM_HINT_T1);
-        __m512i w0 = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(w + k)));
-        __m512i w1 = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(w + k + 32)));
-        a0 = _mm512_add_epi32(a0, _mm512_madd_epi16(w0, _mm512_loadu_si512(x + k)));
-        a1 = _mm512_add_epi32(a1, _mm512_madd_epi16(w1, _mm512_loadu_si512(x + k + 32)));
-    }
-    /* Lanes are < 2^31 by CHUNK; their sum need not be, so it is taken in int64. */
-    __m512i wide = _mm512_add_epi64(
-        _mm512_add_epi64(_mm512_cvtepi32_epi64(_mm512_castsi512_si256(a0)),
-                         _mm512_cvtepi32_epi64(_mm512_extracti64x4_epi64(a0, 1))),
-        _mm512_add_epi64(_mm512_cvtepi32_epi64(_mm512_castsi512_si256(a1)),
-                         _mm512_cvtepi32_epi64(_mm512_extracti64x4_epi64(a1, 1))));
-    return _mm512_reduce_add_epi64(wide) + dot_generic(x + k, w + k, K - k);
-}
-
 __attribute__((target("avx2")))
 static int64_t dot_avx2(const int16_t *x, const int8_t *w, int64_t K) {
     __m256i a0 = _mm256_setzero_si256(), a1 = _mm256_setzero_si256();
@@ -235,9 +215,10 @@ FDOT4(fdot4_avx2_bf16, "avx2,fma", __m256, _mm256_setzero_ps, _mm256_loadu_ps, W
  * streaming while the core multiplies. One accumulator per output, k ascending, folded into
  * a running sum every FOLD steps: a pass has 2-16 independent sums, and an output's sum
  * depends neither on how many activation rows share the pass nor on which weight row is its
- * partner, so a sequence decodes to the same bits alone or in a batch. The last partial
- * vector is read with masked loads (zeros past K, on both sides). M > 8 rows take passes of
- * 8 over the two weight rows, which stay in L1. */
+ * partner, so a sequence decodes to the same bits alone or in a batch (within one path: a
+ * call whose rows are not all bf16 numbers takes the widened path for all, see bf16_exact).
+ * The last partial vector is read with masked loads (zeros past K, on both sides). M > 8
+ * rows take passes of 8 over the two weight rows, which stay in L1. */
 #define ROWS_PASS(NAME, TARGET, STEP, XT, LOADX, MASKX, LOADW, MASKW, MUL_ADD, ES)          \
     __attribute__((target(TARGET), always_inline))                                            \
     static inline void NAME(const XT *x, const char *w, int64_t K, float *out, int64_t N,      \
@@ -359,9 +340,9 @@ ROWS_DRIVER(pairs_rows_avx512, pairs_pass, "avx512f,avx512bw,avx512bf16", uint16
 
 /* int8 in the same passes: R weight rows, widened to int16 once per 32 weights, times M
  * rows of 16-bit fixed point (vpmaddwd), one int32 sum per output per CHUNK (exact, see
- * Overflow), taken in int64 and added to acc[r][m] in float: to the bit what int8_rows and
- * dot_avx512 compute (integer sums do not depend on their order), at 8 rows without
- * re-widening each weight vector 8 times. */
+ * Overflow), taken in int64 and added to acc[r][m] in float: to the bit what int8_rows
+ * computes with dot_avx2 or dot_generic (integer sums do not depend on their order), and at
+ * 8 rows without re-widening each weight vector 8 times. */
 __attribute__((target("avx512f,avx512bw"), always_inline))
 static inline void int8_pass(const int16_t *x, const int8_t *w, int64_t K, float acc[2][8],
                              const int R, const int M) {
@@ -447,7 +428,7 @@ static const kernels_t PORTABLE = {dot_generic, NULL, fdot_generic_f32, fdot_gen
 #if defined(__x86_64__)
 static const kernels_t AVX2 = {dot_avx2, NULL, fdot_avx2_f32, fdot_avx2_bf16, fdot4_avx2_f32,
                                fdot4_avx2_bf16, NULL, NULL};
-static const kernels_t AVX512 = {dot_avx512, int8_rows_avx512, fdot_avx512_f32,
+static const kernels_t AVX512 = {NULL, int8_rows_avx512, fdot_avx512_f32,
                                  fdot_avx512_bf16, NULL, NULL, f32_rows_avx512,
                                  widen_rows_avx512};
 #endif
@@ -646,11 +627,16 @@ static void float_rows(fdot_fn dot, fdot4_fn dot4, const float *x, const char *w
     }
 }
 
-/* The float kernels of the path `kern` for fp32 (w_bf16 0) or bf16 weights. */
-static void float_kernels(job_t *j, const kernels_t *kern, int w_bf16) {
+/* The float kernels of the path `kern` for fp32 (w_bf16 0) or bf16 weights, and for rows
+ * given as bf16 pairs (xb: see bf16_exact; NULL: the fp32 rows j->x). */
+static void float_kernels(job_t *j, const kernels_t *kern, int w_bf16, const uint16_t *xb) {
     j->fdot = w_bf16 ? kern->bf16 : kern->f32;
     j->fdot4 = w_bf16 ? kern->bf16x4 : kern->f32x4;
     j->frows = w_bf16 ? kern->bf16rows : kern->f32rows;
+    j->xb = xb;
+#if defined(__x86_64__)
+    if (xb) j->frows = pairs_rows_avx512; /* level 3 only: bf16_exact is NULL below it */
+#endif
 }
 
 static void float_slice(const job_t *j, int64_t n0, int64_t n1) {
@@ -658,14 +644,11 @@ static void float_slice(const job_t *j, int64_t n0, int64_t n1) {
         int64_t e = j->blocks[3 * b], first = j->blocks[3 * b + 1], rows = j->blocks[3 * b + 2];
         const char *w = j->w + e * j->N * j->K * j->w_size;
         float *out = j->out + first * j->N;
-#if defined(__x86_64__)
-        if (j->xb) { /* bf16 pairs (level 3: see bf16_exact) */
-            pairs_rows_avx512(j->xb + first * j->K, w, out, rows, j->N, j->K, n0, n1);
-            continue;
-        }
-#endif
+        /* the rows as bf16 pairs or fp32, as float_kernels chose the kernel */
+        const void *x = j->xb ? (const void *)(j->xb + first * j->K)
+                              : (const void *)(j->x + first * j->K);
         if (j->frows)
-            j->frows(j->x + first * j->K, w, out, rows, j->N, j->K, n0, n1);
+            j->frows(x, w, out, rows, j->N, j->K, n0, n1);
         else
             float_rows(j->fdot, j->fdot4, j->x + first * j->K, w, j->w_size, out, rows, j->N,
                        j->K, n0, n1);
@@ -766,9 +749,9 @@ int dsmoe_float_blocks_matmul(const float *x, const void *w, int w_bf16, float *
     for (int64_t b = 0; b < nb; b++)
         if (blocks[3 * b + 1] + blocks[3 * b + 2] > P) P = blocks[3 * b + 1] + blocks[3 * b + 2];
     uint16_t *xb = bf16_exact(x, P, K, w_bf16);
-    job_t job = {.blocks = blocks, .nb = nb, .N = N, .K = K, .x = x, .xb = xb, .w = w,
+    job_t job = {.blocks = blocks, .nb = nb, .N = N, .K = K, .x = x, .w = w,
                  .w_size = w_bf16 ? 2 : 4, .out = out};
-    float_kernels(&job, kern, w_bf16);
+    float_kernels(&job, kern, w_bf16, xb);
     run(float_any, &job, threads);
     free(xb);
     return 0;
@@ -924,11 +907,11 @@ static int moe_jobs(moe_job_t *m, const float *xs, const void *gate_up, const ui
         return to_fixed(xs, m->hi, sx, A, D) ? -1 : 0;
     }
     m->rows = float_any;
-    float_kernels(gu, kern, m->kind == 1);
-    float_kernels(dn, kern, m->kind == 1);
-    gu->x = xs, gu->w = gate_up, dn->x = m->h, dn->w = m->down;
+    m->xb = bf16_exact(xs, A, D, m->kind == 1);
+    float_kernels(gu, kern, m->kind == 1, m->xb);
     /* h = silu(gate) * up is fp32, not bf16: the down projection stays exact */
-    gu->xb = m->xb = bf16_exact(xs, A, D, m->kind == 1);
+    float_kernels(dn, kern, m->kind == 1, NULL);
+    gu->x = xs, gu->w = gate_up, dn->x = m->h, dn->w = m->down;
     gu->w_size = dn->w_size = m->kind == 0 ? 4 : m->kind == 1 ? 2 : 1;
     return 0;
 }
