@@ -793,7 +793,8 @@ class StepOp(ctypes.Structure):
 
 class StepLayer(ctypes.Structure):
     """decode_step.c's ``step_layer``: one block's norms, projections, cache, routing and
-    FFN (routing -1: dense SwiGLU in ``shared``)."""
+    FFN (routing -1: dense SwiGLU in ``shared``); MLA's own fields last (MLA: ``q`` is
+    q_proj or q_b_proj, ``k`` kv_a_proj_with_mqa)."""
 
     _fields_ = [("in_norm", _ptr_t), ("post_norm", _ptr_t), ("in_eps", ctypes.c_float),
                 ("post_eps", ctypes.c_float), ("q", StepOp), ("k", StepOp), ("v", StepOp),
@@ -804,18 +805,22 @@ class StepLayer(ctypes.Structure):
                 ("egroup", _i64), ("F", _i64), ("gate_up", _ptr_t), ("gu_scale", _ptr_t),
                 ("gu_zero", _ptr_t), ("down", _ptr_t), ("dn_scale", _ptr_t),
                 ("dn_zero", _ptr_t), ("skind", _i64), ("sgroup", _i64), ("Fs", _i64),
-                ("shared", _ptr_t * 9)]
+                ("shared", _ptr_t * 9), ("q_a", StepOp), ("q_norm", _ptr_t),
+                ("kv_norm", _ptr_t), ("q_eps", ctypes.c_float), ("kv_eps", ctypes.c_float),
+                ("mla_scale", ctypes.c_float), ("interleaved", _i64), ("kv_b", _ptr_t),
+                ("latents", _ptr_t)]
 
 
 class StepModel(ctypes.Structure):
-    """decode_step.c's ``step_model``: the shapes, the embedding, the RoPE table [S_max, d],
-    the final norm and head, and the layers."""
+    """decode_step.c's ``step_model``: the shapes, the embedding, the RoPE table [S_max, d]
+    (MLA: [S_max, r]), the final norm and head, the layers, then MLA's widths (mla 0: MHA)."""
 
     _fields_ = [(name, _i64) for name in ("n_layers", "B", "D", "H", "Hkv", "d", "S_max", "V",
                                           "bf16", "max_E", "max_K")] + [
         ("final_eps", ctypes.c_float), ("attn_scale", ctypes.c_float), ("embed", _ptr_t),
         ("final_norm", _ptr_t), ("cos", _ptr_t), ("sin", _ptr_t), ("head", StepOp),
-        ("layers", ctypes.POINTER(StepLayer))]
+        ("layers", ctypes.POINTER(StepLayer))] + [
+        (name, _i64) for name in ("mla", "n", "r", "v", "C", "Q")]
 
 
 def _declare_decode_step(lib: ctypes.CDLL) -> None:

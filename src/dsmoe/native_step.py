@@ -16,9 +16,16 @@ Design choices:
 - The plan holds the tensors it points at (``Plan.keep``): replacing a model's weights
   cannot leave it dangling, and ``Plan.addresses`` tells the decoder to rebuild.
 - RoPE's cos/sin come from a table of every cache position computed once by the model's
-  own ``rotary`` (no length-dependent scaling), in the activations' dtype.
+  own ``rotary`` (no length-dependent scaling), in the activations' dtype. YaRN (V2/V3)
+  qualifies: its frequencies and its softmax correction are fixed by the config, only
+  dynamic NTK (``_LENGTH_DEPENDENT``) changes with the length.
+- MLA (V2 / V2-Lite / V3) runs the per-module path's calls: the query and latent
+  projections, then ``native.mla_decode``'s one call. The absorbed form reads kv_b_proj's
+  float weight; a quantized kv_b_proj is dequantized once here, where the module path
+  dequantizes it every step (the same values).
 
-Shapes: B rows, D hidden, L layers, S_max cache slots, d head dim, V vocabulary.
+Shapes: B rows, D hidden, L layers, S_max cache slots, d head dim, V vocabulary; MLA: H
+heads, n / r nope / rope dims, v value dim, C latent rank.
 """
 
 from __future__ import annotations
@@ -37,9 +44,10 @@ from dsmoe.linear import DECODE_STEP_MAX_ROWS, Linear
 from dsmoe.mlp import SwiGLUMLP
 from dsmoe.model.attention import Attention
 from dsmoe.model.block import Block
-from dsmoe.model.cache import KVCache
+from dsmoe.model.cache import KVCache, LatentCache
+from dsmoe.model.mla import MultiHeadLatentAttention
 from dsmoe.model.norm import RMSNorm
-from dsmoe.model.rope import _LENGTH_DEPENDENT
+from dsmoe.model.rope import _LENGTH_DEPENDENT, ROTARY_LAYOUTS
 from dsmoe.moe.experts import SwiGLUExperts
 from dsmoe.moe.layer import LocalDispatcher, MoELayer
 from dsmoe.moe.router import Router
@@ -160,21 +168,71 @@ def _experts(moe: MoELayer, layer: native.StepLayer, dtype: torch.dtype, name: s
         raise Unsupported(f"{name}.experts is a {type(experts).__name__}")
 
 
-def _layer(block: nn.Module, cache: KVCache | None, x: torch.Tensor, keep: list, i: int
-           ) -> native.StepLayer:
+def _mha(attn: Attention, layer: native.StepLayer, cache: KVCache | None, dtype: torch.dtype,
+         keep: list, name: str, i: int) -> None:
+    for proj in ("q", "k", "v", "o"):
+        setattr(layer, proj, _op(getattr(attn, f"{proj}_proj"), dtype, keep, f"{name}.{proj}_proj"))
+    if cache is not None:
+        layer.keys, layer.values = cache.keys[i].data_ptr(), cache.values[i].data_ptr()
+
+
+def _kv_b_weight(module: nn.Module, dtype: torch.dtype, keep: list, name: str) -> int:
+    """kv_b_proj's weight [H*(n+v), C] as the absorbed form reads it: a Linear's own, or a
+    QuantLinear's dequantized once (the module path: every step, to the same values)."""
+    if type(module) is Linear:
+        weight = module.weight
+    elif type(module) is QuantLinear:
+        weight = module.dequantize(dtype).contiguous()
+    else:  # e.g. LoRA: its adapter adds to the output, which only the expanded form honours
+        raise Unsupported(f"{name} is a {type(module).__name__}; the absorbed MLA step needs "
+                          "a plain Linear or QuantLinear weight")
+    if weight.dtype != dtype or not weight.is_contiguous():
+        raise Unsupported(f"{name}: a {weight.dtype} weight in {dtype} activations")
+    keep.append(weight)
+    return weight.data_ptr()
+
+
+def _mla(attn: MultiHeadLatentAttention, layer: native.StepLayer, cache: LatentCache | None,
+         dtype: torch.dtype, keep: list, name: str, i: int) -> None:
+    """MLA's projections, norms and absorbed-form settings into ``layer`` (see mla.py)."""
+    if hasattr(attn, "q_proj"):
+        layer.q = _op(attn.q_proj, dtype, keep, f"{name}.q_proj")
+    else:
+        layer.q_a = _op(attn.q_a_proj, dtype, keep, f"{name}.q_a_proj")
+        layer.q_norm, layer.q_eps = _norm(attn.q_a_layernorm, dtype, f"{name}.q_a_layernorm")
+        layer.q = _op(attn.q_b_proj, dtype, keep, f"{name}.q_b_proj")
+    layer.k = _op(attn.kv_a_proj_with_mqa, dtype, keep, f"{name}.kv_a_proj_with_mqa")
+    layer.kv_norm, layer.kv_eps = _norm(attn.kv_a_layernorm, dtype, f"{name}.kv_a_layernorm")
+    layer.kv_b = _kv_b_weight(attn.kv_b_proj, dtype, keep, f"{name}.kv_b_proj")
+    layer.o = _op(attn.o_proj, dtype, keep, f"{name}.o_proj")
+    if attn.rotate not in (ROTARY_LAYOUTS["interleaved"], ROTARY_LAYOUTS["half"]):
+        raise Unsupported(f"{name}.rotate is neither RoPE layout of model/rope.py")
+    layer.interleaved = attn.rotate is ROTARY_LAYOUTS["interleaved"]
+    layer.mla_scale = attn.scale
+    if cache is not None:
+        layer.latents = cache.latents[i].data_ptr()
+
+
+def _mla_shape(attn: "MultiHeadLatentAttention | native.StepModel") -> tuple[int, ...]:
+    if isinstance(attn, native.StepModel):
+        return attn.H, attn.n, attn.r, attn.v, attn.C
+    return attn.num_heads, attn.nope_dim, attn.rope_dim, attn.v_dim, attn.kv_rank
+
+
+def _layer(block: nn.Module, plan: native.StepModel, cache: KVCache | LatentCache | None,
+           x: torch.Tensor, keep: list, i: int) -> native.StepLayer:
     name = f"layers.{i}"
-    if type(block) is not Block or type(block.self_attn) is not Attention:
-        raise Unsupported(f"{name}: not a Block with multi-head attention (MHA)")
+    attn = block.self_attn if type(block) is Block else None
+    if type(attn) not in (Attention, MultiHeadLatentAttention):
+        raise Unsupported(f"{name}: not a Block with multi-head (MHA) or latent (MLA) attention")
     layer = native.StepLayer()
     layer.in_norm, layer.in_eps = _norm(block.input_layernorm, x.dtype, f"{name}.input_layernorm")
     layer.post_norm, layer.post_eps = _norm(block.post_attention_layernorm, x.dtype,
                                             f"{name}.post_attention_layernorm")
-    attn = block.self_attn
-    for proj in ("q", "k", "v", "o"):
-        setattr(layer, proj, _op(getattr(attn, f"{proj}_proj"), x.dtype, keep,
-                                 f"{name}.self_attn.{proj}_proj"))
-    if cache is not None:
-        layer.keys, layer.values = cache.keys[i].data_ptr(), cache.values[i].data_ptr()
+    mla = type(attn) is MultiHeadLatentAttention
+    if mla != (plan.mla == 1) or (mla and _mla_shape(attn) != _mla_shape(plan)):
+        raise Unsupported(f"{name}.self_attn: not the config's attention or widths")
+    (_mla if mla else _mha)(attn, layer, cache, x.dtype, keep, f"{name}.self_attn", i)
     layer.routing, layer.skind = -1, -1
     if type(block.mlp) is MoELayer:
         _experts(block.mlp, layer, x.dtype, f"{name}.mlp")
@@ -183,6 +241,15 @@ def _layer(block: nn.Module, cache: KVCache | None, x: torch.Tensor, keep: list,
     else:
         _swiglu(block.mlp, layer, x, f"{name}.mlp")
     return layer
+
+
+def _attention_shape(plan: native.StepModel, cfg) -> None:  # cfg: a ModelConfig
+    """The attention's widths: MHA's heads and head dim, or MLA's (mla 1)."""
+    plan.H, plan.Hkv, plan.d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    if cfg.attention_type == "mla":
+        plan.mla, plan.Q = 1, cfg.q_lora_rank or 0
+        plan.n, plan.r, plan.v, plan.C = (cfg.qk_nope_head_dim, cfg.qk_rope_head_dim,
+                                          cfg.v_head_dim, cfg.kv_lora_rank)
 
 
 def _check_model(model: "Transformer", batch_size: int) -> torch.dtype:
@@ -201,8 +268,6 @@ def _check_model(model: "Transformer", batch_size: int) -> torch.dtype:
                    if module._forward_hooks or module._forward_pre_hooks), None)
     if hooked is not None:  # e.g. benchmarks/generate.py's routing recorder
         raise Unsupported(f"{hooked} has forward hooks, which the native step would skip")
-    if model.config.attention_type != "mha":
-        raise Unsupported(f"attention_type {model.config.attention_type!r} is not 'mha'")
     if model.rotary.kind in _LENGTH_DEPENDENT:
         raise Unsupported(f"rope_scaling {model.rotary.kind!r} depends on the sequence length")
     if embed.dtype not in _FLOAT_KIND or type(model.embed_tokens) is not nn.Embedding:
@@ -225,7 +290,8 @@ def unsupported_reason(model: "Transformer", batch_size: int = 1) -> str | None:
 
 
 @torch.no_grad()
-def build_plan(model: "Transformer", cache: KVCache | None, batch_size: int) -> Plan:
+def build_plan(model: "Transformer", cache: KVCache | LatentCache | None, batch_size: int
+               ) -> Plan:
     """The step's structures for ``model`` decoding ``batch_size`` rows into ``cache``
     (None: only the checks); raises ``Unsupported`` (naming the module) where the step
     cannot run the model."""
@@ -233,12 +299,12 @@ def build_plan(model: "Transformer", cache: KVCache | None, batch_size: int) -> 
     B, S_max = batch_size, 1 if cache is None else cache.max_seq_len
     x = torch.empty(B, 1, model.config.hidden_size, dtype=dtype)  # what decode_operands tests
     keep: list = [*model.parameters(), *model.buffers()]
-    layers = (native.StepLayer * len(model.layers))(
-        *(_layer(block, cache, x, keep, i) for i, block in enumerate(model.layers)))
     plan = native.StepModel()
+    _attention_shape(plan, model.config)
+    layers = (native.StepLayer * len(model.layers))(
+        *(_layer(block, plan, cache, x, keep, i) for i, block in enumerate(model.layers)))
     cfg, embed = model.config, model.embed_tokens.weight
     plan.n_layers, plan.B, plan.D, plan.S_max, plan.V = len(layers), B, cfg.hidden_size, S_max, embed.shape[0]
-    plan.H, plan.Hkv, plan.d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
     plan.bf16 = dtype == torch.bfloat16
     plan.max_E = max([layer.E for layer in layers] + [1])
     plan.max_K = max([layer.top_k for layer in layers] + [1])
@@ -247,8 +313,12 @@ def build_plan(model: "Transformer", cache: KVCache | None, batch_size: int) -> 
     plan.final_norm, plan.final_eps = _norm(model.norm, dtype, "norm")
     plan.head = _op(model.lm_head, dtype, keep, "lm_head")
     if cache is not None:
-        cos, sin = model.rotary(torch.arange(S_max).view(1, S_max), S_max, dtype)  # [1, S_max, d]
-        keep += [cos.contiguous(), sin.contiguous(), cache.keys, cache.values]
-        plan.cos, plan.sin = keep[-4].data_ptr(), keep[-3].data_ptr()
+        stores = (cache.latents,) if isinstance(cache, LatentCache) else (cache.keys, cache.values)
+        if stores[0].dtype != dtype:  # the module path would take torch's ops
+            raise Unsupported(f"a {stores[0].dtype} cache for {dtype} activations")
+        cos, sin = (t.contiguous() for t in model.rotary(  # [1, S_max, d] (MLA: r)
+            torch.arange(S_max).view(1, S_max), S_max, dtype))
+        keep += [cos, sin, *stores]
+        plan.cos, plan.sin = cos.data_ptr(), sin.data_ptr()
     plan.layers = ctypes.cast(layers, ctypes.POINTER(native.StepLayer))
     return Plan(plan, layers, keep, model_addresses(model))

@@ -67,5 +67,10 @@ int dsmoe_attention_decode_dtype(const void *q, const void *k, const void *v, co
                                  const uint8_t *mask, int64_t mask_stride, void *out,
                                  int64_t B, int64_t H, int64_t Hkv, int64_t d, int64_t S_max,
                                  int64_t slot, float scale, int bf16);
+int dsmoe_mla_decode(const void *q, const void *kv, const void *norm_w, float eps,
+                     const void *cos, const void *sin, int interleaved, void *latents,
+                     const uint8_t *mask, int64_t mask_stride, const void *w_kv_b, void *out,
+                     int64_t B, int64_t H, int64_t n, int64_t r, int64_t v, int64_t C,
+                     int64_t S_max, int64_t slot, float scale, int bf16, int threads);
 
 #endif
