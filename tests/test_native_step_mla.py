@@ -34,7 +34,8 @@ SHAPE = dict(vocab_size=97, hidden_size=64, num_hidden_layers=3, moe_intermediat
              v_head_dim=16, max_position_embeddings=64, initializer_range=0.2)
 CONFIGS = {
     "v2-lite": ("tiny-v2", dict(topk_method="greedy", n_group=1, topk_group=1)),
-    "v2": ("tiny-v2", dict(q_lora_rank=48, rope_scaling=YARN, routed_scaling_factor=2.0)),
+    "v2": ("tiny-v2", dict(q_lora_rank=48, rope_scaling=YARN, routed_scaling_factor=2.0,
+                           attention_bias=True)),
     "v3": ("tiny-v3", dict(q_lora_rank=48, rope_scaling=YARN,
                            extra={"rope_interleave": False})),
 }
@@ -44,6 +45,9 @@ def _model(kind: str, variant: str) -> Transformer:
     preset, overrides = CONFIGS[variant]
     torch.manual_seed(0)
     model = Transformer(ModelConfig.preset(preset).replace(**SHAPE, **overrides)).eval()
+    for name, p in model.named_parameters():
+        if name.endswith(".bias"):  # zero-initialised: give them values that matter
+            p.data.normal_(std=0.2)
     for block in model.layers[model.config.first_k_dense_replace:]:
         bias = block.mlp.gate.e_score_correction_bias
         if bias is not None:  # V3's selection bias: values that change the picks
@@ -70,6 +74,18 @@ def test_mla_native_step_matches_the_module_path(kind: str, variant: str, batch:
         assert_close(g, w, atol=_tolerance(kind, w), rtol=0,
                      what=f"{variant} {kind} batch {batch} step {i}")
         assert torch.equal(g.argmax(-1), w.argmax(-1)), f"{variant} {kind} step {i}: greedy"
+
+
+@pytest.mark.parametrize(("kind", "variant"), [("bf16", "v3"), ("int8", "v2")])
+def test_mla_native_step_at_eight_rows(kind: str, variant: str) -> None:
+    """The step's largest batch, rows of seven prompt lengths (up to 6 left-padded slots)."""
+    model = _model(kind, variant)
+    prompts = [[5, 17, 42, 8, 3, 11, 2], [9], [60, 61], [1, 2, 3], [7] * 7, [30, 31, 32, 33],
+               [70, 71, 72, 73, 74], [4, 5, 6, 7, 8, 9]]
+    want, tokens = _decode(EagerDecoder(model, 8, 12), prompts, None, 5)
+    got, _ = _decode(NativeDecoder(model, 8, 12), prompts, tokens, 5)
+    for i, (g, w) in enumerate(zip(got, want)):
+        assert_close(g, w, atol=_tolerance(kind, w), rtol=0, what=f"{variant} {kind} step {i}")
 
 
 @pytest.mark.parametrize("variant", ["v2-lite", "v3"])
