@@ -96,7 +96,7 @@ import os
 import statistics
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 import torch
@@ -321,20 +321,26 @@ class Row:
         return max(self.decode_tps)
 
 
-def measure(impls: dict[str, Callable[[int], Run]], new_tokens: int, repeats: int
-            ) -> dict[str, tuple[list[float], list[float]]]:
+def measure(impls: dict[str, Callable[[int], Run]], new_tokens: int, repeats: int,
+            probe: Callable[[], float] | None = None
+            ) -> tuple[dict[str, tuple[list[float], list[float]]], list[float]]:
     """A short warm-up run each, then ``repeats`` alternating rounds of ``new_tokens``:
-    impl -> (TTFT per run, decode tok/s per run)."""
+    impl -> (TTFT per run, decode tok/s per run), and ``probe()`` (bytes/s a plain read
+    draws) right before each round: this VM's bandwidth moves by up to 2x within minutes,
+    so a run is judged against the read next to it, not one taken minutes away."""
     for fn in impls.values():
         fn(2)
     ttft: dict[str, list[float]] = {k: [] for k in impls}
     tps: dict[str, list[float]] = {k: [] for k in impls}
+    adjacent: list[float] = []
     for _ in range(repeats):
+        if probe is not None:
+            adjacent.append(probe())
         for name, fn in impls.items():
             r = fn(new_tokens)
             ttft[name].append(r.ttft)
             tps[name].append(r.decode_tps)
-    return {k: (ttft[k], tps[k]) for k in impls}
+    return {k: (ttft[k], tps[k]) for k in impls}, adjacent
 
 
 def runners(model: Transformer, ref: nn.Module, ids: torch.Tensor, dtype: str
@@ -417,6 +423,28 @@ class Bandwidth:
         return max(self.read, self.native)
 
 
+PROBE_MIB = 256  # each round's read: 8x the L3, ~10-20 ms
+
+
+def read_probe(mib: int) -> Callable[[], float]:
+    """A quick read of ``mib`` MiB (beyond the L3) on the current threads, best of 2: the
+    faster of ``native.stream_read`` and a torch ``sum``, as the ceiling is taken."""
+    src = torch.ones(mib * 2**20 // 4)  # [mib MiB / 4] fp32, first-touched
+    threads = torch.get_num_threads()
+
+    def probe() -> float:
+        times = []
+        for _ in range(2):
+            t0 = time.perf_counter()
+            float(src.sum())
+            times.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            if native.stream_read(src, threads) is not None:
+                times.append(time.perf_counter() - t0)
+        return src.nbytes / min(times)
+    return probe
+
+
 def memory_bandwidth(mib: int, repeats: int = 3) -> Bandwidth:
     """What this process draws from memory on torch's current thread count: a torch
     reduction, the native streaming read and a copy over ``mib`` MiB of fp32, which must
@@ -475,6 +503,8 @@ class Bound:
     bandwidth: Bandwidth
     ours: float  # dsmoe decode tok/s, best run
     theirs: float  # transformers decode tok/s, best run
+    rounds: list[tuple[float, float, float]] = field(default_factory=list)
+    # per timed round: (plain read bytes/s just before it, dsmoe tok/s, transformers tok/s)
 
     @property
     def step_bytes(self) -> float:
@@ -489,21 +519,32 @@ class Bound:
         """The bound: tokens/s with every byte of a step read once at the ceiling."""
         return self.batch * self.bandwidth.ceiling / self.step_bytes
 
+    def adjacent(self) -> tuple[float, float, float]:
+        """Medians over the rounds of: the read just before a round (bytes/s), dsmoe's draw
+        as a share of it, and 3x transformers' speed in that round as a share of the bound
+        that read gives (above 100%: 3x was out of reach in that round)."""
+        reads = [r for r, _, _ in self.rounds]
+        drew = [self.achieved(ours) / r for r, ours, _ in self.rounds]
+        needs = [3 * self.achieved(theirs) / r for r, _, theirs in self.rounds]
+        return statistics.median(reads), statistics.median(drew), statistics.median(needs)
+
 
 def bandwidth_bound(model: Transformer, ids: torch.Tensor, n: int, dtype: str,
-                    cache: CacheSize, rows: list[Row], before: Bandwidth, mib: int) -> Bound:
+                    cache: CacheSize, rows: list[Row], before: Bandwidth, mib: int,
+                    adjacent: list[float]) -> Bound:
     """The bytes one decode step of ``ids`` [B, P] reads, counted from the run (experts hit
     from dsmoe's routing, KV from its cache's bytes per token over the timed steps'
     contexts P + 1 .. P + n - 1), against the bandwidth drawn: the best of ``before`` (just
     before the timing) and of a measurement right after it, since load only ever lowers it."""
     B, P = ids.shape
     hit = experts_hit(model, ids, n)
-    best = {r.impl: r.best_tps for r in rows}
+    by_impl = {r.impl: r for r in rows}
     c = model.config
     return Bound(dtype, B, torch.get_num_threads(), c.num_hidden_layers,
                  c.n_routed_experts or 0, hit, decode_step_bytes(c, WEIGHT_FORMAT[dtype], B, hit),
-                 cache.ours * B * (P + n / 2), before.best(memory_bandwidth(mib)), best[DSMOE],
-                 best[HF])
+                 cache.ours * B * (P + n / 2), before.best(memory_bandwidth(mib)),
+                 by_impl[DSMOE].best_tps, by_impl[HF].best_tps,
+                 list(zip(adjacent, by_impl[DSMOE].decode_tps, by_impl[HF].decode_tps)))
 
 
 def run(cfg: ModelConfig, dtypes: list[str], batches: list[int], prompt_len: int,
@@ -517,6 +558,7 @@ def run(cfg: ModelConfig, dtypes: list[str], batches: list[int], prompt_len: int
     print(f"# built {model.num_parameters() / 1e9:.2f}B parameters in "
           f"{time.perf_counter() - t0:.0f} s", flush=True)
     gen = torch.Generator().manual_seed(seed + 1)
+    probe = read_probe(PROBE_MIB)
     for dtype in dtypes:
         model = model.set_matmul_layout("output_major").to(DTYPES[dtype])
         gc.collect()
@@ -529,11 +571,12 @@ def run(cfg: ModelConfig, dtypes: list[str], batches: list[int], prompt_len: int
             for batch in batches:
                 ids = torch.randint(0, cfg.vocab_size, (batch, prompt_len), generator=gen)
                 before = memory_bandwidth(bandwidth_mib)
-                results = measure(runners(model, ref, ids, dtype), new_tokens, repeats)
+                results, adjacent = measure(runners(model, ref, ids, dtype), new_tokens,
+                                            repeats, probe)
                 done = [Row(dtype, batch, impl, ttft, tps) for impl, (ttft, tps) in results.items()]
                 rows += done
                 bounds.append(bandwidth_bound(model, ids, new_tokens, dtype, caches[-1], done,
-                                              before, bandwidth_mib))
+                                              before, bandwidth_mib, adjacent))
                 summary = ", ".join(f"{r.impl} {r.best_tps:.2f} tok/s (TTFT {r.best_ttft:.3f} s)"
                                     for r in done)
                 print(f"# {dtype} batch {batch}: {summary}; bound {bounds[-1].tps:.2f} tok/s; "
@@ -598,19 +641,25 @@ def format_bound_table(bounds: list[Bound], markdown: bool) -> str:
     ``bound/transformers`` is the best ratio any implementation could reach against
     transformers' measured speed (3x is out of reach where it is below 3); ``3x needs`` is 3x
     transformers' speed as a share of the bound; the GB/s columns are what each library
-    streamed (bytes/step x steps/s) and dsmoe's share of the ceiling."""
+    streamed (bytes/step x steps/s) and dsmoe's share of the ceiling. The last column judges
+    each timed round against the read taken just before it (``measure``'s probe): the
+    median read, dsmoe's median share of it, and the median share 3x transformers' speed in
+    the same round would have needed."""
     header = ["dtype", "batch", "threads", "GB/s native read / sum (copy)", "bound tok/s",
               "transformers tok/s", "bound/transformers", "3x needs", "dsmoe tok/s",
-              "dsmoe GB/s (of ceiling)", "transformers GB/s"]
+              "dsmoe GB/s (of ceiling)", "transformers GB/s",
+              "per round: read GB/s, dsmoe draws, 3x needs (medians)"]
     lines = []
     for b in bounds:
         bw, drawn = b.bandwidth, b.bandwidth.ceiling
+        read, share, needs = b.adjacent() if b.rounds else (0.0, 0.0, 0.0)
         lines.append([
             b.dtype, str(b.batch), str(b.threads),
             f"{bw.native / 1e9:.1f} / {bw.read / 1e9:.1f} ({bw.copy / 1e9:.1f})", f"{b.tps:.2f}",
             f"{b.theirs:.2f}", f"{b.tps / b.theirs:.2f}x", f"{3 * b.theirs / b.tps:.0%}",
             f"{b.ours:.2f}", f"{b.achieved(b.ours) / 1e9:.1f} ({b.achieved(b.ours) / drawn:.0%})",
-            f"{b.achieved(b.theirs) / 1e9:.1f}"])
+            f"{b.achieved(b.theirs) / 1e9:.1f}",
+            f"{read / 1e9:.1f}, {share:.0%}, {needs:.0%}" if b.rounds else "-"])
     return _render(header, lines, markdown)
 
 

@@ -48,5 +48,8 @@ def test_generate_benchmark_runs_mla_against_transformers_native_model() -> None
     assert "tiny-v2" in result.stdout and "greedy steps identical" in result.stdout
     assert "transformers B/token" in result.stdout, result.stdout[-2000:]
     assert "bound/transformers" in result.stdout, result.stdout[-2000:]
+    # every timed round judged against the read taken just before it: "GB/s, x%, y%"
+    assert re.search(r"\| \d+\.\d, \d+%, \d+% \|", result.stdout.replace("  ", " ")) or \
+        re.search(r"\d+\.\d, \d+%, \d+%\s*$", result.stdout, re.M), result.stdout[-2000:]
     # one token per step is sent to exactly top-k = 3 of tiny-v2's 16 experts in every layer
     assert re.search(r"float32\s+1\s+3\.0 of 16\s", result.stdout), result.stdout[-2000:]
