@@ -114,6 +114,34 @@ def test_each_mla_step_is_one_native_call(variant: str, monkeypatch) -> None:
     assert len(dequantized) == built
 
 
+def test_a_reused_decoder_sees_new_weights_loaded_in_place() -> None:
+    """The plan holds a quantized kv_b_proj dequantized; ``load_state_dict`` writes new
+    weights into the same storage, so the decoder must notice by the tensors' versions
+    (their addresses do not move) and rebuild before its next prefill."""
+    model, other = _model("int8", "v2-lite"), _model("int8", "v2-lite")
+    for block in other.layers:
+        block.self_attn.kv_b_proj.scale.mul_(1.7)
+    prompts, steps = PROMPTS[1], 3
+    decoder = NativeDecoder(model, 1, len(prompts[0]) + steps)
+    _decode(decoder, prompts, None, steps)
+    model.load_state_dict(other.state_dict())
+    want, tokens = _decode(EagerDecoder(model, 1, len(prompts[0]) + steps), prompts, None, steps)
+    got, _ = _decode(decoder, prompts, tokens, steps)
+    for i, (g, w) in enumerate(zip(got, want)):
+        assert_close(g, w, atol=_tolerance("int8", w), rtol=0, what=f"step {i} after the load")
+
+
+def test_the_yes_or_no_check_dequantizes_nothing(monkeypatch) -> None:
+    """``native_unsupported_reason`` builds the plan without a cache only to find refusals:
+    dequantizing every layer's kv_b_proj there (V3: ~2 GB in bf16) would be thrown away."""
+    model = _model("int4", "v3")
+    calls = []
+    original = QuantLinear.dequantize
+    monkeypatch.setattr(QuantLinear, "dequantize",
+                        lambda self, *a, **k: calls.append(1) or original(self, *a, **k))
+    assert native_unsupported_reason(model, 1) is None and calls == []
+
+
 def test_lora_kv_b_proj_is_refused_by_name() -> None:
     """A LoRA adapter adds to kv_b_proj's output, which the absorbed form cannot honour."""
     model = _model("fp32", "v2-lite")

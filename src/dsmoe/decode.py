@@ -182,7 +182,7 @@ class NativeDecoder(EagerDecoder):
 
     def prefill(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 attention_mask: torch.Tensor) -> torch.Tensor:
-        if native_step.model_addresses(self.model) != self.plan.addresses:
+        if native_step.stale(self.model, self.plan):
             self.plan = native_step.build_plan(self.model, self.cache, self.cache.batch_size)
             self.scratch = native.decode_step_scratch(self.plan.model)
         logits = super().prefill(input_ids, positions, attention_mask)

@@ -70,10 +70,29 @@ class Plan:
     layers: ctypes.Array
     keep: list = field(default_factory=list)  # every tensor the structures point at
     addresses: tuple = ()  # the model's tensors' data_ptrs when built
+    versions: tuple = ()  # the in-place versions of what the plan holds copies of
 
 
 def model_addresses(model: "Transformer") -> tuple[int, ...]:
     return tuple(t.data_ptr() for t in itertools.chain(model.parameters(), model.buffers()))
+
+
+def _copied_versions(model: "Transformer") -> tuple[int, ...]:
+    """The in-place version counters of the tensors the plan copies rather than points at:
+    a quantized kv_b_proj's, which it holds dequantized (``load_state_dict`` writes into
+    the same storage, so the addresses alone would not tell)."""
+    return tuple(t._version for block in model.layers
+                 if type(getattr(block, "self_attn", None)) is MultiHeadLatentAttention
+                 and type(block.self_attn.kv_b_proj) is QuantLinear
+                 for t in itertools.chain(block.self_attn.kv_b_proj.parameters(),
+                                          block.self_attn.kv_b_proj.buffers()))
+
+
+def stale(model: "Transformer", plan: Plan) -> bool:
+    """Whether ``plan`` no longer describes ``model``: a tensor moved, or one the plan copied
+    changed in place."""
+    return (model_addresses(model) != plan.addresses
+            or _copied_versions(model) != plan.versions)
 
 
 def _op(module: nn.Module, dtype: torch.dtype, keep: list, name: str) -> native.StepOp:
@@ -176,12 +195,17 @@ def _mha(attn: Attention, layer: native.StepLayer, cache: KVCache | None, dtype:
         layer.keys, layer.values = cache.keys[i].data_ptr(), cache.values[i].data_ptr()
 
 
-def _kv_b_weight(module: nn.Module, dtype: torch.dtype, keep: list, name: str) -> int:
+def _kv_b_weight(module: nn.Module, dtype: torch.dtype, keep: list, name: str,
+                 check_only: bool) -> int:
     """kv_b_proj's weight [H*(n+v), C] as the absorbed form reads it: a Linear's own, or a
-    QuantLinear's dequantized once (the module path: every step, to the same values)."""
+    QuantLinear's dequantized once (the module path: every step, to the same values; a
+    later in-place change of its tensors makes the plan stale, see ``stale``). A check-only
+    build (no cache) does not dequantize: it would only be thrown away."""
     if type(module) is Linear:
         weight = module.weight
     elif type(module) is QuantLinear:
+        if check_only:
+            return 0
         weight = module.dequantize(dtype).contiguous()
     else:  # e.g. LoRA: its adapter adds to the output, which only the expanded form honours
         raise Unsupported(f"{name} is a {type(module).__name__}; the absorbed MLA step needs "
@@ -203,7 +227,7 @@ def _mla(attn: MultiHeadLatentAttention, layer: native.StepLayer, cache: LatentC
         layer.q = _op(attn.q_b_proj, dtype, keep, f"{name}.q_b_proj")
     layer.k = _op(attn.kv_a_proj_with_mqa, dtype, keep, f"{name}.kv_a_proj_with_mqa")
     layer.kv_norm, layer.kv_eps = _norm(attn.kv_a_layernorm, dtype, f"{name}.kv_a_layernorm")
-    layer.kv_b = _kv_b_weight(attn.kv_b_proj, dtype, keep, f"{name}.kv_b_proj")
+    layer.kv_b = _kv_b_weight(attn.kv_b_proj, dtype, keep, f"{name}.kv_b_proj", cache is None)
     layer.o = _op(attn.o_proj, dtype, keep, f"{name}.o_proj")
     if attn.rotate not in (ROTARY_LAYOUTS["interleaved"], ROTARY_LAYOUTS["half"]):
         raise Unsupported(f"{name}.rotate is neither RoPE layout of model/rope.py")
@@ -321,4 +345,4 @@ def build_plan(model: "Transformer", cache: KVCache | LatentCache | None, batch_
         keep += [cos, sin, *stores]
         plan.cos, plan.sin = cos.data_ptr(), sin.data_ptr()
     plan.layers = ctypes.cast(layers, ctypes.POINTER(native.StepLayer))
-    return Plan(plan, layers, keep, model_addresses(model))
+    return Plan(plan, layers, keep, model_addresses(model), _copied_versions(model))
