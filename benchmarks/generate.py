@@ -430,19 +430,21 @@ def read_probe(mib: int) -> Callable[[], float]:
     """A quick read of ``mib`` MiB (beyond the L3) on the current threads, best of 2: the
     faster of ``native.stream_read`` and a torch ``sum``, as the ceiling is taken."""
     src = torch.ones(mib * 2**20 // 4)  # [mib MiB / 4] fp32, first-touched
-    threads = torch.get_num_threads()
 
     def probe() -> float:
-        times = []
-        for _ in range(2):
-            t0 = time.perf_counter()
-            float(src.sum())
-            times.append(time.perf_counter() - t0)
-            t0 = time.perf_counter()
-            if native.stream_read(src, threads) is not None:
-                times.append(time.perf_counter() - t0)
+        times = [t for _ in range(2) for t in _read_times(src) if t is not None]
         return src.nbytes / min(times)
     return probe
+
+
+def _read_times(src: torch.Tensor) -> tuple[float, float | None]:
+    """Seconds a torch ``sum`` of ``src`` takes, and ``native.stream_read`` (None: the
+    kernels are unavailable), on torch's current thread count."""
+    t0 = time.perf_counter()
+    float(src.sum())
+    t1 = time.perf_counter()
+    read = native.stream_read(src, torch.get_num_threads())
+    return t1 - t0, (time.perf_counter() - t1 if read is not None else None)
 
 
 def memory_bandwidth(mib: int, repeats: int = 3) -> Bandwidth:
@@ -452,15 +454,12 @@ def memory_bandwidth(mib: int, repeats: int = 3) -> Bandwidth:
     (first-touched) before timing."""
     src = torch.ones(mib * 2**20 // 4)  # [mib MiB / 4] fp32
     dst = torch.zeros_like(src)
-    threads = torch.get_num_threads()
     reads, natives, copies = [], [], []
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        float(src.sum())
-        reads.append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        if native.stream_read(src, threads) is not None:
-            natives.append(time.perf_counter() - t0)
+        summed, streamed = _read_times(src)
+        reads.append(summed)
+        if streamed is not None:
+            natives.append(streamed)
         t0 = time.perf_counter()
         dst.copy_(src)
         copies.append(time.perf_counter() - t0)
